@@ -1,0 +1,77 @@
+"""The standalone ASGI app: ``create_app()`` for uvicorn (``--factory``) or for
+mounting in Starlette/FastAPI with ``app.mount("/llm", create_app(settings))``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from starlette.routing import Router
+
+from .api import route_path, send_error, serve_api
+from .errors import NotFound
+from .gateway import Gateway
+from .settings import Settings, load_settings
+
+__all__ = ["ComoxApp", "create_app", "build_gateway"]
+
+log = logging.getLogger("comox")
+
+
+def build_gateway(settings: Settings | str | os.PathLike | None = None, *, plugins: list[Any] = ()) -> Gateway:
+    """A :class:`Gateway` from a Settings object, a config file path, or (with
+    ``None``) the file named by ``COMOX_CONFIG``."""
+    if not isinstance(settings, Settings):
+        settings = load_settings(settings)
+    return Gateway(settings, plugins=plugins)
+
+
+class ComoxApp:
+    """Serves ``/v1/...``, ``/healthz`` and the routes plugins add."""
+
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+        routes = [route for result in gateway.pm.hook.comox_routes(gateway=gateway) for route in (result or ())]
+        self.router = Router(routes) if routes else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path = route_path(scope)
+            if path.startswith("/v1/"):
+                await serve_api(self.gateway, scope, receive, send, path)
+            elif path == "/healthz":
+                await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": b'{"status":"ok"}'})
+            elif self.router is not None:
+                await self.router(scope, receive, send)
+            else:
+                await send_error(send, NotFound(f"unknown path {path}"), b"-")
+        elif kind == "lifespan":
+            await self.lifespan(receive, send)
+        # websockets: not served; the server closes the connection.
+
+    async def lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.gateway.startup()
+                except Exception as exc:
+                    log.exception("comox startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.gateway.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def create_app(settings: Settings | str | os.PathLike | None = None, *, plugins: list[Any] = ()) -> ComoxApp:
+    """The Comox ASGI app. With no ``settings`` it reads ``COMOX_CONFIG``.
+
+    ``plugins`` registers extra plugin objects besides the entry-point ones.
+    """
+    return ComoxApp(build_gateway(settings, plugins=plugins))

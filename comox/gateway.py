@@ -1,0 +1,177 @@
+"""The gateway: settings and plugins turned into model groups of live backends,
+and the routing step that sends a request to one of them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from .backends import BackendResponse
+from .errors import BackendUnavailable, ComoxError, ConfigError, NoBackendAvailable
+from .fleet import BackendState, ModelGroup
+from .plugins import HookChain, PluginManager, call_startup_hook, make_plugin_manager
+from .request import GatewayRequest
+from .settings import BackendSettings, Settings, describe_validation_error
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("comox")
+
+RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+
+
+class Gateway:
+    """Everything one Comox instance owns: its plugin manager, hook chain,
+    backend and policy registries, and model groups."""
+
+    def __init__(self, settings: Settings, *, plugins: list[Any] = (), pm: PluginManager | None = None):
+        self.settings = settings
+        self.pm = pm if pm is not None else make_plugin_manager(list(plugins))
+        self.hooks = HookChain(self.pm)
+        self.backend_types: dict[str, type] = self._registry(self.pm.hook.comox_backend_types(), "backend type")
+        self.policies: dict[str, type] = self._registry(self.pm.hook.comox_routing_policies(), "routing policy")
+        self.groups: dict[str, ModelGroup] = {
+            group_settings.name: self._build_group(i, group_settings) for i, group_settings in enumerate(settings.models)
+        }
+        self.retries = settings.server.retries
+        created = int(time.time())
+        self.models_body = orjson.dumps({
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": created, "owned_by": "comox"} for name in self.groups],
+        })
+        self.started = False
+        self._start_lock: asyncio.Lock | None = None
+
+    @staticmethod
+    def _registry(results: list[dict], what: str) -> dict[str, type]:
+        merged: dict[str, type] = {}
+        for mapping in results:
+            for name, cls in (mapping or {}).items():
+                if name in merged and merged[name] is not cls:
+                    raise ConfigError(f"{what} {name!r} is registered by two plugins")
+                merged[name] = cls
+        return merged
+
+    def _build_group(self, i: int, group_settings) -> ModelGroup:
+        policy_cls = self.policies.get(group_settings.policy)
+        if policy_cls is None:
+            raise ConfigError(
+                f"models[{i}].policy: unknown routing policy {group_settings.policy!r} "
+                f"(known: {', '.join(sorted(self.policies)) or 'none'}; is its plugin installed and not blocked?)"
+            )
+        states = []
+        group = ModelGroup(group_settings.name, states)
+        for j, backend_settings in enumerate(group_settings.backends):
+            where = f"models[{i}].backends[{j}]"
+            cls = self.backend_types.get(backend_settings.type)
+            if cls is None:
+                raise ConfigError(
+                    f"{where}.type: unknown backend type {backend_settings.type!r} "
+                    f"(known: {', '.join(sorted(self.backend_types)) or 'none'}; is its plugin installed and not blocked?)"
+                )
+            model = getattr(cls, "settings_model", BackendSettings)
+            try:
+                validated = model.model_validate(backend_settings.model_dump())
+            except ValidationError as exc:
+                raise ConfigError(describe_validation_error(exc, prefix=where)) from None
+            try:
+                backend = cls(validated)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            states.append(BackendState(backend, validated))
+        group.policy = policy_cls(group)
+        return group
+
+    def backends(self) -> list[BackendState]:
+        return [state for group in self.groups.values() for state in group.backends]
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Run startup hooks once; safe to call from every request."""
+        if self.started:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self.started:
+                return
+            for state in self.backends():
+                start = getattr(state.backend, "startup", None)
+                if start is not None:
+                    await start()
+            await call_startup_hook(self.pm.hook.comox_startup, gateway=self)
+            self.started = True
+
+    async def aclose(self) -> None:
+        for state in self.backends():
+            try:
+                await state.backend.aclose()
+            except Exception:
+                log.exception("closing backend %s failed", state.name)
+        await call_startup_hook(self.pm.hook.comox_shutdown, gateway=self)
+        self.started = False
+
+    # -- routing ------------------------------------------------------------
+
+    async def dispatch(self, request: GatewayRequest, group: ModelGroup) -> tuple[BackendResponse, BackendState | None]:
+        """Send ``request`` to a backend of ``group``; retry on another one if it
+        fails before its first byte. The caller must ``release()`` the returned
+        state once the response is finished."""
+        tried: list[BackendState] = []
+        failure: ComoxError | None = None
+        response: BackendResponse | None = None
+        for attempt in range(self.retries + 1):
+            state = group.choose(request, tried)
+            if state is None:
+                break
+            tried.append(state)
+            if response is not None:  # a retryable 5xx we are replacing
+                await response.aclose()
+                response = None
+            state.inflight += 1
+            started = time.perf_counter()
+            try:
+                response = await state.backend.handle(request)
+            except BackendUnavailable as exc:
+                state.inflight -= 1
+                state.record_failure(exc.message)
+                failure = exc
+                continue
+            except BaseException:
+                state.inflight -= 1
+                raise
+            if response.status in RETRYABLE_STATUS:
+                state.inflight -= 1
+                state.record_failure(f"HTTP {response.status}")
+                failure = None
+                last_state = state
+                continue
+            state.record_success(time.perf_counter() - started)
+            return response, state
+        if response is not None:
+            # Every try answered 5xx: pass the last answer through, as a proxy does.
+            last_state.inflight += 1
+            if not any(name == b"retry-after" for name, _ in response.headers):
+                response.headers.append((b"retry-after", str(self.settings.server.retry_after_s).encode()))
+            return response, last_state
+        error = NoBackendAvailable(
+            f"no backend of model {group.name!r} can take the request now"
+            + (f" (last error: {failure.message})" if failure else ""),
+            retry_after=self.settings.server.retry_after_s,
+        )
+        if self.hooks.comox_failover:
+            answer = await HookChain.first(self.hooks.comox_failover, request=request, error=error)
+            if answer is not None:
+                return answer, None
+        raise error
+
+    @staticmethod
+    def release(state: BackendState | None) -> None:
+        if state is not None:
+            state.inflight -= 1

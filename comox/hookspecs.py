@@ -1,0 +1,192 @@
+"""The hook specifications: the contract between Comox and its plugins.
+
+Two kinds of hook:
+
+* **Startup hooks** are ordinary pluggy calls made once, while the gateway is
+  built: they register backend types, routing policies and extra routes, and
+  run startup/shutdown code.
+* **Per-request hooks** run for every API request. Their implementations may be
+  ``async def``. Comox does not call them through pluggy: it takes, once at
+  startup, each hook's implementations in pluggy's order (``tryfirst`` /
+  ``trylast`` respected) and awaits them itself, so a hook with no
+  implementation costs nothing. Hook wrappers are not supported on them.
+
+Every hook is called with keyword arguments; an implementation declares only the
+arguments it needs, so specs can grow new ones without breaking plugins.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .backends import BackendResponse
+    from .gateway import Gateway
+    from .request import GatewayRequest, Principal
+
+hookspec = pluggy.HookspecMarker("comox")
+hookimpl = pluggy.HookimplMarker("comox")
+
+# Hooks the core awaits itself on every request (see module docstring).
+PER_REQUEST_HOOKS = (
+    "comox_authenticate",
+    "comox_admit",
+    "comox_cache_lookup",
+    "comox_failover",
+    "comox_cache_store",
+    "comox_request_done",
+)
+
+
+# -- startup hooks ---------------------------------------------------------
+
+
+@hookspec
+def comox_backend_types() -> dict[str, type]:
+    """Register backend types.
+
+    :return: a mapping of type name (what ``type = "..."`` in a backend's
+        configuration refers to) to a class. The class is built as
+        ``cls(settings)`` with the backend's validated settings (an instance of
+        its ``settings_model`` attribute, a subclass of
+        :class:`comox.settings.BackendSettings`) and must provide
+        ``async handle(request) -> BackendResponse`` and ``async aclose()``.
+
+    Results of all plugins are merged; a name registered twice is a
+    configuration error.
+    """
+
+
+@hookspec
+def comox_routing_policies() -> dict[str, type]:
+    """Register routing policies.
+
+    :return: a mapping of policy name (``policy = "..."`` of a model group) to
+        a class built as ``cls(group)`` with a :class:`comox.fleet.ModelGroup`
+        and providing ``choose(request, candidates) -> BackendState | None``.
+
+    Results of all plugins are merged; a name registered twice is a
+    configuration error.
+    """
+
+
+@hookspec
+def comox_routes(gateway: Gateway) -> list[Any] | None:
+    """Add HTTP routes to the standalone/mounted app.
+
+    :param gateway: the gateway being built.
+    :return: a list of Starlette ``Route`` (or ``Mount``) objects. They are
+        served for paths outside ``/v1/``; ``ComoxMiddleware`` does not serve
+        them (the host app owns those paths).
+    """
+
+
+@hookspec
+def comox_startup(gateway: Gateway) -> None:
+    """Run once when the gateway starts, before the first request is served.
+
+    May be ``async def``. All implementations are called.
+
+    :param gateway: the gateway that is starting.
+    """
+
+
+@hookspec
+def comox_shutdown(gateway: Gateway) -> None:
+    """Run once when the gateway stops, after the backends are closed.
+
+    May be ``async def``. All implementations are called.
+
+    :param gateway: the gateway that is stopping.
+    """
+
+
+# -- per-request hooks -----------------------------------------------------
+
+
+@hookspec
+def comox_authenticate(request: GatewayRequest) -> Principal | None:
+    """Decide who is calling.
+
+    May be ``async def``. First non-``None`` result wins; the rest are skipped.
+    Raise :class:`comox.errors.AuthenticationFailed` to reject the request.
+    With no implementation (or all returning ``None``) the caller is
+    :data:`comox.request.ANONYMOUS`.
+
+    :param request: the parsed request. Decide on ``request.path`` (the ASGI
+        ``scope["path"]`` relative to the mount point) and headers, never on a
+        URL rebuilt from the ``Host`` header.
+    :return: a :class:`comox.request.Principal`, or ``None`` to let other
+        plugins decide.
+    """
+
+
+@hookspec
+def comox_admit(request: GatewayRequest, principal: Principal) -> None:
+    """Admit or reject the request: rate limits, budgets, request policy.
+
+    May be ``async def``. All implementations are called, in order; raise a
+    :class:`comox.errors.ComoxError` (e.g. ``RateLimited``,
+    ``PermissionDenied``) to reject.
+
+    :param request: the parsed request; an implementation may change its body
+        with ``request.set_json()``.
+    :param principal: the caller, as decided by ``comox_authenticate``.
+    """
+
+
+@hookspec
+def comox_cache_lookup(request: GatewayRequest) -> BackendResponse | None:
+    """Answer from a cache instead of a backend.
+
+    May be ``async def``. First non-``None`` result wins.
+
+    :param request: the parsed, admitted request.
+    :return: a :class:`comox.backends.BackendResponse` (JSON body, or a
+        ``stream`` of SSE bytes), or ``None`` for a miss.
+    """
+
+
+@hookspec
+def comox_failover(request: GatewayRequest, error: Exception) -> BackendResponse | None:
+    """Answer when no local backend could: the cloud failover stage.
+
+    Called only when local capacity is exhausted (every backend of the group
+    failed, is ejected or saturated). May be ``async def``. First non-``None``
+    result wins. Implementations must honour ``request.principal.local_only``.
+
+    :param request: the parsed request.
+    :param error: why local routing failed (a :class:`comox.errors.ComoxError`).
+    :return: a response to send, or ``None`` to let the error stand.
+    """
+
+
+@hookspec
+def comox_cache_store(request: GatewayRequest, response: BackendResponse) -> None:
+    """Store a successful non-streaming response.
+
+    May be ``async def``. All implementations are called, after the response
+    has been sent to the client.
+
+    :param request: the request that was answered.
+    :param response: the backend's response; ``response.body`` holds the bytes.
+    """
+
+
+@hookspec
+def comox_request_done(
+    request: GatewayRequest, status: int, backend: str | None, error: Exception | None
+) -> None:
+    """Observe a finished request: telemetry, usage and cost accounting.
+
+    May be ``async def``. All implementations are called, after the last byte
+    was sent (or the client went away). Exceptions are logged, not raised.
+
+    :param request: the request.
+    :param status: the HTTP status sent to the client.
+    :param backend: the name of the backend that answered, or ``None``.
+    :param error: the error that ended the request, if any (also set when a
+        stream failed after its first byte).
+    """

@@ -1,0 +1,45 @@
+"""``ComoxMiddleware``: serve the OpenAI routes inside a host app.
+
+``app.add_middleware(ComoxMiddleware, settings=...)`` answers ``/v1/...`` and
+passes every other path, and every non-HTTP scope, to the host app untouched.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .api import route_path, serve_api
+from .app import build_gateway
+from .settings import Settings
+
+__all__ = ["ComoxMiddleware"]
+
+
+class ComoxMiddleware:
+    def __init__(self, app, settings: Settings | str | os.PathLike | None = None, *, plugins: list[Any] = ()):
+        self.app = app
+        self.gateway = build_gateway(settings, plugins=plugins)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            path = route_path(scope)
+            if path.startswith("/v1/"):
+                await serve_api(self.gateway, scope, receive, send, path)
+                return
+        elif scope["type"] == "lifespan":
+            receive = self._lifespan_receive(receive)
+        await self.app(scope, receive, send)
+
+    def _lifespan_receive(self, receive):
+        # Start and stop the gateway alongside the host app, without taking
+        # over the host's lifespan protocol.
+        async def wrapped():
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.gateway.startup()
+            elif message["type"] == "lifespan.shutdown":
+                await self.gateway.aclose()
+            return message
+
+        return wrapped

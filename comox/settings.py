@@ -1,0 +1,141 @@
+"""Configuration: a TOML file (``-c`` / ``COMOX_CONFIG``) overridden by ``COMOX_*``
+environment variables, read with pydantic-settings.
+
+Nested keys use ``__`` in environment variables: ``COMOX_SERVER__MAX_BODY_BYTES``.
+List-valued keys (``COMOX_MODELS``) take JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from .errors import ConfigError
+
+__all__ = ["Settings", "ServerSettings", "ModelGroupSettings", "BackendSettings", "load_settings"]
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    expose_backend_header: bool = False
+    """Add ``x-comox-backend: <backend name>`` to every proxied response."""
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    """Largest request body accepted; larger ones get 413."""
+    retries: int = Field(1, ge=0, le=10)
+    """How many other backends to try when one fails before its first byte."""
+    retry_after_s: int = Field(1, ge=1)
+    """``retry-after`` sent with 503 when no backend of a group can answer."""
+
+
+class BackendSettings(BaseModel):
+    """Keys every backend type understands; a type adds its own by subclassing
+    this as its ``settings_model``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = ""
+    """Unique across the config; defaults to the url (or the type)."""
+    type: str = "openai"
+    """Entry-point name of a backend type."""
+    weight: int = Field(1, ge=1)
+    max_concurrency: int | None = Field(None, ge=1)
+    """Most requests in flight at once on this backend."""
+
+
+class ModelGroupSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    """What clients send as ``model``."""
+    policy: str = "round_robin"
+    """Entry-point name of a routing policy."""
+    backends: list[BackendSettings] = Field(min_length=1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="COMOX_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
+    )
+
+    server: ServerSettings = ServerSettings()
+    models: list[ModelGroupSettings] = []
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        groups: set[str] = set()
+        backends: set[str] = set()
+        for i, group in enumerate(self.models):
+            if group.name in groups:
+                raise ValueError(f"models[{i}].name: model group {group.name!r} is declared twice")
+            groups.add(group.name)
+            for j, backend in enumerate(group.backends):
+                if not backend.name:
+                    backend.name = getattr(backend, "url", None) or f"{group.name}-{backend.type}-{j}"
+                if backend.name in backends:
+                    raise ValueError(f"models[{i}].backends[{j}].name: backend name {backend.name!r} is used twice")
+                backends.add(backend.name)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        if settings_cls.model_config.get("toml_file"):
+            sources.append(TomlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each naming the key: ``models[0].backends[1].url: Field required``."""
+    lines = []
+    for err in exc.errors():
+        if not err["loc"] and "error" in err.get("ctx", {}):
+            lines.append(str(err["ctx"]["error"]))  # a model validator's message names its key
+            continue
+        key = prefix
+        for part in err["loc"]:
+            key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+        lines.append(f"{key or '(top level)'}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def load_settings(path: str | os.PathLike | None = None, **overrides: Any) -> Settings:
+    """Read settings from ``path`` (or ``$COMOX_CONFIG``) and ``COMOX_*`` variables.
+
+    Keyword ``overrides`` win over both. Raises :class:`ConfigError` naming the
+    key and the reason.
+    """
+    path = path if path is not None else os.environ.get("COMOX_CONFIG") or None
+    cls: type[Settings] = Settings
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {str(file)!r} does not exist or is not a file")
+        try:
+            tomllib.loads(file.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
+            raise ConfigError(f"config file {str(file)!r} is not valid TOML: {exc}") from None
+        cls = type("FileSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": file}})
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+    except ValueError as exc:  # e.g. bad JSON in a COMOX_* variable
+        raise ConfigError(str(exc)) from None

@@ -1,0 +1,232 @@
+"""Test helpers, installed as a pytest plugin (entry point ``pytest11``) so that
+plugin authors get them too.
+
+* :class:`ServerThread` runs any ASGI app under a real uvicorn on 127.0.0.1
+  with an ephemeral port, in a background thread.
+* :class:`StandInUpstream` is an OpenAI-compatible server (JSON, SSE, error
+  bodies) with per-request fault injection: status, delay, close mid-stream.
+
+Fixtures: ``comox_upstream`` (a running stand-in), ``comox_serve`` (start a
+gateway from settings; stopped at teardown) and ``comox_gateway`` (a gateway
+with the model group ``test-model`` in front of ``comox_upstream``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+
+__all__ = ["Fault", "ServerThread", "StandInUpstream"]
+
+
+class ServerThread:
+    """A uvicorn server on 127.0.0.1:<ephemeral port>, in a daemon thread."""
+
+    def __init__(self, app, *, lifespan: str = "auto", **config: Any):
+        import uvicorn
+
+        self.app = app
+        options = {"host": "127.0.0.1", "port": 0, "log_level": "warning", "lifespan": lifespan, **config}
+        self.server = uvicorn.Server(uvicorn.Config(app, **options))
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="comox-test-server")
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("test server did not start")
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class Fault:
+    """What the stand-in does to the next request it gets."""
+
+    status: int | None = None
+    """Answer with this status and an OpenAI-format error body."""
+    delay: float = 0.0
+    """Seconds to wait before answering."""
+    close_after_chunks: int | None = None
+    """For a stream: drop the connection after this many chunks."""
+    headers: dict[str, str] | None = None
+
+
+class StandInUpstream:
+    """An OpenAI-compatible server speaking the real wire format.
+
+    ``faults`` is a queue: each request takes the next :class:`Fault`, if any.
+    ``requests`` records what arrived (path, headers, parsed body).
+    ``disconnects`` counts streams whose client went away before the end.
+    """
+
+    def __init__(self, name: str = "upstream", *, stream_chunks: int = 3, chunk_delay: float = 0.0):
+        self.name = name
+        self.stream_chunks = stream_chunks
+        self.chunk_delay = chunk_delay
+        self.faults: deque[Fault] = deque()
+        self.requests: list[dict] = []
+        self.disconnects = 0
+        self.server: ServerThread | None = None
+
+    # -- running --------------------------------------------------------------
+
+    def start(self) -> StandInUpstream:
+        self.server = ServerThread(self, lifespan="off").start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    # -- ASGI -----------------------------------------------------------------
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        path = scope["path"]
+        payload = orjson.loads(body) if body else {}
+        self.requests.append({"path": path, "headers": {k.decode(): v.decode() for k, v in scope["headers"]}, "body": payload})
+        fault = self.faults.popleft() if self.faults else Fault()
+        if fault.delay:
+            await asyncio.sleep(fault.delay)
+        extra = [(k.encode(), v.encode()) for k, v in (fault.headers or {}).items()]
+        if fault.status is not None:
+            error = {"error": {"message": f"{self.name} injected {fault.status}", "type": "server_error", "param": None, "code": None}}
+            await self._json(send, fault.status, error, extra)
+        elif path == "/health":
+            await self._json(send, 200, {"status": "ok"}, extra)
+        elif path == "/v1/models":
+            await self._json(send, 200, {"object": "list", "data": [{"id": "stand-in", "object": "model", "created": 0, "owned_by": self.name}]}, extra)
+        elif path in ("/v1/chat/completions", "/v1/completions"):
+            chat = path == "/v1/chat/completions"
+            if payload.get("stream"):
+                await self._stream(receive, send, payload, chat, fault, extra)
+            else:
+                await self._json(send, 200, self._completion(payload, chat), extra)
+        elif path == "/v1/embeddings":
+            inputs = payload["input"] if isinstance(payload["input"], list) else [payload["input"]]
+            data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, float(len(str(text)))]} for i, text in enumerate(inputs)]
+            await self._json(send, 200, {"object": "list", "data": data, "model": payload.get("model"), "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}}, extra)
+        else:
+            await self._json(send, 404, {"error": {"message": "not found", "type": "invalid_request_error", "param": None, "code": None}}, extra)
+
+    def _completion(self, payload: dict, chat: bool) -> dict:
+        text = f"hello from {self.name}"
+        usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            return {"id": "chatcmpl-standin", "object": "chat.completion", "created": 1, "model": payload.get("model"), "choices": [choice], "usage": usage}
+        choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
+        return {"id": "cmpl-standin", "object": "text_completion", "created": 1, "model": payload.get("model"), "choices": [choice], "usage": usage}
+
+    @staticmethod
+    async def _json(send, status: int, obj: dict, extra: list) -> None:
+        body = orjson.dumps(obj)
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _stream(self, receive, send, payload: dict, chat: bool, fault: Fault, extra: list) -> None:
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.create_task(watch())
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream"), *extra]})
+        try:
+            for i in range(self.stream_chunks):
+                if fault.close_after_chunks is not None and i >= fault.close_after_chunks:
+                    raise ConnectionAbortedError("stand-in drops the connection mid-stream")
+                piece = f"tok{i} "
+                if chat:
+                    chunk = {"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 1, "model": payload.get("model"), "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+                else:
+                    chunk = {"id": "cmpl-standin", "object": "text_completion", "created": 1, "model": payload.get("model"), "choices": [{"index": 0, "text": piece, "finish_reason": None}]}
+                await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n", "more_body": True})
+                if self.chunk_delay:
+                    try:
+                        await asyncio.wait_for(gone.wait(), self.chunk_delay)
+                    except asyncio.TimeoutError:
+                        pass
+                if gone.is_set():
+                    self.disconnects += 1
+                    return
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        finally:
+            watcher.cancel()
+
+
+# -- fixtures ------------------------------------------------------------------
+
+
+@pytest.fixture
+def comox_upstream():
+    """A running :class:`StandInUpstream`."""
+    upstream = StandInUpstream().start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture
+def comox_serve():
+    """``comox_serve(settings, plugins=[...]) -> ServerThread``: run a Comox app
+    (``create_app(settings)``) under uvicorn; every one is stopped at teardown."""
+    from .app import create_app
+
+    servers: list[ServerThread] = []
+
+    def serve(settings: Any, *, plugins: list[Any] = ()) -> ServerThread:
+        from .settings import Settings
+
+        if isinstance(settings, dict):
+            settings = Settings(**settings)
+        server = ServerThread(create_app(settings, plugins=plugins)).start()
+        servers.append(server)
+        return server
+
+    yield serve
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def comox_gateway(comox_serve, comox_upstream):
+    """A running gateway serving the model ``test-model`` from ``comox_upstream``."""
+    return comox_serve({"models": [{"name": "test-model", "backends": [{"name": "upstream", "url": comox_upstream.url}]}]})
