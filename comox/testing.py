@@ -80,7 +80,7 @@ class StandInUpstream:
     """An OpenAI-compatible server speaking the real wire format.
 
     ``faults`` is a queue: each request takes the next :class:`Fault`, if any.
-    ``requests`` records what arrived (path, headers, parsed body).
+    ``requests`` records what arrived (path, headers, parsed body, raw bytes).
     ``disconnects`` counts streams whose client went away before the end.
     """
 
@@ -120,7 +120,7 @@ class StandInUpstream:
             more = message.get("more_body", False)
         path = scope["path"]
         payload = orjson.loads(body) if body else {}
-        self.requests.append({"path": path, "headers": {k.decode(): v.decode() for k, v in scope["headers"]}, "body": payload})
+        self.requests.append({"path": path, "headers": {k.decode(): v.decode() for k, v in scope["headers"]}, "body": payload, "raw": body})
         fault = self.faults.popleft() if self.faults else Fault()
         if fault.delay:
             await asyncio.sleep(fault.delay)

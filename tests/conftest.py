@@ -1,0 +1,12 @@
+import openai
+import pytest
+
+
+@pytest.fixture
+def client_for():
+    """``client_for(server, prefix="")``: the official OpenAI SDK pointed at a gateway."""
+
+    def make(server, prefix: str = "") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{server.url}{prefix}/v1", api_key="sk-client-secret", max_retries=0, timeout=30)
+
+    return make
