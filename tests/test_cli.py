@@ -1,0 +1,94 @@
+"""The command line, run as a user would: real processes on loopback ports."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.test_api import free_port
+
+
+def wait_healthy(proc, url, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError("server did not become healthy")
+
+
+@pytest.fixture
+def run_server():
+    procs = []
+
+    def start(args, env=None):
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def config(tmp_path, comox_upstream):
+    path = tmp_path / "comox.toml"
+    path.write_text(f'[[models]]\nname = "chat"\n[[models.backends]]\nurl = "{comox_upstream.url}"\n')
+    return path
+
+
+def chat(url):
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    return httpx.post(f"{url}/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+
+
+def test_comox_serve(run_server, config):
+    port = free_port()
+    proc = run_server([sys.executable, "-m", "comox.cli", "serve", "-c", str(config), "--host", "127.0.0.1", "--port", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(proc, url)
+    assert chat(url) == "hello from upstream"
+
+
+def test_uvicorn_factory_reads_comox_config(run_server, config):
+    port = free_port()
+    proc = run_server(
+        [sys.executable, "-m", "uvicorn", "comox.app:create_app", "--factory", "--host", "127.0.0.1", "--port", str(port)],
+        env={"COMOX_CONFIG": str(config)},
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(proc, url)
+    assert chat(url) == "hello from upstream"
+
+
+def test_bad_config_stops_startup_with_named_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[[models]]\nname = "chat"\n[[models.backends]]\nurl = "http://127.0.0.1:9"\nmax_concurrency = -1\n')
+    result = subprocess.run([sys.executable, "-m", "comox.cli", "serve", "-c", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "models[0].backends[0].max_concurrency: Input should be greater than or equal to 1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_comox_plugins_lists_versions_and_hooks():
+    result = subprocess.run([sys.executable, "-m", "comox.cli", "plugins", "--json"], capture_output=True, text=True, check=True, timeout=60)
+    plugins = {p["name"]: p for p in json.loads(result.stdout)}
+    assert plugins["openai"]["distribution"] == "comox"
+    assert plugins["openai"]["hooks"] == ["comox_backend_types"]
+    assert plugins["round_robin"]["hooks"] == ["comox_routing_policies"]
+    text = subprocess.run([sys.executable, "-m", "comox.cli", "plugins"], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "openai" in text and "comox_backend_types" in text

@@ -1,0 +1,133 @@
+"""The hook chain: specs, order, and each per-request stage end to end."""
+
+import asyncio
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+
+import comox
+from comox import hookspecs
+from comox.errors import ConfigError
+from comox.plugins import HookChain, make_plugin_manager
+from tests.plugins.recorder import Failover, Recorder
+from tests.test_api import free_port
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+DOCS = Path(__file__).parent.parent / "docs" / "plugin_hooks.md"
+
+
+def test_every_hook_is_documented():
+    specs = [name for name in dir(hookspecs) if name.startswith("comox_")]
+    documented = set(re.findall(r"^## (comox_\w+)", DOCS.read_text(), re.M))
+    assert specs and set(specs) == documented
+
+
+def test_hooks_are_prefixed_and_documented_in_code():
+    for name in dir(hookspecs):
+        obj = getattr(hookspecs, name)
+        if callable(obj) and hasattr(obj, "comox_spec"):
+            assert name.startswith("comox_") and obj.__doc__
+
+
+def test_misspelled_hook_fails_loudly():
+    class Typo:
+        @comox.hookimpl
+        def comox_authenticat(self, request):
+            pass
+
+    with pytest.raises(ConfigError, match="comox_authenticat"):
+        make_plugin_manager([Typo()])
+
+
+def test_wrapper_on_per_request_hook_is_refused():
+    class Wrapper:
+        @comox.hookimpl(wrapper=True)
+        def comox_admit(self, request, principal):
+            yield
+
+    with pytest.raises(ConfigError, match="cannot be a wrapper"):
+        HookChain(make_plugin_manager([Wrapper()]))
+
+
+def test_order_follows_pluggy_tryfirst_trylast():
+    order = []
+
+    def plugin(label, **marks):
+        class P:
+            @comox.hookimpl(**marks)
+            def comox_admit(self):
+                order.append(label)
+
+        return P()
+
+    pm = make_plugin_manager([plugin("last", trylast=True), plugin("first", tryfirst=True), plugin("a"), plugin("b")])
+    pm.hook.comox_admit(request=None, principal=None)  # pluggy's own order
+    pluggy_order, order[:] = order[:], []
+    asyncio.run(HookChain.each(HookChain(pm).comox_admit, request=None, principal=None))
+    assert order == pluggy_order == ["first", "b", "a", "last"]
+
+
+def test_stage_without_plugins_is_empty():
+    chain = HookChain(make_plugin_manager())
+    assert chain.comox_cache_lookup == () and chain.comox_failover == ()
+
+
+@pytest.fixture
+def recorder():
+    return Recorder()
+
+
+@pytest.fixture
+def gateway(comox_serve, comox_upstream, recorder):
+    return comox_serve({"models": [{"name": "m", "backends": [{"url": comox_upstream.url}]}]}, plugins=[recorder])
+
+
+def test_stages_run_in_order(gateway, recorder):
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer let-me-in"})
+    assert response.status_code == 200
+    assert recorder.calls == ["authenticate", ("admit", "k1"), "cache_lookup", "cache_store"]
+    [(status, backend, error)] = recorder.done
+    assert status == 200 and backend.startswith("http://127.0.0.1:") and error is None
+
+
+def test_admit_rejects_with_openai_error(gateway, recorder, comox_upstream):
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json={**CHAT, "user": "over-limit"})
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "7"
+    assert response.json()["error"] == {"message": "too many requests for this key", "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded"}
+    assert comox_upstream.requests == []
+    assert recorder.done == [(429, None, "RateLimited")]
+
+
+def test_admit_may_rewrite_body(gateway, comox_upstream):
+    httpx.post(f"{gateway.url}/v1/chat/completions", json={**CHAT, "user": "rewrite"})
+    assert comox_upstream.requests[-1]["body"]["user"] == "rewritten"
+
+
+def test_cache_hit_skips_backend(gateway, comox_upstream):
+    first = httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT)
+    second = httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT)
+    assert first.content == second.content
+    assert len(comox_upstream.requests) == 1
+
+
+def test_failover_only_when_local_capacity_is_exhausted(comox_serve, comox_upstream):
+    dead = {"models": [{"name": "m", "backends": [{"url": f"http://127.0.0.1:{free_port()}"}]}]}
+    server = comox_serve(dead, plugins=[Failover()])
+    answer = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT).json()
+    assert answer == {"answered_by": "failover", "because": "no_backend_available"}
+    live = comox_serve({"models": [{"name": "m", "backends": [{"url": comox_upstream.url}]}]}, plugins=[Failover()])
+    assert httpx.post(f"{live.url}/v1/chat/completions", json=CHAT).json()["choices"][0]["message"]["content"] == "hello from upstream"
+
+
+def test_failover_respects_local_only(comox_serve):
+    class LocalOnly:
+        @comox.hookimpl
+        def comox_authenticate(self, request):
+            return comox.Principal(key_id="private", local_only=True)
+
+    dead = {"models": [{"name": "m", "backends": [{"url": f"http://127.0.0.1:{free_port()}"}]}]}
+    server = comox_serve(dead, plugins=[Failover(), LocalOnly()])
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=CHAT).status_code == 503
