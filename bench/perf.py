@@ -1,0 +1,698 @@
+#!/usr/bin/env python3
+"""Gateway overhead benchmark: Comox against nginx direct and a minimal aiohttp
+proxy (the limit), in one interleaved run. See docs/benchmarks.md.
+
+    python bench/perf.py                       # the full run (about 8 minutes)
+    python bench/perf.py --duration 3 --rounds 1   # a quick look
+    python bench/perf.py --soak 200000         # RSS growth over N requests
+    python bench/perf.py --workers-compare     # comox serve --workers 1 vs 2
+
+Needs nginx (Debian ``nginx-light``) and ``wrk`` on PATH. Every process it
+starts is stopped on exit; every load run is bounded in time (and count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from minimal_proxy import JSON_BODY, SSE_BODY  # noqa: E402  (the bodies nginx serves)
+
+PROXY_CORE = 0
+LOAD_CORE = 1  # nginx, wrk, the TTFB client and this script
+
+REQUEST_JSON = (
+    b'{"model":"bench","messages":[{"role":"system","content":"You are a helpful assistant."},'
+    b'{"role":"user","content":"Say hello."}],"max_tokens":16,"temperature":0.7}'
+)
+REQUEST_SSE = (
+    b'{"model":"bench-stream","messages":[{"role":"system","content":"You are a helpful assistant."},'
+    b'{"role":"user","content":"Say hello."}],"max_tokens":16,"temperature":0.7,"stream":true}'
+)
+
+_started: list[subprocess.Popen] = []
+
+
+def _stop_all() -> None:
+    """Stop every process this script started (idempotent; also runs at exit)."""
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is not None:
+            continue
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(5)
+
+
+atexit.register(_stop_all)
+
+
+def _on_signal(signum, frame):  # pragma: no cover - interactive
+    _stop_all()
+    raise SystemExit(128 + signum)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def taskset(cores: str | None, argv: list[str]) -> list[str]:
+    if cores is None or not shutil.which("taskset"):
+        return argv
+    return ["taskset", "-c", cores, *argv]
+
+
+def start(argv: list[str], *, env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=ROOT)
+    _started.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop one process this script started (its whole process group)."""
+    if proc in _started:
+        _started.remove(proc)
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+def wait_http(port: int, body: bytes, timeout: float = 30.0, path: str = "/v1/chat/completions") -> None:
+    """Wait until a POST to the port answers 200."""
+    deadline = time.monotonic() + timeout
+    request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                s.sendall(request)
+                data = s.recv(65536)
+                if data.startswith(b"HTTP/1.1 200"):
+                    return
+                last = data[:300]
+        except OSError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise RuntimeError(f"port {port} did not answer 200 in {timeout}s: {last!r}")
+
+
+def tree_rss(pid: int) -> int:
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            if p.name() in ("taskset",):
+                continue
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def tree_cpu(pid: int) -> float:
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+# -- the upstream ----------------------------------------------------------------
+
+
+def nginx_string(body: bytes) -> str:
+    text = body.decode()
+    assert "'" not in text and "\\" not in text
+    return text.replace("\n", "\\n")
+
+
+class Nginx:
+    """nginx serving the fixed JSON body on one port and the SSE body on another,
+    for any method (``return 200``, so POST works)."""
+
+    def __init__(self, workdir: Path, cores: str | None):
+        self.dir = workdir / "nginx"
+        self.dir.mkdir()
+        self.port_json = free_port()
+        self.port_sse = free_port()
+        conf = f"""
+daemon off;
+master_process off;
+worker_processes 1;
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/error.log warn;
+events {{ worker_connections 8192; multi_accept on; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 75s;
+    client_body_temp_path {self.dir}/body;
+    proxy_temp_path {self.dir}/proxy;
+    fastcgi_temp_path {self.dir}/fastcgi;
+    uwsgi_temp_path {self.dir}/uwsgi;
+    scgi_temp_path {self.dir}/scgi;
+    client_body_buffer_size 64k;
+    server {{
+        listen 127.0.0.1:{self.port_json} backlog=4096;
+        location / {{ default_type application/json; return 200 '{nginx_string(JSON_BODY)}'; }}
+    }}
+    server {{
+        listen 127.0.0.1:{self.port_sse} backlog=4096;
+        location / {{ default_type text/event-stream; return 200 '{nginx_string(SSE_BODY)}'; }}
+    }}
+}}
+"""
+        (self.dir / "nginx.conf").write_text(conf)
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.proc = start(taskset(cores, [nginx, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf")]),
+                          log=self.dir / "stdout.log")
+        wait_http(self.port_json, REQUEST_JSON)
+        wait_http(self.port_sse, REQUEST_SSE)
+
+
+# -- targets ---------------------------------------------------------------------
+
+
+class Target:
+    name: str
+    port: int
+    proc: subprocess.Popen | None = None
+
+    def rss(self) -> int:
+        return tree_rss(self.proc.pid) if self.proc else 0
+
+    def cpu(self) -> float:
+        return tree_cpu(self.proc.pid) if self.proc else 0.0
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+
+class Direct(Target):
+    """wrk straight to nginx: the floor every proxy adds to. Both sit on the load core."""
+
+    def __init__(self, nginx: Nginx):
+        self.name = "nginx direct"
+        self.nginx = nginx
+        self.port = nginx.port_json
+        self.port_sse = nginx.port_sse
+
+    def url(self, stream: bool) -> str:
+        return f"http://127.0.0.1:{self.port_sse if stream else self.port}/v1/chat/completions"
+
+
+class Proxy(Target):
+    def url(self, stream: bool) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/chat/completions"
+
+
+class MinimalProxy(Proxy):
+    LABELS = {
+        "aiohttp": "minimal ASGI proxy, one aiohttp session",
+        "httpx": "minimal ASGI proxy, httpx stock",
+        "httpx-aiohttp": "minimal ASGI proxy, httpx over aiohttp transport",
+        "memory": "uvicorn answering from memory",
+    }
+
+    def __init__(self, client: str, nginx: Nginx, workdir: Path, cores: str | None, workers: int = 1):
+        self.name = self.LABELS[client] + (f" ({workers} workers)" if workers > 1 else "")
+        self.port = free_port()
+        env = {
+            "MINPROXY_CLIENT": client,
+            "MINPROXY_UPSTREAM": f"http://127.0.0.1:{nginx.port_json}",
+            "MINPROXY_UPSTREAM_SSE": f"http://127.0.0.1:{nginx.port_sse}",
+        }
+        argv = [sys.executable, "-m", "uvicorn", "minimal_proxy:app", "--app-dir", str(HERE),
+                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
+                "--no-access-log", "--loop", "uvloop", "--http", "httptools", "--workers", str(workers)]
+        self.proc = start(taskset(cores, argv), env=env, log=workdir / f"minproxy-{client}-{self.port}.log")
+        wait_http(self.port, REQUEST_JSON)
+        wait_http(self.port, REQUEST_SSE)
+
+
+def available_policies() -> set[str]:
+    from comox.plugins import make_plugin_manager
+
+    names: set[str] = set()
+    for mapping in make_plugin_manager().hook.comox_routing_policies():
+        names.update(mapping or {})
+    return names
+
+
+def comox_config(nginx: Nginx, policy: str, path: Path, backends: int = 1) -> Path:
+    lines = ["[server]", "retries = 1", ""]
+    for model, port in (("bench", nginx.port_json), ("bench-stream", nginx.port_sse)):
+        lines += ["[[models]]", f'name = "{model}"', f'policy = "{policy}"', ""]
+        for i in range(backends):
+            lines += ["[[models.backends]]", f'name = "{model}-nginx-{i}"', 'type = "openai"',
+                      f'url = "http://127.0.0.1:{port}"', ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+class Comox(Proxy):
+    def __init__(self, nginx: Nginx, workdir: Path, cores: str | None, policy: str, workers: int = 1,
+                 label: str | None = None):
+        self.name = label or f"Comox ({policy}{', %d workers' % workers if workers > 1 else ''})"
+        self.port = free_port()
+        config = comox_config(nginx, policy, workdir / f"comox-{self.port}.toml")
+        argv = [sys.executable, "-m", "comox.cli", "serve", "-c", str(config), "--host", "127.0.0.1",
+                "--port", str(self.port), "--log-level", "warning", "--workers", str(workers)]
+        self.proc = start(taskset(cores, argv), log=workdir / f"comox-{self.port}.log")
+        wait_http(self.port, REQUEST_JSON)
+        wait_http(self.port, REQUEST_SSE)
+
+
+# -- load ------------------------------------------------------------------------
+
+
+def wrk(url: str, body_file: Path, connections: int, duration: float, *, cores: str | None,
+        script: str = "post.lua", extra: list[str] = (), timeout: float | None = None) -> dict:
+    argv = taskset(cores, ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "5s",
+                           "-s", str(HERE / script), url, "--", str(body_file), *extra])
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout or duration + 60)
+    for line in out.stdout.splitlines():
+        if line.startswith("WRKJSON "):
+            result = json.loads(line[len("WRKJSON "):])
+            result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+            result["errors"] = sum(result[k] for k in result if k.startswith("err_"))
+            return result
+    raise RuntimeError(f"wrk gave no result: {out.stdout}\n{out.stderr}")
+
+
+async def _ttfb(url: str, body: bytes, concurrency: int, duration: float, max_requests: int) -> list[float]:
+    """Streaming time to first byte: from sending the request to the first body
+    chunk (the first SSE event), with ``concurrency`` keep-alive connections."""
+    import aiohttp
+
+    samples: list[float] = []
+    deadline = time.perf_counter() + duration
+    headers = {"content-type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+        async def worker() -> None:
+            while time.perf_counter() < deadline and len(samples) < max_requests:
+                t0 = time.perf_counter()
+                async with session.post(url, data=body, headers=headers) as response:
+                    chunk = await response.content.readany()
+                    t1 = time.perf_counter()
+                    if response.status != 200 or not chunk.startswith(b"data: "):
+                        raise RuntimeError(f"bad stream from {url}: {response.status} {chunk[:200]!r}")
+                    await response.read()
+                samples.append((t1 - t0) * 1000.0)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return samples
+
+
+def ttfb(url: str, concurrency: int, duration: float, max_requests: int = 100_000) -> dict:
+    samples = asyncio.run(_ttfb(url, REQUEST_SSE, concurrency, duration, max_requests))
+    samples.sort()
+    return {
+        "n": len(samples),
+        "p50_ms": samples[len(samples) // 2],
+        "p99_ms": samples[min(len(samples) - 1, int(len(samples) * 0.99))],
+    }
+
+
+# -- contention ------------------------------------------------------------------
+
+
+def busy_cpu_seconds() -> float:
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+
+
+class Contention:
+    """CPU time used on this machine by processes that are not part of the benchmark."""
+
+    def __init__(self, targets: list[Target], nginx: Nginx):
+        self.targets, self.nginx = targets, nginx
+        self.start_busy = busy_cpu_seconds()
+        self.start_ours = self._ours()
+        self.start_wall = time.monotonic()
+
+    def _ours(self) -> float:
+        me = os.times()
+        total = me.user + me.system + me.children_user + me.children_system
+        total += tree_cpu(self.nginx.proc.pid)
+        for t in self.targets:
+            total += t.cpu()
+        return total
+
+    def other_cores(self) -> float:
+        """Average number of cores used by others during the run."""
+        wall = time.monotonic() - self.start_wall
+        others = (busy_cpu_seconds() - self.start_busy) - (self._ours() - self.start_ours)
+        return max(0.0, others / wall)
+
+
+# -- report ----------------------------------------------------------------------
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt_int(v) -> str:
+    return "—" if v is None else f"{v:,.0f}"
+
+
+def fmt_ms(v, digits=2) -> str:
+    return "—" if v is None else f"{v:.{digits}f} ms"
+
+
+def versions() -> dict:
+    def ver(dist):
+        try:
+            from importlib.metadata import version
+
+            return version(dist)
+        except Exception:
+            return "absent"
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip().split("/")[-1]
+    wrk_v = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split()[1:2]
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30),
+        "kernel": platform.release(), "python": platform.python_version(), "comox": f"{ver('comox')} ({rev})",
+        "uvicorn": ver("uvicorn"), "uvloop": ver("uvloop"), "httptools": ver("httptools"), "aiohttp": ver("aiohttp"),
+        "httpx": ver("httpx"), "httpx-aiohttp": ver("httpx-aiohttp"), "orjson": ver("orjson"),
+        "nginx": nginx, "wrk": (wrk_v[0] if wrk_v else "?"),
+    }
+
+
+def print_versions(v: dict) -> None:
+    print(f"\nMachine: {v['cpu']}, {v['cores']} cores, {v['memory_gb']} GiB, Linux {v['kernel']}")
+    print("Versions: " + ", ".join(f"{k} {v[k]}" for k in (
+        "python", "comox", "uvicorn", "uvloop", "httptools", "aiohttp", "httpx", "httpx-aiohttp", "orjson", "nginx", "wrk")))
+
+
+# -- the main run ----------------------------------------------------------------
+
+
+def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
+    bodies = {False: workdir / "request.json", True: workdir / "request-stream.json"}
+    bodies[False].write_bytes(REQUEST_JSON)
+    bodies[True].write_bytes(REQUEST_SSE)
+    load = str(LOAD_CORE) if args.pin else None
+    pcore = str(PROXY_CORE) if args.pin else None
+
+    targets: list[Target] = [Direct(nginx)]
+    for client in args.extra:
+        targets.append(MinimalProxy(client, nginx, workdir, pcore))
+    targets.append(MinimalProxy("aiohttp", nginx, workdir, pcore))
+    targets.append(Comox(nginx, workdir, pcore, policy))
+    limit = next(t for t in targets if isinstance(t, MinimalProxy) and t.name == MinimalProxy.LABELS["aiohttp"])
+    comox = targets[-1]
+
+    print(f"warming up {len(targets)} targets ...", flush=True)
+    for t in targets:
+        wrk(t.url(False), bodies[False], 16, 2, cores=load)
+        wrk(t.url(True), bodies[True], 16, 1, cores=load)
+
+    tests = [(f"rps c={c}", False, c) for c in args.concurrency] + [(f"SSE streams/s c={args.sse_concurrency}", True, args.sse_concurrency)]
+    results: dict[str, dict[str, list]] = {t.name: {} for t in targets}
+
+    def add(target, key, value):
+        results[target.name].setdefault(key, []).append(value)
+
+    contention = Contention(targets, nginx)
+    for r in range(args.rounds):
+        order = targets[r % len(targets):] + targets[:r % len(targets)]
+        print(f"round {r + 1}/{args.rounds}", flush=True)
+        for label, stream, c in tests:
+            for t in order:
+                res = wrk(t.url(stream), bodies[stream], c, args.duration, cores=load)
+                add(t, label, res["rps"])
+                add(t, label + " p50", res["p50_us"] / 1000)
+                add(t, label + " p99", res["p99_us"] / 1000)
+                add(t, label + " errors", res["errors"])
+                print(f"  {t.name:<48} {label:<22} {res['rps']:>9,.0f}/s  p50 {res['p50_us'] / 1000:6.2f} ms  "
+                      f"p99 {res['p99_us'] / 1000:6.2f} ms  errors {res['errors']}", flush=True)
+        for t in order:
+            res = ttfb(t.url(True), args.sse_concurrency, min(args.duration, 4.0))
+            add(t, "ttfb p50", res["p50_ms"])
+            add(t, "ttfb p99", res["p99_ms"])
+            print(f"  {t.name:<48} {'TTFB c=%d' % args.sse_concurrency:<22} p50 {res['p50_ms']:6.2f} ms  "
+                  f"p99 {res['p99_ms']:6.2f} ms  n={res['n']}", flush=True)
+        for t in targets:
+            add(t, "rss", t.rss() / 2**20 if t.proc else None)
+    others = contention.other_cores()
+
+    # per-round "added" latencies, then medians
+    direct = targets[0]
+    c1 = f"rps c={args.concurrency[0]} p50"
+    for t in targets:
+        add_list = [a - b for a, b in zip(results[t.name].get(c1, []), results[direct.name].get(c1, []))]
+        results[t.name]["added p50"] = add_list
+        ttfb_added = [a - b for a, b in zip(results[t.name]["ttfb p50"], results[direct.name]["ttfb p50"])]
+        results[t.name]["ttfb added"] = ttfb_added
+
+    m = {name: {k: med(v) for k, v in d.items()} for name, d in results.items()}
+    conc = args.concurrency
+    sse = f"SSE streams/s c={args.sse_concurrency}"
+    header = ["target"] + [f"rps c={c}" for c in conc] + [f"p50 / p99 c={c}" for c in conc] + [
+        "p50 added c=1", f"SSE streams/s c={args.sse_concurrency}", f"TTFB p50 c={args.sse_concurrency}",
+        "TTFB added", "RSS"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for t in targets:
+        d = m[t.name]
+        row = [t.name] + [fmt_int(d.get(f"rps c={c}")) for c in conc]
+        row += [f"{d.get(f'rps c={c} p50'):.2f} / {d.get(f'rps c={c} p99'):.2f} ms" for c in conc]
+        is_direct = t is direct
+        row += ["—" if is_direct else fmt_ms(d.get("added p50")), fmt_int(d.get(sse)), fmt_ms(d.get("ttfb p50")),
+                "—" if is_direct else fmt_ms(d.get("ttfb added")),
+                "—" if is_direct else f"{d['rss']:.0f} MB"]
+        lines.append("| " + " | ".join(row) + " |")
+    table = "\n".join(lines)
+
+    L, C = m[limit.name], m[comox.name]
+    goals = []
+
+    def goal(text, ok):
+        goals.append(f"- [{'x' if ok else ' '}] {text}")
+
+    for c in conc[1:]:
+        ratio = C[f"rps c={c}"] / L[f"rps c={c}"]
+        goal(f"rps c={c}: Comox {C[f'rps c={c}']:,.0f} = {ratio:.0%} of the aiohttp proxy's {L[f'rps c={c}']:,.0f} (goal ≥ 75%)", ratio >= 0.75)
+    ratio = C[sse] / L[sse]
+    goal(f"SSE streams/s c={args.sse_concurrency}: {C[sse]:,.0f} = {ratio:.0%} of {L[sse]:,.0f} (goal ≥ 75%)", ratio >= 0.75)
+    goal(f"p50 added at c={conc[0]}: {C['added p50']:.2f} ms (goal < 0.6 ms)", C["added p50"] < 0.6)
+    tr = C["ttfb added"] / L["ttfb added"] if L["ttfb added"] > 0 else float("inf")
+    goal(f"streaming TTFB added at c={args.sse_concurrency}: {C['ttfb added']:.2f} ms = {tr:.2f}× the aiohttp proxy's "
+         f"{L['ttfb added']:.2f} ms (goal ≤ 1.5×)", tr <= 1.5)
+    errors = {t.name: sum(sum(v) for k, v in results[t.name].items() if k.endswith("errors")) for t in targets}
+
+    print("\n" + table)
+    print(f"\nMedians of {args.rounds} interleaved rounds of {args.duration:g} s; proxies pinned to core {PROXY_CORE}, "
+          f"nginx + wrk + TTFB client to core {LOAD_CORE}" if args.pin else "")
+    print(f"Other processes used {others:.2f} cores on average during the run (contention).")
+    if any(errors.values()):
+        print("Errors (non-200 or socket): " + ", ".join(f"{k}: {v}" for k, v in errors.items() if v))
+    print("\nGoals (issue 5):\n" + "\n".join(goals))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"medians": m, "raw": results, "other_cores": others}, indent=1))
+    for t in targets:
+        t.stop()
+
+
+def soak(args, workdir: Path, nginx: Nginx, policy: str) -> None:
+    """RSS of Comox over N requests after warm-up, half JSON and half SSE, in chunks."""
+    bodies = {False: workdir / "request.json", True: workdir / "request-stream.json"}
+    bodies[False].write_bytes(REQUEST_JSON)
+    bodies[True].write_bytes(REQUEST_SSE)
+    load = str(LOAD_CORE) if args.pin else None
+    comox = Comox(nginx, workdir, str(PROXY_CORE) if args.pin else None, policy)
+    try:
+        print("warm-up: 20,000 requests", flush=True)
+        for stream in (False, True):
+            wrk(comox.url(stream), bodies[stream], 16, 120, cores=load, script="soak.lua", extra=["10000"])
+        base = comox.rss() / 2**20
+        print(f"RSS after warm-up: {base:.1f} MB", flush=True)
+        chunks = 8
+        per = max(1, args.soak // chunks)
+        done = 0
+        t0 = time.monotonic()
+        samples = [(0, base)]
+        for i in range(chunks):
+            stream = bool(i % 2)
+            res = wrk(comox.url(stream), bodies[stream], 16, 600, cores=load, script="soak.lua", extra=[str(per)])
+            done += res["requests"]
+            rss = comox.rss() / 2**20
+            samples.append((done, rss))
+            print(f"  {done:>9,} requests ({'SSE' if stream else 'JSON'} chunk, {res['rps']:,.0f}/s, errors {res['errors']}): "
+                  f"RSS {rss:.1f} MB ({rss - base:+.1f})", flush=True)
+        growth = samples[-1][1] - base
+        print(f"\nSoak: {done:,} requests in {time.monotonic() - t0:.0f} s after 20,000 warm-up; RSS {base:.1f} → "
+              f"{samples[-1][1]:.1f} MB: growth {growth:+.1f} MB (goal < 10 MB) — {'met' if growth < 10 else 'MISSED'}")
+    finally:
+        comox.stop()
+
+
+def workers_compare(args, workdir: Path, nginx: Nginx, policy: str) -> None:
+    """Comox and the minimal proxy with 1 and 2 worker processes. Nothing pinned:
+    on a 2-core box nginx and wrk share the cores with the second worker, so this
+    shows scaling relative to the limit, not absolute scaling."""
+    body = workdir / "request.json"
+    body.write_bytes(REQUEST_JSON)
+    rows = []
+    for make in (lambda w: MinimalProxy("aiohttp", nginx, workdir, None, workers=w),
+                 lambda w: Comox(nginx, workdir, None, policy, workers=w)):
+        got = {}
+        for w in (1, 2):
+            t = make(w)
+            try:
+                wrk(t.url(False), body, 64, 2, cores=None)
+                got[w] = med([wrk(t.url(False), body, 64, args.duration, cores=None)["rps"] for _ in range(args.rounds)])
+                print(f"  {t.name:<48} rps c=64 {got[w]:>9,.0f}", flush=True)
+            finally:
+                t.stop()
+        rows.append((t.name.split(" (")[0], got[1], got[2]))
+    print("\n| target | rps c=64, 1 worker | rps c=64, 2 workers | 2 / 1 |\n|---|---:|---:|---:|")
+    for name, one, two in rows:
+        print(f"| {name} | {one:,.0f} | {two:,.0f} | {two / one:.2f}× |")
+    print(f"\nUnpinned; nginx and wrk share the {os.cpu_count()} cores. Medians of {args.rounds} runs of {args.duration:g} s.")
+
+
+def routing_bench(policy: str, n: int = 1000, calls: int = 20000) -> float:
+    """Microseconds per ``group.choose()`` with ``n`` backends in the group."""
+    from comox.gateway import Gateway
+    from comox.request import GatewayRequest
+    from comox.settings import Settings
+
+    backends = [{"name": f"b{i}", "url": f"http://127.0.0.1:{10000 + i}"} for i in range(n)]
+    gateway = Gateway(Settings(models=[{"name": "bench", "policy": policy, "backends": backends}]))
+    group = gateway.groups["bench"]
+    request = GatewayRequest(id="x", endpoint="chat/completions", path="/v1/chat/completions", headers=[],
+                             raw=REQUEST_JSON, json=json.loads(REQUEST_JSON))
+    for i, state in enumerate(group.backends):
+        state.ewma_ms = 1.0 + (i % 7)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls // 5):
+            group.choose(request, ())
+        best = min(best, (time.perf_counter() - t0) / (calls // 5) * 1e6)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per load run (default 8)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported (default 3)")
+    parser.add_argument("--concurrency", default="1,16,64", help="comma-separated connection counts (default 1,16,64)")
+    parser.add_argument("--sse-concurrency", type=int, default=16)
+    parser.add_argument("--extra", default="", help="extra reference proxies: any of memory,httpx,httpx-aiohttp")
+    parser.add_argument("--policy", default="auto", help="Comox routing policy (default: p2c_ewma if installed, else round_robin)")
+    parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin processes to cores")
+    parser.add_argument("--soak", type=int, metavar="N", help="memory soak: RSS growth over N requests after warm-up")
+    parser.add_argument("--workers-compare", action="store_true", help="comox serve --workers 1 vs 2")
+    parser.add_argument("--routing", action="store_true", help="only the routing micro-benchmark (1,000 backends)")
+    parser.add_argument("--json", help="also write the raw results to this file")
+    args = parser.parse_args(argv)
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
+    args.extra = [c for c in args.extra.split(",") if c]
+    for c in args.extra:
+        if c not in MinimalProxy.LABELS or c == "aiohttp":
+            parser.error(f"--extra: unknown {c!r}")
+    if os.cpu_count() < 2:
+        args.pin = False
+
+    policies = available_policies()
+    policy = args.policy if args.policy != "auto" else ("p2c_ewma" if "p2c_ewma" in policies else "round_robin")
+    if policy not in policies:
+        parser.error(f"routing policy {policy!r} is not installed (have: {', '.join(sorted(policies))})")
+    print_versions(versions())
+    us = routing_bench(policy)
+    print(f"Routing: one {policy} decision among 1,000 backends: {us:.1f} µs (goal < 20 µs) — {'met' if us < 20 else 'MISSED'}")
+    if args.routing:
+        return 0
+    for tool in ("nginx", "wrk"):
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
+            parser.error(f"{tool} is not installed: apt-get install -y nginx-light wrk")
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    if args.pin:
+        os.sched_setaffinity(0, {LOAD_CORE})
+    with tempfile.TemporaryDirectory(prefix="comox-bench-") as tmp:
+        workdir = Path(tmp)
+        try:
+            nginx = Nginx(workdir, str(LOAD_CORE) if args.pin else None)
+            if args.soak:
+                soak(args, workdir, nginx, policy)
+            elif args.workers_compare:
+                workers_compare(args, workdir, nginx, policy)
+            else:
+                main_run(args, workdir, nginx, policy)
+        finally:
+            _stop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
