@@ -12,6 +12,7 @@ from starlette.routing import Router
 from .api import route_path, send_error, serve_api
 from .errors import NotFound
 from .gateway import Gateway
+from .request import request_id_from
 from .settings import Settings, load_settings
 
 __all__ = ["ComoxApp", "create_app", "build_gateway"]
@@ -47,7 +48,7 @@ class ComoxApp:
             elif self.router is not None:
                 await self.router(scope, receive, send)
             else:
-                await send_error(send, NotFound(f"unknown path {path}"), b"-")
+                await send_error(send, NotFound(f"unknown path {path}"), request_id_from(None).encode())
         elif kind == "lifespan":
             await self.lifespan(receive, send)
         # websockets: not served; the server closes the connection.

@@ -257,3 +257,27 @@ def test_backend_header_only_when_enabled(comox_gateway, comox_serve, comox_upst
     assert "x-comox-backend" not in httpx.post(f"{comox_gateway.url}/v1/chat/completions", json=body).headers
     server = comox_serve(group("test-model", {"name": "node-a", "url": comox_upstream.url}, expose_backend_header=True))
     assert httpx.post(f"{server.url}/v1/chat/completions", json=body).headers["x-comox-backend"] == "node-a"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"host": "evil.example/path?x=1"},
+        {"authorization": "Bearer " + "A" * 8000},
+        {"authorization": "Basic \u00e9\u00e8"},
+        {"authorization": "Bearer sk-one, Bearer sk-two"},
+    ],
+)
+def test_odd_headers_are_harmless(comox_gateway, comox_upstream, headers):
+    raw_headers = [(k.encode(), v.encode("utf-8")) for k, v in headers.items()]
+    response = httpx.post(f"{comox_gateway.url}/v1/chat/completions", json={"model": "test-model", "messages": CHAT}, headers=raw_headers)
+    assert response.status_code == 200
+    seen = comox_upstream.requests[-1]["headers"]
+    assert "evil" not in seen["host"] and "authorization" not in seen
+
+
+def test_unknown_path_outside_api(comox_gateway):
+    response = httpx.get(f"{comox_gateway.url}/nothing")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+    assert len(response.headers["x-request-id"]) == 32
