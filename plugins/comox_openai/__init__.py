@@ -1,8 +1,11 @@
 """The ``openai`` backend type: any OpenAI-compatible HTTP server (llama.cpp's
 server, vLLM, SGLang, TGI, a cloud API).
 
-One shared connection pool per backend. The pool is the seam: pass your own
-``httpx.AsyncClient`` (any transport) as ``client=`` to swap how bytes move
+One shared connection pool per backend, behind a one-method transport
+(:mod:`comox_openai.transport`). By default that is an ``aiohttp`` pool, the
+fastest Python client measured (``docs/benchmarks.md``). The pool is the seam:
+pass your own ``httpx.AsyncClient`` (any httpx transport) as ``client=``, or any
+object with the transport's ``post()``/``aclose()``, to swap how bytes move
 without touching the rest.
 """
 
@@ -19,15 +22,18 @@ from comox.errors import BackendUnavailable, ConfigError
 from comox.request import GatewayRequest
 from comox.settings import BackendSettings
 
+from .transport import (
+    DROPPED_RESPONSE_HEADERS,
+    AiohttpTransport,
+    HttpxTransport,
+    Transport,
+    UpstreamUnreachable,
+    response_headers,
+)
+
 __all__ = ["OpenAIBackend", "OpenAIBackendSettings", "response_headers"]
 
-# Never forwarded from an upstream response: hop-by-hop headers, and those the
-# ASGI server or the gateway sets itself.
-DROPPED_RESPONSE_HEADERS = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
-    b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"content-length",
-    b"x-request-id", b"server", b"date",
-})
+assert DROPPED_RESPONSE_HEADERS  # re-exported for plugins that used it from here
 
 
 class OpenAIBackendSettings(BackendSettings):
@@ -52,19 +58,10 @@ class OpenAIBackendSettings(BackendSettings):
         return value
 
 
-def response_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    headers = []
-    for name, value in raw:
-        name = name.lower()
-        if name not in DROPPED_RESPONSE_HEADERS:
-            headers.append((name, value))
-    return headers
-
-
 class OpenAIBackend:
     settings_model = OpenAIBackendSettings
 
-    def __init__(self, settings: OpenAIBackendSettings, *, client: httpx.AsyncClient | None = None):
+    def __init__(self, settings: OpenAIBackendSettings, *, client: httpx.AsyncClient | Transport | None = None):
         self.name = settings.name
         self.settings = settings
         base = settings.url.rstrip("/")
@@ -82,35 +79,38 @@ class OpenAIBackend:
             if not key:
                 raise ConfigError(f"api_key_env: the environment variable {settings.api_key_env!r} is not set")
             self._headers["authorization"] = f"Bearer {key}"
-        self.client = client if client is not None else httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
-            limits=httpx.Limits(max_connections=settings.max_concurrency or 1024, max_keepalive_connections=256),
-            trust_env=False,  # a gateway must not pick up HTTP_PROXY for its fleet
-        )
+        if client is None:
+            self.transport = AiohttpTransport(
+                timeout_s=settings.timeout_s,
+                connect_timeout_s=settings.connect_timeout_s,
+                max_connections=settings.max_concurrency or 1024,
+                default_headers=self._headers,
+            )
+        elif isinstance(client, httpx.AsyncClient):
+            self.transport = HttpxTransport(client, default_headers=self._headers)
+        elif isinstance(client, Transport):
+            self.transport = client
+        else:
+            raise TypeError(f"client must be an httpx.AsyncClient or a transport with post() and aclose(), got {client!r}")
+        self.client = client if client is not None else self.transport
+        self._urls: dict[str, str] = {}  # endpoint → upstream URL, built once
 
     async def handle(self, request: GatewayRequest) -> BackendResponse:
-        headers = dict(self._headers)
-        headers["x-request-id"] = request.id
-        upstream = self.client.build_request(
-            "POST", f"{self.base_url}/{request.endpoint}", content=request.body_for(self.upstream_model), headers=headers
-        )
+        endpoint = request.endpoint
+        url = self._urls.get(endpoint)
+        if url is None:
+            url = self._urls[endpoint] = f"{self.base_url}/{endpoint}"
         try:
-            response = await self.client.send(upstream, stream=True)
-        except httpx.TransportError as exc:
-            raise BackendUnavailable(f"backend {self.name!r} unreachable: {type(exc).__name__}") from exc
-        headers = response_headers(response.headers.raw)
-        if response.headers.get("content-type", "").startswith("text/event-stream"):
-            return BackendResponse(response.status_code, headers, stream=response.aiter_raw(), close=response.aclose)
-        try:
-            body = b"".join([chunk async for chunk in response.aiter_raw()])
-        except httpx.TransportError as exc:
-            raise BackendUnavailable(f"backend {self.name!r} failed while sending its body: {type(exc).__name__}") from exc
-        finally:
-            await response.aclose()
-        return BackendResponse(response.status_code, headers, body=body)
+            return await self.transport.post(url, request.body_for(self.upstream_model), {"x-request-id": request.id})
+        except UpstreamUnreachable as exc:
+            if exc.during == "connect":
+                raise BackendUnavailable(f"backend {self.name!r} unreachable: {type(exc.cause).__name__}") from exc.cause
+            raise BackendUnavailable(
+                f"backend {self.name!r} failed while sending its body: {type(exc.cause).__name__}"
+            ) from exc.cause
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.transport.aclose()
 
 
 @comox.hookimpl
