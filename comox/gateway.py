@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from .backends import BackendResponse
 from .errors import BackendUnavailable, ComoxError, ConfigError, NoBackendAvailable
-from .fleet import BackendState, ModelGroup
+from .fleet import BackendState, FleetCounters, ModelGroup, parse_usage
 from .plugins import HookChain, PluginManager, call_startup_hook, make_plugin_manager
 from .request import GatewayRequest
 from .settings import BackendSettings, Settings, describe_validation_error
@@ -22,7 +22,8 @@ __all__ = ["Gateway"]
 
 log = logging.getLogger("comox")
 
-RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+MAX_OBSERVED_BODY = 4 * 1024 * 1024  # larger bodies are not parsed for usage
 
 
 class Gateway:
@@ -35,10 +36,14 @@ class Gateway:
         self.hooks = HookChain(self.pm)
         self.backend_types: dict[str, type] = self._registry(self.pm.hook.comox_backend_types(), "backend type")
         self.policies: dict[str, type] = self._registry(self.pm.hook.comox_routing_policies(), "routing policy")
+        self.counters = FleetCounters()
         self.groups: dict[str, ModelGroup] = {
             group_settings.name: self._build_group(i, group_settings) for i, group_settings in enumerate(settings.models)
         }
         self.retries = settings.server.retries
+        self.retry_budget_ratio = settings.server.retry_budget_ratio
+        self.retry_budget_min = settings.server.retry_budget_min
+        self.health_checker = None
         created = int(time.time())
         self.models_body = orjson.dumps({
             "object": "list",
@@ -65,7 +70,6 @@ class Gateway:
                 f"(known: {', '.join(sorted(self.policies)) or 'none'}; is its plugin installed and not blocked?)"
             )
         states = []
-        group = ModelGroup(group_settings.name, states)
         for j, backend_settings in enumerate(group_settings.backends):
             where = f"models[{i}].backends[{j}]"
             cls = self.backend_types.get(backend_settings.type)
@@ -84,11 +88,28 @@ class Gateway:
             except ConfigError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
             states.append(BackendState(backend, validated))
-        group.policy = policy_cls(group)
+        server = self.settings.server
+        timeout_ms = group_settings.queue_timeout_ms if group_settings.queue_timeout_ms is not None else server.queue_timeout_ms
+        group = ModelGroup(
+            group_settings.name, states, settings=group_settings, counters=self.counters,
+            queue_timeout_s=timeout_ms / 1000.0,
+            queue_size=group_settings.queue_size if group_settings.queue_size is not None else server.queue_size,
+        )
+        try:
+            group.policy = policy_cls(group)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"models[{i}].policy_options: {exc}") from None
         return group
 
     def backends(self) -> list[BackendState]:
         return [state for group in self.groups.values() for state in group.backends]
+
+    def backend(self, name: str) -> BackendState | None:
+        for group in self.groups.values():
+            for state in group.backends:
+                if state.name == name:
+                    return state
+        return None
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -105,10 +126,17 @@ class Gateway:
                 start = getattr(state.backend, "startup", None)
                 if start is not None:
                     await start()
+            from .health import HealthChecker
+
+            self.health_checker = HealthChecker(self.backends())
+            self.health_checker.start()
             await call_startup_hook(self.pm.hook.comox_startup, gateway=self)
             self.started = True
 
     async def aclose(self) -> None:
+        if self.health_checker is not None:
+            await self.health_checker.stop()
+            self.health_checker = None
         for state in self.backends():
             try:
                 await state.backend.aclose()
@@ -121,50 +149,77 @@ class Gateway:
 
     async def dispatch(self, request: GatewayRequest, group: ModelGroup) -> tuple[BackendResponse, BackendState | None]:
         """Send ``request`` to a backend of ``group``; retry on another one if it
-        fails before its first byte. The caller must ``release()`` the returned
-        state once the response is finished."""
+        fails before its first byte, within the retry budget. When every backend
+        is at ``max_concurrency`` wait (bounded) for a slot. The caller must
+        ``release()`` the returned state once the response is finished."""
         tried: list[BackendState] = []
         failure: ComoxError | None = None
         response: BackendResponse | None = None
+        last_state: BackendState | None = None
+        counters = self.counters
+        saturated = False
         for attempt in range(self.retries + 1):
+            if attempt and counters.retries >= max(self.retry_budget_min, self.retry_budget_ratio * counters.inflight):
+                break  # retry budget spent: retries must not snowball
             state = group.choose(request, tried)
             if state is None:
-                break
+                if group.saturated_only(tried):
+                    saturated = True
+                    if group.queue_timeout_s > 0 and group.queue_size > 0:
+                        state = await group.wait_for_slot(request, tried, time.monotonic() + group.queue_timeout_s)
+                if state is None:
+                    break
+            saturated = False
             tried.append(state)
-            if response is not None:  # a retryable 5xx we are replacing
+            if response is not None:  # a retryable answer we are replacing
                 await response.aclose()
                 response = None
-            state.inflight += 1
+            state.acquire()
+            if attempt:
+                counters.retries += 1
             started = time.perf_counter()
             try:
                 response = await state.backend.handle(request)
             except BackendUnavailable as exc:
-                state.inflight -= 1
+                state.release()
                 state.record_failure(exc.message)
                 failure = exc
                 continue
             except BaseException:
-                state.inflight -= 1
+                state.release()
                 raise
+            finally:
+                if attempt:
+                    counters.retries -= 1
             if response.status in RETRYABLE_STATUS:
-                state.inflight -= 1
-                state.record_failure(f"HTTP {response.status}")
+                state.release()
+                state.record_failure(f"HTTP {response.status}", response.status)
                 failure = None
                 last_state = state
                 continue
             state.record_success(time.perf_counter() - started)
+            if response.status == 200:
+                self._observe(request, group, state, response, started)
             return response, state
         if response is not None:
-            # Every try answered 5xx: pass the last answer through, as a proxy does.
-            last_state.inflight += 1
+            # Every try answered 5xx/429: pass the last answer through, as a proxy does.
+            last_state.acquire()
             if not any(name == b"retry-after" for name, _ in response.headers):
                 response.headers.append((b"retry-after", str(self.settings.server.retry_after_s).encode()))
             return response, last_state
-        error = NoBackendAvailable(
-            f"no backend of model {group.name!r} can take the request now"
-            + (f" (last error: {failure.message})" if failure else ""),
-            retry_after=self.settings.server.retry_after_s,
-        )
+        if saturated:
+            error = NoBackendAvailable(
+                f"every backend of model {group.name!r} is at its max_concurrency"
+                + (f" and the queue is full ({group.queue_size})" if len(group.waiters) >= group.queue_size
+                   else f"; waited {round(group.queue_timeout_s * 1000)} ms"),
+                retry_after=self.settings.server.retry_after_s, code="backends_saturated",
+            )
+        else:
+            error = NoBackendAvailable(
+                f"no backend of model {group.name!r} can take the request now"
+                + (f" (last error: {failure.message})" if failure else ""),
+                retry_after=self.settings.server.retry_after_s,
+            )
         if self.hooks.comox_failover:
             answer = await HookChain.first(self.hooks.comox_failover, request=request, error=error)
             if answer is not None:
@@ -174,4 +229,90 @@ class Gateway:
     @staticmethod
     def release(state: BackendState | None) -> None:
         if state is not None:
-            state.inflight -= 1
+            state.release()
+
+    # -- measuring real responses ---------------------------------------------
+
+    def _observe(self, request: GatewayRequest, group: ModelGroup, state: BackendState,
+                 response: BackendResponse, started: float) -> None:
+        """Arrange for tokens and timings of this response to be recorded in
+        ``state`` (and shown to the policy) once it has been sent."""
+        observe = getattr(group.policy, "observe", None)
+        if response.stream is not None:
+            response.stream = _tap_stream(response.stream, request, state, observe, started)
+            return
+        body = response.body
+        if not body or len(body) > MAX_OBSERVED_BODY:
+            return
+        close = response._close
+        elapsed = time.perf_counter() - started
+
+        async def close_and_record() -> None:
+            try:
+                obj = orjson.loads(body)
+                usage = parse_usage(obj) if isinstance(obj, dict) else None
+                if usage is not None:
+                    decode_s = elapsed
+                    if state.prefill_tps and usage["prompt"]:
+                        prefill_s = (usage["prompt"] - (usage["cached"] or 0)) / state.prefill_tps
+                        decode_s = elapsed - prefill_s if elapsed - prefill_s > 0.2 * elapsed else None
+                    state.record_tokens(usage["prompt"], usage["cached"], usage["completion"],
+                                        usage["prefill_tps"], usage["decode_tps"], decode_s=decode_s)
+                    if observe is not None:
+                        observe(request, state, usage)
+            except Exception:
+                log.debug("could not read usage from %s's response", state.name, exc_info=True)
+            finally:
+                if close is not None:
+                    await close()
+
+        response._close = close_and_record
+
+
+async def _tap_stream(stream, request: GatewayRequest, state: BackendState, observe, started: float):
+    """Forward an SSE stream unchanged while timing it: first chunk (≈ prefill),
+    events after it (≈ decode), and the usage/timings of its last events. A
+    stream that breaks off counts as a failure of the backend."""
+    first = last = None
+    events = 0
+    prev = tail = b""
+    try:
+        async for chunk in stream:
+            now = time.perf_counter()
+            if first is None:
+                first = now
+            last = now
+            events += chunk.count(b"data:")
+            prev, tail = tail, chunk
+            yield chunk
+    except (asyncio.CancelledError, GeneratorExit):
+        raise
+    except Exception as exc:
+        state.record_failure(f"stream broke off: {type(exc).__name__}")
+        raise
+    if first is None:
+        return
+    try:
+        usage = None
+        end = prev + tail
+        if b'"usage"' in end or b'"timings"' in end:
+            for line in end.split(b"\n"):
+                if line.startswith(b"data:") and (b'"usage"' in line or b'"timings"' in line):
+                    try:
+                        obj = orjson.loads(line[5:])
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(obj, dict):
+                        usage = parse_usage(obj) or usage
+        ttft = first - started
+        decode_s = last - first
+        generated = (usage["completion"] if usage and usage["completion"] else max(events - 2, 0))
+        decode_tps = usage["decode_tps"] if usage else None
+        if decode_tps is None and generated > 1 and decode_s > 0:
+            decode_tps = (generated - 1) / decode_s
+        state.record_tokens(usage["prompt"] if usage else None, usage["cached"] if usage else None, generated,
+                            usage["prefill_tps"] if usage else None, decode_tps, ttft_s=ttft)
+        if observe is not None and usage is not None:
+            observe(request, state, usage)
+    except Exception:
+        log.debug("could not read usage from %s's stream", state.name, exc_info=True)

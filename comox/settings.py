@@ -36,6 +36,30 @@ class ServerSettings(BaseModel):
     """How many other backends to try when one fails before its first byte."""
     retry_after_s: int = Field(1, ge=1)
     """``retry-after`` sent with 503 when no backend of a group can answer."""
+    retry_budget_ratio: float = Field(0.2, ge=0, le=10)
+    """Retries in progress may be at most this share of requests in flight…"""
+    retry_budget_min: int = Field(3, ge=0)
+    """…or this many, whichever is larger (see docs/routing.md)."""
+    queue_timeout_ms: int = Field(10_000, ge=0)
+    """How long a request waits when every backend of its group is at
+    ``max_concurrency``, before 503 with ``retry-after``. 0: no waiting."""
+    queue_size: int = Field(1024, ge=0)
+    """Most requests waiting per model group; more get 503 at once."""
+
+
+class HealthCheckSettings(BaseModel):
+    """Active health checks of one backend (see docs/routing.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool | None = None
+    """None: the backend type's default (on for ``llamacpp`` and ``vllm``)."""
+    interval_s: float = Field(5.0, gt=0)
+    timeout_s: float = Field(2.0, gt=0)
+    healthy_threshold: int = Field(1, ge=1)
+    """Passing checks in a row that mark an unhealthy/ejected backend healthy."""
+    unhealthy_threshold: int = Field(2, ge=1)
+    """Failed checks in a row that take a backend out of rotation."""
 
 
 class BackendSettings(BaseModel):
@@ -51,6 +75,9 @@ class BackendSettings(BaseModel):
     weight: int = Field(1, ge=1)
     max_concurrency: int | None = Field(None, ge=1)
     """Most requests in flight at once on this backend."""
+    slow_start_s: float = Field(10.0, ge=0)
+    """After an ejection or failed health checks, ramp traffic up over this long."""
+    health_check: HealthCheckSettings = HealthCheckSettings()
 
 
 class ModelGroupSettings(BaseModel):
@@ -60,6 +87,12 @@ class ModelGroupSettings(BaseModel):
     """What clients send as ``model``."""
     policy: str = "round_robin"
     """Entry-point name of a routing policy."""
+    policy_options: dict[str, Any] = {}
+    """Options of the routing policy (see docs/routing.md)."""
+    queue_timeout_ms: int | None = Field(None, ge=0)
+    """Overrides ``server.queue_timeout_ms`` for this group."""
+    queue_size: int | None = Field(None, ge=0)
+    """Overrides ``server.queue_size`` for this group."""
     backends: list[BackendSettings] = Field(min_length=1)
 
 

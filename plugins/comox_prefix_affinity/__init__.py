@@ -1,0 +1,228 @@
+"""The ``prefix_affinity`` routing policy: send a request where its prompt
+prefix is most likely still in the KV cache.
+
+* The prompt is rendered as the backend will see it (chat messages one after
+  the other with their roles, tools first; a completion's prompt as is), cut
+  into fixed-size blocks of ``block_chars`` characters, and each block hashed
+  together with the hash of the one before it — so block *k*'s hash stands for
+  the whole prefix up to it.
+* A bounded LRU index (``max_blocks`` entries) maps block hash → the backend
+  (and, for ``llamacpp`` backends, the slot) that last processed that prefix.
+* The longest prefix found on a backend that may take the request wins, unless
+  that backend is overloaded relative to the others (SGLang's rule: its load
+  exceeds a reference backend's by more than ``balance_abs_threshold`` requests
+  *and* by more than ``balance_rel_threshold`` ×). The reference, and the
+  destination when nothing matches, is the cheaper of two random backends by
+  :meth:`~comox.fleet.BackendState.cost` (measured tokens/s × load), so a slow
+  node gets proportionally less new work. O(prompt length), not O(fleet).
+* The index corrects itself from what backends report:
+  ``usage.prompt_tokens_details.cached_tokens`` or llama.cpp's
+  ``timings.cache_n``. Each backend keeps a hit-rate of the predicted cache
+  hits that really happened; a backend whose predicted hits stop happening
+  (restarted, cache too small, a different slot) loses its entries and its
+  affinity until hits come back.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import comox
+from comox.fleet import request_size
+
+__all__ = ["PrefixAffinity", "render_prompt", "block_hashes"]
+
+STATE_KEY = "comox.prefix_affinity"
+SLOT_KEY = "comox.id_slot"  # (backend name, slot) for backends that pin slots
+
+
+def _text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict):
+                text = part.get("text")
+                if isinstance(text, str):
+                    parts.append(text)
+                elif part.get("type"):
+                    parts.append(f"<{part['type']}>")
+            elif isinstance(part, str):
+                parts.append(part)
+        return "".join(parts)
+    return "" if content is None else str(content)
+
+
+def render_prompt(body: dict) -> str:
+    """The prompt text as a chat template lays it out (roles in order; an
+    earlier turn renders the same whatever follows it), or the raw prompt."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        out = []
+        tools = body.get("tools")
+        if tools:
+            out.append(f"<tools>{tools!r}\n")
+        for message in messages:
+            if isinstance(message, dict):
+                out.append(f"<|{message.get('role')}|>\n{_text(message.get('content'))}\n")
+        return "".join(out)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        first = prompt[0]
+        if isinstance(first, str):
+            return first  # a batch: route by its first prompt
+        return " ".join(map(str, prompt if isinstance(first, int) else first))
+    return ""
+
+
+def block_hashes(text: str, block: int) -> list[int]:
+    """Chained hashes of the full ``block``-sized pieces of ``text``."""
+    hashes = []
+    h = 0
+    for start in range(0, len(text) - block + 1, block):
+        h = hash((h, text[start:start + block]))
+        hashes.append(h)
+    return hashes
+
+
+class _Entry:
+    """Shared by all blocks of one prompt: where it went, and its last block."""
+
+    __slots__ = ("state", "slot", "gen", "tip")
+
+    def __init__(self, state, slot, gen, tip):
+        self.state = state
+        self.slot = slot
+        self.gen = gen
+        self.tip = tip
+
+
+class PrefixAffinity:
+    def __init__(self, group):
+        options = dict(group.settings.policy_options) if group.settings is not None else {}
+        self.group = group
+        self.rng = group.rng
+        self.block_chars = int(options.pop("block_chars", 256))
+        self.max_blocks = int(options.pop("max_blocks", 200_000))
+        self.balance_abs = float(options.pop("balance_abs_threshold", 4))
+        self.balance_rel = float(options.pop("balance_rel_threshold", 1.5))
+        self.min_hit_rate = float(options.pop("min_hit_rate", 0.3))
+        if options:
+            raise ValueError(f"unknown option(s) for prefix_affinity: {', '.join(sorted(options))}")
+        if self.block_chars < 1 or self.max_blocks < 1:
+            raise ValueError("block_chars and max_blocks must be at least 1")
+        self.index: OrderedDict[int, _Entry] = OrderedDict()
+        # Per backend (by id): [predicted hits checked, that really hit] as an EWMA.
+        self.hit_rate: dict[int, float] = {}
+        self.next_slot: dict[int, int] = {}
+        # Per backend: entries of an older generation are stale (O(1) forgetting).
+        self.gen: dict[int, int] = {}
+
+    # -- choosing -------------------------------------------------------------
+
+    def choose(self, request, candidates):
+        n = len(candidates)
+        if not n:
+            return None
+        group = self.group
+        text = render_prompt(request.json)
+        hashes = block_hashes(text, self.block_chars)
+        index = self.index
+        best = None
+        depth = 0
+        for k, h in enumerate(hashes):
+            entry = index.get(h)
+            if entry is None:
+                break
+            state = entry.state
+            if entry.gen == self.gen.get(id(state), 0) and group.is_candidate(state, candidates):
+                best, depth = entry, k + 1
+        prompt, output = request_size(request)
+        # Reference: the cheaper of two random backends (measured speed × load).
+        if n == 1:
+            other = candidates[0]
+        else:
+            i = self.rng.randrange(n)
+            j = self.rng.randrange(n - 1)
+            if j >= i:
+                j += 1
+            a, b = candidates[i], candidates[j]
+            other = a if a.cost(prompt, output) <= b.cost(prompt, output) else b
+        pick = other
+        slot = None
+        if best is not None and self.hit_rate.get(id(best.state), 1.0) >= self.min_hit_rate:
+            mine = best.state.load
+            theirs = other.load
+            overloaded = mine - theirs > self.balance_abs and mine > theirs * self.balance_rel
+            if not overloaded:
+                pick = best.state
+                if hashes[depth - 1] == best.tip:
+                    slot = best.slot  # continuing that prompt: its slot too
+                # else only a shared head (a system prompt): a slot of its own
+        else:
+            depth = 0
+        if pick is not (best.state if best is not None else None):
+            depth = 0
+        if slot is None and pick.total_slots and getattr(pick.backend, "pins_slots", False):
+            key = id(pick)
+            slot = self.next_slot.get(key, 0) % pick.total_slots
+            self.next_slot[key] = slot + 1
+        if slot is not None:
+            request.state[SLOT_KEY] = (pick.name, slot)
+        # Remember: this backend (slot) now holds these prefix blocks.
+        entry = _Entry(pick, slot, self.gen.get(id(pick), 0), hashes[-1] if hashes else None)
+        for h in hashes:
+            index[h] = entry
+            index.move_to_end(h)
+        while len(index) > self.max_blocks:
+            index.popitem(last=False)
+        request.state[STATE_KEY] = (depth, len(text), len(hashes))
+        return pick
+
+    # -- feedback from responses ----------------------------------------------
+
+    def observe(self, request, state, usage) -> None:
+        """Compare the cache hit predicted for ``request`` with what the
+        backend reported, and correct the index when it was wrong."""
+        info = request.state.get(STATE_KEY)
+        cached = usage.get("cached")
+        prompt_tokens = usage.get("prompt")
+        if info is None or cached is None or not prompt_tokens:
+            return
+        depth, chars, _ = info
+        key = id(state)
+        rate = self.hit_rate.get(key, 1.0)
+        if depth:
+            predicted = prompt_tokens * min(1.0, depth * self.block_chars / max(chars, 1))
+            hit = 1.0 if cached >= 0.5 * predicted else 0.0
+            rate += 0.3 * (hit - rate)
+            self.hit_rate[key] = rate
+            if not hit:
+                self._forget(state, request, info)
+        elif cached and rate < 1.0:
+            # A hit we did not predict: the backend does keep prefixes.
+            self.hit_rate[key] = rate + 0.3 * (1.0 - rate)
+
+    def _forget(self, state, request, info) -> None:
+        """The backend did not have a prefix we thought it had: everything the
+        index believes it holds is suspect (a new generation makes the old
+        entries stale in O(1)), except the prompt it has just processed."""
+        key = id(state)
+        gen = self.gen[key] = self.gen.get(key, 0) + 1
+        slot = request.state.get(SLOT_KEY)
+        hashes = block_hashes(render_prompt(request.json), self.block_chars)
+        entry = _Entry(state, slot[1] if slot and slot[0] == state.name else None, gen, hashes[-1] if hashes else None)
+        for h in hashes:
+            if h in self.index:
+                self.index[h] = entry
+
+    def stats(self) -> dict:
+        return {"blocks": len(self.index), "hit_rate": {s.name: round(self.hit_rate.get(id(s), 1.0), 3) for s in self.group.backends}}
+
+
+@comox.hookimpl
+def comox_routing_policies():
+    return {"prefix_affinity": PrefixAffinity}
