@@ -1,8 +1,8 @@
 """Active health checks: one background task per backend that asks for them,
 started by ``Gateway.startup`` and stopped by ``Gateway.aclose``.
 
-A backend type takes part by providing ``async health_check(state) ->
-(verdict, detail)`` where verdict is :data:`OK`, :data:`LOADING` (up but not
+A backend type takes part by providing ``async health_check(state, http) ->
+(verdict, detail)`` (``http``: an ``httpx.AsyncClient`` shared by the checks) where verdict is :data:`OK`, :data:`LOADING` (up but not
 ready — llama.cpp's ``/health`` 503 "Loading model": no traffic, but not a
 failure) or :data:`FAIL`. It may also write the load it reads (``/slots``,
 ``/metrics``) into ``state``. Types without one (``openai``) are checked, when
@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import TYPE_CHECKING
+
+import httpx
 
 if TYPE_CHECKING:
     from .fleet import BackendState
@@ -34,24 +36,22 @@ def enabled(state: BackendState) -> bool:
     return bool(getattr(state.backend, "health_check_default", False))
 
 
-async def _generic_check(state: BackendState) -> tuple[str, str]:
-    backend = state.backend
-    client = getattr(backend, "client", None)
-    base = getattr(backend, "base_url", None)
-    if client is None or base is None:
+async def _generic_check(state: BackendState, http: httpx.AsyncClient) -> tuple[str, str]:
+    base = getattr(state.backend, "base_url", None)
+    if base is None:
         return OK, "no health check for this backend type"
-    response = await client.get(f"{base}/models", timeout=state.settings.health_check.timeout_s)
+    response = await http.get(f"{base}/models", timeout=state.settings.health_check.timeout_s)
     if response.status_code == 200:
         return OK, "ok"
     return FAIL, f"GET /v1/models: HTTP {response.status_code}"
 
 
-async def check_once(state: BackendState) -> str:
+async def check_once(state: BackendState, http: httpx.AsyncClient) -> str:
     """Run one check of ``state`` and apply its verdict; returns the verdict."""
     config = state.settings.health_check
     check = getattr(state.backend, "health_check", None)
     try:
-        coro = check(state) if check is not None else _generic_check(state)
+        coro = check(state, http) if check is not None else _generic_check(state, http)
         verdict, detail = await asyncio.wait_for(coro, config.timeout_s)
     except asyncio.TimeoutError:
         verdict, detail = FAIL, f"timed out after {config.timeout_s:g} s"
@@ -72,8 +72,11 @@ class HealthChecker:
     def __init__(self, states: list[BackendState]):
         self.states = [state for state in states if enabled(state)]
         self.tasks: list[asyncio.Task] = []
+        self.http: httpx.AsyncClient | None = None
 
     def start(self) -> None:
+        if self.states:
+            self.http = httpx.AsyncClient(trust_env=False, headers={"user-agent": "comox-health"})
         for state in self.states:
             self.tasks.append(asyncio.create_task(self._run(state), name=f"comox-health-{state.name}"))
 
@@ -81,7 +84,7 @@ class HealthChecker:
         interval = state.settings.health_check.interval_s
         while True:
             try:
-                await check_once(state)
+                await check_once(state, self.http)
             except Exception:  # never let one bad check end the loop
                 log.exception("health check of %s failed unexpectedly", state.name)
             await asyncio.sleep(interval)
@@ -95,3 +98,6 @@ class HealthChecker:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
+        if self.http is not None:
+            await self.http.aclose()
+            self.http = None
