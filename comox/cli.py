@@ -20,8 +20,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.config:
         os.environ["COMOX_CONFIG"] = os.path.abspath(args.config)
     # Build once here so a bad config fails before uvicorn starts, with one line.
-    build_gateway(None)
+    gateway = build_gateway(None)
     print(f"Comox serving on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    from .default_config import serving_default, usage_example
+
+    if serving_default(gateway.settings):
+        print(usage_example(f"http://{args.host}:{args.port}"), file=sys.stderr, flush=True)
     uvicorn.run(
         "comox.app:create_app",
         factory=True,

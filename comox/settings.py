@@ -153,9 +153,14 @@ def load_settings(path: str | os.PathLike | None = None, **overrides: Any) -> Se
     """Read settings from ``path`` (or ``$COMOX_CONFIG``) and ``COMOX_*`` variables.
 
     Keyword ``overrides`` win over both. Raises :class:`ConfigError` naming the
-    key and the reason.
+    key and the reason. With no configuration of models at all, the embedded
+    default (:mod:`comox.default_config`).
     """
     path = path if path is not None else os.environ.get("COMOX_CONFIG") or None
+    from .default_config import default_settings, is_configured
+
+    if not is_configured(path, overrides):
+        return default_settings(**overrides)
     cls: type[Settings] = Settings
     if path is not None:
         file = Path(path)
