@@ -5,6 +5,7 @@ Unit tests use a fake clock; integration tests run real gateways in front of
 real stand-in servers on 127.0.0.1."""
 
 import threading
+import time
 from collections import Counter
 
 import httpx
@@ -154,6 +155,13 @@ def post(server, body=CHAT, **kwargs):
     return httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30, **kwargs)
 
 
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
 def gateway_of(server):
     return server.app.gateway
 
@@ -167,8 +175,7 @@ def test_max_concurrency_queues_then_serves(comox_serve, upstreams):
     first.start()
     gateway = gateway_of(server)
     state = gateway.backend("a")
-    while state.inflight == 0:  # the first request holds the only slot
-        threading.Event().wait(0.005)
+    wait_until(lambda: state.inflight == 1)
     second = post(server)
     first.join()
     assert second.status_code == 200 and results[0].status_code == 200
@@ -182,8 +189,7 @@ def test_queue_timeout_gives_503_with_retry_after(comox_serve, upstreams):
     first = threading.Thread(target=post, args=(server,))
     first.start()
     state = gateway_of(server).backend("a")
-    while state.inflight == 0:
-        threading.Event().wait(0.005)
+    wait_until(lambda: state.inflight == 1)
     second = post(server)
     first.join()
     assert second.status_code == 503
@@ -198,8 +204,7 @@ def test_queue_size_zero_rejects_at_once(comox_serve, upstreams):
     first = threading.Thread(target=post, args=(server,))
     first.start()
     state = gateway_of(server).backend("a")
-    while state.inflight == 0:
-        threading.Event().wait(0.005)
+    wait_until(lambda: state.inflight == 1)
     second = post(server)
     first.join()
     assert second.status_code == 503 and second.json()["error"]["code"] == "backends_saturated"
