@@ -136,22 +136,28 @@ class BackendState:
         ewma = self.ewma_ms if self.ewma_ms is not None else DEFAULT_LATENCY_MS
         return ewma + self.penalty_now() if self.penalty_ms else ewma
 
-    def cost(self, prompt_tokens: float, output_tokens: float) -> float:
-        """What sending a request here costs (p2c_ewma, prefix_affinity):
-        expected service time × (load + 1). Service time comes from measured
-        tokens/s when known (so a slow node gets proportionally less work),
-        else from peak-EWMA latency; fast failures add a decaying penalty."""
+    def service_ms(self, prompt_tokens: float, output_tokens: float) -> float | None:
+        """Expected service time of a request here, or None if never measured:
+        from measured tokens/s when known (so a slow node gets proportionally
+        less work), else peak-EWMA latency; plus the decaying failure penalty."""
         decode = self.decode_tps
         if decode:
             prefill = self.prefill_tps or decode * 10.0
             base = 1000.0 * (prompt_tokens / prefill + output_tokens / decode)
-            if self.penalty_ms:
-                base += self.penalty_now()
+        elif self.ewma_ms is not None:
+            base = self.ewma_ms
+        elif self.penalty_ms:
+            base = DEFAULT_LATENCY_MS
         else:
-            base = self.ewma_ms if self.ewma_ms is not None else DEFAULT_LATENCY_MS
-            if self.penalty_ms:
-                base += self.penalty_now()
-        return base * (self.inflight + self.ext_waiting + 1)
+            return None
+        if self.penalty_ms:
+            base += self.penalty_now()
+        return base
+
+    def cost(self, prompt_tokens: float, output_tokens: float) -> float:
+        """Service time × (load + 1); see :func:`cheaper`."""
+        base = self.service_ms(prompt_tokens, output_tokens)
+        return (DEFAULT_LATENCY_MS if base is None else base) * (self.inflight + self.ext_waiting + 1)
 
     def slow_start_factor(self, now: float) -> float:
         """1.0, or the share of traffic this backend gets while warming up
@@ -552,6 +558,19 @@ def parse_usage(obj: dict) -> dict | None:
 
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def cheaper(a: BackendState, b: BackendState, prompt_tokens: float, output_tokens: float) -> BackendState:
+    """The cheaper of two backends by cost = expected service time × (in
+    flight + reported queue + 1). A backend never measured is taken to be as
+    fast as the other, so load alone decides until it has answered."""
+    sa = a.service_ms(prompt_tokens, output_tokens)
+    sb = b.service_ms(prompt_tokens, output_tokens)
+    if sa is None:
+        sa = sb if sb is not None else DEFAULT_LATENCY_MS
+    if sb is None:
+        sb = sa
+    return a if sa * (a.inflight + a.ext_waiting + 1) <= sb * (b.inflight + b.ext_waiting + 1) else b
 
 
 def request_size(request: GatewayRequest) -> tuple[float, float]:

@@ -12,7 +12,7 @@ latency penalty that decays over ~10 s. O(1) per pick.
 from __future__ import annotations
 
 import comox
-from comox.fleet import request_size
+from comox.fleet import cheaper, request_size
 
 __all__ = ["P2CEwma"]
 
@@ -33,7 +33,7 @@ class P2CEwma:
         a = candidates[i]
         b = candidates[j]
         prompt, output = request_size(request)
-        return a if a.cost(prompt, output) <= b.cost(prompt, output) else b
+        return cheaper(a, b, prompt, output)
 
 
 @comox.hookimpl

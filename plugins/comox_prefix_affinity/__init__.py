@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import comox
-from comox.fleet import request_size
+from comox.fleet import cheaper, request_size
 
 __all__ = ["PrefixAffinity", "render_prompt", "block_hashes"]
 
@@ -150,7 +150,7 @@ class PrefixAffinity:
             if j >= i:
                 j += 1
             a, b = candidates[i], candidates[j]
-            other = a if a.cost(prompt, output) <= b.cost(prompt, output) else b
+            other = cheaper(a, b, prompt, output)
         pick = other
         slot = None
         if best is not None and self.hit_rate.get(id(best.state), 1.0) >= self.min_hit_rate:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import comox
-from comox.fleet import request_size
+from comox.fleet import cheaper, request_size
 
 __all__ = ["Session"]
 
@@ -70,7 +70,7 @@ class Session:
             j += 1
         a, b = candidates[i], candidates[j]
         prompt, output = request_size(request)
-        return a if a.cost(prompt, output) <= b.cost(prompt, output) else b
+        return cheaper(a, b, prompt, output)
 
 
 @comox.hookimpl

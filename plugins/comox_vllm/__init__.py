@@ -1,0 +1,61 @@
+"""The ``vllm`` backend type: vLLM's OpenAI-compatible server, plus its
+``/health`` (active health check) and Prometheus ``/metrics``:
+
+* ``vllm:num_requests_waiting`` — queued in the engine: the load policies see
+  (added to the gateway's own in-flight count).
+* ``vllm:num_requests_running`` and ``vllm:kv_cache_usage_perc`` (older vLLM:
+  ``vllm:gpu_cache_usage_perc``) — shown in ``/admin/backends``; a KV cache
+  nearly full (≥ ``kv_cache_full``) also counts as one more waiting request
+  per running one, since new requests will queue for memory.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+import comox
+from comox.health import FAIL, OK
+from comox_llamacpp import parse_prometheus
+from comox_openai import OpenAIBackend, OpenAIBackendSettings
+
+__all__ = ["VLLMBackend", "VLLMSettings"]
+
+METRICS = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+
+
+class VLLMSettings(OpenAIBackendSettings):
+    metrics: bool = True
+    """Scrape ``/metrics`` at each health check."""
+    kv_cache_full: float = Field(0.95, gt=0, le=1)
+
+
+class VLLMBackend(OpenAIBackend):
+    settings_model = VLLMSettings
+    health_check_default = True
+
+    def __init__(self, settings: VLLMSettings, **kwargs):
+        super().__init__(settings, **kwargs)
+        self.root = self.base_url[: -len("/v1")]
+
+    async def health_check(self, state, http) -> tuple[str, str]:
+        response = await http.get(f"{self.root}/health")
+        if response.status_code != 200:
+            return FAIL, f"GET /health: HTTP {response.status_code}"
+        if self.settings.metrics:
+            response = await http.get(f"{self.root}/metrics")
+            if response.status_code == 200:
+                values = parse_prometheus(response.text, METRICS)
+                waiting = int(values.get("vllm:num_requests_waiting", 0))
+                running = int(values.get("vllm:num_requests_running", 0))
+                usage = values.get("vllm:kv_cache_usage_perc", values.get("vllm:gpu_cache_usage_perc"))
+                state.ext_running = running
+                state.kv_cache_usage = usage
+                if usage is not None and usage >= self.settings.kv_cache_full:
+                    waiting += running
+                state.ext_waiting = waiting
+        return OK, "ok"
+
+
+@comox.hookimpl
+def comox_backend_types():
+    return {"vllm": VLLMBackend}

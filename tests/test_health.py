@@ -1,0 +1,128 @@
+"""Active health checks: verdicts from real servers (one check at a time, no
+waiting on timers), thresholds, un-ejection, and the background checker's
+lifecycle in Gateway.startup / aclose."""
+
+import asyncio
+import socket
+
+import httpx
+import pytest
+
+from comox.app import build_gateway as _build
+from comox.settings import Settings
+from comox.health import FAIL, LOADING, OK, check_once
+from comox.testing import Fault, StandInUpstream
+
+from tests.standins import LlamaServerStandIn
+
+
+@pytest.fixture
+def upstream():
+    up = StandInUpstream("plain").start()
+    yield up
+    up.stop()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def build_gateway(settings):
+    return _build(Settings(**settings))
+
+
+def gateway_for(*backends):
+    return build_gateway({"models": [{"name": "m", "backends": list(backends)}]})
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def checks(state, n):
+    async with httpx.AsyncClient() as http:
+        return [await check_once(state, http) for _ in range(n)]
+
+
+def test_openai_type_is_not_checked_unless_enabled(upstream):
+    from comox.health import HealthChecker
+
+    gateway = gateway_for({"name": "a", "url": upstream.url}, {"name": "b", "url": upstream.url, "health_check": {"enabled": True}})
+    assert [s.name for s in HealthChecker(gateway.backends()).states] == ["b"]
+
+
+def test_thresholds_then_recovery_un_ejects(upstream):
+    gateway = gateway_for({"name": "a", "url": upstream.url,
+                           "health_check": {"enabled": True, "unhealthy_threshold": 2, "healthy_threshold": 2}})
+    state = gateway.backend("a")
+    upstream.faults.extend([Fault(status=500), Fault(status=500)])
+    assert run(checks(state, 1)) == [FAIL]
+    assert state.state == "healthy"  # one failure of the two needed
+    assert run(checks(state, 1)) == [FAIL]
+    assert state.state == "unhealthy" and "HTTP 500" in state.last_error
+    state.eject()  # also ejected by passive checks meanwhile
+    assert run(checks(state, 1)) == [OK]
+    assert state.state == "ejected"  # one pass of the two needed
+    assert run(checks(state, 1)) == [OK]
+    assert state.state == "healthy" and not state.ejected and state.recovered_at is not None  # slow start
+
+
+def test_refused_and_timeout_fail():
+    gateway = gateway_for({"name": "gone", "url": closed_port_url(), "health_check": {"enabled": True, "unhealthy_threshold": 1}})
+    state = gateway.backend("gone")
+    assert run(checks(state, 1)) == [FAIL]
+    assert "ConnectError" in state.last_error
+
+
+def test_timeout_fails(upstream):
+    gateway = gateway_for({"name": "slow", "url": upstream.url, "health_check": {"enabled": True, "timeout_s": 0.1, "unhealthy_threshold": 1}})
+    upstream.faults.append(Fault(delay=1.0))
+    state = gateway.backend("slow")
+    assert run(checks(state, 1)) == [FAIL]
+    assert "timed out" in state.last_error
+
+
+def test_llamacpp_starting_then_loading_then_ready():
+    url = closed_port_url()
+    gateway = build_gateway({"models": [{"name": "m", "backends": [{"name": "l", "type": "llamacpp", "url": url}]}]})
+    state = gateway.backend("l")
+    assert run(checks(state, 1)) == [LOADING]  # nothing listening yet: starting, not failed
+    assert state.state == "loading" and state.health_ok
+
+
+def test_llamacpp_loading_via_health_503():
+    up = LlamaServerStandIn("l")
+    up.loading = True
+    up.start()
+    try:
+        gateway = build_gateway({"models": [{"name": "m", "backends": [{"name": "l", "type": "llamacpp", "url": up.url}]}]})
+        state = gateway.backend("l")
+        assert run(checks(state, 2)) == [LOADING, LOADING]
+        assert state.state == "loading" and state.failures == 0
+        up.loading = False
+        assert run(checks(state, 1)) == [OK]
+        assert state.state == "healthy" and state.total_slots == 2
+    finally:
+        up.stop()
+
+
+def test_background_checks_start_with_the_gateway_and_stop_with_it(upstream):
+    gateway = gateway_for({"name": "a", "url": upstream.url, "health_check": {"enabled": True, "interval_s": 0.02}})
+
+    async def scenario():
+        await gateway.startup()
+        tasks = list(gateway.health_checker.tasks)
+        assert len(tasks) == 1
+        for _ in range(200):
+            if len([r for r in upstream.requests if r["path"] == "/v1/models"]) >= 3:
+                break
+            await asyncio.sleep(0.01)
+        await gateway.aclose()
+        assert all(task.done() for task in tasks) and gateway.health_checker is None
+
+    run(scenario())
+    checked = len([r for r in upstream.requests if r["path"] == "/v1/models"])
+    assert checked >= 3
+    assert len(upstream.requests) == checked  # and nothing else
