@@ -7,7 +7,9 @@ can be written, under uvicorn, forwarding to a fixed upstream.
   Python gateway can reach on this stack;
 * ``httpx``: one stock ``httpx.AsyncClient``;
 * ``httpx-aiohttp``: httpx's API over the aiohttp transport (``httpx-aiohttp``);
-* ``memory``: no upstream at all, uvicorn answering from memory.
+* ``memory``: no upstream at all, uvicorn answering from memory;
+* ``comox-transport``: Comox's own ``AiohttpTransport`` (``comox_openai.transport``),
+  to tell its cost apart from the rest of the gateway.
 
 ``MINPROXY_UPSTREAM`` is the JSON upstream's base URL and ``MINPROXY_UPSTREAM_SSE``
 the streaming one's; a body containing ``"stream":true`` goes to the latter
@@ -37,6 +39,10 @@ _client = None
 
 
 def _make_client():
+    if CLIENT == "comox-transport":
+        from comox_openai.transport import AiohttpTransport
+
+        return AiohttpTransport(default_headers={"content-type": "application/json"})
     if CLIENT == "aiohttp":
         import aiohttp
 
@@ -104,6 +110,20 @@ async def app(scope, receive, send):
                 payload = await response.read()
                 await send({"type": "http.response.start", "status": response.status, "headers": [(b"content-type", ctype), (b"content-length", str(len(payload)).encode())]})
                 await send({"type": "http.response.body", "body": payload})
+    elif CLIENT == "comox-transport":
+        response = await _client.post(url, body, {})
+        try:
+            if stream:
+                await send({"type": "http.response.start", "status": response.status, "headers": response.headers})
+                async for chunk in response.stream:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+            else:
+                payload = response.body
+                await send({"type": "http.response.start", "status": response.status, "headers": response.headers + [(b"content-length", str(len(payload)).encode())]})
+                await send({"type": "http.response.body", "body": payload})
+        finally:
+            await response.aclose()
     else:
         request = _client.build_request("POST", url, content=body, headers=headers)
         response = await _client.send(request, stream=True)

@@ -266,6 +266,7 @@ class MinimalProxy(Proxy):
         "httpx": "minimal ASGI proxy, httpx stock",
         "httpx-aiohttp": "minimal ASGI proxy, httpx over aiohttp transport",
         "memory": "uvicorn answering from memory",
+        "comox-transport": "minimal ASGI proxy, Comox's AiohttpTransport",
     }
 
     def __init__(self, client: str, nginx: Nginx, workdir: Path, cores: str | None, workers: int = 1):
@@ -305,14 +306,23 @@ def comox_config(nginx: Nginx, policy: str, path: Path, backends: int = 1) -> Pa
 
 
 class Comox(Proxy):
+    VARIANTS = {"comox-httpx": "httpx", "comox-httpx-aiohttp": "httpx-aiohttp"}
+
     def __init__(self, nginx: Nginx, workdir: Path, cores: str | None, policy: str, workers: int = 1,
-                 label: str | None = None):
+                 label: str | None = None, client: str | None = None):
         self.name = label or f"Comox ({policy}{', %d workers' % workers if workers > 1 else ''})"
         self.port = free_port()
         config = comox_config(nginx, policy, workdir / f"comox-{self.port}.toml")
-        argv = [sys.executable, "-m", "comox.cli", "serve", "-c", str(config), "--host", "127.0.0.1",
-                "--port", str(self.port), "--log-level", "warning", "--workers", str(workers)]
-        self.proc = start(taskset(cores, argv), log=workdir / f"comox-{self.port}.log")
+        env = None
+        if client is None:
+            argv = [sys.executable, "-m", "comox.cli", "serve", "-c", str(config), "--host", "127.0.0.1",
+                    "--port", str(self.port), "--log-level", "warning", "--workers", str(workers)]
+        else:  # the same gateway with another transport in the openai backend (bench/comox_variants.py)
+            self.name = f"Comox ({policy}) over {client}"
+            env = {"COMOX_CONFIG": str(config), "BENCH_CLIENT": client}
+            argv = [sys.executable, "-m", "uvicorn", "comox_variants:create_app", "--factory", "--app-dir", str(HERE),
+                    "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log"]
+        self.proc = start(taskset(cores, argv), env=env, log=workdir / f"comox-{self.port}.log")
         wait_http(self.port, REQUEST_JSON)
         wait_http(self.port, REQUEST_SSE)
 
@@ -464,11 +474,16 @@ def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
 
     targets: list[Target] = [Direct(nginx)]
     for client in args.extra:
-        targets.append(MinimalProxy(client, nginx, workdir, pcore))
+        if client in Comox.VARIANTS:
+            targets.append(Comox(nginx, workdir, pcore, policy, client=Comox.VARIANTS[client]))
+        else:
+            targets.append(MinimalProxy(client, nginx, workdir, pcore))
     targets.append(MinimalProxy("aiohttp", nginx, workdir, pcore))
     targets.append(Comox(nginx, workdir, pcore, policy))
     limit = next(t for t in targets if isinstance(t, MinimalProxy) and t.name == MinimalProxy.LABELS["aiohttp"])
     comox = targets[-1]
+    if len({t.name for t in targets}) != len(targets):
+        raise SystemExit("duplicate targets")
 
     print(f"warming up {len(targets)} targets ...", flush=True)
     for t in targets:
@@ -619,6 +634,60 @@ def workers_compare(args, workdir: Path, nginx: Nginx, policy: str) -> None:
     print(f"\nUnpinned; nginx and wrk share the {os.cpu_count()} cores. Medians of {args.rounds} runs of {args.duration:g} s.")
 
 
+def profile(args, workdir: Path, nginx: Nginx, policy: str) -> None:
+    """Sample Comox with py-spy while wrk drives it; print where the time goes."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("py-spy is not installed: pip install py-spy")
+    load = str(LOAD_CORE) if args.pin else None
+    stream = args.profile == "sse"
+    body = workdir / "request.json"
+    body.write_bytes(REQUEST_SSE if stream else REQUEST_JSON)
+    cores = str(PROXY_CORE) if args.pin else None
+    if args.profile_target == "comox":
+        comox = Comox(nginx, workdir, cores, policy)
+    else:
+        comox = MinimalProxy("aiohttp", nginx, workdir, cores)
+    raw = Path(args.profile_out or workdir / "profile.txt")
+    try:
+        wrk(comox.url(stream), body, 16, 2, cores=load)
+        spy_proc = start([spy, "record", "-p", str(comox.proc.pid), "-d", str(int(args.duration)), "-r", "250",
+                          "-f", "raw", "-o", str(raw), "--nonblocking"], log=workdir / "py-spy.log")
+        time.sleep(1.0)
+        res = wrk(comox.url(stream), body, 16, args.duration, cores=load)
+        spy_proc.wait(args.duration + 60)
+        print(f"under profile: {res['rps']:,.0f}/s at c=16 ({'SSE' if stream else 'JSON'})")
+    finally:
+        comox.stop()
+    self_time: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].split("/")[-1] + ")" for f in stack.split(";")]
+        self_time[frames[-1]] = self_time.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+    print(f"\n{total} samples. Top self time:")
+    for f, n in sorted(self_time.items(), key=lambda kv: -kv[1])[:args.top]:
+        print(f"  {n / total:6.1%}  {f}")
+    print("Top inclusive time:")
+    for f, n in sorted(incl.items(), key=lambda kv: -kv[1])[:args.top]:
+        print(f"  {n / total:6.1%}  {f}")
+    by_file: dict[str, int] = {}
+    for f, n in self_time.items():
+        key = f.rsplit(" (", 1)[-1].rstrip(")")
+        by_file[key] = by_file.get(key, 0) + n
+    print("Self time by file:")
+    for f, n in sorted(by_file.items(), key=lambda kv: -kv[1])[:args.top]:
+        print(f"  {n / total:6.1%}  {f}")
+    print(f"raw stacks: {raw}")
+
+
 def routing_bench(policy: str, n: int = 1000, calls: int = 20000) -> float:
     """Microseconds per ``group.choose()`` with ``n`` backends in the group."""
     from comox.gateway import Gateway
@@ -647,18 +716,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported (default 3)")
     parser.add_argument("--concurrency", default="1,16,64", help="comma-separated connection counts (default 1,16,64)")
     parser.add_argument("--sse-concurrency", type=int, default=16)
-    parser.add_argument("--extra", default="", help="extra reference proxies: any of memory,httpx,httpx-aiohttp")
+    parser.add_argument("--extra", default="", help="extra targets, any of: memory,httpx,httpx-aiohttp,comox-transport (minimal proxy "
+                        "variants), comox-httpx,comox-httpx-aiohttp (Comox with an httpx transport)")
     parser.add_argument("--policy", default="auto", help="Comox routing policy (default: p2c_ewma if installed, else round_robin)")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin processes to cores")
     parser.add_argument("--soak", type=int, metavar="N", help="memory soak: RSS growth over N requests after warm-up")
     parser.add_argument("--workers-compare", action="store_true", help="comox serve --workers 1 vs 2")
     parser.add_argument("--routing", action="store_true", help="only the routing micro-benchmark (1,000 backends)")
+    parser.add_argument("--profile", choices=["json", "sse"], help="py-spy profile of Comox under c=16 load")
+    parser.add_argument("--profile-target", choices=["comox", "minimal"], default="comox")
+    parser.add_argument("--profile-out", help="where --profile writes py-spy's raw (collapsed) stacks")
+    parser.add_argument("--top", type=int, default=30, help="rows of the --profile summary")
     parser.add_argument("--json", help="also write the raw results to this file")
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     args.extra = [c for c in args.extra.split(",") if c]
     for c in args.extra:
-        if c not in MinimalProxy.LABELS or c == "aiohttp":
+        if (c not in MinimalProxy.LABELS and c not in Comox.VARIANTS) or c == "aiohttp":
             parser.error(f"--extra: unknown {c!r}")
     if os.cpu_count() < 2:
         args.pin = False
@@ -683,7 +757,9 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         try:
             nginx = Nginx(workdir, str(LOAD_CORE) if args.pin else None)
-            if args.soak:
+            if args.profile:
+                profile(args, workdir, nginx, policy)
+            elif args.soak:
                 soak(args, workdir, nginx, policy)
             elif args.workers_compare:
                 workers_compare(args, workdir, nginx, policy)

@@ -28,6 +28,7 @@ __all__ = ["serve_api", "route_path"]
 log = logging.getLogger("comox")
 
 SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+WATCH_AFTER_S = 0.02  # when send_stream starts watching for the client's disconnect
 
 
 class MethodNotAllowed(ComoxError):
@@ -102,7 +103,18 @@ async def send_stream(send, receive, response: BackendResponse, headers: list[tu
                     task.cancel()
                 return
 
-    watcher = asyncio.create_task(watch_disconnect())
+    # The watcher starts only once the stream has lasted WATCH_AFTER_S: a stream
+    # that ends sooner (a cached or short answer) never pays for a task, and a
+    # client leaving a long one is noticed at most that much later.
+    loop = asyncio.get_running_loop()
+    watcher: asyncio.Task | None = None
+
+    def start_watcher() -> None:
+        nonlocal watcher
+        if not state["finished"]:
+            watcher = loop.create_task(watch_disconnect())
+
+    timer = loop.call_later(WATCH_AFTER_S, start_watcher)
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     tail = b"\n\n"
     try:
@@ -128,7 +140,9 @@ async def send_stream(send, receive, response: BackendResponse, headers: list[tu
         await send({"type": "http.response.body", "body": event})
         return error
     finally:
-        watcher.cancel()
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()
         await response.aclose()
 
 

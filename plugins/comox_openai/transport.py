@@ -45,10 +45,14 @@ DROPPED_RESPONSE_HEADERS = frozenset({
 })
 
 
-def response_headers(raw) -> list[tuple[bytes, bytes]]:
+def response_headers(raw, dropped: frozenset[bytes] = DROPPED_RESPONSE_HEADERS) -> list[tuple[bytes, bytes]]:
     """Lower-cased ``(name, value)`` pairs without the dropped ones."""
-    dropped = DROPPED_RESPONSE_HEADERS
-    return [(name, value) for name, value in ((n.lower(), v) for n, v in raw) if name not in dropped]
+    headers = []
+    for name, value in raw:
+        name = name.lower()
+        if name not in dropped:
+            headers.append((name, value))
+    return headers
 
 
 class UpstreamUnreachable(Exception):

@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Comox's own per-request cost, without sockets: the ASGI app driven in-process
+with a transport that answers from memory. ``python bench/pipeline.py [--profile]``.
+
+The gap between this and the end-to-end figures of ``bench/perf.py`` is the
+HTTP server (uvicorn) and the upstream client (aiohttp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from minimal_proxy import JSON_BODY, SSE_BODY  # noqa: E402
+
+from comox.app import create_app  # noqa: E402
+from comox.backends import BackendResponse  # noqa: E402
+
+REQUEST = (
+    b'{"model":"bench","messages":[{"role":"system","content":"You are a helpful assistant."},'
+    b'{"role":"user","content":"Say hello."}],"max_tokens":16,"temperature":0.7}'
+)
+REQUEST_SSE = REQUEST[:-1] + b',"stream":true}'
+HEADERS = [(b"content-type", b"application/json")]
+
+
+class MemoryTransport:
+    async def post(self, url, body, headers):
+        if b'"stream":true' in body:
+            async def gen():
+                yield SSE_BODY  # as nginx sends it: one piece
+
+            return BackendResponse(200, [(b"content-type", b"text/event-stream")], stream=gen())
+        return BackendResponse(200, [(b"content-type", b"application/json")], body=JSON_BODY)
+
+    async def aclose(self):
+        pass
+
+
+async def run(n: int, stream: bool, policy: str) -> float:
+    settings = {"models": [{"name": "bench", "policy": policy, "backends": [
+        {"name": "a", "url": "http://127.0.0.1:9"}, {"name": "b", "url": "http://127.0.0.1:10"}]}]}
+    from comox.settings import Settings
+
+    app = create_app(Settings(**settings))
+    for state in app.gateway.backends():
+        state.backend.transport = MemoryTransport()
+    await app.gateway.startup()
+    body = REQUEST_SSE if stream else REQUEST
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                         (b"authorization", b"Bearer sk-bench")]}
+    message = {"type": "http.request", "body": body, "more_body": False}
+    never = asyncio.get_running_loop().create_future()
+
+    async def receive():
+        if message is not None:
+            return message
+        return await never
+
+    sent = []
+
+    async def send(m):
+        sent.append(m)
+
+    t0 = time.perf_counter()
+    for _ in range(n):
+        calls = [message]
+
+        async def receive_once():
+            if calls:
+                return calls.pop()
+            return await never
+
+        await app(dict(scope), receive_once, send)
+        sent.clear()
+    elapsed = time.perf_counter() - t0
+    await app.gateway.aclose()
+    return elapsed / n * 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("-n", type=int, default=20000)
+    parser.add_argument("--policy", default="p2c_ewma")
+    parser.add_argument("--repeat", type=int, default=5, help="runs; the fastest is reported")
+    parser.add_argument("--profile", action="store_true", help="cProfile the JSON run")
+    args = parser.parse_args()
+    for stream in (False, True):
+        asyncio.run(run(2000, stream, args.policy))
+        us = min(asyncio.run(run(args.n, stream, args.policy)) for _ in range(args.repeat))
+        print(f"Comox pipeline, {'SSE' if stream else 'JSON'}: {us:.1f} µs per request (in-process, no sockets)")
+    if args.profile:
+        import cProfile
+        import pstats
+
+        for stream in (False, True):
+            profiler = cProfile.Profile()
+            profiler.runcall(asyncio.run, run(args.n, stream, args.policy))
+            print(f"--- {'SSE' if stream else 'JSON'}")
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(22)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
