@@ -11,7 +11,9 @@ prefix is most likely still in the KV cache.
 * The longest prefix found on a backend that may take the request wins, unless
   that backend is overloaded relative to the others (SGLang's rule: its load
   exceeds a reference backend's by more than ``balance_abs_threshold`` requests
-  *and* by more than ``balance_rel_threshold`` ×). The reference, and the
+  *and* by more than ``balance_rel_threshold`` ×; or, for backends whose slots
+  are known — llama.cpp — all its slots are busy while the other has a free
+  one). The reference, and the
   destination when nothing matches, is the cheaper of two random backends by
   :meth:`~comox.fleet.BackendState.cost` (measured tokens/s × load), so a slow
   node gets proportionally less new work. O(prompt length), not O(fleet).
@@ -157,6 +159,9 @@ class PrefixAffinity:
             mine = best.state.load
             theirs = other.load
             overloaded = mine - theirs > self.balance_abs and mine > theirs * self.balance_rel
+            slots = best.state.total_slots
+            if slots and mine >= slots and theirs < (other.total_slots or theirs + 1) and other is not best.state:
+                overloaded = True  # every slot busy while the other has one free: don't queue for the cache
             if not overloaded:
                 pick = best.state
                 if hashes[depth - 1] == best.tip:
