@@ -498,12 +498,16 @@ class ModelGroup:
         deadline (``time.monotonic()``) passes. None when the queue is full or
         time ran out."""
         loop = asyncio.get_running_loop()
+        woken = False
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or len(self.waiters) >= self.queue_size:
+            if remaining <= 0 or (not woken and len(self.waiters) >= self.queue_size):
                 return None
             future = loop.create_future()
-            self.waiters.append(future)
+            if woken:
+                self.waiters.appendleft(future)  # woken but beaten to the slot: keep our place
+            else:
+                self.waiters.append(future)
             try:
                 await asyncio.wait_for(future, remaining)
             except asyncio.TimeoutError:
@@ -520,6 +524,7 @@ class ModelGroup:
                 return state
             if not self.saturated_only(exclude):
                 return None
+            woken = True
 
 
 def parse_usage(obj: dict) -> dict | None:

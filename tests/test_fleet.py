@@ -293,3 +293,21 @@ def test_usage_of_json_responses_is_recorded(comox_serve, upstreams):
     assert post(server).status_code == 200
     state = gateway_of(server).backend("a")
     assert state.prompt_tokens == 5 and state.decode_tps is not None and state.ewma_ms is not None
+
+
+def test_queued_requests_are_all_served_one_at_a_time(comox_serve, upstreams):
+    up = upstreams("slow")
+    up.faults.extend([Fault(delay=0.1) for _ in range(6)])
+    server = comox_serve(settings_for({"name": "a", "url": up.url, "max_concurrency": 1}, queue_timeout_ms=20000))
+    state = gateway_of(server).backend("a")
+    peak = []
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(post, server) for _ in range(6)]
+        while not all(f.done() for f in futures):
+            peak.append(state.inflight)
+            time.sleep(0.002)
+        replies = [f.result() for f in futures]
+    assert [r.status_code for r in replies] == [200] * 6
+    assert max(peak) == 1 and state.requests == 6 and not state.group.waiters
