@@ -34,6 +34,7 @@ from comox_llama_cpp_python import LlamaCppPythonBackend, LlamaCppPythonSettings
 # generation that runs on until the test ends it.
 NO_EOS = {"1": -100, "106": -100}
 LONG = 400  # more than any test waits for; such generations are always cut short
+ADMIN_KEY = "admin-test-key"
 
 
 def free_port() -> int:
@@ -81,7 +82,10 @@ def server(model_path, stand_in):
     )
     from comox import create_app
 
-    with ServerThread(create_app(settings)) as running:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COMOX_ADMIN_KEY", ADMIN_KEY)
+        app = create_app(settings)
+    with ServerThread(app) as running:
         yield running
 
 
@@ -187,6 +191,17 @@ def test_wrong_endpoint_and_context_overflow_are_400(client):
         with pytest.raises(openai.BadRequestError, match="exceed context window") as info:
             client.completions.create(model="gemma", prompt="word " * 600, max_tokens=2, stream=stream)
         assert info.value.body["code"] == "context_length_exceeded"
+
+
+def test_load_and_measured_speed_in_admin_backends(client, server):
+    client.completions.create(model="gemma", prompt="The sky is", max_tokens=8, logit_bias=NO_EOS)
+    listing = httpx.get(f"{server.url}/admin/backends", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=30).json()
+    pair = next(entry for entry in listing["data"] if entry["name"] == "pair")
+    assert pair["model"] == "gemma"
+    assert pair["type"] == "llama-cpp-python"
+    assert pair["state"] == "healthy" and pair["inflight"] == 0
+    assert pair["max_concurrency"] == 2  # one request per copy
+    assert pair["decode_tokens_per_s"] > 0 and pair["prefill_tokens_per_s"] > 0  # from the timings it reports
 
 
 # -- concurrency, disconnects, the event loop -------------------------------------------
