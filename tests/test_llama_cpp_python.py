@@ -144,6 +144,15 @@ def test_chat(client):
     assert result.usage.completion_tokens == 8
 
 
+def test_chat_json_schema_constrains_the_output(client):
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    result = client.chat.completions.create(
+        model="gemma", messages=[{"role": "user", "content": "Answer in JSON."}], max_tokens=12, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}},
+    )
+    assert result.choices[0].message.content.replace(" ", "").startswith('{"answer":"')  # the grammar held
+
+
 def test_chat_stream(client):
     events = list(client.chat.completions.create(
         model="gemma", messages=[{"role": "user", "content": "Hello"}], max_tokens=6, stream=True, logit_bias=NO_EOS
@@ -180,6 +189,15 @@ def test_bad_parameters_are_400(client, model, extra, param):
         client.completions.create(model=model, prompt="x", max_tokens=2, extra_body=extra)
     assert info.value.status_code == 400
     assert info.value.body["param"] == param
+
+
+def test_messages_the_template_cannot_render_are_400(client):
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match="could not be run on this model"):
+            # a message without "content": the chat template cannot render it
+            client.chat.completions.create(model="gemma", messages=[{"role": "user"}], max_tokens=2, stream=stream)
+    # and the copy is free again
+    assert client.chat.completions.create(model="gemma", messages=[{"role": "user", "content": "Hi"}], max_tokens=2).choices
 
 
 def test_wrong_endpoint_and_context_overflow_are_400(client):

@@ -245,8 +245,16 @@ def chat_kwargs(body: dict) -> dict[str, Any]:
         if not isinstance(response_format, dict) or response_format.get("type") not in ("text", "json_object", "json_schema"):
             raise InvalidRequest("'response_format.type' must be 'text', 'json_object' or 'json_schema'",
                                  param="response_format", code="invalid_value")
-        if response_format["type"] != "text":
-            kwargs["response_format"] = response_format
+        if response_format["type"] == "json_object":
+            kwargs["response_format"] = {"type": "json_object"}
+        elif response_format["type"] == "json_schema":
+            # OpenAI's shape → llama-cpp-python's (a grammar built from the schema)
+            spec = response_format.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise InvalidRequest("'response_format.json_schema.schema' must be an object",
+                                     param="response_format", code="invalid_value")
+            kwargs["response_format"] = {"type": "json_object", "schema": schema}
     logprobs = body.get("logprobs")
     if logprobs is not None:
         if not isinstance(logprobs, bool):
@@ -408,11 +416,14 @@ def _sse(chunk: dict) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
-def _pump(channel: _Channel, events: Iterator[dict], job: _Job) -> None:
-    """Worker: run a llama stream, handing each event to the channel. The
-    event with the ``finish_reason`` carries ``timings``, as llama.cpp's."""
+def _pump(channel: _Channel, start: Callable[[], Iterator[dict]], job: _Job) -> None:
+    """Worker: start a llama stream and hand each event to the channel. The
+    event with the ``finish_reason`` carries ``timings``, as llama.cpp's.
+    Whatever happens, the channel gets its end (or the error)."""
     error = None
+    events = None
     try:
+        events = start()  # a chat template error is raised here, before any token
         for chunk in events:
             choices = chunk.get("choices")
             if choices and choices[0].get("finish_reason") is not None:
@@ -425,10 +436,12 @@ def _pump(channel: _Channel, events: Iterator[dict], job: _Job) -> None:
     except BaseException as exc:  # handed to the reader, raised there
         error = exc
     finally:
-        close = getattr(events, "close", None)
-        if close is not None:
-            close()  # GeneratorExit inside llama's loop: generation stops
-        channel.finish(error)
+        try:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()  # GeneratorExit inside llama's loop: generation stops
+        finally:
+            channel.finish(error)
 
 
 def _error_for(exc: BaseException) -> Exception:
@@ -479,7 +492,6 @@ class LlamaCppPythonBackend:
         self._free: asyncio.Queue | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._jobs: set[_Job] = set()
-        self._start_lock = threading.Lock()
         # load figures
         self.busy = 0
         self.waiting = 0
@@ -649,6 +661,7 @@ class LlamaCppPythonBackend:
 
     async def _complete(self, method: str, kwargs: dict) -> BackendResponse:
         copy = await self._acquire()
+
         def work(job: _Job) -> bytes:
             result = getattr(copy, method)(**kwargs)
             result["timings"] = job.timings()
@@ -689,7 +702,7 @@ class LlamaCppPythonBackend:
     async def _stream(self, method: str, kwargs: dict) -> BackendResponse:
         copy = await self._acquire()
         channel = _Channel(asyncio.get_running_loop())
-        job, _ = self._run(copy, lambda job: _pump(channel, getattr(copy, method)(stream=True, **kwargs), job))
+        job, _ = self._run(copy, lambda job: _pump(channel, lambda: getattr(copy, method)(stream=True, **kwargs), job))
 
         def stop() -> None:
             job.stop()
