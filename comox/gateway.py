@@ -306,10 +306,11 @@ async def _tap_stream(stream, request: GatewayRequest, state: BackendState, obse
                         usage = parse_usage(obj) or usage
         ttft = first - started
         decode_s = last - first
-        generated = (usage["completion"] if usage and usage["completion"] else max(events - 2, 0))
+        # Without usage, count events: one per token, less the [DONE] line.
+        generated = usage["completion"] if usage and usage["completion"] else max(events - 1, 0)
         decode_tps = usage["decode_tps"] if usage else None
         if decode_tps is None and generated > 1 and decode_s > 0:
-            decode_tps = (generated - 1) / decode_s
+            decode_tps = (generated - 1) / decode_s  # tokens after the first, over the time after it
         state.record_tokens(usage["prompt"] if usage else None, usage["cached"] if usage else None, generated,
                             usage["prefill_tps"] if usage else None, decode_tps, ttft_s=ttft)
         if observe is not None and usage is not None:
