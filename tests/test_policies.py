@@ -328,3 +328,21 @@ def test_policies_reject_unknown_options():
 def test_round_robin_still_cycles():
     group = make_group(RoundRobin, 3)
     assert names(pick(group) for _ in range(6)) == ["b0", "b1", "b2", "b0", "b1", "b2"]
+
+
+def test_prefix_affinity_knows_a_shared_head_lives_on_several_backends():
+    group = make_group(PrefixAffinity, 3, options={"block_chars": 64, "balance_abs_threshold": 2})
+    first = pick(group, conversation(1, "a"))
+    for _ in range(3):
+        first.acquire()  # busy: the next conversation sharing the system prompt goes elsewhere
+    second = pick(group, conversation(1, "b"))
+    assert second is not first
+    system_block = block_hashes(render_prompt(conversation(1, "x").json), 64)[0]
+    assert [e.state for e in group.policy.index[system_block]] == [second, first]
+    # A third conversation with that head: the cheaper of the two holders.
+    assert pick(group, conversation(1, "c")) is second
+    # Each conversation still continues where it started.
+    assert pick(group, conversation(2, "b")) is second
+    for _ in range(3):
+        first.release()
+    assert pick(group, conversation(2, "a")) is first

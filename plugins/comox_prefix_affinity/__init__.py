@@ -6,9 +6,11 @@ prefix is most likely still in the KV cache.
   into fixed-size blocks of ``block_chars`` characters, and each block hashed
   together with the hash of the one before it — so block *k*'s hash stands for
   the whole prefix up to it.
-* A bounded LRU index (``max_blocks`` entries) maps block hash → the backend
-  (and, for ``llamacpp`` backends, the slot) that last processed that prefix.
-* The longest prefix found on a backend that may take the request wins, unless
+* A bounded LRU index (``max_blocks`` entries) maps block hash → the backends
+  (up to ``holders``, most recent first; and, for ``llamacpp`` backends, the
+  slot) that processed that prefix.
+* The longest prefix found on a backend that may take the request wins (the
+  cheapest of its holders when several have it, e.g. a shared system prompt), unless
   that backend is overloaded relative to the others (SGLang's rule: its load
   exceeds a reference backend's by more than ``balance_abs_threshold`` requests
   *and* by more than ``balance_rel_threshold`` ×; or, for backends whose slots
@@ -112,11 +114,12 @@ class PrefixAffinity:
         self.balance_abs = float(options.pop("balance_abs_threshold", 4))
         self.balance_rel = float(options.pop("balance_rel_threshold", 1.5))
         self.min_hit_rate = float(options.pop("min_hit_rate", 0.3))
+        self.holders = int(options.pop("holders", 4))
         if options:
             raise ValueError(f"unknown option(s) for prefix_affinity: {', '.join(sorted(options))}")
-        if self.block_chars < 1 or self.max_blocks < 1:
-            raise ValueError("block_chars and max_blocks must be at least 1")
-        self.index: OrderedDict[int, _Entry] = OrderedDict()
+        if self.block_chars < 1 or self.max_blocks < 1 or self.holders < 1:
+            raise ValueError("block_chars, max_blocks and holders must be at least 1")
+        self.index: OrderedDict[int, list[_Entry]] = OrderedDict()
         # Per backend (by id): [predicted hits checked, that really hit] as an EWMA.
         self.hit_rate: dict[int, float] = {}
         self.next_slot: dict[int, int] = {}
@@ -133,16 +136,28 @@ class PrefixAffinity:
         text = render_prompt(request.json)
         hashes = block_hashes(text, self.block_chars)
         index = self.index
-        best = None
+        gens = self.gen
         depth = 0
+        holders = None
         for k, h in enumerate(hashes):
-            entry = index.get(h)
-            if entry is None:
+            entries = index.get(h)
+            if entries is None:
                 break
-            state = entry.state
-            if entry.gen == self.gen.get(id(state), 0) and group.is_candidate(state, candidates):
-                best, depth = entry, k + 1
+            for entry in entries:
+                state = entry.state
+                if entry.gen == gens.get(id(state), 0) and group.is_candidate(state, candidates):
+                    holders, depth = entries, k + 1
+                    break
         prompt, output = request_size(request)
+        best = None
+        if holders is not None:
+            # The deepest prefix may be on several backends (a shared system
+            # prompt): the cheapest of those that may take the request.
+            for entry in holders:
+                state = entry.state
+                if entry.gen == gens.get(id(state), 0) and group.is_candidate(state, candidates):
+                    if best is None or cheaper(best.state, state, prompt, output) is state:
+                        best = entry
         # Reference: the cheaper of two random backends (measured speed × load).
         if n == 1:
             other = candidates[0]
@@ -178,14 +193,31 @@ class PrefixAffinity:
         if slot is not None:
             request.state[SLOT_KEY] = (pick.name, slot)
         # Remember: this backend (slot) now holds these prefix blocks.
-        entry = _Entry(pick, slot, self.gen.get(id(pick), 0), hashes[-1] if hashes else None)
+        self._insert(hashes, _Entry(pick, slot, gens.get(id(pick), 0), hashes[-1] if hashes else None))
+        request.state[STATE_KEY] = (depth, len(text), len(hashes))
+        return pick
+
+    def _insert(self, hashes, entry) -> None:
+        """Record ``entry`` as the most recent holder of each block (at most
+        ``holders`` backends per block, most recent first)."""
+        index = self.index
+        state = entry.state
+        limit = self.holders
         for h in hashes:
-            index[h] = entry
+            entries = index.get(h)
+            if entries is None:
+                index[h] = [entry]
+                continue
+            if entries[0].state is state:
+                entries[0] = entry
+            else:
+                entries = [entry] + [e for e in entries if e.state is not state]
+                if len(entries) > limit:
+                    del entries[limit:]
+                index[h] = entries
             index.move_to_end(h)
         while len(index) > self.max_blocks:
             index.popitem(last=False)
-        request.state[STATE_KEY] = (depth, len(text), len(hashes))
-        return pick
 
     # -- feedback from responses ----------------------------------------------
 
@@ -219,10 +251,7 @@ class PrefixAffinity:
         gen = self.gen[key] = self.gen.get(key, 0) + 1
         slot = request.state.get(SLOT_KEY)
         hashes = block_hashes(render_prompt(request.json), self.block_chars)
-        entry = _Entry(state, slot[1] if slot and slot[0] == state.name else None, gen, hashes[-1] if hashes else None)
-        for h in hashes:
-            if h in self.index:
-                self.index[h] = entry
+        self._insert(hashes, _Entry(state, slot[1] if slot and slot[0] == state.name else None, gen, hashes[-1] if hashes else None))
 
     def stats(self) -> dict:
         return {"blocks": len(self.index), "hit_rate": {s.name: round(self.hit_rate.get(id(s), 1.0), 3) for s in self.group.backends}}
