@@ -346,3 +346,17 @@ def test_prefix_affinity_knows_a_shared_head_lives_on_several_backends():
     for _ in range(3):
         first.release()
     assert pick(group, conversation(2, "a")) is first
+
+
+def test_each_policy_and_backend_type_is_its_own_entry_point():
+    from importlib.metadata import entry_points
+
+    from comox.plugins import make_plugin_manager
+
+    names = {ep.name: ep.value for ep in entry_points(group="comox")}
+    for name in ("weighted", "least_inflight", "p2c_ewma", "session", "prefix_affinity", "admin", "llamacpp", "vllm"):
+        assert names[name] == f"comox_{name}"
+    registered = {}
+    for mapping in make_plugin_manager().hook.comox_routing_policies():
+        registered.update(mapping or {})
+    assert {"round_robin", "weighted", "least_inflight", "p2c_ewma", "session", "prefix_affinity"} <= set(registered)
