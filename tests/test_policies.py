@@ -360,3 +360,23 @@ def test_each_policy_and_backend_type_is_its_own_entry_point():
     for mapping in make_plugin_manager().hook.comox_routing_policies():
         registered.update(mapping or {})
     assert {"round_robin", "weighted", "least_inflight", "p2c_ewma", "session", "prefix_affinity"} <= set(registered)
+
+
+def test_least_inflight_buckets_stay_consistent_under_random_load():
+    import random
+
+    rng = random.Random(11)
+    group = make_group(LeastInflight, 7, seed=4)
+    held = []
+    for step in range(3000):
+        if held and rng.random() < 0.5:
+            held.pop(rng.randrange(len(held))).release()
+        else:
+            state = pick(group)
+            assert state.inflight == min(s.inflight for s in group.backends), step
+            state.acquire()
+            held.append(state)
+        if step % 500 == 250:  # the fleet changes underneath: drained and back
+            group.backends[step % 7].set_draining(True)
+            pick(group)
+            group.backends[step % 7].set_draining(False)
