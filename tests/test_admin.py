@@ -77,7 +77,9 @@ def test_list_drain_undrain(monkeypatch, comox_serve, two_upstreams):
     assert served == {"b"}
     assert answers[0].status_code == 200 and answers[0].headers["x-comox-backend"] == "a"
 
-    listing = httpx.get(f"{server.url}/admin/backends", headers=auth).json()["data"]
+    answer = httpx.get(f"{server.url}/admin/backends", headers=auth).json()
+    assert answer["groups"]["m"] == {"policy": "round_robin", "available": 1, "panic": False, "queued": 0, "policy_stats": None}
+    listing = answer["data"]
     assert [entry["name"] for entry in listing] == ["a", "b"]
     entry = listing[0]
     for field in ("state", "inflight", "ewma_latency_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "ejections", "last_error"):

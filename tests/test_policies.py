@@ -380,3 +380,11 @@ def test_least_inflight_buckets_stay_consistent_under_random_load():
             group.backends[step % 7].set_draining(True)
             pick(group)
             group.backends[step % 7].set_draining(False)
+
+
+def test_prefix_affinity_stats_for_the_admin_api():
+    group = make_group(PrefixAffinity, 2, options={"block_chars": 64})
+    pick(group, conversation(2, "x"))
+    stats = group.policy.stats()
+    assert stats["blocks"] == len(block_hashes(render_prompt(conversation(2, "x").json), 64))
+    assert stats["hit_rate"] == {"b0": 1.0, "b1": 1.0}

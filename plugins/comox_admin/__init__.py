@@ -1,7 +1,8 @@
 """The admin API, served by the Comox app (not by ``ComoxMiddleware``):
 
 * ``GET  /admin/backends`` — every backend: state, in flight, EWMA latency,
-  measured tokens/s, ejections, last error, reported load.
+  measured tokens/s, ejections, last error, reported load; and per model
+  group: backends available, panic mode, requests queued, policy statistics.
 * ``POST /admin/backends/{name}/drain`` — no new requests; in-flight ones finish.
 * ``POST /admin/backends/{name}/undrain``
 
@@ -66,7 +67,17 @@ def admin_routes(gateway, key: str) -> list[Route]:
                 entry["model"] = group.name
                 entry["policy"] = group.settings.policy if group.settings is not None else None
                 data.append(entry)
-        return _json(200, {"object": "list", "data": data})
+        groups = {}
+        for group in gateway.groups.values():
+            stats = getattr(group.policy, "stats", None)
+            groups[group.name] = {
+                "policy": group.settings.policy if group.settings is not None else None,
+                "available": len(group.available),
+                "panic": group.panic,
+                "queued": len(group.waiters),
+                "policy_stats": stats() if stats is not None else None,
+            }
+        return _json(200, {"object": "list", "data": data, "groups": groups})
 
     def setter(draining: bool):
         async def handler(request):
