@@ -577,33 +577,47 @@ def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
 
 
 def soak(args, workdir: Path, nginx: Nginx, policy: str) -> None:
-    """RSS of Comox over N requests after warm-up, half JSON and half SSE, in chunks."""
+    """RSS of Comox over N requests after warm-up, alternating JSON and SSE chunks.
+
+    wrk runs for a fixed time (its threads stop early at their request count,
+    but the run lasts its duration), so each chunk's duration is sized from the
+    rate measured so far; the counts reported are wrk's own."""
     bodies = {False: workdir / "request.json", True: workdir / "request-stream.json"}
     bodies[False].write_bytes(REQUEST_JSON)
     bodies[True].write_bytes(REQUEST_SSE)
     load = str(LOAD_CORE) if args.pin else None
     comox = Comox(nginx, workdir, str(PROXY_CORE) if args.pin else None, policy)
+
+    def chunk(stream: bool, count: int, rate: float) -> dict:
+        duration = min(120.0, max(2.0, count / max(rate, 1.0) * 1.15 + 0.5))
+        return wrk(comox.url(stream), bodies[stream], 16, duration, cores=load, script="soak.lua", extra=[str(count)])
+
     try:
-        print("warm-up: 20,000 requests", flush=True)
+        rate = 1000.0
+        warm = 0
         for stream in (False, True):
-            wrk(comox.url(stream), bodies[stream], 16, 120, cores=load, script="soak.lua", extra=["10000"])
+            res = chunk(stream, 10_000, rate)
+            rate = max(rate, res["rps"] * 0.9) if res["requests"] >= 10_000 else res["rps"]
+            warm += res["requests"]
         base = comox.rss() / 2**20
-        print(f"RSS after warm-up: {base:.1f} MB", flush=True)
-        chunks = 8
-        per = max(1, args.soak // chunks)
-        done = 0
+        print(f"RSS after {warm:,} requests of warm-up: {base:.1f} MB", flush=True)
+        per = max(1, args.soak // 8)
+        done, i = 0, 0
         t0 = time.monotonic()
         samples = [(0, base)]
-        for i in range(chunks):
+        while done < args.soak and i < 40:
             stream = bool(i % 2)
-            res = wrk(comox.url(stream), bodies[stream], 16, 600, cores=load, script="soak.lua", extra=[str(per)])
+            res = chunk(stream, min(per, args.soak - done), rate)
+            if res["duration_us"] and res["requests"]:
+                rate = res["requests"] / (res["duration_us"] / 1e6)
             done += res["requests"]
+            i += 1
             rss = comox.rss() / 2**20
             samples.append((done, rss))
-            print(f"  {done:>9,} requests ({'SSE' if stream else 'JSON'} chunk, {res['rps']:,.0f}/s, errors {res['errors']}): "
+            print(f"  {done:>9,} requests ({'SSE' if stream else 'JSON'} chunk of {res['requests']:,}, errors {res['errors']}): "
                   f"RSS {rss:.1f} MB ({rss - base:+.1f})", flush=True)
         growth = samples[-1][1] - base
-        print(f"\nSoak: {done:,} requests in {time.monotonic() - t0:.0f} s after 20,000 warm-up; RSS {base:.1f} → "
+        print(f"\nSoak: {done:,} requests in {time.monotonic() - t0:.0f} s after {warm:,} of warm-up; RSS {base:.1f} → "
               f"{samples[-1][1]:.1f} MB: growth {growth:+.1f} MB (goal < 10 MB) — {'met' if growth < 10 else 'MISSED'}")
     finally:
         comox.stop()
