@@ -77,15 +77,15 @@ def start(stack: ExitStack, args: list[str], ready_url: str, log: Path, timeout:
         time.sleep(0.1)
 
 
-def one_stream(http: httpx.Client, url: str, model: str, prompt: str, max_tokens: int) -> tuple[float, float, int, float | None]:
-    """(time to first token, decode tokens/s after it, tokens, the server's own
-    prompt_ms from llama.cpp-style ``timings`` if it sends them) of one
-    streaming completion."""
+def one_stream(http: httpx.Client, url: str, model: str, prompt: str, max_tokens: int) -> tuple:
+    """(time to first token, decode tokens/s after it, tokens, and from
+    llama.cpp-style ``timings`` if the server sends them: the prompt_ms and
+    decode tokens/s its worker measured) of one streaming completion."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     started = time.perf_counter()
     first = last = None
     tokens = 0
-    prompt_ms = None
+    prompt_ms = worker_tps = None
     with http.stream("POST", f"{url}/v1/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
@@ -94,6 +94,7 @@ def one_stream(http: httpx.Client, url: str, model: str, prompt: str, max_tokens
             event = orjson.loads(line[6:])
             if "timings" in event:
                 prompt_ms = event["timings"].get("prompt_ms")
+                worker_tps = event["timings"].get("predicted_per_second")
             if event["choices"] and event["choices"][0].get("text"):
                 now = time.perf_counter()
                 if first is None:
@@ -103,11 +104,16 @@ def one_stream(http: httpx.Client, url: str, model: str, prompt: str, max_tokens
     if first is None:
         raise SystemExit(f"no tokens from {url}")
     decode = (tokens - 1) / (last - first) if tokens > 1 and last > first else float("nan")
-    return first - started, decode, tokens, prompt_ms
+    return first - started, decode, tokens, prompt_ms, worker_tps
 
 
-def direct_stream(llm, prompt: str, max_tokens: int) -> tuple[float, float, int, None]:
-    """The same measurement, calling llama-cpp-python in this process."""
+def direct_stream(llm, prompt: str, max_tokens: int) -> tuple:
+    """The same measurement, calling llama-cpp-python in this process (with the
+    backend's Llama subclass, whose only addition is a flag check and a clock
+    read per token, so that the worker-side timings exist here too)."""
+    from comox_llama_cpp_python import _Job
+
+    job = llm.comox_job = _Job()
     started = time.perf_counter()
     first = last = None
     tokens = 0
@@ -118,8 +124,10 @@ def direct_stream(llm, prompt: str, max_tokens: int) -> tuple[float, float, int,
                 first = now
             last = now
             tokens += 1
+    llm.comox_job = None
     decode = (tokens - 1) / (last - first) if tokens > 1 and last > first else float("nan")
-    return first - started, decode, tokens, None
+    timings = job.timings()
+    return first - started, decode, tokens, timings["prompt_ms"], timings["predicted_per_second"]
 
 
 def main() -> None:
@@ -154,9 +162,9 @@ def main() -> None:
                       # its default (true) computes logits for every prompt token; Comox's backend does not
                       "--logits_all", "false"],
               f"http://127.0.0.1:{llama_port}/v1/models", work / "llama_server.log")
-        from llama_cpp import Llama
+        from comox_llama_cpp_python import _cancellable_llama_class
 
-        llm = Llama(model, n_ctx=args.n_ctx, n_threads=args.threads, verbose=False)
+        llm = _cancellable_llama_class()(model, n_ctx=args.n_ctx, n_threads=args.threads, verbose=False)
         http = stack.enter_context(httpx.Client(timeout=300, trust_env=False))
 
         def over_http(url: str):
@@ -167,7 +175,7 @@ def main() -> None:
             SERVER: over_http(f"http://127.0.0.1:{llama_port}"),
             DIRECT: lambda prompt: direct_stream(llm, prompt, args.max_tokens),
         }
-        results: dict[str, list[tuple[float, float, int, float | None]]] = {name: [] for name in sides}
+        results: dict[str, list[tuple]] = {name: [] for name in sides}
         for run in sides.values():  # warm up: first-request costs are not what we measure
             run("Warm up.")
         deadline = time.monotonic() + args.budget_s
@@ -196,14 +204,20 @@ def main() -> None:
         c, o = rows[COMOX], rows[other]
         print(f"- Comox vs {other}: TTFT {100 * (c[1] / o[1] - 1):+.1f}% (median {100 * (c[2] / o[2] - 1):+.1f}%), "
               f"decode tokens/s {100 * (c[3] / o[3] - 1):+.1f}% (median {100 * (c[4] / o[4] - 1):+.1f}%)")
-    # The gateway's own share of TTFT, per request: what the client waited
-    # beyond the prefill + first token that the backend timed in its worker.
-    own = [s[0] * 1000 - s[3] for s in results[COMOX] if s[3] is not None]
-    if own:
-        ttft_med = rows[COMOX][2]
-        print(f"- Comox's own share of TTFT (client TTFT − prompt_ms timed in the worker): median {statistics.median(own):.2f} ms "
-              f"({100 * statistics.median(own) / ttft_med:.1f}% of the median TTFT), mean {statistics.mean(own):.2f} ms, "
-              f"max {max(own):.2f} ms")
+    # The gateway's own share of TTFT, per request: what the caller waited
+    # beyond the prefill + first token timed inside generate(), against the
+    # same figure for a direct call (tokenising and llama-cpp-python's own
+    # set-up are in both; the difference is HTTP, routing and the thread hop).
+    beyond = {name: [s[0] * 1000 - s[3] for s in results[name] if s[3] is not None] for name in (COMOX, DIRECT)}
+    if all(beyond.values()):
+        c, d = statistics.median(beyond[COMOX]), statistics.median(beyond[DIRECT])
+        print(f"- TTFT beyond the prefill timed in generate(): Comox median {c:.2f} ms, direct call median {d:.2f} ms; "
+              f"Comox's own cost ≈ {c - d:.2f} ms = {100 * (c - d) / rows[COMOX][2]:.1f}% of Comox's median TTFT")
+    # …and of decode speed: tokens/s the client saw against what the worker measured, same request.
+    paired = [1 - s[1] / s[4] for s in results[COMOX] if s[4]]
+    if paired:
+        print(f"- Comox's own share of decode time (1 − client tokens/s ÷ worker tokens/s, same request): "
+              f"median {100 * statistics.median(paired):.2f}%, mean {100 * statistics.mean(paired):.2f}%")
 
 
 if __name__ == "__main__":
