@@ -101,6 +101,17 @@ class GatewayRequest:
         return body
 
 
+_FORBIDDEN = frozenset(FORBIDDEN_FIELDS)
+# Numeric fields checked when present: (key, low, high, integer only).
+_NUMBERS = (
+    ("max_tokens", 1, 1_000_000, True),
+    ("max_completion_tokens", 1, 1_000_000, True),
+    ("n", 1, 128, True),
+    ("temperature", 0, 2, False),
+    ("top_p", 0, 1, False),
+)
+
+
 def _number(body: dict, key: str, low: float, high: float, *, integer: bool = False) -> None:
     value = body.get(key)
     if value is None:
@@ -120,9 +131,9 @@ def parse_body(endpoint: str, raw: bytes) -> dict:
         raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object", code="invalid_json")
-    for key in FORBIDDEN_FIELDS:
-        if key in body:
-            raise InvalidRequest(f"'{key}' is not allowed: the gateway chooses the upstream", param=key, code="forbidden_field")
+    if not _FORBIDDEN.isdisjoint(body):  # one C-level check in the common case
+        key = next(key for key in FORBIDDEN_FIELDS if key in body)
+        raise InvalidRequest(f"'{key}' is not allowed: the gateway chooses the upstream", param=key, code="forbidden_field")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' is required and must be a non-empty string", param="model", code="missing_model")
@@ -144,9 +155,7 @@ def parse_body(endpoint: str, raw: bytes) -> dict:
         value = body.get("input")
         if not isinstance(value, (str, list)) or not value:
             raise InvalidRequest("'input' must be a non-empty string or array", param="input", code="invalid_input")
-    _number(body, "max_tokens", 1, 1_000_000, integer=True)
-    _number(body, "max_completion_tokens", 1, 1_000_000, integer=True)
-    _number(body, "n", 1, 128, integer=True)
-    _number(body, "temperature", 0, 2)
-    _number(body, "top_p", 0, 1)
+    for key, low, high, integer in _NUMBERS:
+        if key in body:
+            _number(body, key, low, high, integer=integer)
     return body
