@@ -73,7 +73,8 @@ def test_list_drain_undrain(monkeypatch, comox_serve, two_upstreams):
     assert drained.status_code == 200 and drained.json()["state"] == "draining"
     assert drained.json()["inflight"] == 1
     served = {chat(server).headers["x-comox-backend"] for _ in range(4)}
-    slow.join()
+    slow.join(60)
+    assert not slow.is_alive()
     assert served == {"b"}
     assert answers[0].status_code == 200 and answers[0].headers["x-comox-backend"] == "a"
 

@@ -177,7 +177,8 @@ def test_max_concurrency_queues_then_serves(comox_serve, upstreams):
     state = gateway.backend("a")
     wait_until(lambda: state.inflight == 1)
     second = post(server)
-    first.join()
+    first.join(60)
+    assert not first.is_alive()
     assert second.status_code == 200 and results[0].status_code == 200
     assert state.inflight == 0 and not state.group.waiters
 
@@ -191,7 +192,8 @@ def test_queue_timeout_gives_503_with_retry_after(comox_serve, upstreams):
     state = gateway_of(server).backend("a")
     wait_until(lambda: state.inflight == 1)
     second = post(server)
-    first.join()
+    first.join(60)
+    assert not first.is_alive()
     assert second.status_code == 503
     assert second.headers["retry-after"] == "1"
     assert second.json()["error"]["code"] == "backends_saturated"
@@ -206,7 +208,8 @@ def test_queue_size_zero_rejects_at_once(comox_serve, upstreams):
     state = gateway_of(server).backend("a")
     wait_until(lambda: state.inflight == 1)
     second = post(server)
-    first.join()
+    first.join(60)
+    assert not first.is_alive()
     assert second.status_code == 503 and second.json()["error"]["code"] == "backends_saturated"
 
 
@@ -279,7 +282,8 @@ def test_measured_speed_steers_p2c_to_the_faster_backend(comox_serve, upstreams)
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(60)
+        assert not thread.is_alive()
     gateway = gateway_of(server)
     f, s = gateway.backend("fast"), gateway.backend("slow")
     assert f.decode_tps > 3 * s.decode_tps  # measured from the real streams

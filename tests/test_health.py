@@ -38,7 +38,10 @@ def gateway_for(*backends):
 
 
 def run(coro):
-    return asyncio.run(coro)
+    async def bounded():
+        return await asyncio.wait_for(coro, 60)  # a hang fails the test instead of the suite
+
+    return asyncio.run(bounded())
 
 
 async def checks(state, n):
