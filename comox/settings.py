@@ -38,7 +38,7 @@ class ServerSettings(BaseModel):
     """``retry-after`` sent with 503 when no backend of a group can answer."""
     retry_budget_ratio: float = Field(0.2, ge=0, le=10)
     """Retries in progress may be at most this share of requests in flight…"""
-    retry_budget_min: int = Field(3, ge=0)
+    retry_budget_min: int = Field(10, ge=0)
     """…or this many, whichever is larger (see docs/routing.md)."""
     queue_timeout_ms: int = Field(10_000, ge=0)
     """How long a request waits when every backend of its group is at
