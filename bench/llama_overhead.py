@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,17 +35,12 @@ from pathlib import Path
 
 import httpx
 import orjson
+from comox.testing import free_port, stop_process
 
 COMOX = "Comox, in-process llama-cpp-python backend"
 SERVER = "python -m llama_cpp.server alone"
 DIRECT = "llama_cpp.Llama called directly (no HTTP)"
 PROMPT = "Here is a short story about a lighthouse keeper who finds a message in a bottle. It begins:"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(stack: ExitStack, args: list[str], ready_url: str, log: Path, timeout: float = 180.0) -> None:
@@ -55,12 +49,7 @@ def start(stack: ExitStack, args: list[str], ready_url: str, log: Path, timeout:
     proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
 
     def stop() -> None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
     stack.callback(stop)
     deadline = time.monotonic() + timeout

@@ -36,6 +36,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from minimal_proxy import JSON_BODY, SSE_BODY  # noqa: E402  (the bodies nginx serves)
+from comox.testing import free_port
 
 PROXY_CORE = 0
 LOAD_CORE = 1  # nginx, wrk, the TTFB client and this script
@@ -78,12 +79,6 @@ atexit.register(_stop_all)
 def _on_signal(signum, frame):  # pragma: no cover - interactive
     _stop_all()
     raise SystemExit(128 + signum)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def taskset(cores: str | None, argv: list[str]) -> list[str]:

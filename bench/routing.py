@@ -25,7 +25,6 @@ import argparse
 import os
 import random
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import threading
 import time
 import timeit
 from pathlib import Path
+from comox.testing import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -104,12 +104,6 @@ def print_micro(rows, n_backends) -> None:
 # -- llama ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 HIT = re.compile(rb"(\d+) prefix-match hit, remaining (\d+) prompt tokens to eval")
 
 
@@ -156,12 +150,7 @@ class LlamaServer:
         return hit, rest
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
 
 

@@ -23,7 +23,37 @@ from typing import Any
 import orjson
 import pytest
 
-__all__ = ["Fault", "ServerThread", "StandInUpstream"]
+__all__ = ["Fault", "ServerThread", "StandInUpstream", "free_port", "stop_process", "wait_until"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition, timeout: float = 10.0, interval: float = 0.005) -> None:
+    """Wait for a state, not a duration: the bound only turns a hang into a failure."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(interval)
+
+
+def stop_process(proc, timeout: float = 15.0) -> None:
+    """Terminate a ``subprocess.Popen``; kill it if it does not exit in time."""
+    import subprocess
+
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class ServerThread:

@@ -2,12 +2,11 @@
 auth, backend listing, drain/undrain with requests in flight."""
 
 import threading
-import time
 
 import httpx
 import pytest
 
-from comox.testing import Fault, StandInUpstream
+from comox.testing import Fault, StandInUpstream, wait_until
 
 KEY = "admin-secret-key"
 
@@ -47,13 +46,6 @@ def test_admin_api_rejects_bad_credentials(monkeypatch, comox_serve, two_upstrea
     assert reply.status_code == 401
     assert reply.json()["error"]["type"] == "authentication_error"
     assert KEY not in reply.text
-
-
-def wait_until(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
 
 
 def test_list_drain_undrain(monkeypatch, comox_serve, two_upstreams):

@@ -1,6 +1,5 @@
 """End to end: the official OpenAI SDK → a real Comox server → stand-in upstreams."""
 
-import socket
 import time
 
 import httpx
@@ -8,7 +7,7 @@ import openai
 import orjson
 import pytest
 
-from comox.testing import Fault, StandInUpstream
+from comox.testing import Fault, free_port
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -18,26 +17,6 @@ def group(name, *backends, **server):
     if server:
         settings["server"] = server
     return settings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def upstreams():
-    started = []
-
-    def make(name, **kwargs):
-        upstream = StandInUpstream(name, **kwargs).start()
-        started.append(upstream)
-        return upstream
-
-    yield make
-    for upstream in started:
-        upstream.stop()
 
 
 def test_chat_completion(comox_gateway, comox_upstream, client_for):

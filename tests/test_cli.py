@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.test_api import free_port
+from comox.testing import free_port, stop_process
 
 
 def wait_healthy(proc, url, timeout=30.0):
@@ -36,12 +36,7 @@ def run_server():
 
     yield start
     for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @pytest.fixture

