@@ -144,50 +144,39 @@ def gateway_of(server):
     return server.app.gateway
 
 
-def test_max_concurrency_queues_then_serves(comox_serve, upstreams):
+def second_while_first_holds_the_only_slot(comox_serve, upstreams, faults, **group):
+    """Send one request to a backend with max_concurrency 1, then a second one
+    while the first holds the slot. Returns (first reply, second reply, state)."""
     up = upstreams("slow")
-    up.faults.extend([Fault(delay=0.4), Fault()])
-    server = comox_serve(settings_for({"name": "a", "url": up.url, "max_concurrency": 1}, queue_timeout_ms=5000))
+    up.faults.extend(faults)
+    server = comox_serve(settings_for({"name": "a", "url": up.url, "max_concurrency": 1}, **group))
     results = []
     first = threading.Thread(target=lambda: results.append(post(server)))
-    first.start()
-    gateway = gateway_of(server)
-    state = gateway.backend("a")
-    wait_until(lambda: state.inflight == 1)
-    second = post(server)
-    first.join(60)
-    assert not first.is_alive()
-    assert second.status_code == 200 and results[0].status_code == 200
-    assert state.inflight == 0 and not state.group.waiters
-
-
-def test_queue_timeout_gives_503_with_retry_after(comox_serve, upstreams):
-    up = upstreams("slow")
-    up.faults.append(Fault(delay=1.0))
-    server = comox_serve(settings_for({"name": "a", "url": up.url, "max_concurrency": 1}, queue_timeout_ms=50))
-    first = threading.Thread(target=post, args=(server,))
     first.start()
     state = gateway_of(server).backend("a")
     wait_until(lambda: state.inflight == 1)
     second = post(server)
     first.join(60)
     assert not first.is_alive()
+    return results[0], second, state
+
+
+def test_max_concurrency_queues_then_serves(comox_serve, upstreams):
+    first, second, state = second_while_first_holds_the_only_slot(
+        comox_serve, upstreams, [Fault(delay=0.4), Fault()], queue_timeout_ms=5000)
+    assert second.status_code == 200 and first.status_code == 200
+    assert state.inflight == 0 and not state.group.waiters
+
+
+def test_queue_timeout_gives_503_with_retry_after(comox_serve, upstreams):
+    _, second, _ = second_while_first_holds_the_only_slot(comox_serve, upstreams, [Fault(delay=1.0)], queue_timeout_ms=50)
     assert second.status_code == 503
     assert second.headers["retry-after"] == "1"
     assert second.json()["error"]["code"] == "backends_saturated"
 
 
 def test_queue_size_zero_rejects_at_once(comox_serve, upstreams):
-    up = upstreams("slow")
-    up.faults.append(Fault(delay=1.0))
-    server = comox_serve(settings_for({"name": "a", "url": up.url, "max_concurrency": 1}, queue_size=0))
-    first = threading.Thread(target=post, args=(server,))
-    first.start()
-    state = gateway_of(server).backend("a")
-    wait_until(lambda: state.inflight == 1)
-    second = post(server)
-    first.join(60)
-    assert not first.is_alive()
+    _, second, _ = second_while_first_holds_the_only_slot(comox_serve, upstreams, [Fault(delay=1.0)], queue_size=0)
     assert second.status_code == 503 and second.json()["error"]["code"] == "backends_saturated"
 
 
