@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import orjson
 
@@ -232,4 +231,4 @@ def models_body(gateway: Gateway, path: str) -> bytes:
     name = path[len("/v1/models/"):]
     if name not in gateway.groups:
         raise ModelNotFound(f"the model {name!r} does not exist", param="model")
-    return orjson.dumps({"id": name, "object": "model", "created": int(time.time()), "owned_by": "comox"})
+    return orjson.dumps({"id": name, "object": "model", "created": gateway.created, "owned_by": "comox"})

@@ -44,7 +44,7 @@ class Gateway:
         self.retry_budget_ratio = settings.server.retry_budget_ratio
         self.retry_budget_min = settings.server.retry_budget_min
         self.health_checker = None
-        created = int(time.time())
+        self.created = created = int(time.time())
         self.models_body = orjson.dumps({
             "object": "list",
             "data": [{"id": name, "object": "model", "created": created, "owned_by": "comox"} for name in self.groups],

@@ -12,7 +12,7 @@ import orjson
 
 from .errors import InvalidRequest
 
-__all__ = ["GatewayRequest", "Principal", "ANONYMOUS", "ENDPOINTS", "parse_body"]
+__all__ = ["GatewayRequest", "Principal", "ANONYMOUS", "ENDPOINTS", "check_number", "parse_body"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +112,9 @@ _NUMBERS = (
 )
 
 
-def _number(body: dict, key: str, low: float, high: float, *, integer: bool = False) -> None:
+def check_number(body: dict, key: str, low: float, high: float, *, integer: bool = False) -> None:
+    """Raise InvalidRequest (400, ``param=key``) unless ``body[key]`` is absent or a
+    number (an integer, with ``integer``) between ``low`` and ``high``."""
     value = body.get(key)
     if value is None:
         return
@@ -157,5 +159,5 @@ def parse_body(endpoint: str, raw: bytes) -> dict:
             raise InvalidRequest("'input' must be a non-empty string or array", param="input", code="invalid_input")
     for key, low, high, integer in _NUMBERS:
         if key in body:
-            _number(body, key, low, high, integer=integer)
+            check_number(body, key, low, high, integer=integer)
     return body

@@ -50,6 +50,8 @@ def test_models_lists_groups(comox_serve, comox_upstream, client_for):
     client = client_for(server)
     assert [m.id for m in client.models.list()] == ["chat", "embed"]
     assert client.models.retrieve("embed").id == "embed"
+    listed = {m.id: m.created for m in client.models.list()}
+    assert client.models.retrieve("embed").created == listed["embed"]
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
 

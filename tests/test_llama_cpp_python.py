@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from comox import ConfigError, Gateway, Settings
+from comox import ConfigError, Gateway, InvalidRequest, Settings
 from comox.testing import ServerThread, StandInUpstream, free_port, stop_process
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -416,3 +416,22 @@ def test_bad_keys_are_config_errors(model_path):
         gateway_with(model_path=model_path, n_cxt=512)
     with pytest.raises(ConfigError, match=r"instances: Input should be greater than or equal to 1"):
         gateway_with(model_path=model_path, instances=0)
+
+
+@pytest.mark.parametrize(
+    ("build", "body", "param"),
+    [
+        ("completion_kwargs", {"prompt": "x", "logprobs": 21}, "logprobs"),
+        ("completion_kwargs", {"prompt": "x", "logprobs": "5"}, "logprobs"),
+        ("chat_kwargs", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": -1}, "top_logprobs"),
+        ("chat_kwargs", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": True}, "top_logprobs"),
+    ],
+)
+def test_logprob_counts_are_checked_before_generation(build, body, param):
+    import comox_llama_cpp_python as plugin
+
+    with pytest.raises(InvalidRequest) as info:
+        getattr(plugin, build)(body)
+    assert info.value.param == param
+    ok = {**body, param: 3}
+    assert getattr(plugin, build)(ok)[param] == 3

@@ -38,7 +38,7 @@ from pydantic import ConfigDict, Field, model_validator
 import comox
 from comox.backends import BackendResponse
 from comox.errors import ConfigError, InvalidRequest
-from comox.request import GatewayRequest
+from comox.request import GatewayRequest, check_number
 from comox.settings import BackendSettings
 
 __all__ = ["LlamaCppPythonBackend", "LlamaCppPythonSettings", "check_model_file", "GGUF_MAGIC"]
@@ -214,11 +214,9 @@ def completion_kwargs(body: dict) -> dict[str, Any]:
         if not isinstance(echo, bool):
             raise InvalidRequest("'echo' must be a boolean", param="echo", code="invalid_type")
         kwargs["echo"] = echo
-    logprobs = body.get("logprobs")
-    if logprobs is not None:
-        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 20:
-            raise InvalidRequest("'logprobs' must be an integer between 0 and 20", param="logprobs", code="invalid_value")
-        kwargs["logprobs"] = logprobs
+    check_number(body, "logprobs", 0, 20, integer=True)
+    if body.get("logprobs") is not None:
+        kwargs["logprobs"] = body["logprobs"]
     # OpenAI's default for legacy completions is 16 tokens, as llama_cpp.server's.
     kwargs["max_tokens"] = body.get("max_tokens") or 16
     return kwargs
@@ -260,11 +258,9 @@ def chat_kwargs(body: dict) -> dict[str, Any]:
         if not isinstance(logprobs, bool):
             raise InvalidRequest("'logprobs' must be a boolean", param="logprobs", code="invalid_type")
         kwargs["logprobs"] = logprobs
-    top = body.get("top_logprobs")
-    if top is not None:
-        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
-            raise InvalidRequest("'top_logprobs' must be an integer between 0 and 20", param="top_logprobs", code="invalid_value")
-        kwargs["top_logprobs"] = top
+    check_number(body, "top_logprobs", 0, 20, integer=True)
+    if body.get("top_logprobs") is not None:
+        kwargs["top_logprobs"] = body["top_logprobs"]
     return kwargs
 
 
