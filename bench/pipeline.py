@@ -68,7 +68,7 @@ async def run(n: int, stream: bool, policy: str) -> float:
     async def send(m):
         sent.append(m)
 
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for _ in range(n):
         calls = [message]
 
@@ -79,7 +79,7 @@ async def run(n: int, stream: bool, policy: str) -> float:
 
         await app(dict(scope), receive_once, send)
         sent.clear()
-    elapsed = time.perf_counter() - t0
+    elapsed = time.process_time() - t0
     await app.gateway.aclose()
     return elapsed / n * 1e6
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from typing import NamedTuple
 
 import orjson
 
@@ -21,6 +23,7 @@ from .errors import (
 from .gateway import Gateway
 from .plugins import HookChain
 from .request import ANONYMOUS, ENDPOINTS, GatewayRequest, parse_body, request_id_from
+from .usage import record_body, record_stream
 
 __all__ = ["serve_api", "route_path"]
 
@@ -28,6 +31,21 @@ log = logging.getLogger("comox")
 
 SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 WATCH_AFTER_S = 0.02  # when send_stream starts watching for the client's disconnect
+
+
+class SentStream(NamedTuple):
+    """What :func:`send_stream` sent: ``complete`` when the stream ran to its
+    end; ``error`` sent to the client when the upstream broke off (``broke``
+    says how); times (``time.perf_counter()``) of the first and last chunk,
+    ``data:`` lines, and the last two chunks."""
+
+    complete: bool
+    error: Exception | None
+    first: float
+    last: float
+    events: int
+    end: bytes
+    broke: str | None = None
 
 
 class MethodNotAllowed(ComoxError):
@@ -86,10 +104,12 @@ async def send_error(send, exc: ComoxError, request_id: bytes) -> None:
     await send_json(send, exc.status, exc.to_bytes(), exc.headers() + [(b"x-request-id", request_id)])
 
 
-async def send_stream(send, receive, response: BackendResponse, headers: list[tuple[bytes, bytes]]) -> Exception | None:
+async def send_stream(send, receive, response: BackendResponse, headers: list[tuple[bytes, bytes]]) -> SentStream:
     """Forward ``response.stream`` chunk by chunk. A client that goes away
     cancels the upstream read at once; an upstream that fails midway ends the
-    stream with an error event, never a clean ``[DONE]``. Returns that error."""
+    stream with an error event, never a clean ``[DONE]``. Returns what was
+    sent, for the fleet's measurements (in the loop itself: a wrapping
+    generator per stream would cost more than the measuring)."""
     task = asyncio.current_task()
     state = {"finished": False, "disconnected": False}
 
@@ -115,19 +135,27 @@ async def send_stream(send, receive, response: BackendResponse, headers: list[tu
 
     timer = loop.call_later(WATCH_AFTER_S, start_watcher)
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    first = last = 0.0
+    events = 0
+    prev = b""
     tail = b"\n\n"
+    clock = time.perf_counter
     try:
         async for chunk in response.stream:
             if chunk:
-                tail = chunk
+                last = clock()
+                if not first:
+                    first = last
+                events += chunk.count(b"data:")
+                prev, tail = tail, chunk
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         state["finished"] = True
         await send({"type": "http.response.body", "body": b""})
-        return None
+        return SentStream(True, None, first, last, events, prev + tail)
     except asyncio.CancelledError:
         if state["disconnected"]:
             task.uncancel()
-            return None
+            return SentStream(False, None, first, last, events, b"")
         raise
     except Exception as exc:
         state["finished"] = True
@@ -137,7 +165,7 @@ async def send_stream(send, receive, response: BackendResponse, headers: list[tu
         if not tail.endswith(b"\n\n"):
             event = b"\n\n" + event  # close the partial event first
         await send({"type": "http.response.body", "body": event})
-        return error
+        return SentStream(False, error, first, last, events, b"", f"stream broke off: {type(exc).__name__}")
     finally:
         timer.cancel()
         if watcher is not None:
@@ -197,12 +225,20 @@ async def serve_api(gateway: Gateway, scope: dict, receive, send, path: str) -> 
             out_headers.append((b"x-comox-backend", backend_name.encode()))
         status = response.status
         if response.stream is not None:
-            error = await send_stream(send, receive, response, out_headers + SSE_HEADERS)
+            sent = await send_stream(send, receive, response, out_headers + SSE_HEADERS)
+            error = sent.error
+            if state is not None:
+                if sent.broke is not None:
+                    state.record_failure(sent.broke)
+                elif sent.complete and sent.first and status == 200:
+                    record_stream(request, state, sent.first, sent.last, sent.events, sent.end)
         else:
             try:
                 await send_json(send, status, response.body, out_headers)
             finally:
                 await response.aclose()
+            if state is not None and status == 200:
+                record_body(request, state, response.body)
             if status == 200 and hooks.comox_cache_store:
                 await HookChain.each(hooks.comox_cache_store, request=request, response=response)
     except ComoxError as exc:

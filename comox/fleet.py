@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .request import GatewayRequest
     from .settings import BackendSettings
 
-__all__ = ["BackendState", "FleetCounters", "ModelGroup", "RoutingPolicy", "parse_usage"]
+__all__ = ["BackendState", "FleetCounters", "ModelGroup", "RoutingPolicy", "cheaper", "request_size"]
 
 # Outlier ejection defaults (Envoy's): eject after this many consecutive failures,
 # for EJECT_BASE_S × times ejected, at most EJECT_MAX_S.
@@ -357,7 +357,7 @@ class RoutingPolicy(Protocol):
     is ``group.available`` itself (the same tuple object until the group's
     state changes), so a policy may cache what it derives from it, keyed on its
     identity. Optional: ``observe(request, state, usage)`` is called with what
-    the backend reported (:func:`parse_usage`) once a response has finished.
+    the backend reported (:func:`comox.usage.parse_usage`) once a response has finished.
     """
 
     def choose(self, request: GatewayRequest, candidates: Sequence[BackendState]) -> BackendState | None: ...
@@ -525,44 +525,6 @@ class ModelGroup:
             if not self.saturated_only(exclude):
                 return None
             woken = True
-
-
-def parse_usage(obj: dict) -> dict | None:
-    """What a response says about tokens: ``prompt``, ``completion``,
-    ``cached`` (``usage.prompt_tokens_details.cached_tokens`` or llama.cpp's
-    ``timings.cache_n``) and, from llama.cpp's ``timings``, ``prefill_tps`` and
-    ``decode_tps``. None when it says nothing."""
-    usage = obj.get("usage")
-    timings = obj.get("timings")
-    if not isinstance(usage, dict) and not isinstance(timings, dict):
-        return None
-    out: dict[str, Any] = {"prompt": None, "completion": None, "cached": None, "prefill_tps": None, "decode_tps": None}
-    if isinstance(usage, dict):
-        out["prompt"] = _int(usage.get("prompt_tokens"))
-        out["completion"] = _int(usage.get("completion_tokens"))
-        details = usage.get("prompt_tokens_details")
-        if isinstance(details, dict):
-            out["cached"] = _int(details.get("cached_tokens"))
-    if isinstance(timings, dict):
-        cache_n = _int(timings.get("cache_n"))
-        if cache_n is not None:
-            out["cached"] = cache_n
-            prompt_n = _int(timings.get("prompt_n"))
-            if out["prompt"] is None and prompt_n is not None:
-                out["prompt"] = prompt_n + cache_n
-        if out["completion"] is None:
-            out["completion"] = _int(timings.get("predicted_n"))
-        pps = timings.get("prompt_per_second")
-        dps = timings.get("predicted_per_second")
-        if isinstance(pps, (int, float)) and pps > 0 and (_int(timings.get("prompt_n")) or 0) > 1:
-            out["prefill_tps"] = float(pps)
-        if isinstance(dps, (int, float)) and dps > 0 and (_int(timings.get("predicted_n")) or 0) > 1:
-            out["decode_tps"] = float(dps)
-    return out
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def cheaper(a: BackendState, b: BackendState, prompt_tokens: float, output_tokens: float) -> BackendState:

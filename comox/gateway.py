@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from .backends import BackendResponse
 from .errors import BackendUnavailable, ComoxError, ConfigError, NoBackendAvailable
-from .fleet import BackendState, FleetCounters, ModelGroup, parse_usage
+from .fleet import BackendState, FleetCounters, ModelGroup
 from .plugins import HookChain, PluginManager, call_startup_hook, make_plugin_manager
 from .request import GatewayRequest
 from .settings import BackendSettings, Settings, describe_validation_error
@@ -23,7 +23,6 @@ __all__ = ["Gateway"]
 log = logging.getLogger("comox")
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-MAX_OBSERVED_BODY = 4 * 1024 * 1024  # larger bodies are not parsed for usage
 
 
 class Gateway:
@@ -177,7 +176,7 @@ class Gateway:
             state.acquire()
             if attempt:
                 counters.retries += 1
-            started = time.perf_counter()
+            started = request.sent_at = time.perf_counter()
             try:
                 response = await state.backend.handle(request)
             except BackendUnavailable as exc:
@@ -197,9 +196,8 @@ class Gateway:
                 failure = None
                 last_state = state
                 continue
-            state.record_success(time.perf_counter() - started)
-            if response.status == 200:
-                self._observe(request, group, state, response, started)
+            answered = request.answered_at = time.perf_counter()
+            state.record_success(answered - started)
             return response, state
         if response is not None:
             # Every try answered 5xx/429: pass the last answer through, as a proxy does.
@@ -230,90 +228,3 @@ class Gateway:
     def release(state: BackendState | None) -> None:
         if state is not None:
             state.release()
-
-    # -- measuring real responses ---------------------------------------------
-
-    def _observe(self, request: GatewayRequest, group: ModelGroup, state: BackendState,
-                 response: BackendResponse, started: float) -> None:
-        """Arrange for tokens and timings of this response to be recorded in
-        ``state`` (and shown to the policy) once it has been sent."""
-        observe = getattr(group.policy, "observe", None)
-        if response.stream is not None:
-            response.stream = _tap_stream(response.stream, request, state, observe, started)
-            return
-        body = response.body
-        if not body or len(body) > MAX_OBSERVED_BODY:
-            return
-        close = response._close
-        elapsed = time.perf_counter() - started
-
-        async def close_and_record() -> None:
-            try:
-                obj = orjson.loads(body)
-                usage = parse_usage(obj) if isinstance(obj, dict) else None
-                if usage is not None:
-                    decode_s = elapsed
-                    if state.prefill_tps and usage["prompt"]:
-                        prefill_s = (usage["prompt"] - (usage["cached"] or 0)) / state.prefill_tps
-                        decode_s = elapsed - prefill_s if elapsed - prefill_s > 0.2 * elapsed else None
-                    state.record_tokens(usage["prompt"], usage["cached"], usage["completion"],
-                                        usage["prefill_tps"], usage["decode_tps"], decode_s=decode_s)
-                    if observe is not None:
-                        observe(request, state, usage)
-            except Exception:
-                log.debug("could not read usage from %s's response", state.name, exc_info=True)
-            finally:
-                if close is not None:
-                    await close()
-
-        response._close = close_and_record
-
-
-async def _tap_stream(stream, request: GatewayRequest, state: BackendState, observe, started: float):
-    """Forward an SSE stream unchanged while timing it: first chunk (≈ prefill),
-    events after it (≈ decode), and the usage/timings of its last events. A
-    stream that breaks off counts as a failure of the backend."""
-    first = last = None
-    events = 0
-    prev = tail = b""
-    try:
-        async for chunk in stream:
-            now = time.perf_counter()
-            if first is None:
-                first = now
-            last = now
-            events += chunk.count(b"data:")
-            prev, tail = tail, chunk
-            yield chunk
-    except (asyncio.CancelledError, GeneratorExit):
-        raise
-    except Exception as exc:
-        state.record_failure(f"stream broke off: {type(exc).__name__}")
-        raise
-    if first is None:
-        return
-    try:
-        usage = None
-        end = prev + tail
-        if b'"usage"' in end or b'"timings"' in end:
-            for line in end.split(b"\n"):
-                if line.startswith(b"data:") and (b'"usage"' in line or b'"timings"' in line):
-                    try:
-                        obj = orjson.loads(line[5:])
-                    except orjson.JSONDecodeError:
-                        continue
-                    if isinstance(obj, dict):
-                        usage = parse_usage(obj) or usage
-        ttft = first - started
-        decode_s = last - first
-        # Without usage, count events: one per token, less the [DONE] line.
-        generated = usage["completion"] if usage and usage["completion"] else max(events - 1, 0)
-        decode_tps = usage["decode_tps"] if usage else None
-        if decode_tps is None and generated > 1 and decode_s > 0:
-            decode_tps = (generated - 1) / decode_s  # tokens after the first, over the time after it
-        state.record_tokens(usage["prompt"] if usage else None, usage["cached"] if usage else None, generated,
-                            usage["prefill_tps"] if usage else None, decode_tps, ttft_s=ttft)
-        if observe is not None and usage is not None:
-            observe(request, state, usage)
-    except Exception:
-        log.debug("could not read usage from %s's stream", state.name, exc_info=True)

@@ -58,7 +58,7 @@ class GatewayRequest:
 
     __slots__ = (
         "id", "endpoint", "path", "headers", "raw", "json", "model", "stream",
-        "principal", "state", "_upstream_cache",
+        "principal", "state", "sent_at", "answered_at", "_upstream_cache",
     )
 
     def __init__(self, *, id: str, endpoint: str, path: str, headers: list[tuple[bytes, bytes]], raw: bytes, json: dict):
@@ -72,6 +72,10 @@ class GatewayRequest:
         self.stream: bool = bool(json.get("stream", False))
         self.principal: Principal = ANONYMOUS
         self.state: dict[str, Any] = {}  # per-request scratch space for plugins
+        # time.perf_counter() when the backend that answered was sent the request,
+        # and when its status and headers (and a JSON body) had come back.
+        self.sent_at = 0.0
+        self.answered_at = 0.0
         self._upstream_cache: dict[str | None, bytes] | None = None
 
     def header(self, name: bytes) -> bytes | None:

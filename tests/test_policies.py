@@ -285,15 +285,6 @@ def test_prefix_affinity_corrects_itself_from_reported_cached_tokens():
     assert policy.hit_rate[id(home)] < policy.min_hit_rate
 
 
-def test_prefix_affinity_learns_llamacpp_timings_cache_n():
-    from comox.fleet import parse_usage
-
-    usage = parse_usage({"timings": {"cache_n": 120, "prompt_n": 30, "prompt_per_second": 900.0, "predicted_n": 20, "predicted_per_second": 50.0}})
-    assert usage == {"prompt": 150, "completion": 20, "cached": 120, "prefill_tps": 900.0, "decode_tps": 50.0}
-    openai_usage = parse_usage({"usage": {"prompt_tokens": 100, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 64}}})
-    assert openai_usage["cached"] == 64 and openai_usage["prompt"] == 100
-
-
 class SlotBackend:
     pins_slots = True
 

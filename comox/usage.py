@@ -1,0 +1,185 @@
+"""What a finished response says about tokens, read without parsing the whole
+response, and recorded on the backend that served it.
+
+The core calls :func:`record_body` / :func:`record_stream` after the response
+has been sent to the client, so reading usage never delays it. Only the small
+``usage`` and ``timings`` objects are parsed: an embeddings answer of several
+megabytes costs the same as a one-line chat answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+if TYPE_CHECKING:
+    from .fleet import BackendState
+    from .request import GatewayRequest
+
+__all__ = ["parse_usage", "usage_of_body", "usage_of_events", "record_body", "record_stream"]
+
+log = logging.getLogger("comox")
+
+_KEYS = (b'"usage"', b'"timings"')
+WHOLE_PARSE_MAX = 32 * 1024  # bodies up to this size are parsed whole (faster than searching)
+_MAX_TRIES = 16  # closing braces tried before giving up on one object
+_SPACE = b" \t\r\n"
+_BEFORE_KEY = b"{,"
+
+
+def parse_usage(obj: dict) -> dict | None:
+    """What a response says about tokens: ``prompt``, ``completion``,
+    ``cached`` (``usage.prompt_tokens_details.cached_tokens`` or llama.cpp's
+    ``timings.cache_n``) and, from llama.cpp's ``timings``, ``prefill_tps`` and
+    ``decode_tps``. None when it says nothing."""
+    usage = obj.get("usage")
+    timings = obj.get("timings")
+    if not isinstance(usage, dict) and not isinstance(timings, dict):
+        return None
+    out: dict[str, Any] = {"prompt": None, "completion": None, "cached": None, "prefill_tps": None, "decode_tps": None}
+    if isinstance(usage, dict):
+        out["prompt"] = _int(usage.get("prompt_tokens"))
+        out["completion"] = _int(usage.get("completion_tokens"))
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict):
+            out["cached"] = _int(details.get("cached_tokens"))
+    if isinstance(timings, dict):
+        cache_n = _int(timings.get("cache_n"))
+        if cache_n is not None:
+            out["cached"] = cache_n
+            prompt_n = _int(timings.get("prompt_n"))
+            if out["prompt"] is None and prompt_n is not None:
+                out["prompt"] = prompt_n + cache_n
+        if out["completion"] is None:
+            out["completion"] = _int(timings.get("predicted_n"))
+        pps = timings.get("prompt_per_second")
+        dps = timings.get("predicted_per_second")
+        if isinstance(pps, (int, float)) and pps > 0 and (_int(timings.get("prompt_n")) or 0) > 1:
+            out["prefill_tps"] = float(pps)
+        if isinstance(dps, (int, float)) and dps > 0 and (_int(timings.get("predicted_n")) or 0) > 1:
+            out["decode_tps"] = float(dps)
+    return out
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _object_after(body: bytes, key: bytes) -> Any:
+    """The JSON value of the last ``key`` in ``body`` that is really a key (not
+    text inside a string), if it is an object; else None."""
+    end = len(body)
+    while True:
+        at = body.rfind(key, 0, end)
+        if at < 0:
+            return None
+        end = at
+        # A real key follows '{' or ',' and precedes ':'. Inside a string its
+        # quotes are escaped, so the byte before it is a backslash.
+        i = at - 1
+        while i >= 0 and body[i] in _SPACE:
+            i -= 1
+        colon = at + len(key)
+        while colon < len(body) and body[colon] in _SPACE:
+            colon += 1
+        if i < 0 or body[i] not in _BEFORE_KEY or body[colon:colon + 1] != b":":
+            continue
+        start = colon + 1
+        while start < len(body) and body[start] in _SPACE:
+            start += 1
+        if body[start:start + 1] != b"{":
+            return None  # the value is not an object
+        close = start
+        for _ in range(_MAX_TRIES):
+            close = body.find(b"}", close + 1)
+            if close < 0:
+                return None
+            try:
+                return orjson.loads(body[start:close + 1])
+            except orjson.JSONDecodeError:
+                continue  # a nested object or a brace in a string: try the next one
+        return None
+
+
+def usage_of_body(body: bytes) -> dict | None:
+    """:func:`parse_usage` of a JSON response body. A small body is parsed
+    whole; of a large one only the ``usage`` and ``timings`` objects are,
+    found from its end, where every OpenAI-compatible server puts them."""
+    if len(body) <= WHOLE_PARSE_MAX:
+        obj = orjson.loads(body)
+        return parse_usage(obj) if isinstance(obj, dict) else None
+    found = {}
+    tail = body[-WHOLE_PARSE_MAX:]
+    for key in _KEYS:
+        value = _object_after(tail, key)
+        if value is None and key == b'"usage"':
+            value = _object_after(body, key)  # not in the tail: look everywhere, once
+        if value is not None:
+            found[key[1:-1].decode()] = value
+    return parse_usage(found) if found else None
+
+
+def usage_of_events(end: bytes) -> dict | None:
+    """:func:`parse_usage` of the last SSE events of a stream (``end`` holds its
+    last two chunks), where OpenAI servers put ``usage`` and llama.cpp ``timings``."""
+    if b'"usage"' not in end and b'"timings"' not in end:
+        return None
+    usage = None
+    for line in end.split(b"\n"):
+        if line.startswith(b"data:") and (b'"usage"' in line or b'"timings"' in line):
+            try:
+                obj = orjson.loads(line[5:])
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                usage = parse_usage(obj) or usage
+    return usage
+
+
+def record_body(request: GatewayRequest, state: BackendState, body: bytes) -> None:
+    """Record the tokens of a JSON answer that took ``request.answered_at -
+    request.sent_at`` (its prefill and decode together)."""
+    try:
+        usage = usage_of_body(body)
+        if usage is None:
+            return
+        elapsed = request.answered_at - request.sent_at
+        decode_s: float | None = elapsed
+        if state.prefill_tps and usage["prompt"]:
+            prefill_s = (usage["prompt"] - (usage["cached"] or 0)) / state.prefill_tps
+            decode_s = elapsed - prefill_s if elapsed - prefill_s > 0.2 * elapsed else None
+        state.record_tokens(usage["prompt"], usage["cached"], usage["completion"],
+                            usage["prefill_tps"], usage["decode_tps"], decode_s=decode_s)
+        _tell_policy(request, state, usage)
+    except Exception:
+        log.debug("could not read usage from %s's response", state.name, exc_info=True)
+
+
+def record_stream(request: GatewayRequest, state: BackendState, first: float, last: float,
+                  events: int, end: bytes) -> None:
+    """Record a finished SSE stream: its first chunk came at ``first`` (≈ the
+    end of prefill), its last at ``last`` (``time.perf_counter()``), it held
+    ``events`` ``data:`` lines, and ``end`` is its last two chunks."""
+    try:
+        usage = usage_of_events(end)
+        decode_s = last - first
+        # Without usage, count events: one per token, less the [DONE] line.
+        generated = usage["completion"] if usage and usage["completion"] else max(events - 1, 0)
+        decode_tps = usage["decode_tps"] if usage else None
+        if decode_tps is None and generated > 1 and decode_s > 0:
+            decode_tps = (generated - 1) / decode_s  # tokens after the first, over the time after it
+        state.record_tokens(usage["prompt"] if usage else None, usage["cached"] if usage else None, generated,
+                            usage["prefill_tps"] if usage else None, decode_tps, ttft_s=first - request.sent_at)
+        if usage is not None:
+            _tell_policy(request, state, usage)
+    except Exception:
+        log.debug("could not read usage from %s's stream", state.name, exc_info=True)
+
+
+def _tell_policy(request: GatewayRequest, state: BackendState, usage: dict) -> None:
+    group = state.group
+    observe = getattr(group.policy, "observe", None) if group is not None else None
+    if observe is not None:
+        observe(request, state, usage)
