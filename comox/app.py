@@ -3,6 +3,7 @@ mounting in Starlette/FastAPI with ``app.mount("/llm", create_app(settings))``."
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from typing import Any
@@ -15,9 +16,24 @@ from .gateway import Gateway
 from .request import request_id_from
 from .settings import Settings, load_settings
 
-__all__ = ["ComoxApp", "create_app", "build_gateway"]
+__all__ = ["ComoxApp", "create_app", "build_gateway", "tune_gc"]
 
 log = logging.getLogger("comox")
+
+GC_GEN0_THRESHOLD = 7000  # CPython's default is 700
+
+
+def tune_gc() -> None:
+    """Tune the garbage collector of a process that only serves Comox: move
+    what startup loaded (modules, settings, plugins: most of the heap) to the
+    permanent generation, so full collections stop walking it, and collect
+    the youngest generation 10× less often. Measured under load (see
+    docs/benchmarks.md): GC time from ~7% of the CPU to <1%, p99 latency from
+    ~35 ms to ~20 ms."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 def build_gateway(settings: Settings | str | os.PathLike | None = None, *, plugins: list[Any] = ()) -> Gateway:
@@ -31,8 +47,9 @@ def build_gateway(settings: Settings | str | os.PathLike | None = None, *, plugi
 class ComoxApp:
     """Serves ``/v1/...``, ``/healthz`` and the routes plugins add."""
 
-    def __init__(self, gateway: Gateway):
+    def __init__(self, gateway: Gateway, *, tune_gc: bool = False):
         self.gateway = gateway
+        self.tune_gc = tune_gc  # set by `comox serve`, which owns the process
         routes = [route for result in gateway.pm.hook.comox_routes(gateway=gateway) for route in (result or ())]
         self.router = Router(routes) if routes else None
 
@@ -63,6 +80,8 @@ class ComoxApp:
                     log.exception("comox startup failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                if self.tune_gc:
+                    tune_gc()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.gateway.aclose()

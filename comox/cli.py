@@ -9,7 +9,7 @@ import sys
 
 from .errors import ConfigError
 
-__all__ = ["main"]
+__all__ = ["main", "serve_app"]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -27,7 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
     if serving_default(gateway.settings):
         print(usage_example(f"http://{args.host}:{args.port}"), file=sys.stderr, flush=True)
     uvicorn.run(
-        "comox.app:create_app",
+        "comox.cli:serve_app",
         factory=True,
         host=args.host,
         port=args.port,
@@ -36,6 +36,15 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=args.access_log,
     )
     return 0
+
+
+def serve_app():
+    """The app ``comox serve`` runs in each worker: Comox owns the process, so
+    it may tune its garbage collector (``[server] tune_gc``)."""
+    from .app import ComoxApp, build_gateway
+
+    gateway = build_gateway(None)
+    return ComoxApp(gateway, tune_gc=gateway.settings.server.tune_gc)
 
 
 def _plugins(args: argparse.Namespace) -> int:

@@ -45,6 +45,10 @@ class ServerSettings(BaseModel):
     ``max_concurrency``, before 503 with ``retry-after``. 0: no waiting."""
     queue_size: int = Field(1024, ge=0)
     """Most requests waiting per model group; more get 503 at once."""
+    tune_gc: bool = True
+    """``comox serve`` only: once started, freeze what startup loaded out of the
+    garbage collector's way and collect young objects less often (see
+    docs/deployment.md). Mounted in another app, Comox leaves its GC alone."""
 
 
 class HealthCheckSettings(BaseModel):
