@@ -133,3 +133,71 @@ def test_5xx_is_returned_not_raised(upstream, kind):
             await backend.aclose()
 
     asyncio.run(go())
+
+
+# -- OpenTelemetry: one client span per backend call, whichever transport ------
+
+
+@pytest.fixture
+def tracing():
+    """An SDK tracer provider exporting to memory, with both HTTP client
+    instrumentations on (each covers its own client); off again afterwards."""
+    from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    instrumentors = [AioHttpClientInstrumentor(), HTTPXClientInstrumentor()]
+    for instrumentor in instrumentors:
+        instrumentor.instrument(tracer_provider=provider)
+    yield exporter
+    for instrumentor in instrumentors:
+        instrumentor.uninstrument()
+
+
+def client_spans(exporter):
+    from opentelemetry.trace import SpanKind
+
+    spans = [span for span in exporter.get_finished_spans() if span.kind is SpanKind.CLIENT]
+    return [(span.attributes.get("url.full") or span.attributes.get("http.url"),
+             span.attributes.get("http.response.status_code") or span.attributes.get("http.status_code"), span)
+            for span in spans]
+
+
+def test_each_transport_gives_one_client_span_per_backend_call(upstream, kind, tracing):
+    async def go():
+        backend = make_backend(kind, upstream.url)  # created after instrumenting, as at gateway startup
+        try:
+            for stream in (False, True):
+                response = await backend.handle(make_request(stream=stream))
+                if response.stream is not None:
+                    assert b"[DONE]" in b"".join([chunk async for chunk in response.stream])
+                await response.aclose()
+        finally:
+            await backend.aclose()
+
+    asyncio.run(go())
+    spans = client_spans(tracing)
+    assert [(url, status) for url, status, _ in spans] == [(f"{upstream.url}/v1/chat/completions", 200)] * 2
+    # The trace context goes upstream with each call, so backend spans join the trace.
+    sent = [request["headers"].get("traceparent") for request in upstream.requests]
+    assert all(sent) and [value.split("-")[2] for value in sent] == [format(s.context.span_id, "016x") for _, _, s in spans]
+
+
+def test_gateway_backend_calls_are_spans_retries_included(comox_serve, upstreams, tracing):
+    bad, good = upstreams("bad"), upstreams("good")
+    bad.faults.extend([Fault(status=502)] * 3)
+    server = comox_serve({"models": [{"name": "m", "policy": "round_robin", "backends": [
+        {"name": "bad", "url": bad.url}, {"name": "good", "url": good.url}]}]})
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(4):
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30).status_code == 200
+    # (the test's own httpx calls to the gateway are client spans too: leave them out)
+    spans = [(url, status) for url, status, _ in client_spans(tracing) if not url.startswith(server.url)]
+    assert sorted(spans) == sorted([(f"{bad.url}/v1/chat/completions", 502)] * 3 + [(f"{bad.url}/v1/chat/completions", 200)] * (len(bad.requests) - 3)
+                                   + [(f"{good.url}/v1/chat/completions", 200)] * len(good.requests))
+    assert len(spans) == 4 + 3  # every request once, plus a retry for each 502

@@ -18,8 +18,10 @@ Two transports ship:
 * :class:`HttpxTransport`: any ``httpx.AsyncClient`` (any httpx transport, mocks,
   instrumentation), used when one is passed as ``OpenAIBackend(client=...)``.
 
-Wrappers compose by wrapping: a transport that opens a span per backend call
-(OpenTelemetry) is an object with the same ``post``/``aclose`` that delegates.
+OpenTelemetry's aiohttp-client and httpx instrumentations both see every
+backend call, so either transport gives one client span per call
+(docs/deployment.md). Wrappers compose by wrapping: an object with the same
+``post``/``aclose`` that delegates.
 """
 
 from __future__ import annotations
