@@ -11,6 +11,9 @@ can be written, under uvicorn, forwarding to a fixed upstream.
 * ``comox-transport``: Comox's own ``AiohttpTransport`` (``comox_openai.transport``),
   to tell its cost apart from the rest of the gateway.
 
+``MINPROXY_TUNE_GC=1`` tunes the garbage collector after startup as ``comox serve``
+does (``comox.app.tune_gc``), to tell that gain apart from the rest.
+
 ``MINPROXY_UPSTREAM`` is the JSON upstream's base URL and ``MINPROXY_UPSTREAM_SSE``
 the streaming one's; a body containing ``"stream":true`` goes to the latter
 (a byte search, so the proxy parses nothing).
@@ -18,6 +21,7 @@ the streaming one's; a body containing ``"stream":true`` goes to the latter
 
 from __future__ import annotations
 
+import gc
 import os
 
 CLIENT = os.environ.get("MINPROXY_CLIENT", "aiohttp")
@@ -81,6 +85,10 @@ async def app(scope, receive, send):
             if message["type"] == "lifespan.startup":
                 if CLIENT != "memory":
                     _client = _make_client()
+                if os.environ.get("MINPROXY_TUNE_GC"):  # what comox.app.tune_gc does, without importing Comox
+                    gc.collect()
+                    gc.freeze()
+                    gc.set_threshold(7000, *gc.get_threshold()[1:])
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if _client is not None:

@@ -262,13 +262,15 @@ class MinimalProxy(Proxy):
         "httpx-aiohttp": "minimal ASGI proxy, httpx over aiohttp transport",
         "memory": "uvicorn answering from memory",
         "comox-transport": "minimal ASGI proxy, Comox's AiohttpTransport",
+        "aiohttp-gc": "minimal ASGI proxy, aiohttp, GC tuned as comox serve",
     }
 
     def __init__(self, client: str, nginx: Nginx, workdir: Path, cores: str | None, workers: int = 1):
         self.name = self.LABELS[client] + (f" ({workers} workers)" if workers > 1 else "")
         self.port = free_port()
         env = {
-            "MINPROXY_CLIENT": client,
+            "MINPROXY_CLIENT": "aiohttp" if client == "aiohttp-gc" else client,
+            "MINPROXY_TUNE_GC": "1" if client == "aiohttp-gc" else "",
             "MINPROXY_UPSTREAM": f"http://127.0.0.1:{nginx.port_json}",
             "MINPROXY_UPSTREAM_SSE": f"http://127.0.0.1:{nginx.port_sse}",
         }
@@ -752,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported (default 3)")
     parser.add_argument("--concurrency", default="1,16,64", help="comma-separated connection counts (default 1,16,64)")
     parser.add_argument("--sse-concurrency", type=int, default=16)
-    parser.add_argument("--extra", default="", help="extra targets, any of: memory,httpx,httpx-aiohttp,comox-transport (minimal proxy "
+    parser.add_argument("--extra", default="", help="extra targets, any of: memory,httpx,httpx-aiohttp,comox-transport,aiohttp-gc (minimal proxy "
                         "variants), comox-httpx,comox-httpx-aiohttp (Comox with an httpx transport)")
     parser.add_argument("--policy", default="auto", help="Comox routing policy (default: p2c_ewma if installed, else round_robin)")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin processes to cores")

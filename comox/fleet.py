@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .request import GatewayRequest
     from .settings import BackendSettings
 
-__all__ = ["BackendState", "FleetCounters", "ModelGroup", "RoutingPolicy", "cheaper", "request_size"]
+__all__ = ["BackendState", "FleetCounters", "ModelGroup", "RoutingPolicy", "cheaper", "power_of_two", "request_size"]
 
 # Outlier ejection defaults (Envoy's): eject after this many consecutive failures,
 # for EJECT_BASE_S × times ejected, at most EJECT_MAX_S.
@@ -538,6 +538,21 @@ def cheaper(a: BackendState, b: BackendState, prompt_tokens: float, output_token
     if sb is None:
         sb = sa
     return a if sa * (a.inflight + a.ext_waiting + 1) <= sb * (b.inflight + b.ext_waiting + 1) else b
+
+
+def power_of_two(request: GatewayRequest, candidates: Sequence[BackendState], rng: random.Random) -> BackendState | None:
+    """Power of two choices: the :func:`cheaper` of two distinct backends drawn
+    at random (None when there are no candidates)."""
+    n = len(candidates)
+    if n < 2:
+        return candidates[0] if n else None
+    draw = rng.random  # one C call per draw; randrange costs four Python calls
+    i = int(draw() * n)
+    j = int(draw() * (n - 1))
+    if j >= i:
+        j += 1
+    prompt, output = request_size(request)
+    return cheaper(candidates[i], candidates[j], prompt, output)
 
 
 def request_size(request: GatewayRequest) -> tuple[float, float]:

@@ -12,7 +12,7 @@ latency penalty that decays over ~10 s. O(1) per pick.
 from __future__ import annotations
 
 import comox
-from comox.fleet import cheaper, request_size
+from comox.fleet import power_of_two
 
 __all__ = ["P2CEwma"]
 
@@ -22,18 +22,7 @@ class P2CEwma:
         self.rng = group.rng
 
     def choose(self, request, candidates):
-        n = len(candidates)
-        if n < 2:
-            return candidates[0] if n else None
-        randrange = self.rng.randrange
-        i = randrange(n)
-        j = randrange(n - 1)
-        if j >= i:
-            j += 1
-        a = candidates[i]
-        b = candidates[j]
-        prompt, output = request_size(request)
-        return cheaper(a, b, prompt, output)
+        return power_of_two(request, candidates, self.rng)
 
 
 @comox.hookimpl

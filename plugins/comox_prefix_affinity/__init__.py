@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import comox
-from comox.fleet import cheaper, request_size
+from comox.fleet import cheaper, power_of_two, request_size
 
 __all__ = ["PrefixAffinity", "render_prompt", "block_hashes"]
 
@@ -159,15 +159,7 @@ class PrefixAffinity:
                     if best is None or cheaper(best.state, state, prompt, output) is state:
                         best = entry
         # Reference: the cheaper of two random backends (measured speed × load).
-        if n == 1:
-            other = candidates[0]
-        else:
-            i = self.rng.randrange(n)
-            j = self.rng.randrange(n - 1)
-            if j >= i:
-                j += 1
-            a, b = candidates[i], candidates[j]
-            other = cheaper(a, b, prompt, output)
+        other = power_of_two(request, candidates, self.rng)
         pick = other
         slot = None
         if best is not None and self.hit_rate.get(id(best.state), 1.0) >= self.min_hit_rate:

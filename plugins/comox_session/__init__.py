@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import comox
-from comox.fleet import cheaper, request_size
+from comox.fleet import power_of_two
 
 __all__ = ["Session"]
 
@@ -51,26 +51,14 @@ class Session:
                     self.pins.move_to_end(key)
                     return pinned
                 if pinned.routable:
-                    return self.balance(request, candidates)  # busy now, keep the pin
-        pick = self.balance(request, candidates)
+                    return power_of_two(request, candidates, self.rng)  # busy now, keep the pin
+        pick = power_of_two(request, candidates, self.rng)
         if key is not None:
             self.pins[key] = pick
             self.pins.move_to_end(key)
             if len(self.pins) > self.max_sessions:
                 self.pins.popitem(last=False)
         return pick
-
-    def balance(self, request, candidates):
-        n = len(candidates)
-        if n < 2:
-            return candidates[0]
-        i = self.rng.randrange(n)
-        j = self.rng.randrange(n - 1)
-        if j >= i:
-            j += 1
-        a, b = candidates[i], candidates[j]
-        prompt, output = request_size(request)
-        return cheaper(a, b, prompt, output)
 
 
 @comox.hookimpl
