@@ -20,6 +20,7 @@ from minimal_proxy import JSON_BODY, SSE_BODY  # noqa: E402
 
 from comox.app import create_app  # noqa: E402
 from comox.backends import BackendResponse  # noqa: E402
+from comox.hookspecs import hookimpl  # noqa: E402
 
 REQUEST = (
     b'{"model":"bench","messages":[{"role":"system","content":"You are a helpful assistant."},'
@@ -27,6 +28,31 @@ REQUEST = (
 )
 REQUEST_SSE = REQUEST[:-1] + b',"stream":true}'
 HEADERS = [(b"content-type", b"application/json")]
+
+
+class NoopPlugin:
+    """Implements every per-request hook that runs on a successful request, and
+    does nothing in them: what the hook path itself costs a plugin."""
+
+    @hookimpl
+    def comox_authenticate(self, request):
+        return None
+
+    @hookimpl
+    def comox_admit(self, request, principal):
+        return None
+
+    @hookimpl
+    def comox_cache_lookup(self, request):
+        return None
+
+    @hookimpl
+    def comox_cache_store(self, request, response):
+        return None
+
+    @hookimpl
+    def comox_request_done(self, request, status, backend, error):
+        return None
 
 
 class MemoryTransport:
@@ -42,12 +68,12 @@ class MemoryTransport:
         pass
 
 
-async def run(n: int, stream: bool, policy: str) -> float:
+async def run(n: int, stream: bool, policy: str, plugins: tuple = ()) -> float:
     settings = {"models": [{"name": "bench", "policy": policy, "backends": [
         {"name": "a", "url": "http://127.0.0.1:9"}, {"name": "b", "url": "http://127.0.0.1:10"}]}]}
     from comox.settings import Settings
 
-    app = create_app(Settings(**settings))
+    app = create_app(Settings(**settings), plugins=list(plugins))
     for state in app.gateway.backends():
         state.backend.transport = MemoryTransport()
     await app.gateway.startup()
@@ -90,11 +116,22 @@ def main() -> int:
     parser.add_argument("--policy", default="p2c_ewma")
     parser.add_argument("--repeat", type=int, default=5, help="runs; the fastest is reported")
     parser.add_argument("--profile", action="store_true", help="cProfile the JSON run")
+    parser.add_argument("--noop-plugin", action="store_true", help="also run with a plugin whose per-request hooks do nothing")
     args = parser.parse_args()
     for stream in (False, True):
+        kind = "SSE" if stream else "JSON"
         asyncio.run(run(2000, stream, args.policy))
+        if args.noop_plugin:
+            # Interleaved, so drift hits both alike; the fastest of each is kept.
+            bare, hooked = [], []
+            for _ in range(args.repeat):
+                bare.append(asyncio.run(run(args.n, stream, args.policy)))
+                hooked.append(asyncio.run(run(args.n, stream, args.policy, (NoopPlugin(),))))
+            print(f"Comox pipeline, {kind}: {min(bare):.1f} µs per request; with a plugin implementing 5 per-request "
+                  f"hooks as no-ops: {min(hooked):.1f} µs ({min(hooked) - min(bare):+.1f} µs)")
+            continue
         us = min(asyncio.run(run(args.n, stream, args.policy)) for _ in range(args.repeat))
-        print(f"Comox pipeline, {'SSE' if stream else 'JSON'}: {us:.1f} µs per request (in-process, no sockets)")
+        print(f"Comox pipeline, {kind}: {us:.1f} µs per request (in-process, no sockets)")
     if args.profile:
         import cProfile
         import pstats
