@@ -211,12 +211,12 @@ async def serve_api(gateway: Gateway, scope: dict, receive, send, path: str) -> 
         if group is None:
             raise ModelNotFound(f"the model {request.model!r} does not exist; GET /v1/models lists them", param="model")
         if hooks.comox_authenticate:
-            request.principal = await HookChain.first(hooks.comox_authenticate, request=request) or ANONYMOUS
+            request.principal = await HookChain.first(hooks.comox_authenticate, request) or ANONYMOUS
         if hooks.comox_admit:
-            await HookChain.each(hooks.comox_admit, request=request, principal=request.principal)
+            await HookChain.each(hooks.comox_admit, request, request.principal)
         response = None
         if hooks.comox_cache_lookup:
-            response = await HookChain.first(hooks.comox_cache_lookup, request=request)
+            response = await HookChain.first(hooks.comox_cache_lookup, request)
         if response is None:
             response, state = await gateway.dispatch(request, group)
             backend_name = state.name if state is not None else None
@@ -240,7 +240,7 @@ async def serve_api(gateway: Gateway, scope: dict, receive, send, path: str) -> 
             if state is not None and status == 200:
                 record_body(request, state, response.body)
             if status == 200 and hooks.comox_cache_store:
-                await HookChain.each(hooks.comox_cache_store, request=request, response=response)
+                await HookChain.each(hooks.comox_cache_store, request, response)
     except ComoxError as exc:
         status, error = exc.status, exc
         await send_error(send, exc, rid)
@@ -256,7 +256,7 @@ async def serve_api(gateway: Gateway, scope: dict, receive, send, path: str) -> 
         Gateway.release(state)
         if hooks.comox_request_done and request is not None:
             try:
-                await HookChain.each(hooks.comox_request_done, request=request, status=status, backend=backend_name, error=error)
+                await HookChain.each(hooks.comox_request_done, request, status, backend_name, error)
             except Exception:
                 log.exception("comox_request_done hook failed")
 

@@ -219,7 +219,7 @@ class Gateway:
                 retry_after=self.settings.server.retry_after_s,
             )
         if self.hooks.comox_failover:
-            answer = await HookChain.first(self.hooks.comox_failover, request=request, error=error)
+            answer = await HookChain.first(self.hooks.comox_failover, request, error)
             if answer is not None:
                 return answer, None
         raise error

@@ -87,33 +87,45 @@ async def _maybe_await(value: Any) -> Any:
 
 class HookChain:
     """Each per-request hook's implementations, in pluggy's call order, resolved
-    once. Attributes are tuples of ``(function, argnames)``; an empty tuple
-    means the stage is skipped at no cost."""
+    once. Attributes are tuples of ``(function, picks, is_async)``: ``picks`` maps
+    the hook's arguments (in its spec's order) to those the implementation
+    declares, None when it takes them all in that order. An empty tuple means
+    the stage is skipped at no cost; an implementation that does nothing costs
+    one call (~0.5 µs)."""
 
     def __init__(self, pm: pluggy.PluginManager):
         for name in hookspecs.PER_REQUEST_HOOKS:
-            impls = getattr(pm.hook, name).get_hookimpls()
-            for impl in impls:
+            caller = getattr(pm.hook, name)
+            spec_args = tuple(caller.spec.argnames)
+            impls = caller.get_hookimpls()
+            chain = []
+            # pluggy calls the last registered first (tryfirst/trylast already sorted).
+            for impl in reversed(impls):
                 if impl.hookwrapper or impl.wrapper:
                     raise ConfigError(f"plugin {impl.plugin_name!r}: {name} cannot be a wrapper (per-request hooks are awaited by Comox)")
-            # pluggy calls the last registered first (tryfirst/trylast already sorted).
-            setattr(self, name, tuple((impl.function, tuple(impl.argnames)) for impl in reversed(impls)))
+                picks = tuple(spec_args.index(arg) for arg in impl.argnames)
+                if picks == tuple(range(len(spec_args))):
+                    picks = None
+                chain.append((impl.function, picks, inspect.iscoroutinefunction(impl.function)))
+            setattr(self, name, tuple(chain))
 
     @staticmethod
-    async def first(impls: tuple, **kwargs: Any) -> Any:
-        for function, argnames in impls:
-            result = function(*[kwargs[a] for a in argnames])
-            if inspect.isawaitable(result):
+    async def first(impls: tuple, *args: Any) -> Any:
+        """The first non-None result; ``args`` in the hook spec's order."""
+        for function, picks, is_async in impls:
+            result = function(*args) if picks is None else function(*[args[i] for i in picks])
+            if is_async or (result is not None and inspect.isawaitable(result)):
                 result = await result
             if result is not None:
                 return result
         return None
 
     @staticmethod
-    async def each(impls: tuple, **kwargs: Any) -> None:
-        for function, argnames in impls:
-            result = function(*[kwargs[a] for a in argnames])
-            if inspect.isawaitable(result):
+    async def each(impls: tuple, *args: Any) -> None:
+        """Call every implementation; ``args`` in the hook spec's order."""
+        for function, picks, is_async in impls:
+            result = function(*args) if picks is None else function(*[args[i] for i in picks])
+            if is_async or (result is not None and inspect.isawaitable(result)):
                 await result
 
 

@@ -65,7 +65,7 @@ def test_order_follows_pluggy_tryfirst_trylast():
     pm = make_plugin_manager([plugin("last", trylast=True), plugin("first", tryfirst=True), plugin("a"), plugin("b")])
     pm.hook.comox_admit(request=None, principal=None)  # pluggy's own order
     pluggy_order, order[:] = order[:], []
-    asyncio.run(HookChain.each(HookChain(pm).comox_admit, request=None, principal=None))
+    asyncio.run(HookChain.each(HookChain(pm).comox_admit, None, None))
     assert order == pluggy_order == ["first", "b", "a", "last"]
 
 
