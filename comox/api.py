@@ -12,6 +12,7 @@ from typing import NamedTuple
 import orjson
 
 from .backends import BackendResponse
+from .disconnects import DisconnectWatch
 from .errors import (
     BodyTooLarge,
     ComoxError,
@@ -30,7 +31,6 @@ __all__ = ["serve_api", "route_path"]
 log = logging.getLogger("comox")
 
 SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-WATCH_AFTER_S = 0.02  # when send_stream starts watching for the client's disconnect
 
 
 class SentStream(NamedTuple):
@@ -104,36 +104,18 @@ async def send_error(send, exc: ComoxError, request_id: bytes) -> None:
     await send_json(send, exc.status, exc.to_bytes(), exc.headers() + [(b"x-request-id", request_id)])
 
 
-async def send_stream(send, receive, response: BackendResponse, headers: list[tuple[bytes, bytes]]) -> SentStream:
+async def send_stream(send, receive, response: BackendResponse, headers: list[tuple[bytes, bytes]],
+                      watch: DisconnectWatch | None = None) -> SentStream:
     """Forward ``response.stream`` chunk by chunk. A client that goes away
-    cancels the upstream read at once; an upstream that fails midway ends the
-    stream with an error event, never a clean ``[DONE]``. Returns what was
-    sent, for the fleet's measurements (in the loop itself: a wrapping
-    generator per stream would cost more than the measuring)."""
+    cancels the upstream read (noticed by ``watch`` once the stream has lasted
+    ``WATCH_AFTER_S``); an upstream that fails midway ends the stream with an
+    error event, never a clean ``[DONE]``. Returns what was sent, for the
+    fleet's measurements (in the loop itself: a wrapping generator per stream
+    would cost more than the measuring)."""
     task = asyncio.current_task()
-    state = {"finished": False, "disconnected": False}
-
-    async def watch_disconnect() -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                if not state["finished"]:
-                    state["disconnected"] = True
-                    task.cancel()
-                return
-
-    # The watcher starts only once the stream has lasted WATCH_AFTER_S: a stream
-    # that ends sooner (a cached or short answer) never pays for a task, and a
-    # client leaving a long one is noticed at most that much later.
-    loop = asyncio.get_running_loop()
-    watcher: asyncio.Task | None = None
-
-    def start_watcher() -> None:
-        nonlocal watcher
-        if not state["finished"]:
-            watcher = loop.create_task(watch_disconnect())
-
-    timer = loop.call_later(WATCH_AFTER_S, start_watcher)
+    if watch is None:
+        watch = DisconnectWatch(asyncio.get_running_loop())
+    watched = watch.add(task, receive)
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     first = last = 0.0
     events = 0
@@ -149,16 +131,16 @@ async def send_stream(send, receive, response: BackendResponse, headers: list[tu
                 events += chunk.count(b"data:")
                 prev, tail = tail, chunk
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        state["finished"] = True
+        watched.finished = True
         await send({"type": "http.response.body", "body": b""})
         return SentStream(True, None, first, last, events, prev + tail)
     except asyncio.CancelledError:
-        if state["disconnected"]:
+        if watched.disconnected:
             task.uncancel()
             return SentStream(False, None, first, last, events, b"")
         raise
     except Exception as exc:
-        state["finished"] = True
+        watched.finished = True
         log.warning("stream from backend failed after the first byte: %r", exc)
         error = UpstreamError("the backend failed in the middle of the response", code="stream_interrupted")
         event = b"data: " + error.to_bytes() + b"\n\n"
@@ -167,9 +149,7 @@ async def send_stream(send, receive, response: BackendResponse, headers: list[tu
         await send({"type": "http.response.body", "body": event})
         return SentStream(False, error, first, last, events, b"", f"stream broke off: {type(exc).__name__}")
     finally:
-        timer.cancel()
-        if watcher is not None:
-            watcher.cancel()
+        watched.close()
         await response.aclose()
 
 
@@ -225,7 +205,10 @@ async def serve_api(gateway: Gateway, scope: dict, receive, send, path: str) -> 
             out_headers.append((b"x-comox-backend", backend_name.encode()))
         status = response.status
         if response.stream is not None:
-            sent = await send_stream(send, receive, response, out_headers + SSE_HEADERS)
+            watch = gateway.disconnect_watch
+            if watch is None or watch.loop is not asyncio.get_running_loop():
+                watch = gateway.disconnect_watch = DisconnectWatch(asyncio.get_running_loop())
+            sent = await send_stream(send, receive, response, out_headers + SSE_HEADERS, watch)
             error = sent.error
             if state is not None:
                 if sent.broke is not None:

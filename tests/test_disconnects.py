@@ -1,0 +1,74 @@
+import asyncio
+
+from comox.disconnects import DisconnectWatch
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_short_streams_get_no_watcher_and_share_one_timer():
+    async def go():
+        loop = asyncio.get_running_loop()
+        watch = DisconnectWatch(loop, after_s=0.05)
+        never = loop.create_future()
+        streams = [watch.add(asyncio.current_task(), lambda: never) for _ in range(100)]
+        assert watch.armed and len(watch.open) == 100
+        for stream in streams:
+            stream.close()  # all done well within after_s
+        await asyncio.sleep(0.08)
+        assert all(stream.watcher is None for stream in streams)
+        assert not watch.open and not watch.armed  # nothing left: the timer is not re-armed
+        never.cancel()
+
+    run(go())
+
+
+def test_a_client_leaving_a_long_stream_cancels_its_task():
+    async def go():
+        loop = asyncio.get_running_loop()
+        watch = DisconnectWatch(loop, after_s=0.02)
+        left = asyncio.Event()
+
+        async def receive():
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        async def stream_forever():
+            watched = watch.add(asyncio.current_task(), receive)
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                return "cancelled", watched
+            finally:
+                watched.close()
+            return "finished", watched
+
+        task = loop.create_task(stream_forever())
+        await asyncio.sleep(0.05)
+        left.set()  # the client goes away after the watcher started
+        outcome, watched = await asyncio.wait_for(task, 2)
+        assert outcome == "cancelled" and watched.disconnected and watched.watcher is not None
+
+    run(go())
+
+
+def test_each_stream_is_watched_after_its_own_delay():
+    async def go():
+        loop = asyncio.get_running_loop()
+        watch = DisconnectWatch(loop, after_s=0.5)  # wide margins: a loaded CI box may wake us late
+        never = loop.create_future()
+        first = watch.add(asyncio.current_task(), lambda: never)
+        await asyncio.sleep(0.25)
+        second = watch.add(asyncio.current_task(), lambda: never)
+        await asyncio.sleep(0.35)  # first is ~600 ms old, second ~350 ms
+        assert first.watcher is not None and second.watcher is None
+        await asyncio.sleep(0.4)
+        assert second.watcher is not None and not watch.open
+        for stream in (first, second):
+            stream.close()
+        await asyncio.sleep(0)
+        assert first.watcher.cancelled() and second.watcher.cancelled()
+        never.cancel()
+
+    run(go())
