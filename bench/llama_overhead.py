@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 import orjson
-from comox.testing import free_port, stop_process
+from comox.testing import free_port, stop_process, wait_for_http
 
 COMOX = "Comox, in-process llama-cpp-python backend"
 SERVER = "python -m llama_cpp.server alone"
@@ -52,18 +52,23 @@ def start(stack: ExitStack, args: list[str], ready_url: str, log: Path, timeout:
         stop_process(proc)
 
     stack.callback(stop)
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"{args[2]} exited with {proc.returncode}; see {log}")
-        try:
-            if httpx.get(ready_url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{args[2]} did not start in {timeout:.0f} s; see {log}")
-        time.sleep(0.1)
+    wait_for_http(ready_url, proc=proc, timeout=timeout, detail=lambda: f"{args[2]}: see {log}")
+
+
+def time_text(events) -> tuple[float | None, int, float]:
+    """When the first event carrying text came (``time.perf_counter()``), how
+    many did, and the decode rate after the first: tokens/s over the rest."""
+    first = last = None
+    tokens = 0
+    for event in events:
+        if event["choices"] and event["choices"][0].get("text"):
+            now = time.perf_counter()
+            if first is None:
+                first = now
+            last = now
+            tokens += 1
+    decode = (tokens - 1) / (last - first) if tokens > 1 and last > first else float("nan")
+    return first, tokens, decode
 
 
 def one_stream(http: httpx.Client, url: str, model: str, prompt: str, max_tokens: int) -> tuple:
@@ -72,28 +77,21 @@ def one_stream(http: httpx.Client, url: str, model: str, prompt: str, max_tokens
     decode tokens/s its worker measured) of one streaming completion."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     started = time.perf_counter()
-    first = last = None
-    tokens = 0
-    prompt_ms = worker_tps = None
+    timings: dict = {}
+
+    def events(response):
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = orjson.loads(line[6:])
+                timings.update(event.get("timings") or {})
+                yield event
+
     with http.stream("POST", f"{url}/v1/completions", json=body) as response:
         response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = orjson.loads(line[6:])
-            if "timings" in event:
-                prompt_ms = event["timings"].get("prompt_ms")
-                worker_tps = event["timings"].get("predicted_per_second")
-            if event["choices"] and event["choices"][0].get("text"):
-                now = time.perf_counter()
-                if first is None:
-                    first = now
-                last = now
-                tokens += 1
+        first, tokens, decode = time_text(events(response))
     if first is None:
         raise SystemExit(f"no tokens from {url}")
-    decode = (tokens - 1) / (last - first) if tokens > 1 and last > first else float("nan")
-    return first - started, decode, tokens, prompt_ms, worker_tps
+    return first - started, decode, tokens, timings.get("prompt_ms"), timings.get("predicted_per_second")
 
 
 def direct_stream(llm, prompt: str, max_tokens: int) -> tuple:
@@ -104,17 +102,8 @@ def direct_stream(llm, prompt: str, max_tokens: int) -> tuple:
 
     job = llm.comox_job = _Job()
     started = time.perf_counter()
-    first = last = None
-    tokens = 0
-    for event in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0, stream=True):
-        if event["choices"] and event["choices"][0].get("text"):
-            now = time.perf_counter()
-            if first is None:
-                first = now
-            last = now
-            tokens += 1
+    first, tokens, decode = time_text(llm.create_completion(prompt, max_tokens=max_tokens, temperature=0, stream=True))
     llm.comox_job = None
-    decode = (tokens - 1) / (last - first) if tokens > 1 and last > first else float("nan")
     timings = job.timings()
     return first - started, decode, tokens, timings["prompt_ms"], timings["predicted_per_second"]
 

@@ -32,7 +32,7 @@ import threading
 import time
 import timeit
 from pathlib import Path
-from comox.testing import free_port, stop_process
+from comox.testing import free_port, stop_process, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -126,19 +126,7 @@ class LlamaServer:
         return f"http://127.0.0.1:{self.port}"
 
     def wait(self, timeout: float = 120.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited: see {self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/v1/models", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("llama_cpp.server did not start")
+        wait_for_http(f"{self.url}/v1/models", proc=self.proc, timeout=timeout, detail=lambda: f"see {self.log_path}")
 
     def counts(self) -> tuple[int, int]:
         self.log.flush()

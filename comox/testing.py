@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 import pytest
 
-__all__ = ["Fault", "ServerThread", "StandInUpstream", "free_port", "stop_process", "wait_until"]
+__all__ = ["Fault", "ServerThread", "StandInUpstream", "free_port", "stop_process", "wait_for_http", "wait_until"]
 
 
 def free_port() -> int:
@@ -41,6 +41,27 @@ def wait_until(condition, timeout: float = 10.0, interval: float = 0.005) -> Non
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(interval)
+
+
+def wait_for_http(url: str, *, proc=None, timeout: float = 30.0, detail=None) -> None:
+    """Poll GET ``url`` until it answers 200. Fail at once when ``proc`` (the
+    ``subprocess.Popen`` serving it) exits, adding ``detail()`` (its log, say)
+    to the message; fail after ``timeout`` seconds otherwise."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            extra = f": {detail()}" if detail is not None else ""
+            raise AssertionError(f"the server exited with {proc.returncode} before {url} answered{extra}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} did not answer 200 within {timeout:g} s")
+        time.sleep(0.1)
 
 
 def stop_process(proc, timeout: float = 15.0) -> None:

@@ -4,25 +4,15 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
-from comox.testing import free_port, stop_process
+from comox.testing import free_port, stop_process, wait_for_http
 
 
-def wait_healthy(proc, url, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise AssertionError("server did not become healthy")
+def wait_healthy(proc, url):
+    wait_for_http(f"{url}/healthz", proc=proc, detail=proc.stderr.read)
 
 
 @pytest.fixture

