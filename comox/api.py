@@ -12,7 +12,7 @@ from typing import NamedTuple
 import orjson
 
 from .backends import BackendResponse
-from .disconnects import DisconnectWatch
+from .disconnects import watch_for
 from .errors import (
     BodyTooLarge,
     ComoxError,
@@ -104,18 +104,15 @@ async def send_error(send, exc: ComoxError, request_id: bytes) -> None:
     await send_json(send, exc.status, exc.to_bytes(), exc.headers() + [(b"x-request-id", request_id)])
 
 
-async def send_stream(send, receive, response: BackendResponse, headers: list[tuple[bytes, bytes]],
-                      watch: DisconnectWatch | None = None) -> SentStream:
+async def send_stream(send, receive, response: BackendResponse, headers: list[tuple[bytes, bytes]]) -> SentStream:
     """Forward ``response.stream`` chunk by chunk. A client that goes away
-    cancels the upstream read (noticed by ``watch`` once the stream has lasted
-    ``WATCH_AFTER_S``); an upstream that fails midway ends the stream with an
+    cancels the upstream read (noticed once the stream has lasted
+    ``WATCH_AFTER_S``, :mod:`comox.disconnects`); an upstream that fails midway ends the stream with an
     error event, never a clean ``[DONE]``. Returns what was sent, for the
     fleet's measurements (in the loop itself: a wrapping generator per stream
     would cost more than the measuring)."""
     task = asyncio.current_task()
-    if watch is None:
-        watch = DisconnectWatch(asyncio.get_running_loop())
-    watched = watch.add(task, receive)
+    watched = watch_for(asyncio.get_running_loop()).add(task, receive)
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     first = last = 0.0
     events = 0
@@ -205,10 +202,7 @@ async def serve_api(gateway: Gateway, scope: dict, receive, send, path: str) -> 
             out_headers.append((b"x-comox-backend", backend_name.encode()))
         status = response.status
         if response.stream is not None:
-            watch = gateway.disconnect_watch
-            if watch is None or watch.loop is not asyncio.get_running_loop():
-                watch = gateway.disconnect_watch = DisconnectWatch(asyncio.get_running_loop())
-            sent = await send_stream(send, receive, response, out_headers + SSE_HEADERS, watch)
+            sent = await send_stream(send, receive, response, out_headers + SSE_HEADERS)
             error = sent.error
             if state is not None:
                 if sent.broke is not None:

@@ -3,7 +3,7 @@
 ASGI tells an app about a disconnect only through ``receive()``, so noticing
 one means a task waiting on it. Most streams end in a few milliseconds and
 never need one: a stream gets its watcher only once it has lasted
-``WATCH_AFTER_S``. One :class:`DisconnectWatch` per event loop keeps the open
+``WATCH_AFTER_S``. One :class:`DisconnectWatch` per event loop (:func:`watch_for`) keeps the open
 streams in start order and checks them with one timer, re-armed while any is
 open, instead of one timer per stream (which cost ~10% of an SSE stream's CPU
 under load; docs/benchmarks.md).
@@ -12,9 +12,10 @@ under load; docs/benchmarks.md).
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections import deque
 
-__all__ = ["WATCH_AFTER_S", "DisconnectWatch", "WatchedStream"]
+__all__ = ["WATCH_AFTER_S", "DisconnectWatch", "WatchedStream", "watch_for"]
 
 WATCH_AFTER_S = 0.02  # a stream's watcher starts this long after the stream (give or take a loop turn)
 
@@ -49,35 +50,48 @@ class WatchedStream:
 
 
 class DisconnectWatch:
-    """The open streams of one event loop, oldest first."""
+    """The open streams of one event loop, oldest first. Used from that loop
+    only; it keeps no reference to it, so a closed loop's watch goes with it."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, after_s: float = WATCH_AFTER_S):
-        self.loop = loop
+    def __init__(self, after_s: float = WATCH_AFTER_S):
         self.after_s = after_s
         self.open: deque[WatchedStream] = deque()
         self.armed = False
 
     def add(self, task: asyncio.Task, receive) -> WatchedStream:
-        stream = WatchedStream(task, receive, self.loop.time())
+        loop = asyncio.get_running_loop()
+        stream = WatchedStream(task, receive, loop.time())
         self.open.append(stream)
         if not self.armed:
             self.armed = True
-            self.loop.call_later(self.after_s, self.check)
+            loop.call_later(self.after_s, self.check)
         return stream
 
     def check(self) -> None:
         """Drop finished streams; start a watcher for each that has lasted
         ``after_s``; re-arm for the oldest one left."""
+        loop = asyncio.get_running_loop()
         self.armed = False
         open_ = self.open
-        now = self.loop.time()
+        now = loop.time()
         while open_:
             stream = open_[0]
             if not stream.finished:
                 if now - stream.started < self.after_s:
                     break
-                stream.watcher = self.loop.create_task(stream.watch())
+                stream.watcher = loop.create_task(stream.watch())
             open_.popleft()
         if open_:
             self.armed = True
-            self.loop.call_later(max(open_[0].started + self.after_s - now, 0.001), self.check)
+            loop.call_later(max(open_[0].started + self.after_s - now, 0.001), self.check)
+
+
+_watches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def watch_for(loop: asyncio.AbstractEventLoop) -> DisconnectWatch:
+    """The watch of ``loop`` (each server thread runs its own loop)."""
+    watch = _watches.get(loop)
+    if watch is None:
+        watch = _watches[loop] = DisconnectWatch()
+    return watch

@@ -43,7 +43,6 @@ class Gateway:
         self.retry_budget_ratio = settings.server.retry_budget_ratio
         self.retry_budget_min = settings.server.retry_budget_min
         self.health_checker = None
-        self.disconnect_watch = None  # the open streams of the loop serving this gateway (comox.disconnects)
         self.created = created = int(time.time())
         self.models_body = orjson.dumps({
             "object": "list",

@@ -1,6 +1,6 @@
 import asyncio
 
-from comox.disconnects import DisconnectWatch
+from comox.disconnects import DisconnectWatch, watch_for
 
 
 def run(coro):
@@ -10,7 +10,7 @@ def run(coro):
 def test_short_streams_get_no_watcher_and_share_one_timer():
     async def go():
         loop = asyncio.get_running_loop()
-        watch = DisconnectWatch(loop, after_s=0.05)
+        watch = DisconnectWatch(after_s=0.05)
         never = loop.create_future()
         streams = [watch.add(asyncio.current_task(), lambda: never) for _ in range(100)]
         assert watch.armed and len(watch.open) == 100
@@ -27,7 +27,7 @@ def test_short_streams_get_no_watcher_and_share_one_timer():
 def test_a_client_leaving_a_long_stream_cancels_its_task():
     async def go():
         loop = asyncio.get_running_loop()
-        watch = DisconnectWatch(loop, after_s=0.02)
+        watch = DisconnectWatch(after_s=0.02)
         left = asyncio.Event()
 
         async def receive():
@@ -56,7 +56,7 @@ def test_a_client_leaving_a_long_stream_cancels_its_task():
 def test_each_stream_is_watched_after_its_own_delay():
     async def go():
         loop = asyncio.get_running_loop()
-        watch = DisconnectWatch(loop, after_s=0.5)  # wide margins: a loaded CI box may wake us late
+        watch = DisconnectWatch(after_s=0.5)  # wide margins: a loaded CI box may wake us late
         never = loop.create_future()
         first = watch.add(asyncio.current_task(), lambda: never)
         await asyncio.sleep(0.25)
@@ -72,3 +72,14 @@ def test_each_stream_is_watched_after_its_own_delay():
         never.cancel()
 
     run(go())
+
+
+def test_one_watch_per_event_loop():
+    async def mine():
+        return watch_for(asyncio.get_running_loop())
+
+    async def same_loop_twice():
+        return await mine() is await mine()
+
+    assert run(same_loop_twice())
+    assert run(mine()) is not run(mine())  # each asyncio.run has its own loop
