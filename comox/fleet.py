@@ -509,16 +509,22 @@ class ModelGroup:
             else:
                 self.waiters.append(future)
             try:
-                await asyncio.wait_for(future, remaining)
-            except asyncio.TimeoutError:
-                return None
-            finally:
-                if not future.done():
+                # asyncio.timeout, not wait_for, which on 3.11 drops a cancel
+                # (client gone) that arrives as the slot is handed over
+                async with asyncio.timeout(remaining):
+                    await future
+            except BaseException as exc:  # time ran out, or the client left
+                if future.done() and not future.cancelled():
+                    self.wake_one()  # handed a slot just as we leave: pass it on
+                else:
                     future.cancel()
-                try:
-                    self.waiters.remove(future)
-                except ValueError:
-                    pass
+                    try:
+                        self.waiters.remove(future)
+                    except ValueError:
+                        pass
+                if isinstance(exc, TimeoutError):
+                    return None
+                raise
             state = self.choose(request, exclude)
             if state is not None:
                 return state

@@ -51,8 +51,13 @@ async def check_once(state: BackendState, http: httpx.AsyncClient) -> str:
     config = state.settings.health_check
     check = getattr(state.backend, "health_check", None)
     try:
-        coro = check(state, http) if check is not None else _generic_check(state, http)
-        verdict, detail = await asyncio.wait_for(coro, config.timeout_s)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancel that
+        # arrives as the check finishes, and stop() would then wait forever.
+        async with asyncio.timeout(config.timeout_s):
+            if check is not None:
+                verdict, detail = await check(state, http)
+            else:
+                verdict, detail = await _generic_check(state, http)
     except asyncio.TimeoutError:
         verdict, detail = FAIL, f"timed out after {config.timeout_s:g} s"
     except Exception as exc:  # connection refused, bad answer, …
@@ -73,6 +78,7 @@ class HealthChecker:
         self.states = [state for state in states if enabled(state)]
         self.tasks: list[asyncio.Task] = []
         self.http: httpx.AsyncClient | None = None
+        self.stopping = False
 
     def start(self) -> None:
         if self.states:
@@ -82,22 +88,26 @@ class HealthChecker:
 
     async def _run(self, state: BackendState) -> None:
         interval = state.settings.health_check.interval_s
-        while True:
+        while not self.stopping:  # also ends a loop whose cancel a library swallowed
             try:
                 await check_once(state, self.http)
             except Exception:  # never let one bad check end the loop
                 log.exception("health check of %s failed unexpectedly", state.name)
             await asyncio.sleep(interval)
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Cancel the checks and wait for them, at most ``grace_s`` seconds:
+        shutdown must not hang on a check stuck in a client library."""
+        self.stopping = True
         tasks, self.tasks = self.tasks, []
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        if tasks:
+            # asyncio.wait neither raises the tasks' errors nor swallows a
+            # cancel of stop() itself
+            _, stuck = await asyncio.wait(tasks, timeout=grace_s)
+            for task in stuck:
+                log.warning("health check task %s did not stop within %g s", task.get_name(), grace_s)
         if self.http is not None:
             await self.http.aclose()
             self.http = None

@@ -4,6 +4,7 @@ max_concurrency with its queue, retries and their budget, measured speed.
 Unit tests use a fake clock; integration tests run real gateways in front of
 real stand-in servers on 127.0.0.1."""
 
+import asyncio
 import threading
 import time
 from collections import Counter
@@ -15,7 +16,7 @@ from comox.fleet import EJECT_AFTER
 from comox.testing import Fault, wait_until
 from comox_round_robin import RoundRobin
 
-from tests.policy_helpers import Clock, make_group, names, pick
+from tests.policy_helpers import Clock, chat, make_group, names, pick
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -125,6 +126,44 @@ def test_not_ready_is_not_a_failure():
     assert set(names(pick(group) for _ in range(4))) == {"b1"}
     a.health_passed()
     assert set(names(pick(group) for _ in range(4))) == {"b0", "b1"}
+
+
+def test_a_waiter_leaving_as_it_is_handed_the_slot_passes_it_on():
+    # The client of the first waiter goes away in the same instant its slot
+    # is freed: it must leave (not be served for nobody), and the slot must
+    # go to the next waiter instead of sitting idle until its queue timeout.
+    group = make_group(RoundRobin, 1, max_concurrency=1)
+    group.queue_size = 10
+    (state,) = group.backends
+    state.acquire()
+
+    async def scenario():
+        deadline = time.monotonic() + 10
+        first = asyncio.create_task(group.wait_for_slot(chat("x"), (), deadline))
+        second = asyncio.create_task(group.wait_for_slot(chat("y"), (), deadline))
+        await asyncio.sleep(0.01)
+        assert len(group.waiters) == 2
+        state.release()  # wakes the first...
+        first.cancel()  # ...whose client leaves before it runs
+        served = await asyncio.wait_for(second, 2)
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        return served
+
+    assert asyncio.run(scenario()) is state
+    assert not group.waiters
+
+
+def test_a_waiter_that_times_out_leaves_the_queue():
+    group = make_group(RoundRobin, 1, max_concurrency=1)
+    group.queue_size = 10
+    group.backends[0].acquire()
+
+    async def scenario():
+        return await group.wait_for_slot(chat("x"), (), time.monotonic() + 0.05)
+
+    assert asyncio.run(scenario()) is None
+    assert not group.waiters
 
 
 # -- integration: real gateway, real stand-ins ---------------------------------

@@ -10,7 +10,7 @@ import pytest
 
 from comox.app import build_gateway as _build
 from comox.settings import Settings
-from comox.health import FAIL, LOADING, OK, check_once
+from comox.health import FAIL, LOADING, OK, HealthChecker, check_once
 from comox.testing import Fault, StandInUpstream
 
 from tests.standins import LlamaServerStandIn
@@ -129,3 +129,119 @@ def test_background_checks_start_with_the_gateway_and_stop_with_it(upstream):
     checked = len([r for r in upstream.requests if r["path"] == "/v1/models"])
     assert checked >= 3
     assert len(upstream.requests) == checked  # and nothing else
+
+
+def checker_with(upstream, check):
+    """A HealthChecker over one backend whose check is ``check(state, http)``."""
+    gateway = gateway_for({"name": "a", "url": upstream.url, "health_check": {"enabled": True, "interval_s": 0.01}})
+    (state,) = gateway.backends()
+    state.backend.health_check = check
+    return HealthChecker([state])
+
+
+def test_a_cancel_arriving_as_a_check_finishes_still_stops_the_loop(upstream):
+    # The check asks for its own task's cancellation and returns at once: the
+    # cancel lands while the check's result is being handed back. (On 3.11,
+    # asyncio.wait_for dropped such a cancel, and the loop ran on for ever.)
+    calls = []
+
+    async def check(state, http):
+        calls.append(1)
+        if len(calls) == 2:
+            checker.tasks[0].cancel()
+        return OK, "ok"
+
+    checker = checker_with(upstream, check)
+
+    async def scenario():
+        checker.start()
+        task = checker.tasks[0]
+        for _ in range(100):
+            if task.done():
+                break
+            await asyncio.sleep(0.01)
+        done = task.done()
+        await checker.stop(grace_s=1)
+        return done
+
+    assert run(scenario()) is True
+    assert len(calls) == 2
+
+
+def test_stop_ends_a_check_that_swallows_its_cancel(upstream):
+    # A client library that eats CancelledError must not hang shutdown: the
+    # loop sees stop() and ends after the check returns.
+    async def check(state, http):
+        try:
+            await asyncio.sleep(0.2)
+        except asyncio.CancelledError:
+            pass
+        return OK, "ok"
+
+    checker = checker_with(upstream, check)
+
+    async def scenario():
+        checker.start()
+        await asyncio.sleep(0.05)
+        task = checker.tasks[0]
+        await checker.stop(grace_s=5)
+        return task.done()
+
+    assert run(scenario()) is True
+
+
+def test_stop_waits_no_longer_than_its_grace_for_a_stuck_check(upstream, caplog):
+    released = []
+
+    async def check(state, http):  # deaf to cancels until released
+        while not released:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                pass
+        return OK, "ok"
+
+    checker = checker_with(upstream, check)
+
+    async def scenario():
+        checker.start()
+        await asyncio.sleep(0.05)
+        task = checker.tasks[0]
+        started = asyncio.get_running_loop().time()
+        await checker.stop(grace_s=0.2)
+        waited = asyncio.get_running_loop().time() - started
+        stuck = not task.done()
+        released.append(1)
+        await asyncio.wait_for(task, 5)
+        return waited, stuck
+
+    waited, stuck = run(scenario())
+    assert stuck and waited < 2
+    assert "did not stop within" in caplog.text
+
+
+def test_cancelling_stop_itself_is_not_swallowed(upstream):
+    released = []
+
+    async def check(state, http):  # deaf to cancels until released
+        while not released:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                pass
+        return OK, "ok"
+
+    checker = checker_with(upstream, check)
+
+    async def scenario():
+        checker.start()
+        await asyncio.sleep(0.05)
+        stopping = asyncio.create_task(checker.stop(grace_s=30))
+        await asyncio.sleep(0.05)
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        released.append(1)
+        return stopping.cancelled()
+
+    assert run(scenario()) is True
