@@ -695,37 +695,44 @@ def soak(args, workdir: Path, nginx: Nginx, policy: str) -> None:
 
 
 def workers_compare(args, workdir: Path, nginx: Nginx, policy: str) -> None:
-    """Comox and the minimal proxy with 1 and 2 worker processes. Nothing pinned:
-    on a 2-core box nginx and wrk share the cores with the second worker, so this
-    shows scaling relative to the limit, not absolute scaling."""
+    """Comox and the minimal proxy with 1 and 2 worker processes, in interleaved
+    rounds. Nothing is pinned (this script neither: pinned, it would confine the
+    workers it starts to its own core): nginx and wrk share the cores with the
+    workers, so 2 cores give 2 workers less than 2 cores' worth."""
     body = workdir / "request.json"
     body.write_bytes(REQUEST_JSON)
+    agg = mean if args.aggregate == "mean" else med
     rows = []
     for make in (lambda w: MinimalProxy("aiohttp", nginx, workdir, None, workers=w),
                  lambda w: Comox(nginx, workdir, None, policy, workers=w)):
-        got, cpu = {}, {}
-        for w in (1, 2):
-            t = make(w)
-            try:
-                wrk(t.url(False), body, 64, 2, cores=None)
-                rates, costs = [], []
-                for _ in range(args.rounds):
+        targets = {}
+        try:
+            for w in (1, 2):
+                targets[w] = make(w)
+                wrk(targets[w].url(False), body, 64, 2, cores=None)
+            rates = {1: [], 2: []}
+            costs = {1: [], 2: []}
+            for r in range(args.rounds):
+                for w in ((1, 2) if r % 2 == 0 else (2, 1)):
+                    t = targets[w]
                     cpu0 = t.cpu()
                     res = wrk(t.url(False), body, 64, args.duration, cores=None)
-                    rates.append(res["rps"])
-                    costs.append((t.cpu() - cpu0) / max(res["requests"], 1) * 1e6)
-                got[w], cpu[w] = med(rates), med(costs)
-                print(f"  {t.name:<48} rps c=64 {got[w]:>9,.0f}  CPU {cpu[w]:.0f} µs/request", flush=True)
-            finally:
+                    rates[w].append(res["rps"])
+                    costs[w].append((t.cpu() - cpu0) / max(res["requests"], 1) * 1e6)
+                    print(f"  {t.name:<48} rps c=64 {res['rps']:>9,.0f}  CPU {costs[w][-1]:.0f} µs/request", flush=True)
+            ratios = [two / one for one, two in zip(rates[1], rates[2])]
+            rows.append((targets[1].name.split(" (")[0], agg(rates[1]), agg(rates[2]), agg(costs[1]), agg(costs[2]),
+                         med(ratios), min(ratios), max(ratios)))
+        finally:
+            for t in targets.values():
                 t.stop()
-        rows.append((t.name.split(" (")[0], got[1], got[2], cpu[1], cpu[2]))
-    print("\n| target | rps c=64, 1 worker | rps c=64, 2 workers | 2 / 1 | CPU µs/request, 1 worker | 2 workers |"
-          "\n|---|---:|---:|---:|---:|---:|")
-    for name, one, two, c1, c2 in rows:
-        print(f"| {name} | {one:,.0f} | {two:,.0f} | {two / one:.2f}× | {c1:.0f} | {c2:.0f} |")
-    print(f"\nUnpinned; nginx and wrk share the {os.cpu_count()} cores. Medians of {args.rounds} runs of {args.duration:g} s."
-          "\nCPU µs/request is the workers' CPU time (all processes) over requests served: when it stays the same with"
-          "\nmore workers, nothing in the server serialises them, and throughput grows with the cores given to them.")
+    print("\n| target | rps c=64, 1 worker | rps c=64, 2 workers | 2 / 1 | per round: median (range) "
+          "| CPU µs/request, 1 worker | 2 workers |\n|---|---:|---:|---:|---:|---:|---:|")
+    for name, one, two, c1, c2, mid, low, high in rows:
+        print(f"| {name} | {one:,.0f} | {two:,.0f} | {two / one:.2f}× | {mid:.2f}× ({low:.2f}–{high:.2f}×) | {c1:.0f} | {c2:.0f} |")
+    print(f"\nUnpinned; nginx and wrk share the {os.cpu_count()} cores. {args.aggregate.capitalize()}s of {args.rounds} "
+          f"interleaved rounds of {args.duration:g} s. CPU µs/request is the workers' CPU time (all processes) over"
+          "\nrequests served: when it stays the same with more workers, nothing in the server serialises them.")
 
 
 def profile(args, workdir: Path, nginx: Nginx, policy: str) -> None:
@@ -832,8 +839,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in args.extra:
         if (c not in MinimalProxy.LABELS and c not in Comox.VARIANTS) or c == "aiohttp":
             parser.error(f"--extra: unknown {c!r}")
-    if os.cpu_count() < 2:
-        args.pin = False
+    if os.cpu_count() < 2 or args.workers_compare:
+        args.pin = False  # workers must be free to use every core
 
     policies = available_policies()
     policy = args.policy if args.policy != "auto" else ("p2c_ewma" if "p2c_ewma" in policies else "round_robin")
