@@ -162,6 +162,13 @@ def parse_body(endpoint: str, raw: bytes) -> dict:
         if not isinstance(value, (str, list)) or not value:
             raise InvalidRequest("'input' must be a non-empty string or array", param="input", code="invalid_input")
     for key, low, high, integer in _NUMBERS:
-        if key in body:
-            check_number(body, key, low, high, integer=integer)
+        value = body.get(key)
+        if value is None:
+            continue
+        kind = type(value)
+        # The common case in one step (NaN and ±inf fail the comparison, bool is
+        # not int here); check_number words the error for anything else.
+        if (kind is int or (kind is float and not integer)) and low <= value <= high:
+            continue
+        check_number(body, key, low, high, integer=integer)
     return body
