@@ -232,9 +232,10 @@ class StandInUpstream:
                     chunk = {"id": "cmpl-standin", "object": "text_completion", "created": 1, "model": payload.get("model"), "choices": [{"index": 0, "text": piece, "finish_reason": None}]}
                 await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n", "more_body": True})
                 if self.chunk_delay:
-                    try:
-                        await asyncio.wait_for(gone.wait(), self.chunk_delay)
-                    except asyncio.TimeoutError:
+                    try:  # (asyncio.timeout: 3.11's wait_for can drop a cancel)
+                        async with asyncio.timeout(self.chunk_delay):
+                            await gone.wait()
+                    except TimeoutError:
                         pass
                 if gone.is_set():
                     self.disconnects += 1
