@@ -184,6 +184,12 @@ def comox_request_done(
     May be ``async def``. All implementations are called, after the last byte
     was sent (or the client went away). Exceptions are logged, not raised.
 
+    Runs for every API request whose body parsed into a ``GatewayRequest``,
+    including those refused later (unknown model, ``comox_admit``, no backend).
+    Requests refused before that — unknown path, wrong method, body too large
+    or not valid JSON — and ``GET /v1/models`` never reach it: count those in
+    ASGI middleware around the app.
+
     :param request: the request.
     :param status: the HTTP status sent to the client.
     :param backend: the name of the backend that answered, or ``None``.

@@ -131,3 +131,14 @@ def test_failover_respects_local_only(comox_serve):
     dead = {"models": [{"name": "m", "backends": [{"url": f"http://127.0.0.1:{free_port()}"}]}]}
     server = comox_serve(dead, plugins=[Failover(), LocalOnly()])
     assert httpx.post(f"{server.url}/v1/chat/completions", json=CHAT).status_code == 503
+
+
+def test_request_done_sees_every_parsed_request_and_only_those(gateway, recorder):
+    # Parsed, then refused: the hook sees it, with the status the client got.
+    assert httpx.post(f"{gateway.url}/v1/chat/completions", json={**CHAT, "model": "nope"}).status_code == 404
+    assert recorder.done == [(404, None, "ModelNotFound")]
+    # Refused before a GatewayRequest exists (as documented): not seen here.
+    assert httpx.post(f"{gateway.url}/v1/chat/completions", content=b"{not json").status_code == 400
+    assert httpx.get(f"{gateway.url}/v1/chat/completions").status_code == 405
+    assert httpx.get(f"{gateway.url}/v1/models").status_code == 200
+    assert recorder.done == [(404, None, "ModelNotFound")]
