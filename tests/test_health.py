@@ -139,6 +139,22 @@ def checker_with(upstream, check):
     return HealthChecker([state])
 
 
+def deaf_checker(upstream):
+    """A HealthChecker whose check ignores cancels until ``released`` (the
+    returned list) is made non-empty: a client library stuck for good."""
+    released = []
+
+    async def check(state, http):
+        while not released:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                pass
+        return OK, "ok"
+
+    return checker_with(upstream, check), released
+
+
 def test_a_cancel_arriving_as_a_check_finishes_still_stops_the_loop(upstream):
     # The check asks for its own task's cancellation and returns at once: the
     # cancel lands while the check's result is being handed back. (On 3.11,
@@ -191,17 +207,7 @@ def test_stop_ends_a_check_that_swallows_its_cancel(upstream):
 
 
 def test_stop_waits_no_longer_than_its_grace_for_a_stuck_check(upstream, caplog):
-    released = []
-
-    async def check(state, http):  # deaf to cancels until released
-        while not released:
-            try:
-                await asyncio.sleep(0.01)
-            except asyncio.CancelledError:
-                pass
-        return OK, "ok"
-
-    checker = checker_with(upstream, check)
+    checker, released = deaf_checker(upstream)
 
     async def scenario():
         checker.start()
@@ -221,17 +227,7 @@ def test_stop_waits_no_longer_than_its_grace_for_a_stuck_check(upstream, caplog)
 
 
 def test_cancelling_stop_itself_is_not_swallowed(upstream):
-    released = []
-
-    async def check(state, http):  # deaf to cancels until released
-        while not released:
-            try:
-                await asyncio.sleep(0.01)
-            except asyncio.CancelledError:
-                pass
-        return OK, "ok"
-
-    checker = checker_with(upstream, check)
+    checker, released = deaf_checker(upstream)
 
     async def scenario():
         checker.start()
