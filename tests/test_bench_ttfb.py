@@ -39,9 +39,8 @@ def test_times_the_first_event_not_the_whole_stream(ttfb, tmp_path):
         out = run(ttfb, upstream.url, body)
     finally:
         upstream.stop()
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0, out.stderr  # any bad answer exits 1
     result = json.loads(out.stdout)
-    assert result["errors"] == 0
     # Each of the 2 connections reads every response to its end before the next,
     # so 0.6 s holds about 3 responses each, not hundreds.
     assert 2 <= result["n"] <= 10
