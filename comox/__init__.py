@@ -19,7 +19,7 @@ from .errors import (
 from .gateway import Gateway
 from .hookspecs import hookimpl
 from .middleware import ComoxMiddleware
-from .request import ANONYMOUS, GatewayRequest, Principal
+from .request import ANONYMOUS, GatewayRequest, Principal, check_number
 from .settings import BackendSettings, Settings, load_settings
 
 __version__ = "0.1.0"
@@ -48,6 +48,7 @@ __all__ = [
     "Settings",
     "UpstreamError",
     "build_gateway",
+    "check_number",
     "create_app",
     "hookimpl",
     "load_settings",

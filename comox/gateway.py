@@ -132,6 +132,20 @@ class Gateway:
             await call_startup_hook(self.pm.hook.comox_startup, gateway=self)
             self.started = True
 
+    async def probe(self) -> list[tuple[str, str, str]]:
+        """Check every backend once, now: ``(backend name, verdict, detail)``
+        with verdict ``"ok"``, ``"loading"`` or ``"fail"`` (for ``comox check``)."""
+        import httpx
+
+        from .health import check_once
+
+        results = []
+        async with httpx.AsyncClient(trust_env=False, headers={"user-agent": "comox-check"}) as http:
+            for state in self.backends():
+                verdict = await check_once(state, http)
+                results.append((state.name, verdict, state.last_health or ""))
+        return results
+
     async def aclose(self) -> None:
         if self.health_checker is not None:
             await self.health_checker.stop()

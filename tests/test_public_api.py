@@ -7,7 +7,7 @@ def test_all_is_the_public_api():
         "BackendUnavailable", "BodyTooLarge", "ComoxApp", "ComoxError", "ComoxMiddleware",
         "ConfigError", "Gateway", "GatewayRequest", "InvalidRequest", "ModelNotFound",
         "NoBackendAvailable", "NotFound", "PermissionDenied", "Principal", "RateLimited",
-        "Settings", "UpstreamError", "build_gateway", "create_app", "hookimpl", "load_settings",
+        "Settings", "UpstreamError", "build_gateway", "check_number", "create_app", "hookimpl", "load_settings",
     ])
     for name in comox.__all__:
         assert getattr(comox, name) is not None
