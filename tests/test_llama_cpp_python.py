@@ -417,10 +417,10 @@ def test_bad_keys_are_config_errors(model_path):
     ],
 )
 def test_logprob_counts_are_checked_before_generation(build, body, param):
-    import comox_llama_cpp_python as plugin
+    from comox_llama_cpp_python import translate
 
     with pytest.raises(InvalidRequest) as info:
-        getattr(plugin, build)(body)
+        getattr(translate, build)(body)
     assert info.value.param == param
     ok = {**body, param: 3}
-    assert getattr(plugin, build)(ok)[param] == 3
+    assert getattr(translate, build)(ok)[param] == 3
