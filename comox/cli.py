@@ -1,50 +1,143 @@
-"""``comox serve`` and ``comox plugins``."""
+"""``comox serve``, ``comox check`` and ``comox plugins``.
+
+Exit status: 0 on success, 1 when ``comox check`` finds a model group with no
+backend that answers, 2 on a bad configuration or a port that cannot be
+listened on (one line on stderr, no traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import functools
 import json
 import os
+import socket
 import sys
 
+from . import __version__
 from .errors import ConfigError
 
 __all__ = ["main", "serve_app"]
 
 
+class CommandError(Exception):
+    """A failure the command reports in one line and exits 2 for."""
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .app import build_gateway
+    from .app import ComoxApp, build_gateway
 
-    if args.config:
-        os.environ["COMOX_CONFIG"] = os.path.abspath(args.config)
-    # Build once here so a bad config fails before uvicorn starts, with one line.
-    gateway = build_gateway(None)
-    print(f"Comox serving on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    from .default_config import serving_default, usage_example
+    # The config is read and the gateway built once, here: a bad config fails
+    # with one line, and a busy port too, before anything says it is serving.
+    gateway = build_gateway(args.config)
+    sock = _listen_socket(args.host, args.port)
+    host, port = args.host, sock.getsockname()[1]
+    options = dict(host=host, port=port, log_level=args.log_level, access_log=args.access_log)
+    if args.workers == 1:
+        server = uvicorn.Server(uvicorn.Config(ComoxApp(gateway, tune_gc=gateway.settings.server.tune_gc), **options))
+        _announce(gateway, host, port)
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run(sockets=[sock])
+        return 0
+    # Each worker is a spawned process that builds its own gateway. uvicorn
+    # pickles its Config into every worker, so this factory takes the config
+    # path along with it: nothing is written into the environment.
+    import inspect
 
-    if serving_default(gateway.settings):
-        print(usage_example(f"http://{args.host}:{args.port}"), file=sys.stderr, flush=True)
-    uvicorn.run(
-        "comox.cli:serve_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level=args.log_level,
-        access_log=args.access_log,
-    )
+    from uvicorn.supervisors import Multiprocess
+
+    factory = functools.partial(serve_app, os.path.abspath(args.config) if args.config else None)
+    config = uvicorn.Config(factory, factory=True, workers=args.workers, **options)
+    if "target" in inspect.signature(Multiprocess).parameters:  # older uvicorn
+        supervisor = Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock])
+    else:
+        supervisor = Multiprocess(config, sockets=[sock])
+    _announce(gateway, host, port)
+    with contextlib.suppress(KeyboardInterrupt):
+        supervisor.run()
     return 0
 
 
-def serve_app():
-    """The app ``comox serve`` runs in each worker: Comox owns the process, so
-    it may tune its garbage collector (``[server] tune_gc``)."""
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port``, as uvicorn would bind it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)  # handed to the worker processes
+    return sock
+
+
+def _announce(gateway, host: str, port: int) -> None:
+    from .default_config import serving_default, usage_example
+
+    base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    print(f"Comox serving on {base}/v1", file=sys.stderr, flush=True)
+    if serving_default(gateway.settings):
+        print(usage_example(base), file=sys.stderr, flush=True)
+
+
+def serve_app(config: str | None = None):
+    """The app ``comox serve`` runs in each worker (and a factory for
+    ``uvicorn comox.cli:serve_app --factory``): the gateway from the file
+    ``config``, else ``$COMOX_CONFIG``, else the embedded default. Comox owns
+    the process, so it may tune its garbage collector (``[server] tune_gc``)."""
     from .app import ComoxApp, build_gateway
 
-    gateway = build_gateway(None)
+    gateway = build_gateway(config)
     return ComoxApp(gateway, tune_gc=gateway.settings.server.tune_gc)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .app import build_gateway
+
+    gateway = build_gateway(args.config)
+    try:
+        results = asyncio.run(_probe(gateway))
+    except ConfigError:
+        raise
+    except Exception as exc:
+        print(f"comox: the gateway failed to start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    verdicts = {name: (verdict, detail) for name, verdict, detail in results}
+    groups = []
+    for group in gateway.groups.values():
+        backends = [
+            {"name": state.name, "verdict": verdicts[state.name][0], "detail": verdicts[state.name][1]}
+            for state in group.backends
+        ]
+        groups.append({"name": group.name, "ok": any(b["verdict"] == "ok" for b in backends), "backends": backends})
+    ok = bool(groups) and all(group["ok"] for group in groups)
+    if args.json:
+        print(json.dumps({"ok": ok, "groups": groups}, indent=2))
+    else:
+        rows = [(g["name"], b["name"], b["verdict"], b["detail"]) for g in groups for b in g["backends"]]
+        width_group = max((len(row[0]) for row in rows), default=0)
+        width_backend = max((len(row[1]) for row in rows), default=0)
+        for group_name, backend, verdict, detail in rows:
+            extra = f"  {detail}" if detail and detail != verdict else ""
+            print(f"{group_name:<{width_group}}  {backend:<{width_backend}}  {verdict:<7}{extra}".rstrip())
+    failed = [g["name"] for g in groups if not g["ok"]]
+    if failed:
+        print(f"comox: no backend answered for {', '.join(failed)}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+async def _probe(gateway) -> list[tuple[str, str, str]]:
+    """One health check of every backend of a started gateway, then close it."""
+    try:
+        await gateway.startup()
+        return await gateway.probe()
+    finally:
+        await gateway.aclose()
 
 
 def _plugins(args: argparse.Namespace) -> int:
@@ -60,21 +153,38 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+CONFIG_HELP = "TOML config file (default: $COMOX_CONFIG, else the embedded gemma-3-270m model)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="comox", description="A self-hosted AI gateway.")
+    parser.add_argument("--version", action="version", version=f"comox {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the gateway under uvicorn")
-    serve.add_argument("-c", "--config", help="TOML config file (default: $COMOX_CONFIG)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    serve.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs throughput)")
+    serve = commands.add_parser("serve", help="run the gateway under uvicorn", description="Run the gateway under uvicorn.")
+    serve.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    serve.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="worker processes, each with its own fleet state (default: %(default)s)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                       help="uvicorn's log level (default: %(default)s)")
+    serve.add_argument("--access-log", action="store_true",
+                       help="log every request (default: off, as it costs throughput)")
     serve.set_defaults(func=_serve)
 
+    check = commands.add_parser(
+        "check", help="check the config and which backends answer, without serving",
+        description="Validate the config, load its plugins, build the gateway and run one health check per "
+                    "backend. Exit 0 when every model group has a backend that answered ok, 1 otherwise, "
+                    "2 on a bad config.",
+    )
+    check.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
+    check.add_argument("--json", action="store_true", help="print JSON (default: one line per backend)")
+    check.set_defaults(func=_check)
+
     plugins = commands.add_parser("plugins", help="list loaded plugins with their versions and hooks")
-    plugins.add_argument("--json", action="store_true")
+    plugins.add_argument("--json", action="store_true", help="print JSON (default: one line per plugin)")
     plugins.set_defaults(func=_plugins)
 
     args = parser.parse_args(argv)
@@ -82,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"comox: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except CommandError as exc:
+        print(f"comox: {exc}", file=sys.stderr)
         return 2
 
 

@@ -80,6 +80,182 @@ def test_comox_plugins_lists_versions_and_hooks():
     assert "openai" in text and "comox_backend_types" in text
 
 
+def comox(*args, env=None, timeout=60):
+    """Run ``comox ARGS`` to its end, as a user would."""
+    return subprocess.run([sys.executable, "-m", "comox.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_version():
+    from comox import __version__
+
+    result = comox("--version")
+    assert (result.returncode, result.stdout) == (0, f"comox {__version__}\n")
+
+
+@pytest.mark.parametrize("command, defaults", [
+    ("serve", ["-c FILE, --config FILE", "default: $COMOX_CONFIG, else the embedded gemma-3-270m model",
+               "--host HOST", "default: 127.0.0.1", "--port PORT", "default: 8000", "--workers N", "default: 1",
+               "--log-level", "default: info", "--access-log", "default: off"]),
+    ("check", ["-c FILE, --config FILE", "default: $COMOX_CONFIG, else the embedded gemma-3-270m model",
+               "--json", "default: one line per backend"]),
+    ("plugins", ["--json", "default: one line per plugin"]),
+])
+def test_help_shows_every_default(command, defaults):
+    result = comox(command, "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps lines to the terminal's width
+    for expected in defaults:
+        assert expected in text
+
+
+def write_config(tmp_path, groups):
+    """A config file of ``{group: [(backend name, url), ...]}``."""
+    lines = []
+    for group, backends in groups.items():
+        lines.append(f'[[models]]\nname = "{group}"')
+        lines += [f'[[models.backends]]\nname = "{name}"\nurl = "{url}"' for name, url in backends]
+    path = tmp_path / "comox.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def dead_url():
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def test_check_reports_every_backend_of_every_group(tmp_path, comox_upstream):
+    path = write_config(tmp_path, {"chat": [("live", comox_upstream.url), ("dead", dead_url())],
+                                   "embed": [("live-too", comox_upstream.url)]})
+    result = comox("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(None, 3) for line in result.stdout.splitlines()]
+    assert [row[:3] for row in rows] == [["chat", "live", "ok"], ["chat", "dead", "fail"], ["embed", "live-too", "ok"]]
+    assert "ConnectError" in rows[1][3]
+    assert result.stderr == ""
+
+
+def test_check_fails_when_a_group_has_no_backend_that_answers(tmp_path, comox_upstream):
+    path = write_config(tmp_path, {"chat": [("live", comox_upstream.url)], "gone": [("dead", dead_url())]})
+    result = comox("check", "-c", str(path), "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["ok"] is False
+    assert [(g["name"], g["ok"], [(b["name"], b["verdict"]) for b in g["backends"]]) for g in report["groups"]] == [
+        ("chat", True, [("live", "ok")]),
+        ("gone", False, [("dead", "fail")]),
+    ]
+    assert result.stderr == "comox: no backend answered for gone\n"
+
+
+def test_check_reads_comox_config(tmp_path, comox_upstream):
+    path = write_config(tmp_path, {"from-env": [("live", comox_upstream.url)]})
+    result = comox("check", "--json", env={"COMOX_CONFIG": str(path)})
+    assert result.returncode == 0, result.stderr
+    assert [g["name"] for g in json.loads(result.stdout)["groups"]] == ["from-env"]
+
+
+def test_check_on_a_bad_config_says_why_in_one_line(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[[models]]\nname = "chat"\npolicy = "no-such-policy"\n[[models.backends]]\nurl = "http://127.0.0.1:9"\n')
+    result = comox("check", "-c", str(path))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("comox: configuration error: models[0].policy: unknown routing policy 'no-such-policy'")
+    assert result.stderr.count("\n") == 1
+
+
+def test_serve_on_a_busy_port_says_so_before_serving(config):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = comox("serve", "-c", str(config), "--port", str(port))
+    assert result.returncode == 2
+    assert result.stderr == f"comox: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+COUNTING_PLUGIN = """
+import os, sys
+import comox
+
+@comox.hookimpl
+def comox_routing_policies():
+    # called once per gateway built
+    print(f"counting plugin: gateway built, COMOX_CONFIG={os.environ.get('COMOX_CONFIG')}", file=sys.stderr, flush=True)
+    return {}
+"""
+
+
+@pytest.fixture
+def plugin_env(tmp_path):
+    """``plugin_env(name, source)``: install a one-module plugin distribution
+    (entry point ``name`` in the ``comox`` group) in a folder; returns the
+    environment that puts that folder on the path of a process."""
+    site = tmp_path / "site"
+
+    def install(name, source):
+        info = site / f"comox_{name}-1.0.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: comox-{name}\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text(f"[comox]\n{name} = comox_{name}\n")
+        (site / f"comox_{name}.py").write_text(source)
+        return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+
+    return install
+
+
+BROKEN_PLUGIN = """
+import comox
+
+class Broken:
+    settings_model = comox.BackendSettings
+
+    def __init__(self, settings):
+        self.name = settings.name
+
+    async def startup(self):
+        raise RuntimeError("no GPU here")
+
+    async def handle(self, request):
+        raise comox.BackendUnavailable("never started")
+
+    async def aclose(self):
+        pass
+
+@comox.hookimpl
+def comox_backend_types():
+    return {"broken": Broken}
+"""
+
+
+def test_check_reports_a_gateway_that_fails_to_start(tmp_path, plugin_env):
+    path = tmp_path / "comox.toml"
+    path.write_text('[[models]]\nname = "chat"\n[[models.backends]]\nname = "b"\ntype = "broken"\n')
+    result = comox("check", "-c", str(path), env=plugin_env("broken", BROKEN_PLUGIN))
+    assert result.returncode == 1
+    assert result.stderr == "comox: the gateway failed to start: RuntimeError: no GPU here\n"
+
+
+@pytest.mark.parametrize("workers, built", [(1, 1), (2, 3)])  # with workers: one check, then one gateway per worker
+def test_serve_builds_the_gateway_once_per_process_and_leaves_the_environment_alone(
+        run_server, config, plugin_env, workers, built):
+    port = free_port()
+    env = {**plugin_env("counting", COUNTING_PLUGIN), "COMOX_CONFIG": ""}
+    proc = run_server([sys.executable, "-m", "comox.cli", "serve", "-c", str(config), "--port", str(port),
+                       "--workers", str(workers)], env=env)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(proc, url)
+    assert chat(url) == "hello from upstream"
+    stop_process(proc)
+    log = proc.stderr.read()
+    assert log.count("counting plugin: gateway built, COMOX_CONFIG=\n") == built, log
+    assert log.count("counting plugin") == built
+    assert log.index(f"Comox serving on http://127.0.0.1:{port}/v1") > log.index("counting plugin")
+
+
 def run_lifespan_startup(app):
     """Drive an ASGI app through lifespan startup and shutdown in-process; return
     the message startup answered with and the GC state seen right after it."""
