@@ -1,7 +1,15 @@
-"""Comox: one OpenAI-compatible endpoint in front of a self-hosted inference fleet."""
+"""Comox: one OpenAI-compatible endpoint in front of a self-hosted inference fleet.
+
+Everything a plugin needs is here, behind ``__all__``: the hook marker, the
+backend protocol and its optional capabilities, the HTTP backend to subclass,
+the routing-policy protocols and the fleet views a policy reads, the request
+and principal types, the errors, and shared helpers. First-party plugins
+import nothing else from Comox.
+"""
 
 from .app import ComoxApp, build_gateway, create_app
-from .backends import Backend, BackendResponse
+from .backends import Backend, BackendResponse, SupportsHealthCheck, SupportsSlotPinning, SupportsStartup
+from .config import load_settings
 from .errors import (
     AuthenticationFailed,
     BackendUnavailable,
@@ -9,6 +17,7 @@ from .errors import (
     ComoxError,
     ConfigError,
     InvalidRequest,
+    MethodNotAllowed,
     ModelNotFound,
     NoBackendAvailable,
     NotFound,
@@ -16,40 +25,78 @@ from .errors import (
     RateLimited,
     UpstreamError,
 )
+from .fleet import FAIL, LOADING, OK, HealthReport, LoadReport, cheaper, power_of_two, request_size
 from .gateway import Gateway
 from .hookspecs import hookimpl
+from .http_backend import HTTPBackend, HTTPBackendSettings
 from .middleware import ComoxMiddleware
+from .prometheus import parse_prometheus
 from .request import ANONYMOUS, GatewayRequest, Principal, check_number
-from .settings import BackendSettings, Settings, load_settings
-
-__version__ = "0.1.0"
+from .settings import BackendSettings, Settings
+from .transport import AiohttpTransport, HttpxTransport, Transport, UpstreamUnreachable
+from .usage import Usage
+from .version import __version__
+from .views import BackendView, GroupView, ObservesUsage, ReportsStats, RoutingPolicy
 
 __all__ = [
-    "ANONYMOUS",
-    "AuthenticationFailed",
+    # the app
+    "ComoxApp",
+    "ComoxMiddleware",
+    "Gateway",
+    "Settings",
+    "build_gateway",
+    "create_app",
+    "load_settings",
+    "__version__",
+    # writing plugins
+    "hookimpl",
+    # backends
     "Backend",
     "BackendResponse",
     "BackendSettings",
-    "BackendUnavailable",
-    "BodyTooLarge",
-    "ComoxApp",
-    "ComoxError",
-    "ComoxMiddleware",
-    "ConfigError",
-    "Gateway",
+    "SupportsStartup",
+    "SupportsHealthCheck",
+    "SupportsSlotPinning",
+    "HealthReport",
+    "LoadReport",
+    "OK",
+    "LOADING",
+    "FAIL",
+    "HTTPBackend",
+    "HTTPBackendSettings",
+    "Transport",
+    "AiohttpTransport",
+    "HttpxTransport",
+    "UpstreamUnreachable",
+    # routing policies
+    "RoutingPolicy",
+    "ObservesUsage",
+    "ReportsStats",
+    "BackendView",
+    "GroupView",
+    "Usage",
+    "cheaper",
+    "power_of_two",
+    "request_size",
+    # requests
     "GatewayRequest",
-    "InvalidRequest",
-    "ModelNotFound",
-    "NoBackendAvailable",
-    "NotFound",
-    "PermissionDenied",
     "Principal",
-    "RateLimited",
-    "Settings",
-    "UpstreamError",
-    "build_gateway",
+    "ANONYMOUS",
     "check_number",
-    "create_app",
-    "hookimpl",
-    "load_settings",
+    # errors
+    "ComoxError",
+    "InvalidRequest",
+    "BodyTooLarge",
+    "AuthenticationFailed",
+    "PermissionDenied",
+    "NotFound",
+    "ModelNotFound",
+    "MethodNotAllowed",
+    "RateLimited",
+    "UpstreamError",
+    "BackendUnavailable",
+    "NoBackendAvailable",
+    "ConfigError",
+    # helpers
+    "parse_prometheus",
 ]

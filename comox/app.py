@@ -6,15 +6,18 @@ from __future__ import annotations
 import gc
 import logging
 import os
+from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 from starlette.routing import Router
 
-from .api import route_path, send_error, serve_api
+from .asgi_io import Receive, Responder, Send, route_path
+from .config import load_settings
 from .errors import NotFound
 from .gateway import Gateway
+from .pipeline import serve_api
 from .request import request_id_from
-from .settings import Settings, load_settings
+from .settings import Settings
 
 __all__ = ["ComoxApp", "create_app", "build_gateway", "tune_gc"]
 
@@ -36,7 +39,7 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
-def build_gateway(settings: Settings | str | os.PathLike | None = None, *, plugins: list[Any] = ()) -> Gateway:
+def build_gateway(settings: Settings | str | os.PathLike[str] | None = None, *, plugins: Iterable[object] = ()) -> Gateway:
     """A :class:`Gateway` from a Settings object, a config file path, or (with
     ``None``) the file named by ``COMOX_CONFIG``."""
     if not isinstance(settings, Settings):
@@ -53,7 +56,7 @@ class ComoxApp:
         routes = [route for result in gateway.pm.hook.comox_routes(gateway=gateway) for route in (result or ())]
         self.router = Router(routes) if routes else None
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
             path = route_path(scope)
@@ -65,12 +68,12 @@ class ComoxApp:
             elif self.router is not None:
                 await self.router(scope, receive, send)
             else:
-                await send_error(send, NotFound(f"unknown path {path}"), request_id_from(None).encode())
+                await Responder(send).error(NotFound(f"unknown path {path}"), request_id_from(None).encode())
         elif kind == "lifespan":
             await self.lifespan(receive, send)
         # websockets: not served; the server closes the connection.
 
-    async def lifespan(self, receive, send) -> None:
+    async def lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
@@ -89,7 +92,7 @@ class ComoxApp:
                 return
 
 
-def create_app(settings: Settings | str | os.PathLike | None = None, *, plugins: list[Any] = ()) -> ComoxApp:
+def create_app(settings: Settings | str | os.PathLike[str] | None = None, *, plugins: Iterable[object] = ()) -> ComoxApp:
     """The Comox ASGI app. With no ``settings`` it reads ``COMOX_CONFIG``.
 
     ``plugins`` registers extra plugin objects besides the entry-point ones.

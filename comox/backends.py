@@ -1,5 +1,6 @@
 """What a backend is: one async method that turns a request into a response,
-plus ``aclose()`` — the shape of an httpx transport."""
+plus ``aclose()`` — the shape of an httpx transport — and the optional
+capabilities the core looks for, each a protocol of its own."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    import httpx
+
+    from .fleet.load import HealthReport
     from .request import GatewayRequest
     from .settings import BackendSettings
 
-__all__ = ["Backend", "BackendResponse"]
+__all__ = ["Backend", "BackendResponse", "SupportsStartup", "SupportsHealthCheck", "SupportsSlotPinning"]
 
 
 class BackendResponse:
@@ -49,17 +53,49 @@ class BackendResponse:
 
 @runtime_checkable
 class Backend(Protocol):
-    """A backend type registered through ``comox_backend_types``.
+    """A backend type registered through ``comox_backend_types``, built as
+    ``cls(settings)`` with its validated settings (an instance of its
+    ``settings_model``, a subclass of :class:`comox.BackendSettings`).
 
     ``handle`` returns once the response status and headers are known. It raises
-    :class:`comox.errors.BackendUnavailable` when the backend could not be
-    reached (connection refused, timeout before the first byte): the request is
-    then retried on another backend. A 5xx response is returned, not raised.
+    :class:`comox.BackendUnavailable` when the backend could not be reached
+    (connection refused, timeout before the first byte): the request is then
+    retried on another backend. An HTTP error answer is returned, not raised.
     """
 
-    name: str
     settings_model: type[BackendSettings]
 
     async def handle(self, request: GatewayRequest) -> BackendResponse: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class SupportsStartup(Protocol):
+    """Optional: work to do once before the first request (load a model, open
+    a pool). Awaited by the gateway's startup, in config order."""
+
+    async def startup(self) -> None: ...
+
+
+@runtime_checkable
+class SupportsHealthCheck(Protocol):
+    """Optional: an active health check, run every ``health_check.interval_s``
+    (docs/routing.md). ``http`` is an ``httpx.AsyncClient`` shared by the
+    checks. The core applies the returned report to the fleet; an exception
+    or a timeout counts as a failed check. ``health_check_default`` says whether
+    checks run when the backend's config does not say
+    (``health_check.enabled``)."""
+
+    health_check_default: bool
+
+    async def health_check(self, http: httpx.AsyncClient) -> HealthReport: ...
+
+
+@runtime_checkable
+class SupportsSlotPinning(Protocol):
+    """Optional: the backend sends a request to the server slot a policy chose
+    (:attr:`GatewayRequest.slot <comox.GatewayRequest.slot>`), so the slot that
+    holds the prompt's KV cache serves it again (llama.cpp's ``id_slot``)."""
+
+    pins_slots: bool

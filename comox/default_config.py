@@ -16,7 +16,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import ValidationError
+
 from .errors import ConfigError
+from .settings import Settings, describe_validation_error
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -76,15 +79,11 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def default_settings(*, echo: Callable[[str], None] = _stderr, **overrides: Any):
+def default_settings(*, echo: Callable[[str], None] = _stderr, **overrides: Any) -> Settings:
     """The embedded default :class:`~comox.settings.Settings` (``COMOX_SERVER__*``
     variables and ``overrides`` still apply). Raises :class:`ConfigError` with
     one line saying what to install when llama-cpp-python or the model package
     is missing."""
-    from pydantic import ValidationError
-
-    from .settings import Settings, describe_validation_error
-
     backend = {
         "name": DEFAULT_BACKEND,
         "type": "llama-cpp-python",
@@ -99,7 +98,7 @@ def default_settings(*, echo: Callable[[str], None] = _stderr, **overrides: Any)
         raise ConfigError(describe_validation_error(exc)) from None
 
 
-def serving_default(settings) -> bool:
+def serving_default(settings: Settings) -> bool:
     """Whether ``settings`` is the embedded default."""
     return [(g.name, [b.name for b in g.backends]) for g in settings.models] == [(DEFAULT_MODEL, [DEFAULT_BACKEND])]
 

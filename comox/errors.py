@@ -10,6 +10,7 @@ Every error a client can see is a :class:`ComoxError`; its status, ``type`` and
     ├── PermissionDenied           403 permission_error
     ├── NotFound                   404 invalid_request_error
     │   └── ModelNotFound          404 model_not_found
+    ├── MethodNotAllowed           405 invalid_request_error
     ├── RateLimited                429 rate_limit_error (retry-after)
     ├── UpstreamError              502 upstream_error
     │   └── BackendUnavailable     502 (connect error / timeout: retried elsewhere)
@@ -30,6 +31,7 @@ __all__ = [
     "PermissionDenied",
     "NotFound",
     "ModelNotFound",
+    "MethodNotAllowed",
     "RateLimited",
     "UpstreamError",
     "BackendUnavailable",
@@ -107,6 +109,12 @@ class NotFound(ComoxError):
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class MethodNotAllowed(ComoxError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
 
 
 class RateLimited(ComoxError):

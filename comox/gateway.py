@@ -6,17 +6,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
+
+import httpx
 
 import orjson
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from .backends import BackendResponse
-from .errors import BackendUnavailable, ComoxError, ConfigError, NoBackendAvailable
+from .backends import BackendResponse, SupportsStartup
+from .default_config import serving_default
+from .errors import BackendUnavailable, ComoxError, ConfigError, NoBackendAvailable, NotFound
 from .fleet import BackendState, FleetCounters, ModelGroup
+from .health import HealthChecker, check_once
 from .plugins import HookChain, PluginManager, call_startup_hook, make_plugin_manager
 from .request import GatewayRequest
-from .settings import BackendSettings, Settings, describe_validation_error
+from .settings import BackendSettings, ModelGroupSettings, Settings, describe_validation_error
+from .views import ObservesUsage, ReportsStats
 
 __all__ = ["Gateway"]
 
@@ -29,9 +35,11 @@ class Gateway:
     """Everything one Comox instance owns: its plugin manager, hook chain,
     backend and policy registries, and model groups."""
 
-    def __init__(self, settings: Settings, *, plugins: list[Any] = (), pm: PluginManager | None = None):
+    def __init__(self, settings: Settings, *, plugins: Iterable[object] = (), pm: PluginManager | None = None):
         self.settings = settings
-        self.pm = pm if pm is not None else make_plugin_manager(list(plugins))
+        self.pm = pm if pm is not None else make_plugin_manager(plugins)
+        self.pm.check_failures()
+        self._plugin_settings = self._validate_plugin_settings()
         self.hooks = HookChain(self.pm)
         self.backend_types: dict[str, type] = self._registry(self.pm.hook.comox_backend_types(), "backend type")
         self.policies: dict[str, type] = self._registry(self.pm.hook.comox_routing_policies(), "routing policy")
@@ -42,7 +50,7 @@ class Gateway:
         self.retries = settings.server.retries
         self.retry_budget_ratio = settings.server.retry_budget_ratio
         self.retry_budget_min = settings.server.retry_budget_min
-        self.health_checker = None
+        self.health_checker: HealthChecker | None = None
         self.created = created = int(time.time())
         self.models_body = orjson.dumps({
             "object": "list",
@@ -51,8 +59,34 @@ class Gateway:
         self.started = False
         self._start_lock: asyncio.Lock | None = None
 
+    def plugin_settings(self, name: str) -> Any:
+        """The validated settings of plugin ``name`` (an instance of the model
+        its ``comox_plugin_settings`` returned), or None if it declares none."""
+        return self._plugin_settings.get(name)
+
+    def _validate_plugin_settings(self) -> dict[str, BaseModel]:
+        tables = dict(self.settings.plugins)
+        extra = dict(self.settings.sections)
+        validated: dict[str, BaseModel] = {}
+        for impl in self.pm.hook.comox_plugin_settings.get_hookimpls():
+            name = impl.plugin_name
+            model = impl.function()
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
+                raise ConfigError(f"plugin {name!r}: comox_plugin_settings must return a pydantic model class, got {model!r}")
+            section = getattr(model, "section", None)
+            where, table = (section, extra.pop(section, {})) if section else (f"plugins.{name}", tables.pop(name, {}))
+            try:
+                validated[name] = model.model_validate(table)
+            except ValidationError as exc:
+                raise ConfigError(describe_validation_error(exc, prefix=where)) from None
+        for name in sorted(tables):
+            raise ConfigError(f"plugins.{name}: no loaded plugin named {name!r} declares settings (see comox plugins)")
+        for key in sorted(extra):
+            raise ConfigError(f"{key}: unknown key (no loaded plugin owns a [{key}] table)")
+        return validated
+
     @staticmethod
-    def _registry(results: list[dict], what: str) -> dict[str, type]:
+    def _registry(results: list[dict[str, type]], what: str) -> dict[str, type]:
         merged: dict[str, type] = {}
         for mapping in results:
             for name, cls in (mapping or {}).items():
@@ -61,21 +95,27 @@ class Gateway:
                 merged[name] = cls
         return merged
 
-    def _build_group(self, i: int, group_settings) -> ModelGroup:
+    def _build_group(self, i: int, group_settings: ModelGroupSettings) -> ModelGroup:
         policy_cls = self.policies.get(group_settings.policy)
         if policy_cls is None:
             raise ConfigError(
                 f"models[{i}].policy: unknown routing policy {group_settings.policy!r} "
-                f"(known: {', '.join(sorted(self.policies)) or 'none'}; is its plugin installed and not blocked?)"
+                f"(known: {', '.join(sorted(self.policies)) or 'none'}; is its plugin installed and not blocked? see comox plugins)"
             )
         states = []
         for j, backend_settings in enumerate(group_settings.backends):
             where = f"models[{i}].backends[{j}]"
             cls = self.backend_types.get(backend_settings.type)
+            if cls is None and serving_default(self.settings):
+                raise ConfigError(
+                    f"the embedded default model needs the backend type {backend_settings.type!r}, which no loaded "
+                    "plugin registers: COMOX_LOAD_PLUGINS or COMOX_BLOCK_PLUGINS leave out its plugin "
+                    "(llama_cpp_python), or it failed to load; see comox plugins, or pass your own config with -c"
+                )
             if cls is None:
                 raise ConfigError(
                     f"{where}.type: unknown backend type {backend_settings.type!r} "
-                    f"(known: {', '.join(sorted(self.backend_types)) or 'none'}; is its plugin installed and not blocked?)"
+                    f"(known: {', '.join(sorted(self.backend_types)) or 'none'}; is its plugin installed and not blocked? see comox plugins)"
                 )
             model = getattr(cls, "settings_model", BackendSettings)
             try:
@@ -98,10 +138,40 @@ class Gateway:
             group.policy = policy_cls(group)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"models[{i}].policy_options: {exc}") from None
+        if isinstance(group.policy, ObservesUsage):
+            group.observer = group.policy.observe
         return group
 
     def backends(self) -> list[BackendState]:
         return [state for group in self.groups.values() for state in group.backends]
+
+    def snapshot(self) -> dict[str, Any]:
+        """The fleet as ``/admin/backends`` shows it: every backend, and per
+        model group its policy, backends in rotation, panic mode, queue and
+        policy statistics — as of now, not as of the last request."""
+        data = []
+        groups = {}
+        for group in self.groups.values():
+            policy_name = group.settings.policy if group.settings is not None else None
+            for state in group.backends:
+                data.append({**state.snapshot(), "model": group.name, "policy": policy_name})
+            groups[group.name] = {
+                "policy": policy_name,
+                "available": len(group.current()),
+                "panic": group.panic,
+                "queued": len(group.waiters),
+                "policy_stats": group.policy.stats() if isinstance(group.policy, ReportsStats) else None,
+            }
+        return {"object": "list", "data": data, "groups": groups}
+
+    def set_draining(self, name: str, draining: bool) -> dict[str, Any]:
+        """Drain (no new requests; in-flight ones finish) or undrain the
+        backend ``name``; its snapshot. Raises :class:`NotFound`."""
+        state = self.backend(name)
+        if state is None:
+            raise NotFound(f"no backend named {name!r}")
+        state.set_draining(draining)
+        return state.snapshot()
 
     def backend(self, name: str) -> BackendState | None:
         for group in self.groups.values():
@@ -122,11 +192,8 @@ class Gateway:
             if self.started:
                 return
             for state in self.backends():
-                start = getattr(state.backend, "startup", None)
-                if start is not None:
-                    await start()
-            from .health import HealthChecker
-
+                if isinstance(state.backend, SupportsStartup):
+                    await state.backend.startup()
             self.health_checker = HealthChecker(self.backends())
             self.health_checker.start()
             await call_startup_hook(self.pm.hook.comox_startup, gateway=self)
@@ -135,21 +202,17 @@ class Gateway:
     async def probe(self) -> list[tuple[str, str, str]]:
         """Check every backend once, now: ``(backend name, verdict, detail)``
         with verdict ``"ok"``, ``"loading"`` or ``"fail"`` (for ``comox check``)."""
-        import httpx
-
-        from .health import check_once
-
         results = []
         async with httpx.AsyncClient(trust_env=False, headers={"user-agent": "comox-check"}) as http:
             for state in self.backends():
-                verdict = await check_once(state, http)
-                results.append((state.name, verdict, state.last_health or ""))
+                report = await check_once(state, http)
+                results.append((state.name, report.status, report.detail))
         return results
 
     async def aclose(self) -> None:
         if self.health_checker is not None:
             await self.health_checker.stop()
-            self.health_checker = None
+            self.health_checker: HealthChecker | None = None
         for state in self.backends():
             try:
                 await state.backend.aclose()
@@ -233,7 +296,7 @@ class Gateway:
                 retry_after=self.settings.server.retry_after_s,
             )
         if self.hooks.comox_failover:
-            answer = await HookChain.first(self.hooks.comox_failover, request, error)
+            answer = await HookChain.first(self.hooks.comox_failover, request=request, error=error)
             if answer is not None:
                 return answer, None
         raise error

@@ -1,74 +1,54 @@
-"""Active health checks: one background task per backend that asks for them,
+"""Active health checks: one background task per backend that has them,
 started by ``Gateway.startup`` and stopped by ``Gateway.aclose``.
 
-A backend type takes part by providing ``async health_check(state, http) ->
-(verdict, detail)`` (``http``: an ``httpx.AsyncClient`` shared by the checks) where verdict is :data:`OK`, :data:`LOADING` (up but not
-ready — llama.cpp's ``/health`` 503 "Loading model": no traffic, but not a
-failure) or :data:`FAIL`. It may also write the load it reads (``/slots``,
-``/metrics``) into ``state``. Types without one (``openai``) are checked, when
-``health_check.enabled = true``, with ``GET <url>/v1/models``.
+A backend type takes part by implementing :class:`comox.SupportsHealthCheck`:
+``async health_check(http) -> HealthReport``. The core applies the report
+(verdict and reported load) to the fleet; plugins never write fleet state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
 import httpx
 
-if TYPE_CHECKING:
-    from .fleet import BackendState
+from .backends import SupportsHealthCheck
+from .fleet import FAIL, BackendState, HealthReport
 
-__all__ = ["OK", "LOADING", "FAIL", "HealthChecker", "check_once"]
+__all__ = ["HealthChecker", "check_once", "enabled"]
 
 log = logging.getLogger("comox.health")
 
-OK = "ok"
-LOADING = "loading"
-FAIL = "fail"
-
 
 def enabled(state: BackendState) -> bool:
+    if not isinstance(state.backend, SupportsHealthCheck):
+        return False
     config = state.settings.health_check
     if config.enabled is not None:
         return config.enabled
-    return bool(getattr(state.backend, "health_check_default", False))
+    return bool(state.backend.health_check_default)
 
 
-async def _generic_check(state: BackendState, http: httpx.AsyncClient) -> tuple[str, str]:
-    base = getattr(state.backend, "base_url", None)
-    if base is None:
-        return OK, "no health check for this backend type"
-    response = await http.get(f"{base}/models", timeout=state.settings.health_check.timeout_s)
-    if response.status_code == 200:
-        return OK, "ok"
-    return FAIL, f"GET /v1/models: HTTP {response.status_code}"
-
-
-async def check_once(state: BackendState, http: httpx.AsyncClient) -> str:
-    """Run one check of ``state`` and apply its verdict; returns the verdict."""
+async def check_once(state: BackendState, http: httpx.AsyncClient) -> HealthReport:
+    """Run one check of ``state`` and apply its report; returns the report."""
     config = state.settings.health_check
-    check = getattr(state.backend, "health_check", None)
+    backend = state.backend
+    if not isinstance(backend, SupportsHealthCheck):
+        return HealthReport("ok", "no health check for this backend type")
     try:
         # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancel that
         # arrives as the check finishes, and stop() would then wait forever.
         async with asyncio.timeout(config.timeout_s):
-            if check is not None:
-                verdict, detail = await check(state, http)
-            else:
-                verdict, detail = await _generic_check(state, http)
-    except asyncio.TimeoutError:
-        verdict, detail = FAIL, f"timed out after {config.timeout_s:g} s"
+            report = await backend.health_check(http)
+        if not isinstance(report, HealthReport):
+            raise TypeError(f"health_check returned {type(report).__name__}, not a HealthReport")
+    except TimeoutError:
+        report = HealthReport(FAIL, f"timed out after {config.timeout_s:g} s")
     except Exception as exc:  # connection refused, bad answer, …
-        verdict, detail = FAIL, f"{type(exc).__name__}: {exc}"[:200]
-    if verdict == OK:
-        state.health_passed(healthy_threshold=config.healthy_threshold)
-    elif verdict == LOADING:
-        state.not_ready(detail)
-    else:
-        state.health_failed(detail, unhealthy_threshold=config.unhealthy_threshold)
-    return verdict
+        report = HealthReport(FAIL, f"{type(exc).__name__}: {exc}"[:200])
+    state.apply_health(report, healthy_threshold=config.healthy_threshold, unhealthy_threshold=config.unhealthy_threshold)
+    return report
 
 
 class HealthChecker:
@@ -76,7 +56,7 @@ class HealthChecker:
 
     def __init__(self, states: list[BackendState]):
         self.states = [state for state in states if enabled(state)]
-        self.tasks: list[asyncio.Task] = []
+        self.tasks: list[asyncio.Task[None]] = []
         self.http: httpx.AsyncClient | None = None
         self.stopping = False
 
@@ -88,6 +68,7 @@ class HealthChecker:
 
     async def _run(self, state: BackendState) -> None:
         interval = state.settings.health_check.interval_s
+        assert self.http is not None
         while not self.stopping:  # also ends a loop whose cancel a library swallowed
             try:
                 await check_once(state, self.http)

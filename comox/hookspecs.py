@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from .backends import BackendResponse
     from .gateway import Gateway
     from .request import GatewayRequest, Principal
@@ -48,11 +50,13 @@ def comox_backend_types() -> dict[str, type]:
     """Register backend types.
 
     :return: a mapping of type name (what ``type = "..."`` in a backend's
-        configuration refers to) to a class. The class is built as
+        configuration refers to, and what ``comox plugins`` lists) to a class
+        implementing :class:`comox.Backend`. The class is built as
         ``cls(settings)`` with the backend's validated settings (an instance of
         its ``settings_model`` attribute, a subclass of
-        :class:`comox.settings.BackendSettings`) and must provide
-        ``async handle(request) -> BackendResponse`` and ``async aclose()``.
+        :class:`comox.BackendSettings`). Optional capabilities:
+        :class:`comox.SupportsStartup`, :class:`comox.SupportsHealthCheck`,
+        :class:`comox.SupportsSlotPinning`.
 
     Results of all plugins are merged; a name registered twice is a
     configuration error.
@@ -63,12 +67,28 @@ def comox_backend_types() -> dict[str, type]:
 def comox_routing_policies() -> dict[str, type]:
     """Register routing policies.
 
-    :return: a mapping of policy name (``policy = "..."`` of a model group) to
-        a class built as ``cls(group)`` with a :class:`comox.fleet.ModelGroup`
-        and providing ``choose(request, candidates) -> BackendState | None``.
+    :return: a mapping of policy name (``policy = "..."`` of a model group,
+        as ``comox plugins`` lists it) to a class built as ``cls(group)``
+        with a :class:`comox.GroupView` and implementing
+        :class:`comox.RoutingPolicy` (optionally :class:`comox.ObservesUsage`
+        and :class:`comox.ReportsStats`).
 
     Results of all plugins are merged; a name registered twice is a
     configuration error.
+    """
+
+
+@hookspec
+def comox_plugin_settings() -> type[BaseModel]:
+    """Declare the plugin's own settings.
+
+    :return: a pydantic model class. The ``[plugins.<name>]`` table of the
+        config (``<name>`` being the plugin's name, as ``comox plugins`` lists
+        it) is validated with it when the gateway is built, with one-line
+        errors naming the key (``plugins.admin.key_env: ...``); an absent table
+        gives the model's defaults. Read the result with
+        :meth:`comox.Gateway.plugin_settings`. A model with a class attribute
+        ``section = "<table>"`` owns that top-level table instead.
     """
 
 
@@ -115,7 +135,7 @@ def comox_authenticate(request: GatewayRequest) -> Principal | None:
     With no implementation (or all returning ``None``) the caller is
     :data:`comox.request.ANONYMOUS`.
 
-    :param request: the parsed request. Decide on ``request.path`` (the ASGI
+    :param request: the parsed request (:class:`comox.GatewayRequest`). Decide on ``request.path`` (the ASGI
         ``scope["path"]`` relative to the mount point) and headers, never on a
         URL rebuilt from the ``Host`` header.
     :return: a :class:`comox.request.Principal`, or ``None`` to let other
@@ -168,7 +188,8 @@ def comox_cache_store(request: GatewayRequest, response: BackendResponse) -> Non
     """Store a successful non-streaming response.
 
     May be ``async def``. All implementations are called, after the response
-    has been sent to the client.
+    has been sent to the client; an exception is logged and changes nothing
+    the client sees.
 
     :param request: the request that was answered.
     :param response: the backend's response; ``response.body`` holds the bytes.
@@ -184,14 +205,15 @@ def comox_request_done(
     May be ``async def``. All implementations are called, after the last byte
     was sent (or the client went away). Exceptions are logged, not raised.
 
-    Runs for every API request whose body parsed into a ``GatewayRequest``,
-    including those refused later (unknown model, ``comox_admit``, no backend).
-    Requests refused before that — unknown path, wrong method, body too large
-    or not valid JSON — and ``GET /v1/models`` never reach it: count those in
-    ASGI middleware around the app.
+    Runs once for every request to an API path (``/v1/...``): refused before
+    its body was parsed (unknown path, wrong method, body too large or not
+    valid JSON: then ``request.json`` is ``{}`` and ``request.model`` is
+    ``""``), refused later (unknown model, ``comox_admit``, no backend),
+    ``GET /v1/models``, and answered ones.
 
     :param request: the request.
-    :param status: the HTTP status sent to the client.
+    :param status: the HTTP status sent to the client (499 when the client
+        went away before a response started).
     :param backend: the name of the backend that answered, or ``None``.
     :param error: the error that ended the request, if any (also set when a
         stream failed after its first byte).

@@ -7,21 +7,23 @@ passes every other path, and every non-HTTP scope, to the host app untouched.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, MutableMapping
 from typing import Any
 
-from .api import route_path, serve_api
 from .app import build_gateway
+from .asgi_io import Message, Receive, Send, route_path
+from .pipeline import serve_api
 from .settings import Settings
 
 __all__ = ["ComoxMiddleware"]
 
 
 class ComoxMiddleware:
-    def __init__(self, app, settings: Settings | str | os.PathLike | None = None, *, plugins: list[Any] = ()):
+    def __init__(self, app: Any, settings: Settings | str | os.PathLike[str] | None = None, *, plugins: Iterable[object] = ()):
         self.app = app
         self.gateway = build_gateway(settings, plugins=plugins)
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = route_path(scope)
             if path.startswith("/v1/"):
@@ -31,10 +33,10 @@ class ComoxMiddleware:
             receive = self._lifespan_receive(receive)
         await self.app(scope, receive, send)
 
-    def _lifespan_receive(self, receive):
+    def _lifespan_receive(self, receive: Receive) -> Receive:
         # Start and stop the gateway alongside the host app, without taking
         # over the host's lifespan protocol.
-        async def wrapped():
+        async def wrapped() -> Message:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 await self.gateway.startup()

@@ -1,8 +1,12 @@
-"""The plugin manager (one per gateway) and the per-request hook chain.
+"""The plugin manager (one per gateway), plugin loading, and the per-request
+hook chain.
 
-Plugins are distributions declaring an entry point in the ``comox`` group.
-``COMOX_LOAD_PLUGINS`` (comma-separated entry-point names) loads only those;
-``COMOX_BLOCK_PLUGINS`` skips the ones it names.
+Plugins are distributions declaring an entry point in the ``comox`` group;
+the entry point's name is the plugin's name. ``COMOX_LOAD_PLUGINS``
+(comma-separated plugin names) loads only those, ``COMOX_BLOCK_PLUGINS``
+skips the ones it names; essential plugins (:data:`ESSENTIAL`) are always
+loaded. A plugin that fails to import or register is recorded with its error
+(:attr:`PluginManager.failures`) instead of stopping the others from loading.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from importlib.metadata import entry_points
+from collections.abc import Callable, Iterable
+from importlib.metadata import Distribution, entry_points
 from typing import Any
 
 import pluggy
@@ -18,9 +23,14 @@ import pluggy
 from . import hookspecs
 from .errors import ConfigError
 
-__all__ = ["PluginManager", "make_plugin_manager", "HookChain", "plugin_info"]
+__all__ = ["PluginManager", "make_plugin_manager", "HookChain", "plugin_info", "ESSENTIAL"]
 
 log = logging.getLogger("comox.plugins")
+
+ESSENTIAL = frozenset({"openai", "round_robin"})
+"""Plugins every config may rely on (the default backend ``type`` and
+``policy``): loaded whatever ``COMOX_LOAD_PLUGINS`` says, and never blocked,
+as pytest's essential plugins."""
 
 
 def _env_names(var: str) -> set[str] | None:
@@ -33,103 +43,172 @@ def _env_names(var: str) -> set[str] | None:
 class PluginManager(pluggy.PluginManager):
     def __init__(self) -> None:
         super().__init__("comox")
-        self.distributions: dict[str, Any] = {}  # plugin name → importlib.metadata.Distribution
+        self.distributions: dict[str, Distribution] = {}  # plugin name → its distribution
+        self.failures: dict[str, str] = {}  # plugin name → why it could not be loaded
+
+    def check_failures(self) -> None:
+        """Raise :class:`ConfigError` naming every plugin that failed to load:
+        a gateway must not serve without a plugin it was given (an auth
+        plugin that failed would fail open)."""
+        if self.failures:
+            lines = [f"plugin {name!r} failed to load: {error}" for name, error in sorted(self.failures.items())]
+            names = ",".join(sorted(self.failures))
+            raise ConfigError("; ".join(lines) + f" (fix or uninstall it, or set COMOX_BLOCK_PLUGINS={names})")
 
 
-def make_plugin_manager(extra_plugins: list[Any] = ()) -> PluginManager:
+def _register(pm: PluginManager, plugin: object, name: str | None) -> str | None:
+    """Register ``plugin``; on an invalid hook, unregister it and return why."""
+    try:
+        pm.register(plugin, name=name)
+        pm.check_pending()  # a misspelled hook fails loudly
+    except (pluggy.PluginValidationError, ValueError) as exc:
+        if pm.is_registered(plugin):
+            pm.unregister(plugin)
+        return str(exc)
+    return None
+
+
+def make_plugin_manager(extra_plugins: Iterable[object] = ()) -> PluginManager:
     """A fresh plugin manager with the entry-point plugins the environment allows,
-    then ``extra_plugins`` (objects or modules with ``@comox.hookimpl`` functions)."""
+    then ``extra_plugins`` (objects or modules with ``@comox.hookimpl`` functions).
+    Failures are recorded in ``pm.failures``; :meth:`PluginManager.check_failures`
+    turns them into one error."""
     pm = PluginManager()
     pm.add_hookspecs(hookspecs)
     allow = _env_names("COMOX_LOAD_PLUGINS")
     block = _env_names("COMOX_BLOCK_PLUGINS") or set()
+    blocked_essential = sorted(block & ESSENTIAL)
+    if blocked_essential:
+        raise ConfigError(f"COMOX_BLOCK_PLUGINS: {', '.join(blocked_essential)} is essential and cannot be blocked")
     seen: set[str] = set()
     for ep in sorted(entry_points(group="comox"), key=lambda ep: ep.name):
-        if ep.name in seen or (allow is not None and ep.name not in allow) or ep.name in block:
+        if ep.name in seen or ep.name in block or (allow is not None and ep.name not in allow and ep.name not in ESSENTIAL):
             continue
         seen.add(ep.name)
         try:
             plugin = ep.load()
         except Exception as exc:
-            raise ConfigError(f"plugin {ep.name!r} ({ep.value}) failed to import: {exc!r}") from exc
-        pm.register(plugin, name=ep.name)
-        pm.distributions[ep.name] = ep.dist
+            pm.failures[ep.name] = f"import of {ep.value} raised {exc!r}"
+            log.error("plugin %r (%s) failed to import: %r", ep.name, ep.value, exc)
+            continue
+        problem = _register(pm, plugin, ep.name)
+        if problem is not None:
+            pm.failures[ep.name] = problem
+            log.error("plugin %r failed to register: %s", ep.name, problem)
+            continue
+        if ep.dist is not None:
+            pm.distributions[ep.name] = ep.dist
     for plugin in extra_plugins:
-        pm.register(plugin)
-    try:
-        pm.check_pending()  # a misspelled hook fails loudly
-    except pluggy.PluginValidationError as exc:
-        raise ConfigError(str(exc)) from exc
+        problem = _register(pm, plugin, None)
+        if problem is not None:
+            raise ConfigError(problem)
     return pm
 
 
-def plugin_info(pm: PluginManager) -> list[dict]:
-    """Name, version and hooks of every loaded plugin (for ``comox plugins``)."""
-    dists = pm.distributions
+def registrations(pm: pluggy.PluginManager, hook: str) -> dict[str, list[str]]:
+    """Per plugin, the names it registers through ``hook``
+    (``comox_backend_types`` or ``comox_routing_policies``)."""
+    found: dict[str, list[str]] = {}
+    for impl in getattr(pm.hook, hook).get_hookimpls():
+        try:
+            result = impl.function()
+        except Exception:
+            continue
+        found[impl.plugin_name] = sorted(result or ())
+    return found
+
+
+def plugin_info(pm: PluginManager) -> list[dict[str, Any]]:
+    """Name, version, hooks, backend types and routing policies of every
+    loaded plugin, and the error of each that failed (for ``comox plugins``)."""
+    types = registrations(pm, "comox_backend_types")
+    policies = registrations(pm, "comox_routing_policies")
     info = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
-        dist = dists.get(name)
-        hooks = sorted(impl.name for impl in pm.get_hookcallers(plugin) or ())
+        dist = pm.distributions.get(name)
         info.append({
             "name": name,
             "distribution": dist.name if dist else None,
             "version": dist.version if dist else None,
-            "hooks": hooks,
+            "hooks": sorted(caller.name for caller in pm.get_hookcallers(plugin) or ()),
+            "backend_types": types.get(name, []),
+            "routing_policies": policies.get(name, []),
+            "essential": name in ESSENTIAL,
+            "error": None,
         })
+    for name, error in sorted(pm.failures.items()):
+        info.append({"name": name, "distribution": None, "version": None, "hooks": [], "backend_types": [],
+                     "routing_policies": [], "essential": name in ESSENTIAL, "error": error})
     return info
 
 
-async def _maybe_await(value: Any) -> Any:
-    if inspect.isawaitable(value):
-        return await value
-    return value
+class _Impl:
+    """One implementation of a per-request hook: the function, the hook
+    arguments it declares, and whether it is a coroutine function."""
+
+    __slots__ = ("function", "argnames", "takes_all", "is_async", "plugin")
+
+    def __init__(self, function: Callable[..., Any], argnames: tuple[str, ...], spec_args: tuple[str, ...], plugin: str):
+        self.function = function
+        self.argnames = argnames
+        self.takes_all = set(argnames) == set(spec_args)
+        self.is_async = inspect.iscoroutinefunction(function)
+        self.plugin = plugin
 
 
 class HookChain:
     """Each per-request hook's implementations, in pluggy's call order, resolved
-    once. Attributes are tuples of ``(function, picks, is_async)``: ``picks`` maps
-    the hook's arguments (in its spec's order) to those the implementation
-    declares, None when it takes them all in that order. An empty tuple means
-    the stage is skipped at no cost; an implementation that does nothing costs
-    one call (~0.5 µs)."""
+    once at startup. An empty tuple means the stage is skipped at no cost; an
+    implementation is called with keyword arguments, only those it declares
+    (so specs can grow new arguments without breaking plugins)."""
+
+    comox_authenticate: tuple[_Impl, ...]
+    comox_admit: tuple[_Impl, ...]
+    comox_cache_lookup: tuple[_Impl, ...]
+    comox_failover: tuple[_Impl, ...]
+    comox_cache_store: tuple[_Impl, ...]
+    comox_request_done: tuple[_Impl, ...]
 
     def __init__(self, pm: pluggy.PluginManager):
         for name in hookspecs.PER_REQUEST_HOOKS:
             caller = getattr(pm.hook, name)
             spec_args = tuple(caller.spec.argnames)
-            impls = caller.get_hookimpls()
             chain = []
             # pluggy calls the last registered first (tryfirst/trylast already sorted).
-            for impl in reversed(impls):
+            for impl in reversed(caller.get_hookimpls()):
                 if impl.hookwrapper or impl.wrapper:
                     raise ConfigError(f"plugin {impl.plugin_name!r}: {name} cannot be a wrapper (per-request hooks are awaited by Comox)")
-                picks = tuple(spec_args.index(arg) for arg in impl.argnames)
-                if picks == tuple(range(len(spec_args))):
-                    picks = None
-                chain.append((impl.function, picks, inspect.iscoroutinefunction(impl.function)))
+                chain.append(_Impl(impl.function, tuple(impl.argnames), spec_args, impl.plugin_name))
             setattr(self, name, tuple(chain))
 
     @staticmethod
-    async def first(impls: tuple, *args: Any) -> Any:
-        """The first non-None result; ``args`` in the hook spec's order."""
-        for function, picks, is_async in impls:
-            result = function(*args) if picks is None else function(*[args[i] for i in picks])
-            if is_async or (result is not None and inspect.isawaitable(result)):
+    async def first(impls: tuple[_Impl, ...], **kwargs: Any) -> Any:
+        """The first non-None result."""
+        for impl in impls:
+            if impl.takes_all:
+                result = impl.function(**kwargs)
+            else:
+                result = impl.function(**{name: kwargs[name] for name in impl.argnames})
+            if impl.is_async or (result is not None and inspect.isawaitable(result)):
                 result = await result
             if result is not None:
                 return result
         return None
 
     @staticmethod
-    async def each(impls: tuple, *args: Any) -> None:
-        """Call every implementation; ``args`` in the hook spec's order."""
-        for function, picks, is_async in impls:
-            result = function(*args) if picks is None else function(*[args[i] for i in picks])
-            if is_async or (result is not None and inspect.isawaitable(result)):
+    async def each(impls: tuple[_Impl, ...], **kwargs: Any) -> None:
+        """Call every implementation."""
+        for impl in impls:
+            if impl.takes_all:
+                result = impl.function(**kwargs)
+            else:
+                result = impl.function(**{name: kwargs[name] for name in impl.argnames})
+            if impl.is_async or (result is not None and inspect.isawaitable(result)):
                 await result
 
 
 async def call_startup_hook(hook: pluggy.HookCaller, **kwargs: Any) -> None:
     """Call a startup hook whose implementations may be ``async def``."""
     for result in hook(**kwargs):
-        await _maybe_await(result)
+        if inspect.isawaitable(result):
+            await result

@@ -53,30 +53,60 @@ def request_id_from(header: bytes | None) -> str:
 
 
 class GatewayRequest:
-    """One API request. Plugins read ``json`` and may replace it with ``set_json``;
-    the raw body is sent upstream unchanged unless someone did."""
+    """One API request, as every stage and hook sees it.
+
+    Attributes a plugin reads (``comox_authenticate``, ``comox_admit``, …):
+
+    * ``id`` — the request id (the client's ``x-request-id`` when sane, else a
+      fresh one); sent back and upstream as ``x-request-id``.
+    * ``method``, ``path`` — the HTTP method and the path relative to the
+      mount point (``scope["path"]``; never rebuilt from the ``Host`` header).
+    * ``headers`` — the raw ASGI header pairs (lower-case byte names); see
+      :meth:`header`.
+    * ``endpoint`` — ``"chat/completions"``, ``"completions"``,
+      ``"embeddings"`` or ``"models"``; ``""`` for a request refused before
+      its path was known.
+    * ``json`` — the parsed body (``{}`` before parsing, or for a ``GET``);
+      ``raw`` — its bytes; ``model`` — the model group asked for (``""`` when
+      none); ``stream`` — whether the client asked for SSE.
+    * ``principal`` — who is calling, once ``comox_authenticate`` decided.
+    * ``state`` — a dict of per-request scratch space for plugins (key by
+      your plugin's name).
+    * ``slot`` — ``(backend name, slot)`` chosen by a routing policy for
+      backends that pin slots (:class:`comox.SupportsSlotPinning`), or None.
+    """
 
     __slots__ = (
-        "id", "endpoint", "path", "headers", "raw", "json", "model", "stream",
-        "principal", "state", "sent_at", "answered_at", "_upstream_cache",
+        "id", "method", "endpoint", "path", "headers", "raw", "json", "model", "stream",
+        "principal", "state", "slot", "sent_at", "answered_at", "_upstream_cache",
     )
 
-    def __init__(self, *, id: str, endpoint: str, path: str, headers: list[tuple[bytes, bytes]], raw: bytes, json: dict):
+    def __init__(self, *, id: str, endpoint: str, path: str, headers: list[tuple[bytes, bytes]],
+                 raw: bytes = b"", json: dict[str, Any] | None = None, method: str = "POST"):
         self.id = id
+        self.method = method
         self.endpoint = endpoint
         self.path = path
         self.headers = headers
         self.raw = raw
-        self.json = json
-        self.model: str = json["model"]
-        self.stream: bool = bool(json.get("stream", False))
+        self.json: dict[str, Any] = json if json is not None else {}
+        self.model: str = self.json["model"] if json else ""
+        self.stream: bool = bool(self.json.get("stream", False)) if json else False
         self.principal: Principal = ANONYMOUS
-        self.state: dict[str, Any] = {}  # per-request scratch space for plugins
+        self.state: dict[str, Any] = {}
+        self.slot: tuple[str, int] | None = None
         # time.perf_counter() when the backend that answered was sent the request,
         # and when its status and headers (and a JSON body) had come back.
         self.sent_at = 0.0
         self.answered_at = 0.0
         self._upstream_cache: dict[str | None, bytes] | None = None
+
+    def set_body(self, raw: bytes, body: dict[str, Any]) -> None:
+        """The parsed body, once :func:`parse_body` accepted it (core only)."""
+        self.raw = raw
+        self.json = body
+        self.model = body["model"]
+        self.stream = bool(body.get("stream", False))
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -84,7 +114,7 @@ class GatewayRequest:
                 return value
         return None
 
-    def set_json(self, body: dict) -> None:
+    def set_json(self, body: dict[str, Any]) -> None:
         """Replace the body; it will be re-serialised for the upstream."""
         self.json = body
         self.raw = orjson.dumps(body)
@@ -116,7 +146,7 @@ _NUMBERS = (
 )
 
 
-def check_number(body: dict, key: str, low: float, high: float, *, integer: bool = False) -> None:
+def check_number(body: dict[str, Any], key: str, low: float, high: float, *, integer: bool = False) -> None:
     """Raise InvalidRequest (400, ``param=key``) unless ``body[key]`` is absent or a
     number (an integer, with ``integer``) between ``low`` and ``high``."""
     value = body.get(key)
@@ -129,7 +159,7 @@ def check_number(body: dict, key: str, low: float, high: float, *, integer: bool
         raise InvalidRequest(f"'{key}' must be between {low:g} and {high:g}, got {value!r}", param=key, code="invalid_value")
 
 
-def parse_body(endpoint: str, raw: bytes) -> dict:
+def parse_body(endpoint: str, raw: bytes) -> dict[str, Any]:
     """Parse and check an API body. Raises :class:`InvalidRequest` (400)."""
     try:
         body = orjson.loads(raw)  # rejects NaN/Infinity and nesting deeper than 1024

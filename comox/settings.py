@@ -7,9 +7,6 @@ List-valued keys (``COMOX_MODELS``) take JSON.
 
 from __future__ import annotations
 
-import os
-import tomllib
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -22,7 +19,7 @@ from pydantic_settings import (
 
 from .errors import ConfigError
 
-__all__ = ["Settings", "ServerSettings", "ModelGroupSettings", "BackendSettings", "load_settings"]
+__all__ = ["Settings", "ServerSettings", "ModelGroupSettings", "BackendSettings", "HealthCheckSettings", "describe_validation_error"]
 
 
 class ServerSettings(BaseModel):
@@ -75,7 +72,8 @@ class BackendSettings(BaseModel):
     name: str = ""
     """Unique across the config; defaults to the url (or the type)."""
     type: str = "openai"
-    """Entry-point name of a backend type."""
+    """A backend type, by the name ``comox plugins`` lists (``openai``,
+    ``llamacpp``, ``vllm``, ``llama-cpp-python``, or a third party's)."""
     weight: int = Field(1, ge=1)
     max_concurrency: int | None = Field(None, ge=1)
     """Most requests in flight at once on this backend."""
@@ -90,7 +88,8 @@ class ModelGroupSettings(BaseModel):
     name: str = Field(min_length=1)
     """What clients send as ``model``."""
     policy: str = "round_robin"
-    """Entry-point name of a routing policy."""
+    """A routing policy, by the name ``comox plugins`` lists (``round_robin``,
+    ``p2c_ewma``, ``prefix_affinity``, …)."""
     policy_options: dict[str, Any] = {}
     """Options of the routing policy (see docs/routing.md)."""
     queue_timeout_ms: int | None = Field(None, ge=0)
@@ -107,6 +106,12 @@ class Settings(BaseSettings):
 
     server: ServerSettings = ServerSettings()
     models: list[ModelGroupSettings] = []
+    plugins: dict[str, dict[str, Any]] = {}
+    """``[plugins.<name>]`` tables: each plugin's own settings, validated by
+    the model the plugin declares (``comox_plugin_settings``)."""
+    sections: dict[str, Any] = Field({}, exclude=True)
+    """Other top-level tables of the config file, for plugins that own one
+    (validated when the gateway is built; unknown ones are an error there)."""
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
@@ -133,10 +138,23 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if settings_cls.model_config.get("toml_file"):
-            sources.append(TomlConfigSettingsSource(settings_cls))
+            sources.append(_TomlSource(settings_cls))
         return tuple(sources)
+
+
+class _TomlSource(TomlConfigSettingsSource):
+    """The config file, its top-level tables that are not core keys gathered
+    under ``sections`` for the plugins that own them."""
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        core = {name for name in Settings.model_fields if name != "sections"}
+        sections = {key: data.pop(key) for key in list(data) if key not in core}
+        if sections:
+            data["sections"] = sections
+        return data
 
 
 def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
@@ -151,33 +169,3 @@ def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
             key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
         lines.append(f"{key or '(top level)'}: {err['msg']}")
     return "; ".join(lines)
-
-
-def load_settings(path: str | os.PathLike | None = None, **overrides: Any) -> Settings:
-    """Read settings from ``path`` (or ``$COMOX_CONFIG``) and ``COMOX_*`` variables.
-
-    Keyword ``overrides`` win over both. Raises :class:`ConfigError` naming the
-    key and the reason. With no configuration of models at all, the embedded
-    default (:mod:`comox.default_config`).
-    """
-    path = path if path is not None else os.environ.get("COMOX_CONFIG") or None
-    from .default_config import default_settings, is_configured
-
-    if not is_configured(path, overrides):
-        return default_settings(**overrides)
-    cls: type[Settings] = Settings
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {str(file)!r} does not exist or is not a file")
-        try:
-            tomllib.loads(file.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
-            raise ConfigError(f"config file {str(file)!r} is not valid TOML: {exc}") from None
-        cls = type("FileSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": file}})
-    try:
-        return cls(**overrides)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc)) from None
-    except ValueError as exc:  # e.g. bad JSON in a COMOX_* variable
-        raise ConfigError(str(exc)) from None

@@ -1,4 +1,4 @@
-"""How the ``openai`` backend moves bytes: a one-method transport, in the shape
+"""How HTTP backends move bytes: a one-method transport, in the shape
 of httpx's ``AsyncBaseTransport``.
 
 ``post(url, body, headers)`` sends one request and returns a
@@ -34,7 +34,7 @@ import aiohttp
 import httpx
 from yarl import URL
 
-from comox.backends import BackendResponse
+from .backends import BackendResponse
 
 __all__ = ["Transport", "AiohttpTransport", "HttpxTransport", "UpstreamUnreachable", "response_headers"]
 

@@ -10,7 +10,7 @@ megabytes costs the same as a one-line chat answer.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
@@ -18,7 +18,26 @@ if TYPE_CHECKING:
     from .fleet import BackendState
     from .request import GatewayRequest
 
-__all__ = ["parse_usage", "usage_of_body", "usage_of_events", "record_body", "record_stream"]
+__all__ = ["Usage", "parse_usage", "usage_of_body", "usage_of_events", "record_body", "record_stream"]
+
+
+class Usage(NamedTuple):
+    """What a response said about tokens; ``None`` where it said nothing.
+
+    :param prompt: prompt tokens, cached ones included.
+    :param completion: generated tokens.
+    :param cached: prompt tokens served from the backend's prompt cache
+        (``usage.prompt_tokens_details.cached_tokens`` or llama.cpp's
+        ``timings.cache_n``).
+    :param prefill_tps: prompt tokens per second, when the backend reports it.
+    :param decode_tps: generated tokens per second, when the backend reports it.
+    """
+
+    prompt: int | None = None
+    completion: int | None = None
+    cached: int | None = None
+    prefill_tps: float | None = None
+    decode_tps: float | None = None
 
 log = logging.getLogger("comox")
 
@@ -29,11 +48,9 @@ _SPACE = b" \t\r\n"
 _BEFORE_KEY = b"{,"
 
 
-def parse_usage(obj: dict) -> dict | None:
-    """What a response says about tokens: ``prompt``, ``completion``,
-    ``cached`` (``usage.prompt_tokens_details.cached_tokens`` or llama.cpp's
-    ``timings.cache_n``) and, from llama.cpp's ``timings``, ``prefill_tps`` and
-    ``decode_tps``. None when it says nothing."""
+def parse_usage(obj: dict[str, Any]) -> Usage | None:
+    """The :class:`Usage` of a response object (its ``usage`` and llama.cpp's
+    ``timings``); None when it says nothing."""
     usage = obj.get("usage")
     timings = obj.get("timings")
     if not isinstance(usage, dict) and not isinstance(timings, dict):
@@ -60,7 +77,7 @@ def parse_usage(obj: dict) -> dict | None:
             out["prefill_tps"] = float(pps)
         if isinstance(dps, (int, float)) and dps > 0 and (_int(timings.get("predicted_n")) or 0) > 1:
             out["decode_tps"] = float(dps)
-    return out
+    return Usage(**out)
 
 
 def _int(value: Any) -> int | None:
@@ -103,7 +120,7 @@ def _object_after(body: bytes, key: bytes) -> Any:
         return None
 
 
-def usage_of_body(body: bytes) -> dict | None:
+def usage_of_body(body: bytes) -> Usage | None:
     """:func:`parse_usage` of a JSON response body. A small body is parsed
     whole; of a large one only the ``usage`` and ``timings`` objects are,
     found from its end, where every OpenAI-compatible server puts them."""
@@ -121,7 +138,7 @@ def usage_of_body(body: bytes) -> dict | None:
     return parse_usage(found) if found else None
 
 
-def usage_of_events(end: bytes) -> dict | None:
+def usage_of_events(end: bytes) -> Usage | None:
     """:func:`parse_usage` of the last SSE events of a stream (``end`` holds its
     last two chunks), where OpenAI servers put ``usage`` and llama.cpp ``timings``."""
     if b'"usage"' not in end and b'"timings"' not in end:
@@ -147,11 +164,11 @@ def record_body(request: GatewayRequest, state: BackendState, body: bytes) -> No
             return
         elapsed = request.answered_at - request.sent_at
         decode_s: float | None = elapsed
-        if state.prefill_tps and usage["prompt"]:
-            prefill_s = (usage["prompt"] - (usage["cached"] or 0)) / state.prefill_tps
+        if state.prefill_tps and usage.prompt:
+            prefill_s = (usage.prompt - (usage.cached or 0)) / state.prefill_tps
             decode_s = elapsed - prefill_s if elapsed - prefill_s > 0.2 * elapsed else None
-        state.record_tokens(usage["prompt"], usage["cached"], usage["completion"],
-                            usage["prefill_tps"], usage["decode_tps"], decode_s=decode_s)
+        state.record_tokens(usage.prompt, usage.cached, usage.completion,
+                            usage.prefill_tps, usage.decode_tps, decode_s=decode_s)
         _tell_policy(request, state, usage)
     except Exception:
         log.debug("could not read usage from %s's response", state.name, exc_info=True)
@@ -166,20 +183,19 @@ def record_stream(request: GatewayRequest, state: BackendState, first: float, la
         usage = usage_of_events(end)
         decode_s = last - first
         # Without usage, count events: one per token, less the [DONE] line.
-        generated = usage["completion"] if usage and usage["completion"] else max(events - 1, 0)
-        decode_tps = usage["decode_tps"] if usage else None
+        generated = usage.completion if usage and usage.completion else max(events - 1, 0)
+        decode_tps = usage.decode_tps if usage else None
         if decode_tps is None and generated > 1 and decode_s > 0:
             decode_tps = (generated - 1) / decode_s  # tokens after the first, over the time after it
-        state.record_tokens(usage["prompt"] if usage else None, usage["cached"] if usage else None, generated,
-                            usage["prefill_tps"] if usage else None, decode_tps, ttft_s=first - request.sent_at)
+        state.record_tokens(usage.prompt if usage else None, usage.cached if usage else None, generated,
+                            usage.prefill_tps if usage else None, decode_tps, ttft_s=first - request.sent_at)
         if usage is not None:
             _tell_policy(request, state, usage)
     except Exception:
         log.debug("could not read usage from %s's stream", state.name, exc_info=True)
 
 
-def _tell_policy(request: GatewayRequest, state: BackendState, usage: dict) -> None:
+def _tell_policy(request: GatewayRequest, state: BackendState, usage: Usage) -> None:
     group = state.group
-    observe = getattr(group.policy, "observe", None) if group is not None else None
-    if observe is not None:
-        observe(request, state, usage)
+    if group is not None and group.observer is not None:
+        group.observer(request, state, usage)

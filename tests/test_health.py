@@ -10,7 +10,8 @@ import pytest
 
 from comox.app import build_gateway as _build
 from comox.settings import Settings
-from comox.health import FAIL, LOADING, OK, HealthChecker, check_once
+from comox import FAIL, LOADING, OK, HealthReport
+from comox.health import HealthChecker, check_once
 from comox.testing import Fault, StandInUpstream
 
 from tests.standins import LlamaServerStandIn
@@ -46,7 +47,7 @@ def run(coro):
 
 async def checks(state, n):
     async with httpx.AsyncClient() as http:
-        return [await check_once(state, http) for _ in range(n)]
+        return [(await check_once(state, http)).status for _ in range(n)]
 
 
 def test_openai_type_is_not_checked_unless_enabled(upstream):
@@ -132,7 +133,7 @@ def test_background_checks_start_with_the_gateway_and_stop_with_it(upstream):
 
 
 def checker_with(upstream, check):
-    """A HealthChecker over one backend whose check is ``check(state, http)``."""
+    """A HealthChecker over one backend whose check is ``check(http)``."""
     gateway = gateway_for({"name": "a", "url": upstream.url, "health_check": {"enabled": True, "interval_s": 0.01}})
     (state,) = gateway.backends()
     state.backend.health_check = check
@@ -144,13 +145,13 @@ def deaf_checker(upstream):
     returned list) is made non-empty: a client library stuck for good."""
     released = []
 
-    async def check(state, http):
+    async def check(http):
         while not released:
             try:
                 await asyncio.sleep(0.01)
             except asyncio.CancelledError:
                 pass
-        return OK, "ok"
+        return HealthReport(OK, "ok")
 
     return checker_with(upstream, check), released
 
@@ -161,11 +162,11 @@ def test_a_cancel_arriving_as_a_check_finishes_still_stops_the_loop(upstream):
     # asyncio.wait_for dropped such a cancel, and the loop ran on for ever.)
     calls = []
 
-    async def check(state, http):
+    async def check(http):
         calls.append(1)
         if len(calls) == 2:
             checker.tasks[0].cancel()
-        return OK, "ok"
+        return HealthReport(OK, "ok")
 
     checker = checker_with(upstream, check)
 
@@ -187,12 +188,12 @@ def test_a_cancel_arriving_as_a_check_finishes_still_stops_the_loop(upstream):
 def test_stop_ends_a_check_that_swallows_its_cancel(upstream):
     # A client library that eats CancelledError must not hang shutdown: the
     # loop sees stop() and ends after the check returns.
-    async def check(state, http):
+    async def check(http):
         try:
             await asyncio.sleep(0.2)
         except asyncio.CancelledError:
             pass
-        return OK, "ok"
+        return HealthReport(OK, "ok")
 
     checker = checker_with(upstream, check)
 

@@ -12,7 +12,7 @@ from comox import hookspecs
 from comox.errors import ConfigError
 from comox.plugins import HookChain, make_plugin_manager
 from tests.plugins.recorder import Failover, Recorder
-from comox.testing import free_port
+from comox.testing import free_port, wait_until
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 DOCS = Path(__file__).parent.parent / "docs" / "plugin_hooks.md"
@@ -65,7 +65,7 @@ def test_order_follows_pluggy_tryfirst_trylast():
     pm = make_plugin_manager([plugin("last", trylast=True), plugin("first", tryfirst=True), plugin("a"), plugin("b")])
     pm.hook.comox_admit(request=None, principal=None)  # pluggy's own order
     pluggy_order, order[:] = order[:], []
-    asyncio.run(HookChain.each(HookChain(pm).comox_admit, None, None))
+    asyncio.run(HookChain.each(HookChain(pm).comox_admit, request=None, principal=None))
     assert order == pluggy_order == ["first", "b", "a", "last"]
 
 
@@ -133,12 +133,62 @@ def test_failover_respects_local_only(comox_serve):
     assert httpx.post(f"{server.url}/v1/chat/completions", json=CHAT).status_code == 503
 
 
-def test_request_done_sees_every_parsed_request_and_only_those(gateway, recorder):
+def test_request_done_sees_every_api_request_even_those_refused_before_parsing(gateway, recorder, comox_upstream):
     # Parsed, then refused: the hook sees it, with the status the client got.
     assert httpx.post(f"{gateway.url}/v1/chat/completions", json={**CHAT, "model": "nope"}).status_code == 404
-    assert recorder.done == [(404, None, "ModelNotFound")]
-    # Refused before a GatewayRequest exists (as documented): not seen here.
+    # Refused before the body was parsed, and GET /v1/models: seen too.
     assert httpx.post(f"{gateway.url}/v1/chat/completions", content=b"{not json").status_code == 400
     assert httpx.get(f"{gateway.url}/v1/chat/completions").status_code == 405
+    assert httpx.post(f"{gateway.url}/v1/nowhere", json=CHAT).status_code == 404
     assert httpx.get(f"{gateway.url}/v1/models").status_code == 200
-    assert recorder.done == [(404, None, "ModelNotFound")]
+    assert httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT).status_code == 200
+    assert recorder.done == [(404, None, "ModelNotFound"), (400, None, "InvalidRequest"), (405, None, "MethodNotAllowed"),
+                             (404, None, "NotFound"), (200, None, None), (200, comox_upstream.url, None)]
+    assert recorder.seen == [("chat/completions", "nope"), ("chat/completions", ""), ("chat/completions", ""),
+                             ("", ""), ("models", ""), ("chat/completions", "m")]
+
+
+class PartialArgs:
+    """Implementations that declare a subset of a hook's arguments, in another order."""
+
+    def __init__(self):
+        self.got = []
+
+    @comox.hookimpl
+    def comox_admit(self, principal):
+        self.got.append(("admit", principal.key_id))
+
+    @comox.hookimpl
+    def comox_request_done(self, error, status):
+        self.got.append(("done", status, error))
+
+
+def test_hooks_are_called_with_keywords_and_any_subset_of_arguments(comox_serve, comox_upstream):
+    plugin = PartialArgs()
+    server = comox_serve({"models": [{"name": "m", "backends": [{"url": comox_upstream.url}]}]}, plugins=[plugin])
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=CHAT).status_code == 200
+    assert plugin.got == [("admit", None), ("done", 200, None)]
+
+
+class BrokenStore:
+    def __init__(self):
+        self.done = []
+
+    @comox.hookimpl
+    def comox_cache_store(self, request, response):
+        raise RuntimeError("the cache is down")
+
+    @comox.hookimpl
+    def comox_request_done(self, status, error):
+        self.done.append((status, error))
+
+
+def test_cache_store_failing_after_the_answer_went_out_changes_nothing(comox_serve, comox_upstream):
+    plugin = BrokenStore()
+    server = comox_serve({"models": [{"name": "m", "backends": [{"url": comox_upstream.url}]}]}, plugins=[plugin])
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT)
+    # One response start, the whole body: before, a second http.response.start
+    # broke the connection and the hook was told 429/500.
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"] == "hello from upstream"
+    assert plugin.done == [(200, None)]

@@ -13,7 +13,7 @@ from comox.errors import BackendUnavailable
 from comox.request import GatewayRequest
 from comox.testing import Fault, StandInUpstream
 from comox_openai import OpenAIBackend, OpenAIBackendSettings
-from comox_openai.transport import AiohttpTransport, HttpxTransport, Transport
+from comox import AiohttpTransport, HttpxTransport, Transport
 
 
 def make_request(stream: bool = False, request_id: str = "rid-1") -> GatewayRequest:

@@ -44,4 +44,4 @@ def test_blocked_by_environment(installed_template, monkeypatch):
     assert "plugin_template" not in dict(make_plugin_manager().list_name_plugin())
     monkeypatch.delenv("COMOX_BLOCK_PLUGINS")
     monkeypatch.setenv("COMOX_LOAD_PLUGINS", "plugin_template,openai")
-    assert set(dict(make_plugin_manager().list_name_plugin())) == {"plugin_template", "openai"}
+    assert set(dict(make_plugin_manager().list_name_plugin())) == {"plugin_template", "openai", "round_robin"}  # and the essential ones

@@ -4,6 +4,7 @@ from collections import Counter
 
 import pytest
 
+from comox import Usage
 from comox_least_inflight import LeastInflight
 from comox_p2c_ewma import P2CEwma
 from comox_prefix_affinity import PrefixAffinity, block_hashes, render_prompt
@@ -266,12 +267,12 @@ def test_prefix_affinity_corrects_itself_from_reported_cached_tokens():
     # Turn 2 goes home; the backend reports a hit: the index was right.
     request = conversation(2, "x")
     assert pick(group, request) is home
-    policy.observe(request, home, {"prompt": 600, "cached": 400, "completion": 10})
+    policy.observe(request, home, Usage(prompt=600, cached=400, completion=10))
     assert policy.hit_rate[id(home)] == 1.0
     # Turn 3 goes home, but the backend reports nothing cached (it restarted):
     request = conversation(3, "x")
     assert pick(group, request) is home
-    policy.observe(request, home, {"prompt": 900, "cached": 0, "completion": 10})
+    policy.observe(request, home, Usage(prompt=900, cached=0, completion=10))
     assert policy.hit_rate[id(home)] < 1.0
     # Its other entries are stale now, but the prompt it just processed is not.
     assert pick(group, conversation(4, "x")) is home
@@ -281,7 +282,7 @@ def test_prefix_affinity_corrects_itself_from_reported_cached_tokens():
     for turn in range(5, 9):
         request = conversation(turn, "x")
         state = pick(group, request)
-        policy.observe(request, state, {"prompt": 900, "cached": 0, "completion": 10})
+        policy.observe(request, state, Usage(prompt=900, cached=0, completion=10))
     assert policy.hit_rate[id(home)] < policy.min_hit_rate
 
 
@@ -298,16 +299,16 @@ def test_prefix_affinity_pins_llamacpp_slots():
         state.total_slots = 4
     first = conversation(1, "x")
     home = pick(group, first)
-    backend_name, slot = first.state["comox.id_slot"]
+    backend_name, slot = first.slot
     assert backend_name == home.name and 0 <= slot < 4
     later = conversation(2, "x")
     assert pick(group, later) is home
-    assert later.state["comox.id_slot"] == (home.name, slot)  # same node, same slot
+    assert later.slot == (home.name, slot)  # same node, same slot
     slots = set()
     for topic in range(8):
         request = conversation(1, f"n{topic}")
         state = pick(group, request)
-        slots.add(request.state["comox.id_slot"])
+        slots.add(request.slot)
     assert len(slots) == 4  # same node (shared system prompt), but each new conversation its own slot
 
 

@@ -17,37 +17,37 @@ def chat_body(content, **top):
 
 def test_parse_usage_reads_openai_usage_and_llamacpp_timings():
     usage = parse_usage({"timings": {"cache_n": 120, "prompt_n": 30, "prompt_per_second": 900.0, "predicted_n": 20, "predicted_per_second": 50.0}})
-    assert usage == {"prompt": 150, "completion": 20, "cached": 120, "prefill_tps": 900.0, "decode_tps": 50.0}
+    assert usage._asdict() == {"prompt": 150, "completion": 20, "cached": 120, "prefill_tps": 900.0, "decode_tps": 50.0}
     openai_usage = parse_usage({"usage": {"prompt_tokens": 100, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 64}}})
-    assert openai_usage["cached"] == 64 and openai_usage["prompt"] == 100
+    assert openai_usage.cached == 64 and openai_usage.prompt == 100
     assert parse_usage({"usage": "lots"}) is None and parse_usage({}) is None
 
 
 @pytest.mark.parametrize("content", ["short", BIG], ids=["parsed-whole", "searched"])
 def test_usage_of_body_small_and_large(content):
     usage = usage_of_body(chat_body(content, usage=USAGE))
-    assert usage == {"prompt": 9, "completion": 3, "cached": 4, "prefill_tps": None, "decode_tps": None}
+    assert usage._asdict() == {"prompt": 9, "completion": 3, "cached": 4, "prefill_tps": None, "decode_tps": None}
 
 
 def test_usage_text_inside_a_string_is_not_taken_for_the_key():
     # The model's answer quotes a usage object; the real one comes before it.
     trap = ',"usage": {"prompt_tokens": 999, "completion_tokens": 999} ' + BIG
     body = orjson.dumps({"usage": USAGE, "choices": [{"message": {"content": trap}}]})
-    assert usage_of_body(body)["prompt"] == 9
+    assert usage_of_body(body).prompt == 9
     # ... and after it.
-    assert usage_of_body(chat_body(trap, usage=USAGE))["prompt"] == 9
+    assert usage_of_body(chat_body(trap, usage=USAGE)).prompt == 9
 
 
 def test_usage_far_from_the_end_of_a_large_body_is_still_found():
     body = orjson.dumps({"usage": USAGE, "data": [{"embedding": [0.25] * 64, "index": i} for i in range(2000)]})
     assert len(body) > 8 * WHOLE_PARSE_MAX
-    assert usage_of_body(body)["completion"] == 3
+    assert usage_of_body(body).completion == 3
 
 
 def test_llamacpp_timings_in_a_large_body():
     timings = {"cache_n": 10, "prompt_n": 50, "prompt_per_second": 800.0, "predicted_n": 40, "predicted_per_second": 30.0}
     usage = usage_of_body(chat_body(BIG, usage={"prompt_tokens": 60, "completion_tokens": 40}, timings=timings))
-    assert usage == {"prompt": 60, "completion": 40, "cached": 10, "prefill_tps": 800.0, "decode_tps": 30.0}
+    assert usage._asdict() == {"prompt": 60, "completion": 40, "cached": 10, "prefill_tps": 800.0, "decode_tps": 30.0}
 
 
 @pytest.mark.parametrize("body", [
@@ -63,7 +63,7 @@ def test_large_bodies_without_a_usable_usage_give_none(body):
 def test_usage_of_events_reads_the_last_events():
     end = (b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
            b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2}}\n\ndata: [DONE]\n\n')
-    assert usage_of_events(end)["prompt"] == 7
+    assert usage_of_events(end).prompt == 7
     assert usage_of_events(b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n') is None
     assert usage_of_events(b'data: {"usage": broken\n\n') is None
 

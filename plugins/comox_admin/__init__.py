@@ -6,7 +6,8 @@
 * ``POST /admin/backends/{name}/drain`` — no new requests; in-flight ones finish.
 * ``POST /admin/backends/{name}/undrain``
 
-Off unless ``COMOX_ADMIN_KEY`` is set when the app is built (then these paths
+Off unless the environment variable named by ``[plugins.admin] key_env``
+(default ``COMOX_ADMIN_KEY``) is set when the app is built (then these paths
 are 404 like any unknown one). Callers send it as ``Authorization: Bearer
 <key>``; it is compared in constant time.
 """
@@ -15,41 +16,54 @@ from __future__ import annotations
 
 import hmac
 import os
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
+from pydantic import BaseModel, ConfigDict
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 import comox
-from comox.errors import AuthenticationFailed, ComoxError, NotFound
+from comox import AuthenticationFailed, ComoxError, Gateway
 
-__all__ = ["admin_routes"]
+__all__ = ["AdminSettings", "admin_routes"]
 
-ENV = "COMOX_ADMIN_KEY"
+Handler = Callable[[Request], Awaitable[Response]]
 
 
-def _json(status: int, obj, headers=None) -> Response:
-    return Response(orjson.dumps(obj), status_code=status, media_type="application/json", headers=headers)
+class AdminSettings(BaseModel):
+    """``[plugins.admin]``"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key_env: str = "COMOX_ADMIN_KEY"
+    """The environment variable holding the admin key; unset: no admin API."""
+
+
+def _json(status: int, obj: Any) -> Response:
+    return Response(orjson.dumps(obj), status_code=status, media_type="application/json")
 
 
 def _error(exc: ComoxError) -> Response:
-    return Response(exc.to_bytes(), status_code=exc.status, headers=dict((k.decode(), v.decode()) for k, v in exc.headers()))
+    return Response(exc.to_bytes(), status_code=exc.status, headers={k.decode(): v.decode() for k, v in exc.headers()})
 
 
-def admin_routes(gateway, key: str) -> list[Route]:
+def admin_routes(gateway: Gateway, key: str) -> list[Route]:
     expected = key.encode()
 
-    def authorized(request) -> bool:
+    def authorized(request: Request) -> bool:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         # Always compare, so timing does not tell a wrong scheme from a wrong key.
         ok = hmac.compare_digest(token.strip().encode("utf-8", "replace"), expected)
         return ok and scheme.lower() == "bearer"
 
-    def guarded(handler):
-        async def endpoint(request):
+    def guarded(handler: Handler) -> Handler:
+        async def endpoint(request: Request) -> Response:
             if not authorized(request):
-                response = _error(AuthenticationFailed("a valid admin key is required (Authorization: Bearer <COMOX_ADMIN_KEY>)"))
+                response = _error(AuthenticationFailed("a valid admin key is required (Authorization: Bearer <admin key>)"))
                 response.headers["www-authenticate"] = "Bearer"
                 return response
             try:
@@ -59,34 +73,12 @@ def admin_routes(gateway, key: str) -> list[Route]:
 
         return endpoint
 
-    async def backends(request):
-        data = []
-        for group in gateway.groups.values():
-            for state in group.backends:
-                entry = state.snapshot()
-                entry["model"] = group.name
-                entry["policy"] = group.settings.policy if group.settings is not None else None
-                data.append(entry)
-        groups = {}
-        for group in gateway.groups.values():
-            stats = getattr(group.policy, "stats", None)
-            groups[group.name] = {
-                "policy": group.settings.policy if group.settings is not None else None,
-                "available": len(group.available),
-                "panic": group.panic,
-                "queued": len(group.waiters),
-                "policy_stats": stats() if stats is not None else None,
-            }
-        return _json(200, {"object": "list", "data": data, "groups": groups})
+    async def backends(request: Request) -> Response:
+        return _json(200, gateway.snapshot())
 
-    def setter(draining: bool):
-        async def handler(request):
-            name = request.path_params["name"]
-            state = gateway.backend(name)
-            if state is None:
-                raise NotFound(f"no backend named {name!r}")
-            state.set_draining(draining)
-            return _json(200, state.snapshot())
+    def setter(draining: bool) -> Handler:
+        async def handler(request: Request) -> Response:
+            return _json(200, gateway.set_draining(request.path_params["name"], draining))
 
         return handler
 
@@ -98,8 +90,14 @@ def admin_routes(gateway, key: str) -> list[Route]:
 
 
 @comox.hookimpl
-def comox_routes(gateway):
-    key = os.environ.get(ENV)
+def comox_plugin_settings() -> type[BaseModel]:
+    return AdminSettings
+
+
+@comox.hookimpl
+def comox_routes(gateway: Gateway) -> list[Route] | None:
+    settings: AdminSettings = gateway.plugin_settings("admin")
+    key = os.environ.get(settings.key_env)
     if not key:
         return None
     return admin_routes(gateway, key)

@@ -21,7 +21,7 @@ class LeastInflight:
         self._buckets: list[list] = []
         self._where: dict[int, tuple[int, int]] = {}  # id(state) → (bucket, index)
         self._min = 0
-        group.load_listeners.append(self._moved)
+        group.on_load_change(self._moved)
 
     def _rebuild(self, candidates) -> None:
         self._buckets = []
@@ -75,5 +75,5 @@ class LeastInflight:
 
 
 @comox.hookimpl
-def comox_routing_policies():
+def comox_routing_policies() -> dict[str, type]:
     return {"least_inflight": LeastInflight}

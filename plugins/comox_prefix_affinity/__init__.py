@@ -17,7 +17,7 @@ prefix is most likely still in the KV cache.
   are known — llama.cpp — all its slots are busy while the other has a free
   one). The reference, and the
   destination when nothing matches, is the cheaper of two random backends by
-  :meth:`~comox.fleet.BackendState.cost` (measured tokens/s × load), so a slow
+  :func:`comox.cheaper` (measured tokens/s × load), so a slow
   node gets proportionally less new work. O(prompt length), not O(fleet).
 * The index corrects itself from what backends report:
   ``usage.prompt_tokens_details.cached_tokens`` or llama.cpp's
@@ -32,12 +32,11 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import comox
-from comox.fleet import cheaper, power_of_two, request_size
+from comox import cheaper, power_of_two, request_size
 
 __all__ = ["PrefixAffinity", "render_prompt", "block_hashes"]
 
 STATE_KEY = "comox.prefix_affinity"
-SLOT_KEY = "comox.id_slot"  # (backend name, slot) for backends that pin slots
 
 
 def _text(content) -> str:
@@ -106,7 +105,7 @@ class _Entry:
 
 class PrefixAffinity:
     def __init__(self, group):
-        options = dict(group.settings.policy_options) if group.settings is not None else {}
+        options = group.policy_options
         self.group = group
         self.rng = group.rng
         self.block_chars = int(options.pop("block_chars", 256))
@@ -178,12 +177,12 @@ class PrefixAffinity:
             depth = 0
         if pick is not (best.state if best is not None else None):
             depth = 0
-        if slot is None and pick.total_slots and getattr(pick.backend, "pins_slots", False):
+        if slot is None and pick.total_slots and pick.pins_slots:
             key = id(pick)
             slot = self.next_slot.get(key, 0) % pick.total_slots
             self.next_slot[key] = slot + 1
         if slot is not None:
-            request.state[SLOT_KEY] = (pick.name, slot)
+            request.slot = (pick.name, slot)
         # Remember: this backend (slot) now holds these prefix blocks.
         self._insert(hashes, _Entry(pick, slot, gens.get(id(pick), 0), hashes[-1] if hashes else None))
         request.state[STATE_KEY] = (depth, len(text), len(hashes))
@@ -217,8 +216,8 @@ class PrefixAffinity:
         """Compare the cache hit predicted for ``request`` with what the
         backend reported, and correct the index when it was wrong."""
         info = request.state.get(STATE_KEY)
-        cached = usage.get("cached")
-        prompt_tokens = usage.get("prompt")
+        cached = usage.cached
+        prompt_tokens = usage.prompt
         if info is None or cached is None or not prompt_tokens:
             return
         depth, chars, _ = info
@@ -241,7 +240,7 @@ class PrefixAffinity:
         entries stale in O(1)), except the prompt it has just processed."""
         key = id(state)
         gen = self.gen[key] = self.gen.get(key, 0) + 1
-        slot = request.state.get(SLOT_KEY)
+        slot = request.slot
         hashes = block_hashes(render_prompt(request.json), self.block_chars)
         self._insert(hashes, _Entry(state, slot[1] if slot and slot[0] == state.name else None, gen, hashes[-1] if hashes else None))
 
@@ -250,5 +249,5 @@ class PrefixAffinity:
 
 
 @comox.hookimpl
-def comox_routing_policies():
+def comox_routing_policies() -> dict[str, type]:
     return {"prefix_affinity": PrefixAffinity}

@@ -14,14 +14,14 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import comox
-from comox.fleet import power_of_two
+from comox import power_of_two
 
 __all__ = ["Session"]
 
 
 class Session:
     def __init__(self, group):
-        options = dict(group.settings.policy_options) if group.settings is not None else {}
+        options = group.policy_options
         self.group = group
         self.rng = group.rng
         self.header = str(options.pop("header", "x-session-id")).lower().encode()
@@ -62,5 +62,5 @@ class Session:
 
 
 @comox.hookimpl
-def comox_routing_policies():
+def comox_routing_policies() -> dict[str, type]:
     return {"session": Session}

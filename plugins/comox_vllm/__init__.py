@@ -11,51 +11,49 @@
 
 from __future__ import annotations
 
+import httpx
 from pydantic import Field
 
 import comox
-from comox.health import FAIL, OK
-from comox_llamacpp import parse_prometheus
-from comox_openai import OpenAIBackend, OpenAIBackendSettings
+from comox import FAIL, OK, HealthReport, LoadReport, parse_prometheus
 
 __all__ = ["VLLMBackend", "VLLMSettings"]
 
 METRICS = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 
 
-class VLLMSettings(OpenAIBackendSettings):
+class VLLMSettings(comox.HTTPBackendSettings):
     metrics: bool = True
     """Scrape ``/metrics`` at each health check."""
     kv_cache_full: float = Field(0.95, gt=0, le=1)
 
 
-class VLLMBackend(OpenAIBackend):
+class VLLMBackend(comox.HTTPBackend):
     settings_model = VLLMSettings
     health_check_default = True
 
     def __init__(self, settings: VLLMSettings, **kwargs):
         super().__init__(settings, **kwargs)
-        self.root = self.base_url[: -len("/v1")]
+        self.settings: VLLMSettings = settings
 
-    async def health_check(self, state, http) -> tuple[str, str]:
+    async def health_check(self, http: httpx.AsyncClient) -> HealthReport:
         response = await http.get(f"{self.root}/health")
         if response.status_code != 200:
-            return FAIL, f"GET /health: HTTP {response.status_code}"
-        if self.settings.metrics:
-            response = await http.get(f"{self.root}/metrics")
-            if response.status_code == 200:
-                values = parse_prometheus(response.text, METRICS)
-                waiting = int(values.get("vllm:num_requests_waiting", 0))
-                running = int(values.get("vllm:num_requests_running", 0))
-                usage = values.get("vllm:kv_cache_usage_perc", values.get("vllm:gpu_cache_usage_perc"))
-                state.ext_running = running
-                state.kv_cache_usage = usage
-                if usage is not None and usage >= self.settings.kv_cache_full:
-                    waiting += running
-                state.ext_waiting = waiting
-        return OK, "ok"
+            return HealthReport(FAIL, f"GET /health: HTTP {response.status_code}")
+        if not self.settings.metrics:
+            return HealthReport(OK, "ok")
+        response = await http.get(f"{self.root}/metrics")
+        if response.status_code != 200:
+            return HealthReport(OK, "ok")
+        values = parse_prometheus(response.text, METRICS)
+        waiting = int(values.get("vllm:num_requests_waiting", 0))
+        running = int(values.get("vllm:num_requests_running", 0))
+        usage = values.get("vllm:kv_cache_usage_perc", values.get("vllm:gpu_cache_usage_perc"))
+        if usage is not None and usage >= self.settings.kv_cache_full:
+            waiting += running  # new requests will queue for memory
+        return HealthReport(OK, "ok", LoadReport(waiting=waiting, running=running, kv_cache_usage=usage))
 
 
 @comox.hookimpl
-def comox_backend_types():
+def comox_backend_types() -> dict[str, type]:
     return {"vllm": VLLMBackend}

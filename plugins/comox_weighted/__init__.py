@@ -67,5 +67,5 @@ class Weighted:
 
 
 @comox.hookimpl
-def comox_routing_policies():
+def comox_routing_policies() -> dict[str, type]:
     return {"weighted": Weighted}

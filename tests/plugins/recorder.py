@@ -9,6 +9,7 @@ class Recorder:
         self.calls = []
         self.cache = {}
         self.done = []
+        self.seen = []
 
     @comox.hookimpl
     async def comox_authenticate(self, request):
@@ -39,6 +40,7 @@ class Recorder:
     @comox.hookimpl
     async def comox_request_done(self, request, status, backend, error):
         self.done.append((status, backend, type(error).__name__ if error else None))
+        self.seen.append((request.endpoint, request.model))
 
 
 class Failover:

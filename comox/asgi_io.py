@@ -1,0 +1,171 @@
+"""The raw ASGI I/O of one API request, in one place: reading the body with
+its size limit, and a :class:`Responder` that knows whether the response has
+started — so an error after the start ends the stream (or the connection),
+never sends a second ``http.response.start``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, NamedTuple
+
+from .backends import BackendResponse
+from .disconnects import watch_for
+from .errors import BodyTooLarge, ComoxError, InvalidRequest, UpstreamError
+
+__all__ = ["Responder", "SentStream", "read_body", "route_path", "SSE_HEADERS"]
+
+log = logging.getLogger("comox")
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+def route_path(scope: MutableMapping[str, Any]) -> str:
+    """The path relative to where the app is mounted (``scope["path"]`` minus
+    ``root_path``), as Starlette routes it."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root):] or "/"
+    return path
+
+
+async def read_body(receive: Receive, headers: Headers, limit: int) -> bytes:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                raise InvalidRequest("content-length is not a number", code="invalid_header") from None
+            if declared > limit:
+                raise BodyTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+            break
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError("client disconnected while sending the body")
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class SentStream(NamedTuple):
+    """What :meth:`Responder.stream` sent: ``complete`` when the stream ran to
+    its end; ``error`` sent to the client when the upstream broke off
+    (``broke`` says how); times (``time.perf_counter()``) of the first and
+    last chunk, ``data:`` lines, and the last two chunks."""
+
+    complete: bool
+    error: Exception | None
+    first: float
+    last: float
+    events: int
+    end: bytes
+    broke: str | None = None
+
+
+class Responder:
+    """The response side of one request. ``status`` is what the client was
+    sent (0 until the response starts); ``started`` and ``finished`` say how
+    far it got."""
+
+    __slots__ = ("send", "status", "started", "finished", "streaming")
+
+    def __init__(self, send: Send):
+        self.send = send
+        self.status = 0
+        self.started = False
+        self.finished = False
+        self.streaming = False
+
+    async def start(self, status: int, headers: Headers) -> None:
+        if self.started:
+            raise RuntimeError("the response has already started")
+        self.started = True
+        self.status = status
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def json(self, status: int, body: bytes, headers: Headers) -> None:
+        await self.start(status, headers + [(b"content-length", str(len(body)).encode())])
+        await self.send({"type": "http.response.body", "body": body})
+        self.finished = True
+
+    async def error(self, exc: ComoxError, request_id: bytes) -> None:
+        """Send ``exc`` as an OpenAI-format error, or, when the response has
+        already started, end it the only way left: an SSE error event for a
+        stream, else by raising so the server drops the connection."""
+        if not self.started:
+            await self.json(exc.status, exc.to_bytes(), exc.headers() + [(b"x-request-id", request_id)])
+        elif self.finished:
+            pass  # the client has its whole answer; the error is only logged
+        elif self.streaming:
+            await self.send({"type": "http.response.body", "body": b"\n\ndata: " + exc.to_bytes() + b"\n\n"})
+            self.finished = True
+        else:
+            raise RuntimeError("error after the response started; dropping the connection") from exc
+
+    async def stream(self, receive: Receive, response: BackendResponse, headers: Headers) -> SentStream:
+        """Forward ``response.stream`` chunk by chunk. A client that goes away
+        cancels the upstream read (:mod:`comox.disconnects`); an upstream that
+        fails midway ends the stream with an error event, never a clean
+        ``[DONE]``. Returns what was sent, for the fleet's measurements
+        (measured in the loop itself: a wrapping generator per stream would
+        cost more than the measuring)."""
+        assert response.stream is not None
+        task = asyncio.current_task()
+        assert task is not None
+        watched = watch_for(asyncio.get_running_loop()).add(task, receive)
+        self.streaming = True
+        await self.start(response.status, headers)
+        send = self.send
+        first = last = 0.0
+        events = 0
+        prev = b""
+        tail = b"\n\n"
+        clock = time.perf_counter
+        try:
+            async for chunk in response.stream:
+                if chunk:
+                    last = clock()
+                    if not first:
+                        first = last
+                    events += chunk.count(b"data:")
+                    prev, tail = tail, chunk
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            watched.finished = True
+            await send({"type": "http.response.body", "body": b""})
+            self.finished = True
+            return SentStream(True, None, first, last, events, prev + tail)
+        except asyncio.CancelledError:
+            if watched.disconnected:
+                task.uncancel()
+                return SentStream(False, None, first, last, events, b"")
+            raise
+        except Exception as exc:
+            watched.finished = True
+            log.warning("stream from backend failed after the first byte: %r", exc)
+            error = UpstreamError("the backend failed in the middle of the response", code="stream_interrupted")
+            event = b"data: " + error.to_bytes() + b"\n\n"
+            if not tail.endswith(b"\n\n"):
+                event = b"\n\n" + event  # close the partial event first
+            await send({"type": "http.response.body", "body": event})
+            self.finished = True
+            return SentStream(False, error, first, last, events, b"", f"stream broke off: {type(exc).__name__}")
+        finally:
+            watched.close()
+            await response.aclose()

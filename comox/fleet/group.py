@@ -1,0 +1,202 @@
+"""A model group: the backends that serve one model name, its routing
+policy, and the bounded queue for when all of them are saturated.
+
+Routing is on the hot path, so nothing here is proportional to the size of a
+group per request: each :class:`ModelGroup` keeps the tuple of backends a
+request may go to (``available``), rebuilt only when a backend's state changes
+(ejected, drained, health check verdict, an ejection running out), and counts
+its saturated backends so the common case (nobody saturated, nothing to
+exclude) hands that tuple straight to the policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..request import GatewayRequest
+    from ..views import RoutingPolicy
+    from .state import BackendState
+
+__all__ = ["FleetCounters", "ModelGroup"]
+
+
+class FleetCounters:
+    """Gateway-wide counts the retry budget needs."""
+
+    __slots__ = ("inflight", "retries")
+
+    def __init__(self) -> None:
+        self.inflight = 0
+        self.retries = 0
+
+
+class ModelGroup:
+    """A model name clients use, the backends that serve it, and its policy."""
+
+    __slots__ = (
+        "name", "backends", "policy", "settings", "policy_options", "available", "saturated_count",
+        "load_listeners", "waiters", "counters", "clock", "_expiry", "_dirty", "rng",
+        "queue_timeout_s", "queue_size", "panic", "observer",
+    )
+
+    def __init__(self, name: str, backends: list[BackendState], *, settings: Any = None,
+                 counters: FleetCounters | None = None, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None, queue_timeout_s: float = 0.0, queue_size: int = 0):
+        self.name = name
+        self.backends = backends
+        self.policy: RoutingPolicy | None = None
+        self.observer: Callable[..., None] | None = None  # the policy's observe, if it has one
+        self.settings = settings
+        # A copy, so a policy that pops what it understands leaves the settings alone.
+        self.policy_options: dict[str, Any] = dict(getattr(settings, "policy_options", None) or {})
+        self.counters = counters if counters is not None else FleetCounters()
+        self.clock = clock
+        self.rng = rng if rng is not None else random.Random()
+        self.saturated_count = 0
+        self.load_listeners: list[Callable[[BackendState, int], None]] = []
+        self.waiters: deque[asyncio.Future] = deque()
+        self.queue_timeout_s = queue_timeout_s
+        self.queue_size = queue_size
+        self.available: tuple[BackendState, ...] = ()
+        self.panic = False
+        self._expiry = math.inf
+        self._dirty = True
+        for state in backends:
+            self.adopt(state)
+
+    def adopt(self, state: BackendState) -> None:
+        state.group = self
+        if state.max_concurrency is not None and state.inflight >= state.max_concurrency:
+            self.saturated_count += 1
+        self._dirty = True
+
+    def on_load_change(self, listener: Callable[[BackendState, int], None]) -> None:
+        """Call ``listener(backend, previous_inflight)`` whenever a backend's
+        in-flight count changes (for policies that index backends by load)."""
+        self.load_listeners.append(listener)
+
+    def invalidate(self) -> None:
+        self._dirty = True
+        if self.waiters:
+            self.wake_one()
+
+    def refresh(self) -> tuple[BackendState, ...]:
+        """Recompute ``available``: live (not draining), not ejected, passing
+        health checks and ready. When none is, panic mode: every live backend
+        rather than none."""
+        now = self.clock()
+        expiry = math.inf
+        live = [b for b in self.backends if not b.draining]
+        ready = []
+        for b in live:
+            if b.ejected_until > now:
+                expiry = min(expiry, b.ejected_until)
+            elif b.health_ok and b.ready:
+                ready.append(b)
+        self.panic = not ready and bool(live)
+        chosen = tuple(ready if ready else live)
+        for b in self.backends:
+            b.routable = False
+        for b in chosen:
+            b.routable = True
+        self.available = chosen
+        self._expiry = expiry
+        self._dirty = False
+        return chosen
+
+    def current(self) -> tuple[BackendState, ...]:
+        """``available`` as of now (rebuilt first if a backend changed state or
+        an ejection ran out)."""
+        if self._dirty or self.clock() >= self._expiry:
+            return self.refresh()
+        return self.available
+
+    def is_candidate(self, state: BackendState, candidates: Sequence[BackendState]) -> bool:
+        """O(1) when ``candidates`` is ``available`` (the common case)."""
+        if candidates is self.available:
+            return state.routable
+        return state in candidates
+
+    def choose(self, request: GatewayRequest, exclude: Sequence[BackendState] = ()) -> BackendState | None:
+        available = self.available
+        if self._dirty or self.clock() >= self._expiry:
+            available = self.refresh()
+        if not available:
+            return None
+        policy = self.policy
+        pick = policy.choose(request, available)
+        if pick is not None and (exclude or self.saturated_count):
+            if pick.saturated or pick in exclude:
+                rest = [b for b in available if not b.saturated and b not in exclude]
+                pick = policy.choose(request, rest) if rest else None
+        if pick is not None and pick.recovered_at is not None:
+            # Slow start: a recovering backend takes only its share for now.
+            factor = pick.slow_start_factor(self.clock())
+            if factor < 1.0 and self.rng.random() > factor:
+                rest = [b for b in available if b is not pick and not b.saturated and b not in exclude]
+                if rest:
+                    pick = policy.choose(request, rest) or pick
+        return pick
+
+    def saturated_only(self, exclude: Sequence[BackendState] = ()) -> bool:
+        """True when some backend could take the request but for its
+        ``max_concurrency``: worth queueing for."""
+        return self.saturated_count > 0 and any(b.saturated and b not in exclude for b in self.available)
+
+    # -- the queue for saturated groups ---------------------------------------
+
+    def wake_one(self) -> None:
+        waiters = self.waiters
+        while waiters:
+            future = waiters.popleft()
+            if not future.done():
+                future.set_result(None)
+                return
+
+    async def wait_for_slot(self, request: GatewayRequest, exclude: Sequence[BackendState], deadline: float) -> BackendState | None:
+        """Wait (in arrival order) until a backend can take the request, or the
+        deadline (``time.monotonic()``) passes. None when the queue is full or
+        time ran out."""
+        loop = asyncio.get_running_loop()
+        woken = False
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or (not woken and len(self.waiters) >= self.queue_size):
+                return None
+            future = loop.create_future()
+            if woken:
+                self.waiters.appendleft(future)  # woken but beaten to the slot: keep our place
+            else:
+                self.waiters.append(future)
+            try:
+                # asyncio.timeout, not wait_for, which on 3.11 drops a cancel
+                # (client gone) that arrives as the slot is handed over
+                async with asyncio.timeout(remaining):
+                    await future
+            except BaseException as exc:  # time ran out, or the client left
+                if future.done() and not future.cancelled():
+                    self.wake_one()  # handed a slot just as we leave: pass it on
+                else:
+                    future.cancel()
+                    try:
+                        self.waiters.remove(future)
+                    except ValueError:
+                        pass
+                if isinstance(exc, TimeoutError):
+                    return None
+                raise
+            state = self.choose(request, exclude)
+            if state is not None:
+                return state
+            if not self.saturated_only(exclude):
+                return None
+            woken = True
+
+

@@ -1,0 +1,112 @@
+"""What real requests measured about a backend: peak-EWMA latency with a
+decaying failure penalty, and prefill/decode tokens per second."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+__all__ = ["Measured", "DECAY_S", "DEFAULT_LATENCY_MS", "FAILURE_PENALTY_MS", "TPS_ALPHA"]
+
+# Peak-EWMA latency (Finagle/Linkerd): a slower sample is taken at once, a faster
+# one decays the estimate with time constant DECAY_S.
+DECAY_S = 10.0
+DEFAULT_LATENCY_MS = 1.0  # a backend never measured looks cheap, so it gets tried
+# Failures look like this much latency, decaying with DECAY_S, so a backend that
+# fails fast (429, 503 "Loading model") attracts no traffic.
+FAILURE_PENALTY_MS = 5000.0
+TPS_ALPHA = 0.3  # EWMA weight of a new tokens/s sample
+
+
+class Measured:
+    """Measurement half of :class:`comox.fleet.BackendState` (a mixin: the
+    state declares the slots, so reading a measurement costs no indirection)."""
+
+    __slots__ = ()
+
+    clock: Callable[[], float]
+    ewma_ms: float | None
+    ewma_at: float
+    penalty_ms: float
+    penalty_at: float
+    prefill_tps: float | None
+    decode_tps: float | None
+    prompt_tokens: int
+    cached_tokens: int
+
+    def _init_measured(self) -> None:
+        self.ewma_ms = None
+        self.ewma_at = 0.0
+        self.penalty_ms = 0.0
+        self.penalty_at = 0.0
+        self.prefill_tps = None
+        self.decode_tps = None
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+
+    def penalty_now(self) -> float:
+        """The failure latency penalty, decayed to now."""
+        if not self.penalty_ms:
+            return 0.0
+        penalty = self.penalty_ms * math.exp(-(self.clock() - self.penalty_at) / DECAY_S)
+        if penalty < 1.0:
+            self.penalty_ms = 0.0
+            return 0.0
+        return penalty
+
+    def latency_ms(self) -> float:
+        """Peak-EWMA latency plus the decaying failure penalty."""
+        ewma = self.ewma_ms if self.ewma_ms is not None else DEFAULT_LATENCY_MS
+        return ewma + self.penalty_now() if self.penalty_ms else ewma
+
+    def service_ms(self, prompt_tokens: float, output_tokens: float) -> float | None:
+        """Expected service time of a request here, or None if never measured:
+        from measured tokens/s when known (so a slow node gets proportionally
+        less work), else peak-EWMA latency; plus the decaying failure penalty."""
+        decode = self.decode_tps
+        if decode:
+            prefill = self.prefill_tps or decode * 10.0
+            base = 1000.0 * (prompt_tokens / prefill + output_tokens / decode)
+        elif self.ewma_ms is not None:
+            base = self.ewma_ms
+        elif self.penalty_ms:
+            base = DEFAULT_LATENCY_MS
+        else:
+            return None
+        if self.penalty_ms:
+            base += self.penalty_now()
+        return base
+
+    def observe_latency(self, ms: float) -> None:
+        now = self.clock()
+        ewma = self.ewma_ms
+        if ewma is None or ms >= ewma:
+            self.ewma_ms = ms
+        else:
+            w = math.exp(-(now - self.ewma_at) / DECAY_S)
+            self.ewma_ms = ewma * w + ms * (1.0 - w)
+        self.ewma_at = now
+
+    def penalize(self) -> None:
+        self.penalty_ms = FAILURE_PENALTY_MS
+        self.penalty_at = self.clock()
+
+    def record_tokens(self, prompt: int | None, cached: int | None, completion: int | None,
+                      prefill_tps: float | None = None, decode_tps: float | None = None,
+                      ttft_s: float | None = None, decode_s: float | None = None) -> None:
+        """Measured throughput from one response. ``prefill_tps``/``decode_tps``
+        when the backend reports them (llama.cpp ``timings``); otherwise derived
+        from token counts and the times the gateway saw."""
+        if prompt:
+            self.prompt_tokens += prompt
+            self.cached_tokens += cached or 0
+        if prefill_tps is None and prompt and ttft_s and ttft_s > 0:
+            uncached = prompt - (cached or 0)
+            if uncached > 0:
+                prefill_tps = uncached / ttft_s
+        if decode_tps is None and completion and decode_s and decode_s > 0:
+            decode_tps = completion / decode_s
+        if prefill_tps:
+            self.prefill_tps = prefill_tps if self.prefill_tps is None else self.prefill_tps + TPS_ALPHA * (prefill_tps - self.prefill_tps)
+        if decode_tps:
+            self.decode_tps = decode_tps if self.decode_tps is None else self.decode_tps + TPS_ALPHA * (decode_tps - self.decode_tps)

@@ -1,0 +1,126 @@
+"""The HTTP backend every OpenAI-compatible server shares (llama.cpp's
+server, vLLM, SGLang, TGI, a cloud API): the ``openai`` backend type, and the
+base class of the types that add what an engine tells about itself
+(``llamacpp``, ``vllm``, a third party's).
+
+One shared connection pool per backend, behind a one-method transport
+(:mod:`comox.transport`). By default that is an ``aiohttp`` pool, the fastest
+Python client measured (``docs/benchmarks.md``). The pool is the seam: pass
+your own ``httpx.AsyncClient`` (any httpx transport) as ``client=``, or any
+object with the transport's ``post()``/``aclose()``, to swap how bytes move
+without touching the rest.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+from pydantic import ConfigDict, Field, field_validator
+
+from .backends import BackendResponse
+from .errors import BackendUnavailable, ConfigError
+from .fleet.load import FAIL, OK, HealthReport
+from .request import GatewayRequest
+from .settings import BackendSettings
+from .transport import AiohttpTransport, HttpxTransport, Transport, UpstreamUnreachable
+from .version import __version__
+
+__all__ = ["HTTPBackend", "HTTPBackendSettings"]
+
+
+class HTTPBackendSettings(BackendSettings):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    """Base URL of an OpenAI-compatible server, with or without ``/v1``."""
+    model: str | None = None
+    """The model name sent upstream; by default the client's."""
+    api_key_env: str | None = None
+    """Environment variable holding the upstream's API key."""
+    timeout_s: float = Field(600.0, gt=0)
+    """Longest wait for any read from the upstream."""
+    connect_timeout_s: float = Field(5.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        url = httpx.URL(value)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value
+
+
+class HTTPBackend:
+    """An OpenAI-compatible server over HTTP. Subclass it (with a
+    ``settings_model`` subclassing :class:`HTTPBackendSettings`) to add an
+    engine's own health check or request rewriting."""
+
+    settings_model: type[BackendSettings] = HTTPBackendSettings
+    health_check_default = False
+
+    def __init__(self, settings: HTTPBackendSettings, *, client: httpx.AsyncClient | Transport | None = None):
+        self.name = settings.name
+        self.settings = settings
+        base = settings.url.rstrip("/")
+        if not base.endswith("/v1"):
+            base += "/v1"
+        self.base_url = base
+        self.root = base[: -len("/v1")]
+        self.upstream_model = settings.model
+        self._headers = {
+            "content-type": "application/json",
+            "accept-encoding": "identity",
+            "user-agent": f"comox/{__version__}",
+        }
+        if settings.api_key_env:
+            key = os.environ.get(settings.api_key_env)
+            if not key:
+                raise ConfigError(f"api_key_env: the environment variable {settings.api_key_env!r} is not set")
+            self._headers["authorization"] = f"Bearer {key}"
+        self.transport: Transport
+        if client is None:
+            self.transport = AiohttpTransport(
+                timeout_s=settings.timeout_s,
+                connect_timeout_s=settings.connect_timeout_s,
+                max_connections=settings.max_concurrency or 1024,
+                default_headers=self._headers,
+            )
+        elif isinstance(client, httpx.AsyncClient):
+            self.transport = HttpxTransport(client, default_headers=self._headers)
+        elif isinstance(client, Transport):
+            self.transport = client
+        else:
+            raise TypeError(f"client must be an httpx.AsyncClient or a transport with post() and aclose(), got {client!r}")
+        self.client: Any = client if client is not None else self.transport
+        self._urls: dict[str, str] = {}  # endpoint → upstream URL, built once
+
+    async def handle(self, request: GatewayRequest) -> BackendResponse:
+        endpoint = request.endpoint
+        url = self._urls.get(endpoint)
+        if url is None:
+            url = self._urls[endpoint] = f"{self.base_url}/{endpoint}"
+        return await self.post(url, request.body_for(self.upstream_model), request)
+
+    async def post(self, url: str, body: bytes, request: GatewayRequest) -> BackendResponse:
+        """Send ``body`` to ``url``; an unreachable upstream raises
+        :class:`~comox.BackendUnavailable` (so the request moves elsewhere)."""
+        try:
+            return await self.transport.post(url, body, {"x-request-id": request.id})
+        except UpstreamUnreachable as exc:
+            if exc.during == "connect":
+                raise BackendUnavailable(f"backend {self.name!r} unreachable: {type(exc.cause).__name__}") from exc.cause
+            raise BackendUnavailable(
+                f"backend {self.name!r} failed while sending its body: {type(exc.cause).__name__}"
+            ) from exc.cause
+
+    async def health_check(self, http: httpx.AsyncClient) -> HealthReport:
+        """``GET <url>/v1/models``: any OpenAI-compatible server answers it."""
+        response = await http.get(f"{self.base_url}/models")
+        if response.status_code == 200:
+            return HealthReport(OK, "ok")
+        return HealthReport(FAIL, f"GET /v1/models: HTTP {response.status_code}")
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()

@@ -1,0 +1,150 @@
+"""The request path, top to bottom: one API request through every stage.
+
+::
+
+    parse        endpoint and method from the path, body read (size limit) and checked
+    authenticate comox_authenticate → Principal
+    admit        comox_admit (rate limits, budgets, policy)
+    cache        comox_cache_lookup → a cached answer, or on to a backend
+    route        Gateway.dispatch: a backend of the group by its policy, retries
+                 before the first byte, comox_failover when local capacity is exhausted
+    respond      the answer sent through unbuffered (asgi_io.Responder)
+    measure      usage and timings recorded on the backend, after the client has its answer
+    store        comox_cache_store
+    done         comox_request_done, for every request, refused or answered
+
+The raw ASGI I/O is in :mod:`comox.asgi_io`; routing and retries in
+:mod:`comox.gateway`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import MutableMapping
+from typing import Any
+
+import orjson
+
+from .asgi_io import SSE_HEADERS, Receive, Responder, Send, read_body
+from .backends import BackendResponse
+from .errors import ComoxError, MethodNotAllowed, ModelNotFound, NotFound
+from .fleet import BackendState
+from .gateway import Gateway
+from .plugins import HookChain
+from .request import ANONYMOUS, ENDPOINTS, GatewayRequest, parse_body, request_id_from
+from .usage import record_body, record_stream
+
+__all__ = ["serve_api"]
+
+log = logging.getLogger("comox")
+
+JSON = [(b"content-type", b"application/json")]
+
+
+async def serve_api(gateway: Gateway, scope: MutableMapping[str, Any], receive: Receive, send: Send, path: str) -> None:
+    """Serve one request to an API path (``/v1/...``)."""
+    headers = scope["headers"]
+    client_request_id = None
+    for name, value in headers:
+        if name == b"x-request-id":
+            client_request_id = value
+            break
+    request = GatewayRequest(id=request_id_from(client_request_id), endpoint=ENDPOINTS.get(path, ""), path=path,
+                             headers=headers, method=scope["method"])
+    rid = request.id.encode()
+    if not gateway.started:
+        await gateway.startup()
+    responder = Responder(send)
+    state: BackendState | None = None
+    error: Exception | None = None
+    try:
+        state, error = await _serve(gateway, request, receive, responder, rid)
+    except ComoxError as exc:
+        error = exc
+        await responder.error(exc, rid)
+    except asyncio.CancelledError:
+        raise  # the client went away
+    except Exception as exc:
+        error = exc
+        log.exception("unexpected error serving %s", path)
+        await responder.error(ComoxError("internal error in the gateway"), rid)
+        raise
+    finally:
+        Gateway.release(state)
+        hooks = gateway.hooks
+        if hooks.comox_request_done:
+            status = responder.status or 499  # nothing sent: the client went away
+            try:
+                await HookChain.each(hooks.comox_request_done, request=request, status=status,
+                                     backend=state.name if state is not None else None, error=error)
+            except Exception:
+                log.exception("comox_request_done hook failed")
+
+
+async def _serve(gateway: Gateway, request: GatewayRequest, receive: Receive, responder: Responder,
+                 rid: bytes) -> tuple[BackendState | None, Exception | None]:
+    """The stages; returns the backend that answered (to release) and the
+    error a stream ended with, if any."""
+    path = request.path
+    endpoint = request.endpoint
+    if not endpoint:
+        if path == "/v1/models" or path.startswith("/v1/models/"):
+            request.endpoint = "models"
+            if request.method != "GET":
+                raise MethodNotAllowed(f"{request.method} is not allowed on {path}")
+            await responder.json(200, models_body(gateway, path), JSON + [(b"x-request-id", rid)])
+            return None, None
+        raise NotFound(f"unknown endpoint {path}")
+    if request.method != "POST":
+        raise MethodNotAllowed(f"{request.method} is not allowed on {path}; use POST")
+    raw = await read_body(receive, request.headers, gateway.settings.server.max_body_bytes)
+    request.set_body(raw, parse_body(endpoint, raw))
+    group = gateway.groups.get(request.model)
+    if group is None:
+        raise ModelNotFound(f"the model {request.model!r} does not exist; GET /v1/models lists them", param="model")
+    hooks = gateway.hooks
+    if hooks.comox_authenticate:
+        request.principal = await HookChain.first(hooks.comox_authenticate, request=request) or ANONYMOUS
+    if hooks.comox_admit:
+        await HookChain.each(hooks.comox_admit, request=request, principal=request.principal)
+    response: BackendResponse | None = None
+    if hooks.comox_cache_lookup:
+        response = await HookChain.first(hooks.comox_cache_lookup, request=request)
+    state: BackendState | None = None
+    if response is None:
+        response, state = await gateway.dispatch(request, group)
+    out_headers = response.headers + [(b"x-request-id", rid)]
+    if state is not None and gateway.settings.server.expose_backend_header:
+        out_headers.append((b"x-comox-backend", state.name.encode()))
+    status = response.status
+    if response.stream is not None:
+        sent = await responder.stream(receive, response, out_headers + SSE_HEADERS)
+        if state is not None:
+            if sent.broke is not None:
+                state.record_failure(sent.broke)
+            elif sent.complete and sent.first and status == 200:
+                record_stream(request, state, sent.first, sent.last, sent.events, sent.end)
+        return state, sent.error
+    assert response.body is not None
+    try:
+        await responder.json(status, response.body, out_headers)
+    finally:
+        await response.aclose()
+    if state is not None and status == 200:
+        record_body(request, state, response.body)
+    if status == 200 and hooks.comox_cache_store:
+        try:
+            await HookChain.each(hooks.comox_cache_store, request=request, response=response)
+        except Exception:
+            log.exception("comox_cache_store hook failed (the client already has its answer)")
+    return state, None
+
+
+def models_body(gateway: Gateway, path: str) -> bytes:
+    if path == "/v1/models":
+        return gateway.models_body
+    name = path[len("/v1/models/"):]
+    if name not in gateway.groups:
+        raise ModelNotFound(f"the model {name!r} does not exist", param="model")
+    return orjson.dumps({"id": name, "object": "model", "created": gateway.created, "owned_by": "comox"})
