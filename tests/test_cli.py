@@ -36,6 +36,12 @@ def config(tmp_path, comox_upstream):
     return path
 
 
+def comox(*args, env=None, timeout=60):
+    """Run ``comox ARGS`` to its end, as a user would."""
+    return subprocess.run([sys.executable, "-m", "comox.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
 def chat(url):
     body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
     return httpx.post(f"{url}/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
@@ -64,26 +70,21 @@ def test_uvicorn_factory_reads_comox_config(run_server, config, factory):
 def test_bad_config_stops_startup_with_named_key(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('[[models]]\nname = "chat"\n[[models.backends]]\nurl = "http://127.0.0.1:9"\nmax_concurrency = -1\n')
-    result = subprocess.run([sys.executable, "-m", "comox.cli", "serve", "-c", str(path)], capture_output=True, text=True, timeout=60)
+    result = comox("serve", "-c", str(path))
     assert result.returncode != 0
     assert "models[0].backends[0].max_concurrency: Input should be greater than or equal to 1" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_comox_plugins_lists_versions_and_hooks():
-    result = subprocess.run([sys.executable, "-m", "comox.cli", "plugins", "--json"], capture_output=True, text=True, check=True, timeout=60)
+    result = comox("plugins", "--json")
+    assert result.returncode == 0, result.stderr
     plugins = {p["name"]: p for p in json.loads(result.stdout)}
     assert plugins["openai"]["distribution"] == "comox"
     assert plugins["openai"]["hooks"] == ["comox_backend_types"]
     assert plugins["round_robin"]["hooks"] == ["comox_routing_policies"]
-    text = subprocess.run([sys.executable, "-m", "comox.cli", "plugins"], capture_output=True, text=True, check=True, timeout=60).stdout
+    text = comox("plugins").stdout
     assert "openai" in text and "comox_backend_types" in text
-
-
-def comox(*args, env=None, timeout=60):
-    """Run ``comox ARGS`` to its end, as a user would."""
-    return subprocess.run([sys.executable, "-m", "comox.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def test_version():
