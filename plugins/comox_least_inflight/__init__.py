@@ -8,22 +8,25 @@ non-empty bucket.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import comox
+from comox import BackendView, GatewayRequest, GroupView
 
 __all__ = ["LeastInflight"]
 
 
 class LeastInflight:
-    def __init__(self, group):
+    def __init__(self, group: GroupView) -> None:
         self.group = group
         self.rng = group.rng
-        self._for = None
-        self._buckets: list[list] = []
+        self._for: Sequence[BackendView] | None = None
+        self._buckets: list[list[BackendView]] = []
         self._where: dict[int, tuple[int, int]] = {}  # id(state) → (bucket, index)
         self._min = 0
         group.on_load_change(self._moved)
 
-    def _rebuild(self, candidates) -> None:
+    def _rebuild(self, candidates: Sequence[BackendView]) -> None:
         self._buckets = []
         self._where = {}
         for state in candidates:
@@ -31,7 +34,7 @@ class LeastInflight:
         self._min = next((i for i, bucket in enumerate(self._buckets) if bucket), 0)
         self._for = candidates
 
-    def _put(self, state, count: int) -> None:
+    def _put(self, state: BackendView, count: int) -> None:
         buckets = self._buckets
         while len(buckets) <= count:
             buckets.append([])
@@ -39,7 +42,7 @@ class LeastInflight:
         self._where[id(state)] = (count, len(bucket))
         bucket.append(state)
 
-    def _moved(self, state, old: int) -> None:
+    def _moved(self, state: BackendView, old: int) -> None:
         where = self._where.get(id(state))
         if where is None:
             return  # not a candidate right now
@@ -58,7 +61,7 @@ class LeastInflight:
         elif count == self._min and not bucket:
             self._min = new
 
-    def choose(self, request, candidates):
+    def choose(self, request: GatewayRequest, candidates: Sequence[BackendView]) -> BackendView | None:
         if not candidates:
             return None
         if candidates is self.group.available:

@@ -17,6 +17,8 @@ tells about itself:
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import orjson
 from pydantic import Field
@@ -44,7 +46,7 @@ class LlamaCppBackend(comox.HTTPBackend):
     settings_model = LlamaCppSettings
     health_check_default = True
 
-    def __init__(self, settings: LlamaCppSettings, **kwargs):
+    def __init__(self, settings: LlamaCppSettings, **kwargs: Any) -> None:
         super().__init__(settings, **kwargs)
         self.settings: LlamaCppSettings = settings
         self.pins_slots = settings.pin_slots

@@ -30,16 +30,18 @@ prefix is most likely still in the KV cache.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
 
 import comox
-from comox import cheaper, power_of_two, request_size
+from comox import BackendView, GatewayRequest, GroupView, Usage, cheaper, power_of_two, request_size
 
 __all__ = ["PrefixAffinity", "render_prompt", "block_hashes"]
 
 STATE_KEY = "comox.prefix_affinity"
 
 
-def _text(content) -> str:
+def _text(content: object) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -57,7 +59,7 @@ def _text(content) -> str:
     return "" if content is None else str(content)
 
 
-def render_prompt(body: dict) -> str:
+def render_prompt(body: dict[str, Any]) -> str:
     """The prompt text as a chat template lays it out (roles in order; an
     earlier turn renders the same whatever follows it), or the raw prompt."""
     messages = body.get("messages")
@@ -96,7 +98,7 @@ class _Entry:
 
     __slots__ = ("state", "slot", "gen", "tip")
 
-    def __init__(self, state, slot, gen, tip):
+    def __init__(self, state: BackendView, slot: int | None, gen: int, tip: int | None) -> None:
         self.state = state
         self.slot = slot
         self.gen = gen
@@ -104,7 +106,7 @@ class _Entry:
 
 
 class PrefixAffinity:
-    def __init__(self, group):
+    def __init__(self, group: GroupView) -> None:
         options = group.policy_options
         self.group = group
         self.rng = group.rng
@@ -127,7 +129,7 @@ class PrefixAffinity:
 
     # -- choosing -------------------------------------------------------------
 
-    def choose(self, request, candidates):
+    def choose(self, request: GatewayRequest, candidates: Sequence[BackendView]) -> BackendView | None:
         n = len(candidates)
         if not n:
             return None
@@ -159,6 +161,7 @@ class PrefixAffinity:
                         best = entry
         # Reference: the cheaper of two random backends (measured speed × load).
         other = power_of_two(request, candidates, self.rng)
+        assert other is not None  # candidates is not empty
         pick = other
         slot = None
         if best is not None and self.hit_rate.get(id(best.state), 1.0) >= self.min_hit_rate:
@@ -188,7 +191,7 @@ class PrefixAffinity:
         request.state[STATE_KEY] = (depth, len(text), len(hashes))
         return pick
 
-    def _insert(self, hashes, entry) -> None:
+    def _insert(self, hashes: list[int], entry: _Entry) -> None:
         """Record ``entry`` as the most recent holder of each block (at most
         ``holders`` backends per block, most recent first)."""
         index = self.index
@@ -212,7 +215,7 @@ class PrefixAffinity:
 
     # -- feedback from responses ----------------------------------------------
 
-    def observe(self, request, state, usage) -> None:
+    def observe(self, request: GatewayRequest, state: BackendView, usage: Usage) -> None:
         """Compare the cache hit predicted for ``request`` with what the
         backend reported, and correct the index when it was wrong."""
         info = request.state.get(STATE_KEY)
@@ -234,7 +237,7 @@ class PrefixAffinity:
             # A hit we did not predict: the backend does keep prefixes.
             self.hit_rate[key] = rate + 0.3 * (1.0 - rate)
 
-    def _forget(self, state, request, info) -> None:
+    def _forget(self, state: BackendView, request: GatewayRequest, info: tuple[int, int, int]) -> None:
         """The backend did not have a prefix we thought it had: everything the
         index believes it holds is suspect (a new generation makes the old
         entries stale in O(1)), except the prompt it has just processed."""
@@ -244,7 +247,7 @@ class PrefixAffinity:
         hashes = block_hashes(render_prompt(request.json), self.block_chars)
         self._insert(hashes, _Entry(state, slot[1] if slot and slot[0] == state.name else None, gen, hashes[-1] if hashes else None))
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         return {"blocks": len(self.index), "hit_rate": {s.name: round(self.hit_rate.get(id(s), 1.0), 3) for s in self.group.backends}}
 
 

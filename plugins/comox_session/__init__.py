@@ -12,15 +12,16 @@ request elsewhere without losing the pin. At most ``policy_options.max_sessions`
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import comox
-from comox import power_of_two
+from comox import BackendView, GatewayRequest, GroupView, power_of_two
 
 __all__ = ["Session"]
 
 
 class Session:
-    def __init__(self, group):
+    def __init__(self, group: GroupView) -> None:
         options = group.policy_options
         self.group = group
         self.rng = group.rng
@@ -30,16 +31,16 @@ class Session:
             raise ValueError(f"unknown option(s) for session: {', '.join(sorted(options))}")
         if self.max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
-        self.pins: OrderedDict = OrderedDict()
+        self.pins: OrderedDict[bytes | str, BackendView] = OrderedDict()
 
-    def key(self, request):
+    def key(self, request: GatewayRequest) -> bytes | str | None:
         value = request.header(self.header)
         if value:
             return value
         user = request.json.get("user")
         return user if isinstance(user, str) and user else None
 
-    def choose(self, request, candidates):
+    def choose(self, request: GatewayRequest, candidates: Sequence[BackendView]) -> BackendView | None:
         if not candidates:
             return None
         key = self.key(request)
@@ -53,7 +54,7 @@ class Session:
                 if pinned.routable:
                     return power_of_two(request, candidates, self.rng)  # busy now, keep the pin
         pick = power_of_two(request, candidates, self.rng)
-        if key is not None:
+        if key is not None and pick is not None:
             self.pins[key] = pick
             self.pins.move_to_end(key)
             if len(self.pins) > self.max_sessions:

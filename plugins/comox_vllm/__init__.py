@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 from pydantic import Field
 
@@ -32,7 +34,7 @@ class VLLMBackend(comox.HTTPBackend):
     settings_model = VLLMSettings
     health_check_default = True
 
-    def __init__(self, settings: VLLMSettings, **kwargs):
+    def __init__(self, settings: VLLMSettings, **kwargs: Any) -> None:
         super().__init__(settings, **kwargs)
         self.settings: VLLMSettings = settings
 

@@ -10,19 +10,21 @@ bunched: weights 5, 1, 1 give ``a a a b c a a``. O(log n) per pick.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 
 import comox
+from comox import BackendView, GatewayRequest, GroupView
 
 __all__ = ["Weighted"]
 
 
 class Weighted:
-    def __init__(self, group):
+    def __init__(self, group: GroupView) -> None:
         self.group = group
-        self._for = None  # the candidates tuple the heap was built from
-        self._heap: list[tuple[float, int, float, object]] = []
+        self._for: Sequence[BackendView] | None = None  # the candidates tuple the heap was built from
+        self._heap: list[tuple[float, int, float, BackendView]] = []
 
-    def _rebuild(self, candidates) -> None:
+    def _rebuild(self, candidates: Sequence[BackendView]) -> None:
         heap = []
         for i, state in enumerate(candidates):
             step = 1.0 / state.weight
@@ -31,7 +33,7 @@ class Weighted:
         self._heap = heap
         self._for = candidates
 
-    def choose(self, request, candidates):
+    def choose(self, request: GatewayRequest, candidates: Sequence[BackendView]) -> BackendView | None:
         if not candidates:
             return None
         group = self.group
