@@ -1,4 +1,10 @@
-"""The backend object: the pool of model copies, and requests run on them."""
+"""The backend object: its pools of model copies, and requests run on them.
+
+A backend has its own copies (``instances`` of them, loaded at startup), and
+loads on first demand one extra copy of the same file for what its own copies
+cannot do: an embedding copy (``embedding=True``) for ``/v1/embeddings`` on a
+generation backend, and a copy loaded with ``logits_all=True`` for requests
+that ask for log probabilities (llama-cpp-python computes them only there)."""
 
 from __future__ import annotations
 
@@ -8,14 +14,16 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import orjson
 
 from comox import BackendResponse, ConfigError, GatewayRequest, InvalidRequest
 
+from .pool import Pool
 from .settings import LlamaCppPythonSettings, check_model_file, import_llama_cpp
-from .translate import chat_kwargs, completion_kwargs, embedding_kwargs
+from .translate import chat_kwargs, completion_kwargs, embedding_kwargs, include_usage, trim_top_logprobs, wants_logprobs
 from .worker import DONE, Channel, Job, cancellable_llama_class, pump
 
 __all__ = ["LlamaCppPythonBackend"]
@@ -24,6 +32,12 @@ log = logging.getLogger("comox.llama_cpp_python")
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [(b"content-type", b"text/event-stream")]
+EXTRA_COPIES = 2
+"""Copies a backend may load on demand: one for embeddings, one for log probabilities."""
+
+
+def _dumps(result: dict) -> bytes:
+    return orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)  # logprobs are numpy floats
 
 
 def _error_for(exc: BaseException) -> Exception:
@@ -57,18 +71,20 @@ class LlamaCppPythonBackend:
         self.name = settings.name
         self.settings = settings
         self.model_path = check_model_file(settings.model_path)
+        llama_cpp = import_llama_cpp()
         if settings.chat_format is not None:
-            registry = import_llama_cpp().llama_chat_format.LlamaChatCompletionHandlerRegistry()
-            known = registry._chat_handlers
+            known = llama_cpp.llama_chat_format.LlamaChatCompletionHandlerRegistry()._chat_handlers
             if settings.chat_format not in known:
                 raise ConfigError(
                     f"chat_format: unknown chat format {settings.chat_format!r} "
                     f"(known: {', '.join(sorted(known))})"
                 )
-        else:
-            import_llama_cpp()
-        self.copies: list[Any] = []
-        self._free: asyncio.Queue | None = None
+        # One vector per input, as llama.cpp's server gives with --embeddings.
+        embedding = {"embedding": True, "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN}
+        own = embedding if settings.embedding else {}
+        self.own = Pool("model copies", partial(self._make, settings.instances, **own))
+        self.embedder = self.own if settings.embedding else Pool("embedding copy", partial(self._make, 1, **embedding))
+        self.scorer = Pool("logprobs copy", partial(self._make, 1, logits_all=True))
         self._executor: ThreadPoolExecutor | None = None
         self._jobs: set[Job] = set()
         # load figures
@@ -83,28 +99,25 @@ class LlamaCppPythonBackend:
         self.generated_tokens = 0
         self.tokens_per_s: float | None = None
 
+    @property
+    def copies(self) -> list[Any]:
+        """The backend's own loaded copies."""
+        return self.own.copies
+
     # -- lifecycle ---------------------------------------------------------------
 
-    def _load(self) -> list[Any]:
+    def _make(self, count: int, **extra: Any) -> list[Any]:
+        """``count`` copies of the model (in a worker thread), or ConfigError."""
         cls = cancellable_llama_class()
         settings = self.settings
-        options: dict[str, Any] = {
-            "n_ctx": settings.n_ctx,
-            "n_gpu_layers": settings.n_gpu_layers,
-            "embedding": settings.embedding,
-            "verbose": False,
-        }
+        options: dict[str, Any] = {"n_ctx": settings.n_ctx, "n_gpu_layers": settings.n_gpu_layers, "verbose": False, **extra}
         if settings.n_threads is not None:
             options["n_threads"] = settings.n_threads
         if settings.chat_format is not None:
             options["chat_format"] = settings.chat_format
-        if settings.embedding:
-            # One vector per input, as llama.cpp's server gives with --embeddings.
-            llama_cpp = import_llama_cpp()
-            options["pooling_type"] = llama_cpp.LLAMA_POOLING_TYPE_MEAN
         copies = []
         try:
-            for _ in range(settings.instances):
+            for _ in range(count):
                 copies.append(cls(str(self.model_path), **options))
         except Exception as exc:
             for copy in copies:
@@ -113,19 +126,12 @@ class LlamaCppPythonBackend:
         return copies
 
     async def startup(self) -> None:
-        """Load the copies, off the event loop."""
-        if self._free is not None:
-            return
-        self._executor = ThreadPoolExecutor(
-            max_workers=self.settings.instances, thread_name_prefix=f"comox-llama-{self.name}"
-        )
-        loop = asyncio.get_running_loop()
-        copies = await loop.run_in_executor(self._executor, self._load)
-        self.copies = copies
-        free: asyncio.Queue = asyncio.Queue()
-        for copy in copies:
-            free.put_nowait(copy)
-        self._free = free
+        """Load the backend's own copies, off the event loop."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=self.settings.instances + EXTRA_COPIES, thread_name_prefix=f"comox-llama-{self.name}"
+            )
+        await self.own.ready(self._executor)
 
     async def aclose(self) -> None:
         for job in list(self._jobs):
@@ -133,15 +139,15 @@ class LlamaCppPythonBackend:
         executor, self._executor = self._executor, None
         if executor is not None:
             await asyncio.to_thread(executor.shutdown, wait=True)
-        for copy in self.copies:
-            copy.close()
-        self.copies = []
-        self._free = None
+        for pool in {self.own, self.embedder, self.scorer}:
+            pool.close()
 
     def stats(self) -> dict:
         return {
             "instances": self.settings.instances,
-            "loaded": len(self.copies),
+            "loaded": len(self.own.copies),
+            "embedding_copy_loaded": bool(self.embedder.copies) and self.embedder is not self.own,
+            "logprobs_copy_loaded": bool(self.scorer.copies),
             "busy": self.busy,
             "waiting": self.waiting,
             "peak_busy": self.peak_busy,
@@ -154,28 +160,33 @@ class LlamaCppPythonBackend:
             "tokens_per_s": None if self.tokens_per_s is None else round(self.tokens_per_s, 2),
         }
 
-    # -- the pool of copies --------------------------------------------------------
+    # -- the pools of copies -------------------------------------------------------
 
-    async def _acquire(self) -> Any:
-        if self._free is None:
+    async def _acquire(self, pool: Pool) -> Any:
+        """An idle copy of ``pool``, in arrival order (loading the pool first
+        if need be)."""
+        if self._executor is None:
             await self.startup()
-        free = self._free
-        if not self.waiting and not free.empty():
+        free = pool.free
+        if free is not None and not pool.waiting and not free.empty():
             copy = free.get_nowait()
         else:
             self.waiting += 1
+            pool.waiting += 1
             self.peak_waiting = max(self.peak_waiting, self.waiting)
             try:
+                free = await pool.ready(self._executor)
                 copy = await free.get()
             finally:
                 self.waiting -= 1
+                pool.waiting -= 1
         self.busy += 1
         self.peak_busy = max(self.peak_busy, self.busy)
         return copy
 
-    def _run(self, copy: Any, work: Callable[[Job], Any]) -> tuple[Job, asyncio.Future]:
+    def _run(self, pool: Pool, copy: Any, work: Callable[[Job], Any]) -> tuple[Job, asyncio.Future]:
         """Start ``work`` on a worker thread with ``copy``; the copy returns to
-        the pool when the thread is done with it, whatever happened."""
+        its pool when the thread is done with it, whatever happened."""
         job = Job()
         self._jobs.add(job)
         started = time.perf_counter()
@@ -202,8 +213,8 @@ class LlamaCppPythonBackend:
             elif job.tokens > 1 and elapsed > 0:
                 rate = job.tokens / elapsed
                 self.tokens_per_s = rate if self.tokens_per_s is None else self.tokens_per_s + 0.3 * (rate - self.tokens_per_s)
-            if self._free is not None:
-                self._free.put_nowait(copy)
+            if pool.free is not None:
+                pool.free.put_nowait(copy)
 
         future = asyncio.get_running_loop().run_in_executor(self._executor, run)
         future.add_done_callback(done)
@@ -215,13 +226,8 @@ class LlamaCppPythonBackend:
         endpoint = request.endpoint
         body = request.json
         if endpoint == "embeddings":
-            if not self.settings.embedding:
-                raise InvalidRequest(
-                    f"backend {self.name!r} does not serve embeddings (set embedding = true on a llama-cpp-python backend)",
-                    code="unsupported_endpoint",
-                )
             kwargs, encoding = embedding_kwargs(body)
-            return await self._embed(request, kwargs, encoding)
+            return await self._answer(self.embedder, partial(_embed, model=request.model, encoding=encoding, **kwargs))
         if self.settings.embedding:
             raise InvalidRequest(
                 f"backend {self.name!r} is an embedding model (embedding = true); it serves only /v1/embeddings",
@@ -233,20 +239,23 @@ class LlamaCppPythonBackend:
             kwargs, method = completion_kwargs(body), "create_completion"
         else:  # pragma: no cover - the core routes only the three endpoints
             raise InvalidRequest(f"unsupported endpoint /v1/{endpoint}")
+        usage = include_usage(body)
         kwargs["model"] = request.model
+        pool = self.scorer if wants_logprobs(kwargs) else self.own
+        shape = None
+        if method == "create_chat_completion" and wants_logprobs(kwargs):
+            shape = partial(trim_top_logprobs, count=kwargs["top_logprobs"])
         if request.stream:
-            return await self._stream(method, kwargs)
-        return await self._complete(method, kwargs)
+            return await self._stream(pool, method, kwargs, usage, shape)
+        return await self._answer(pool, partial(_generate, method=method, shape=shape, **kwargs))
 
-    async def _complete(self, method: str, kwargs: dict) -> BackendResponse:
-        copy = await self._acquire()
-
-        def work(job: Job) -> bytes:
-            result = getattr(copy, method)(**kwargs)
-            result["timings"] = job.timings()
-            return orjson.dumps(result)
-
-        job, future = self._run(copy, work)
+    async def _answer(self, pool: Pool, work: Callable[[Any, Job], bytes]) -> BackendResponse:
+        """A JSON answer: ``work(copy, job)`` on a copy of ``pool``."""
+        try:
+            copy = await self._acquire(pool)
+        except Exception as exc:  # the pool could not be loaded
+            return self._failure(exc)
+        job, future = self._run(pool, copy, partial(work, copy))
         try:
             body = await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -256,32 +265,14 @@ class LlamaCppPythonBackend:
             return self._failure(exc)
         return BackendResponse(200, list(JSON_HEADERS), body=body)
 
-    async def _embed(self, request: GatewayRequest, kwargs: dict, encoding: str) -> BackendResponse:
-        copy = await self._acquire()
-
-        def work(job: Job) -> bytes:
-            result = copy.create_embedding(model=request.model, **kwargs)
-            if encoding == "base64":
-                import numpy as np
-
-                for item in result["data"]:
-                    item["embedding"] = base64.b64encode(np.asarray(item["embedding"], dtype="<f4").tobytes()).decode()
-            return orjson.dumps(result)
-
-        job, future = self._run(copy, work)
+    async def _stream(self, pool: Pool, method: str, kwargs: dict, usage: bool, shape: Callable | None) -> BackendResponse:
         try:
-            body = await asyncio.shield(future)
-        except asyncio.CancelledError:
-            job.stop()
-            raise
-        except Exception as exc:
+            copy = await self._acquire(pool)
+        except Exception as exc:  # the pool could not be loaded
             return self._failure(exc)
-        return BackendResponse(200, list(JSON_HEADERS), body=body)
-
-    async def _stream(self, method: str, kwargs: dict) -> BackendResponse:
-        copy = await self._acquire()
         channel = Channel(asyncio.get_running_loop())
-        job, _ = self._run(copy, lambda job: pump(channel, lambda: getattr(copy, method)(stream=True, **kwargs), job))
+        start = partial(getattr(copy, method), stream=True, **kwargs)
+        job, _ = self._run(pool, copy, lambda job: pump(channel, start, job, include_usage=usage, shape=shape))
 
         def stop() -> None:
             job.stop()
@@ -324,3 +315,21 @@ class LlamaCppPythonBackend:
             log.error("llama-cpp-python generation failed: %r", exc)
             return error.response()
         raise error
+
+
+def _generate(copy: Any, job: Job, *, method: str, shape: Callable[[dict], dict] | None, **kwargs: Any) -> bytes:
+    """Worker: a completion or chat answer, with llama.cpp-style ``timings``."""
+    result = getattr(copy, method)(**kwargs)
+    result["timings"] = job.timings()
+    return _dumps(shape(result) if shape is not None else result)
+
+
+def _embed(copy: Any, job: Job, *, encoding: str, **kwargs: Any) -> bytes:
+    """Worker: an embeddings answer, the vectors as floats or base64 (little-endian float32)."""
+    result = copy.create_embedding(**kwargs)
+    if encoding == "base64":
+        import numpy as np
+
+        for item in result["data"]:
+            item["embedding"] = base64.b64encode(np.asarray(item["embedding"], dtype="<f4").tobytes()).decode()
+    return _dumps(result)

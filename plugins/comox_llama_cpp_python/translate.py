@@ -9,7 +9,7 @@ from typing import Any
 
 from comox import InvalidRequest, check_number
 
-__all__ = ["chat_kwargs", "completion_kwargs", "embedding_kwargs"]
+__all__ = ["chat_kwargs", "completion_kwargs", "embedding_kwargs", "include_usage", "trim_top_logprobs", "wants_logprobs"]
 
 _NUMBERS = ("temperature", "top_p", "min_p", "typical_p", "presence_penalty", "frequency_penalty",
             "repeat_penalty", "tfs_z", "mirostat_tau", "mirostat_eta")
@@ -33,18 +33,11 @@ def _unsupported(body: dict, allowed: frozenset | set, endpoint: str) -> None:
             )
 
 
-def _sampling(body: dict, endpoint: str) -> dict[str, Any]:
+def _sampling(body: dict) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     n = body.get("n")
     if n is not None and n != 1:
         raise InvalidRequest("'n' must be 1: a llama-cpp-python backend generates one choice", param="n", code="unsupported_value")
-    options = body.get("stream_options")
-    if options is not None:
-        if not isinstance(options, dict):
-            raise InvalidRequest("'stream_options' must be an object", param="stream_options", code="invalid_type")
-        if options.get("include_usage"):
-            raise InvalidRequest("'stream_options.include_usage' is not supported by llama-cpp-python backends",
-                                 param="stream_options", code="unsupported_value")
     for key in _NUMBERS:
         value = body.get(key)
         if value is not None:
@@ -84,7 +77,7 @@ def _sampling(body: dict, endpoint: str) -> dict[str, Any]:
 def completion_kwargs(body: dict) -> dict[str, Any]:
     """``create_completion`` arguments for a /v1/completions body, or InvalidRequest."""
     _unsupported(body, _COMPLETION, "completions")
-    kwargs = _sampling(body, "completions")
+    kwargs = _sampling(body)
     prompt = body.get("prompt")
     if isinstance(prompt, list):
         if len(prompt) == 1 and isinstance(prompt[0], str):
@@ -119,7 +112,7 @@ def completion_kwargs(body: dict) -> dict[str, Any]:
 def chat_kwargs(body: dict) -> dict[str, Any]:
     """``create_chat_completion`` arguments for a /v1/chat/completions body, or InvalidRequest."""
     _unsupported(body, _CHAT, "chat/completions")
-    kwargs = _sampling(body, "chat/completions")
+    kwargs = _sampling(body)
     kwargs["messages"] = body["messages"]
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     kwargs["max_tokens"] = max_tokens  # None: up to the end of the context window
@@ -148,14 +141,49 @@ def chat_kwargs(body: dict) -> dict[str, Any]:
                                      param="response_format", code="invalid_value")
             kwargs["response_format"] = {"type": "json_object", "schema": schema}
     logprobs = body.get("logprobs")
-    if logprobs is not None:
-        if not isinstance(logprobs, bool):
-            raise InvalidRequest("'logprobs' must be a boolean", param="logprobs", code="invalid_type")
-        kwargs["logprobs"] = logprobs
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise InvalidRequest("'logprobs' must be a boolean", param="logprobs", code="invalid_type")
     check_number(body, "top_logprobs", 0, 20, integer=True)
-    if body.get("top_logprobs") is not None:
-        kwargs["top_logprobs"] = body["top_logprobs"]
+    top = body.get("top_logprobs")
+    if top is not None and not logprobs:
+        raise InvalidRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+    if logprobs:
+        # llama-cpp-python computes none when top_logprobs is None; OpenAI's default is 0
+        kwargs["logprobs"] = True
+        kwargs["top_logprobs"] = top or 0
     return kwargs
+
+
+def wants_logprobs(kwargs: dict[str, Any]) -> bool:
+    """Whether a completion or chat call asks for log probabilities (which only
+    a copy loaded with ``logits_all`` computes)."""
+    logprobs = kwargs.get("logprobs")
+    return logprobs is not None and logprobs is not False
+
+
+def include_usage(body: dict) -> bool:
+    """``stream_options.include_usage``: end the stream with a ``usage`` chunk."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise InvalidRequest("'stream_options' must be an object", param="stream_options", code="invalid_type")
+    wanted = options.get("include_usage")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise InvalidRequest("'stream_options.include_usage' must be a boolean", param="stream_options", code="invalid_type")
+    return bool(wanted)
+
+
+def trim_top_logprobs(chunk: dict, count: int) -> dict:
+    """A chat answer or chunk with at most ``count`` ``top_logprobs`` per token,
+    most likely first, as OpenAI gives them (llama-cpp-python always adds the
+    chosen token to the list)."""
+    for choice in chunk.get("choices") or ():
+        content = (choice.get("logprobs") or {}).get("content")
+        for item in content or ():
+            ranked = sorted(item.get("top_logprobs") or (), key=lambda top: top["logprob"], reverse=True)
+            item["top_logprobs"] = ranked[:count]
+    return chunk
 
 
 def embedding_kwargs(body: dict) -> tuple[dict[str, Any], str]:

@@ -20,7 +20,7 @@ import orjson
 
 from .settings import import_llama_cpp
 
-__all__ = ["DONE", "STREAM_DEPTH", "Channel", "Job", "cancellable_llama_class", "pump", "sse"]
+__all__ = ["DONE", "STREAM_DEPTH", "Channel", "Job", "cancellable_llama_class", "pump", "sse", "usage_chunk"]
 
 STREAM_DEPTH = 8
 """Events a stream may run ahead of the client before the worker blocks."""
@@ -32,13 +32,14 @@ class Job:
     """One request on one model copy: its cancel flag, how many tokens it made
     and when (for llama.cpp-style ``timings``)."""
 
-    __slots__ = ("cancel", "interrupted", "tokens", "tokens_at_cancel", "prompt_n", "cache_n", "started", "first", "last")
+    __slots__ = ("cancel", "interrupted", "tokens", "tokens_at_cancel", "eog", "prompt_n", "cache_n", "started", "first", "last")
 
     def __init__(self) -> None:
         self.cancel = threading.Event()
         self.interrupted = False  # stopped early because the caller went away
         self.tokens = 0
         self.tokens_at_cancel: int | None = None
+        self.eog = False  # the last token was an end of generation (not part of the answer)
         self.prompt_n = 0
         self.cache_n = 0
         self.started = self.first = self.last = 0.0
@@ -64,6 +65,12 @@ class Job:
             "predicted_per_second": round((self.tokens - 1) / predicted_ms * 1000.0, 3) if predicted_ms > 0 else None,
         }
 
+    def usage(self) -> dict:
+        """OpenAI's ``usage``, counted as llama-cpp-python counts it in a
+        non-streaming answer (the end-of-generation token is not counted)."""
+        completion = self.tokens - self.eog
+        return {"prompt_tokens": self.prompt_n, "completion_tokens": completion, "total_tokens": self.prompt_n + completion}
+
 
 def cancellable_llama_class():
     """``llama_cpp.Llama`` whose token loop checks the running job's cancel flag
@@ -82,6 +89,7 @@ def cancellable_llama_class():
             job.prompt_n = len(tokens)
             job.cache_n = self._cached_prefix(tokens)
             job.started = time.perf_counter()
+            is_eog, vocab = llama_cpp.llama_vocab_is_eog, self._model.vocab
             inner = super().generate(tokens, **kwargs)
             try:
                 while True:
@@ -96,6 +104,7 @@ def cancellable_llama_class():
                     if not job.tokens:
                         job.first = job.last
                     job.tokens += 1
+                    job.eog = is_eog(vocab, token)
                     yield token
             finally:
                 inner.close()
@@ -158,25 +167,37 @@ class Channel:
 
 
 def sse(chunk: dict) -> bytes:
-    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+    return b"data: " + orjson.dumps(chunk, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n\n"
 
 
-def pump(channel: Channel, start: Callable[[], Iterator[dict]], job: Job) -> None:
-    """Worker: start a llama stream and hand each event to the channel. The
-    event with the ``finish_reason`` carries ``timings``, as llama.cpp's.
-    Whatever happens, the channel gets its end (or the error)."""
+def pump(channel: Channel, start: Callable[[], Iterator[dict]], job: Job, *,
+         include_usage: bool = False, shape: Callable[[dict], dict] | None = None) -> None:
+    """Worker: start a llama stream and hand each event (passed through
+    ``shape``, if given) to the channel. The event with the ``finish_reason``
+    carries ``timings``, as llama.cpp's. With ``include_usage``, every event
+    has ``"usage": null`` and the stream ends with an event whose ``choices``
+    are empty and whose ``usage`` counts the tokens, as OpenAI's. Whatever
+    happens, the channel gets its end (or the error)."""
     error = None
     events = None
+    last = None
     try:
         events = start()  # a chat template error is raised here, before any token
         for chunk in events:
             choices = chunk.get("choices")
             if choices and choices[0].get("finish_reason") is not None:
                 chunk["timings"] = job.timings()
+            if shape is not None:
+                chunk = shape(chunk)
+            if include_usage:
+                chunk["usage"] = None
+            last = chunk
             if not channel.put(sse(chunk)):
                 job.interrupted = True
                 break
         else:
+            if include_usage and last is not None:
+                channel.put(sse(usage_chunk(last, job)))
             channel.put(DONE)
     except BaseException as exc:  # handed to the reader, raised there
         error = exc
@@ -187,3 +208,13 @@ def pump(channel: Channel, start: Callable[[], Iterator[dict]], job: Job) -> Non
                 close()  # GeneratorExit inside llama's loop: generation stops
         finally:
             channel.finish(error)
+
+
+def usage_chunk(last: dict, job: Job) -> dict:
+    """The event that ends a stream asked for ``stream_options.include_usage``:
+    no choices, the ``usage`` (and ``timings``, which the gateway reads from a
+    stream's last events)."""
+    return {
+        "id": last.get("id"), "object": last.get("object"), "created": last.get("created"), "model": last.get("model"),
+        "choices": [], "usage": job.usage(), "timings": job.timings(),
+    }
