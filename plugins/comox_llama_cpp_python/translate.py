@@ -91,16 +91,12 @@ def completion_kwargs(body: dict) -> dict[str, Any]:
     best_of = body.get("best_of")
     if best_of is not None and best_of != 1:
         raise InvalidRequest("'best_of' must be 1", param="best_of", code="unsupported_value")
-    suffix = body.get("suffix")
-    if suffix is not None:
-        if not isinstance(suffix, str):
-            raise InvalidRequest("'suffix' must be a string", param="suffix", code="invalid_type")
-        kwargs["suffix"] = suffix
-    echo = body.get("echo")
-    if echo is not None:
-        if not isinstance(echo, bool):
-            raise InvalidRequest("'echo' must be a boolean", param="echo", code="invalid_type")
-        kwargs["echo"] = echo
+    for key, kind, what in (("suffix", str, "a string"), ("echo", bool, "a boolean")):
+        value = body.get(key)
+        if value is not None:
+            if not isinstance(value, kind):
+                raise InvalidRequest(f"'{key}' must be {what}", param=key, code="invalid_type")
+            kwargs[key] = value
     check_number(body, "logprobs", 0, 20, integer=True)
     if body.get("logprobs") is not None:
         kwargs["logprobs"] = body["logprobs"]
