@@ -18,7 +18,7 @@ from .settings import Settings, describe_validation_error
 __all__ = ["load_settings"]
 
 
-def load_settings(path: str | os.PathLike | None = None, **overrides: Any) -> Settings:
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
     """Read settings from ``path`` (or ``$COMOX_CONFIG``) and ``COMOX_*`` variables.
 
     Keyword ``overrides`` win over both. Raises :class:`ConfigError` naming the

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -42,7 +42,7 @@ INSTALL_HINT = (
 _model_path: str | None = None  # assembled and verified once per process
 
 
-def is_configured(path: Any = None, overrides: dict | None = None, environ: dict | None = None) -> bool:
+def is_configured(path: Any = None, overrides: dict[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> bool:
     """Whether the user gave any configuration of model groups: a config file,
     ``COMOX_CONFIG``, ``COMOX_MODELS`` or a ``models`` override."""
     environ = os.environ if environ is None else environ

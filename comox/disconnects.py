@@ -14,6 +14,10 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections import deque
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .asgi_io import Receive
 
 __all__ = ["WATCH_AFTER_S", "DisconnectWatch", "WatchedStream", "watch_for"]
 
@@ -25,13 +29,13 @@ class WatchedStream:
 
     __slots__ = ("task", "receive", "started", "finished", "disconnected", "watcher")
 
-    def __init__(self, task: asyncio.Task, receive, started: float):
+    def __init__(self, task: asyncio.Task[Any], receive: Receive, started: float):
         self.task = task
         self.receive = receive
         self.started = started
         self.finished = False
         self.disconnected = False  # set when the client left: ``task`` was cancelled for it
-        self.watcher: asyncio.Task | None = None
+        self.watcher: asyncio.Task[None] | None = None
 
     def close(self) -> None:
         """The stream is over (sent, failed or cancelled): stop watching it."""
@@ -58,7 +62,7 @@ class DisconnectWatch:
         self.open: deque[WatchedStream] = deque()
         self.armed = False
 
-    def add(self, task: asyncio.Task, receive) -> WatchedStream:
+    def add(self, task: asyncio.Task[Any], receive: Receive) -> WatchedStream:
         loop = asyncio.get_running_loop()
         stream = WatchedStream(task, receive, loop.time())
         self.open.append(stream)
@@ -86,7 +90,7 @@ class DisconnectWatch:
             loop.call_later(max(open_[0].started + self.after_s - now, 0.001), self.check)
 
 
-_watches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DisconnectWatch] = weakref.WeakKeyDictionary()
 
 
 def watch_for(loop: asyncio.AbstractEventLoop) -> DisconnectWatch:

@@ -21,6 +21,8 @@ Every error a client can see is a :class:`ComoxError`; its status, ``type`` and
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
 __all__ = [
@@ -60,7 +62,7 @@ class ComoxError(Exception):
             self.code = code
         self.retry_after = retry_after
 
-    def body(self) -> dict:
+    def body(self) -> dict[str, Any]:
         return {
             "error": {
                 "message": self.message,

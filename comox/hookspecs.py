@@ -46,7 +46,7 @@ PER_REQUEST_HOOKS = (
 
 
 @hookspec
-def comox_backend_types() -> dict[str, type]:
+def comox_backend_types() -> dict[str, type]:  # type: ignore[empty-body]  # a spec: pluggy never runs its body
     """Register backend types.
 
     :return: a mapping of type name (what ``type = "..."`` in a backend's
@@ -64,7 +64,7 @@ def comox_backend_types() -> dict[str, type]:
 
 
 @hookspec
-def comox_routing_policies() -> dict[str, type]:
+def comox_routing_policies() -> dict[str, type]:  # type: ignore[empty-body]  # a spec: pluggy never runs its body
     """Register routing policies.
 
     :return: a mapping of policy name (``policy = "..."`` of a model group,
@@ -79,7 +79,7 @@ def comox_routing_policies() -> dict[str, type]:
 
 
 @hookspec
-def comox_plugin_settings() -> type[BaseModel]:
+def comox_plugin_settings() -> type[BaseModel]:  # type: ignore[empty-body]  # a spec: pluggy never runs its body
     """Declare the plugin's own settings.
 
     :return: a pydantic model class. The ``[plugins.<name>]`` table of the

@@ -27,7 +27,7 @@ backend call, so either transport gives one client span per call
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
 import aiohttp
@@ -47,7 +47,7 @@ DROPPED_RESPONSE_HEADERS = frozenset({
 })
 
 
-def response_headers(raw, dropped: frozenset[bytes] = DROPPED_RESPONSE_HEADERS) -> list[tuple[bytes, bytes]]:
+def response_headers(raw: Iterable[tuple[bytes, bytes]], dropped: frozenset[bytes] = DROPPED_RESPONSE_HEADERS) -> list[tuple[bytes, bytes]]:
     """Lower-cased ``(name, value)`` pairs without the dropped ones."""
     headers = []
     for name, value in raw:
@@ -91,7 +91,7 @@ class AiohttpTransport:
         # server, so we close an idle connection before they do.
         self.keepalive_s = keepalive_s
         self.default_headers = dict(default_headers or {})
-        self._session = None
+        self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
 
     def _open(self) -> aiohttp.ClientSession:
