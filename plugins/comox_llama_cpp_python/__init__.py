@@ -14,6 +14,10 @@ How it runs:
 * A request that is abandoned (client disconnect, stream closed, task
   cancelled) sets its job's cancel flag; the generation loop checks it before
   computing each token, so the copy is back in the pool within a token.
+* What the backend's own copies cannot do is served by one extra copy of the
+  same file, loaded on the first request that needs it: an embedding copy for
+  ``/v1/embeddings`` on a generation backend, a ``logits_all`` copy for
+  ``logprobs``.
 
 ``llama_cpp`` is imported only when a backend of this type is configured, so
 installing Comox without the ``llama`` extra costs nothing.
@@ -21,7 +25,9 @@ installing Comox without the ``llama`` extra costs nothing.
 Modules: :mod:`.settings` (configuration keys, the model file check),
 :mod:`.translate` (request bodies → llama-cpp-python arguments),
 :mod:`.worker` (worker threads: jobs, the cancellable ``Llama``, the stream
-channel), :mod:`.backend` (the backend object and its pool of copies).
+channel), :mod:`.pool` (loaded copies, at startup or on first demand),
+:mod:`.backend` (the backend object: its own copies, and the extra embedding
+and logprobs copies it loads when a request first needs them).
 """
 
 from __future__ import annotations
