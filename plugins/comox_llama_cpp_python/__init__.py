@@ -43,5 +43,5 @@ __all__ = ["LlamaCppPythonBackend", "LlamaCppPythonSettings", "check_model_file"
 
 
 @comox.hookimpl
-def comox_backend_types():
+def comox_backend_types() -> dict[str, type]:
     return {"llama-cpp-python": LlamaCppPythonBackend}

@@ -36,7 +36,7 @@ EXTRA_COPIES = 2
 """Copies a backend may load on demand: one for embeddings, one for log probabilities."""
 
 
-def _dumps(result: dict) -> bytes:
+def _dumps(result: dict[str, Any]) -> bytes:
     return orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)  # logprobs are numpy floats
 
 
@@ -50,8 +50,10 @@ def _error_for(exc: BaseException) -> Exception:
     try:
         from jinja2 import TemplateError
     except ImportError:  # pragma: no cover - llama-cpp-python depends on jinja2
-        TemplateError = ()  # noqa: N806
-    if isinstance(exc, (ValueError, TypeError, KeyError, TemplateError)):
+        template_errors: tuple[type[Exception], ...] = ()
+    else:
+        template_errors = (TemplateError,)
+    if isinstance(exc, (ValueError, TypeError, KeyError, *template_errors)):
         return InvalidRequest(f"the request could not be run on this model: {message}", code="invalid_request")
     return _ServerError(message)
 
@@ -142,7 +144,7 @@ class LlamaCppPythonBackend:
         for pool in {self.own, self.embedder, self.scorer}:
             pool.close()
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         return {
             "instances": self.settings.instances,
             "loaded": len(self.own.copies),
@@ -184,7 +186,7 @@ class LlamaCppPythonBackend:
         self.peak_busy = max(self.peak_busy, self.busy)
         return copy
 
-    def _run(self, pool: Pool, copy: Any, work: Callable[[Job], Any]) -> tuple[Job, asyncio.Future]:
+    def _run(self, pool: Pool, copy: Any, work: Callable[[Job], Any]) -> tuple[Job, asyncio.Future[Any]]:
         """Start ``work`` on a worker thread with ``copy``; the copy returns to
         its pool when the thread is done with it, whatever happened."""
         job = Job()
@@ -198,7 +200,7 @@ class LlamaCppPythonBackend:
             finally:
                 copy.comox_job = None
 
-        def done(_: asyncio.Future) -> None:
+        def done(_: asyncio.Future[Any]) -> None:
             self._jobs.discard(job)
             self.busy -= 1
             self.served += 1
@@ -265,7 +267,8 @@ class LlamaCppPythonBackend:
             return self._failure(exc)
         return BackendResponse(200, list(JSON_HEADERS), body=body)
 
-    async def _stream(self, pool: Pool, method: str, kwargs: dict, usage: bool, shape: Callable | None) -> BackendResponse:
+    async def _stream(self, pool: Pool, method: str, kwargs: dict[str, Any], usage: bool,
+                      shape: Callable[[dict[str, Any]], dict[str, Any]] | None) -> BackendResponse:
         try:
             copy = await self._acquire(pool)
         except Exception as exc:  # the pool could not be loaded
@@ -317,7 +320,7 @@ class LlamaCppPythonBackend:
         raise error
 
 
-def _generate(copy: Any, job: Job, *, method: str, shape: Callable[[dict], dict] | None, **kwargs: Any) -> bytes:
+def _generate(copy: Any, job: Job, *, method: str, shape: Callable[[dict[str, Any]], dict[str, Any]] | None, **kwargs: Any) -> bytes:
     """Worker: a completion or chat answer, with llama.cpp-style ``timings``."""
     result = getattr(copy, method)(**kwargs)
     result["timings"] = job.timings()

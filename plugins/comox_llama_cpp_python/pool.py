@@ -20,16 +20,16 @@ class Pool:
         self.what = what
         self.make = make
         self.copies: list[Any] = []
-        self.free: asyncio.Queue | None = None  # the idle copies, once loaded
+        self.free: asyncio.Queue[Any] | None = None  # the idle copies, once loaded
         self.waiting = 0  # requests waiting for a copy (or for the load)
         self.loads = 0  # times ``make`` ran
-        self._loading: asyncio.Future | None = None
+        self._loading: asyncio.Future[None] | None = None
 
     def _load(self) -> None:  # worker thread
         self.loads += 1
         self.copies = self.make()  # set here, so that close() after the executor's shutdown sees them
 
-    async def ready(self, executor: Executor) -> asyncio.Queue:
+    async def ready(self, executor: Executor | None) -> asyncio.Queue[Any]:
         """The queue of idle copies, loading them first if need be. A load
         that fails is retried by the next request."""
         if self.free is None:
@@ -47,7 +47,7 @@ class Pool:
             if self._loading is not loading:
                 raise RuntimeError(f"the {self.what} was closed while it loaded")
             if self.free is None:
-                free: asyncio.Queue = asyncio.Queue()
+                free: asyncio.Queue[Any] = asyncio.Queue()
                 for copy in self.copies:
                     free.put_nowait(copy)
                 self.free = free

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -64,7 +65,7 @@ def check_model_file(value: str) -> Path:
     return path
 
 
-def import_llama_cpp():
+def import_llama_cpp() -> ModuleType:
     """The ``llama_cpp`` module, or :class:`ConfigError` saying what to install."""
     try:
         import llama_cpp

@@ -24,7 +24,7 @@ _CHAT = _SAMPLING | _IGNORED | {
 _EMBEDDING = frozenset({"model", "input", "encoding_format", "user"})
 
 
-def _unsupported(body: dict, allowed: frozenset | set, endpoint: str) -> None:
+def _unsupported(body: dict[str, Any], allowed: frozenset[str] | set[str], endpoint: str) -> None:
     for key, value in body.items():
         if key not in allowed and value is not None:
             raise InvalidRequest(
@@ -33,7 +33,7 @@ def _unsupported(body: dict, allowed: frozenset | set, endpoint: str) -> None:
             )
 
 
-def _sampling(body: dict) -> dict[str, Any]:
+def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     n = body.get("n")
     if n is not None and n != 1:
@@ -74,7 +74,7 @@ def _sampling(body: dict) -> dict[str, Any]:
     return kwargs
 
 
-def completion_kwargs(body: dict) -> dict[str, Any]:
+def completion_kwargs(body: dict[str, Any]) -> dict[str, Any]:
     """``create_completion`` arguments for a /v1/completions body, or InvalidRequest."""
     _unsupported(body, _COMPLETION, "completions")
     kwargs = _sampling(body)
@@ -105,7 +105,7 @@ def completion_kwargs(body: dict) -> dict[str, Any]:
     return kwargs
 
 
-def chat_kwargs(body: dict) -> dict[str, Any]:
+def chat_kwargs(body: dict[str, Any]) -> dict[str, Any]:
     """``create_chat_completion`` arguments for a /v1/chat/completions body, or InvalidRequest."""
     _unsupported(body, _CHAT, "chat/completions")
     kwargs = _sampling(body)
@@ -157,7 +157,7 @@ def wants_logprobs(kwargs: dict[str, Any]) -> bool:
     return logprobs is not None and logprobs is not False
 
 
-def include_usage(body: dict) -> bool:
+def include_usage(body: dict[str, Any]) -> bool:
     """``stream_options.include_usage``: end the stream with a ``usage`` chunk."""
     options = body.get("stream_options")
     if options is None:
@@ -170,7 +170,7 @@ def include_usage(body: dict) -> bool:
     return bool(wanted)
 
 
-def trim_top_logprobs(chunk: dict, count: int) -> dict:
+def trim_top_logprobs(chunk: dict[str, Any], count: int) -> dict[str, Any]:
     """A chat answer or chunk with at most ``count`` ``top_logprobs`` per token,
     most likely first, as OpenAI gives them (llama-cpp-python always adds the
     chosen token to the list)."""
@@ -182,7 +182,7 @@ def trim_top_logprobs(chunk: dict, count: int) -> dict:
     return chunk
 
 
-def embedding_kwargs(body: dict) -> tuple[dict[str, Any], str]:
+def embedding_kwargs(body: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """``create_embedding`` arguments and the encoding format, or InvalidRequest."""
     _unsupported(body, _EMBEDDING, "embeddings")
     value = body["input"]

@@ -13,12 +13,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .settings import import_llama_cpp
+
+if TYPE_CHECKING:
+    import llama_cpp
 
 __all__ = ["DONE", "STREAM_DEPTH", "Channel", "Job", "cancellable_llama_class", "pump", "sse", "usage_chunk"]
 
@@ -50,7 +53,7 @@ class Job:
             self.tokens_at_cancel = self.tokens
             self.cancel.set()
 
-    def timings(self) -> dict:
+    def timings(self) -> dict[str, Any]:
         """What llama.cpp's server reports as ``timings``."""
         evaluated = max(self.prompt_n - self.cache_n, 0)
         prompt_ms = max((self.first or self.started) - self.started, 0.0) * 1000.0
@@ -65,32 +68,33 @@ class Job:
             "predicted_per_second": round((self.tokens - 1) / predicted_ms * 1000.0, 3) if predicted_ms > 0 else None,
         }
 
-    def usage(self) -> dict:
+    def usage(self) -> dict[str, Any]:
         """OpenAI's ``usage``, counted as llama-cpp-python counts it in a
         non-streaming answer (the end-of-generation token is not counted)."""
         completion = self.tokens - self.eog
         return {"prompt_tokens": self.prompt_n, "completion_tokens": completion, "total_tokens": self.prompt_n + completion}
 
 
-def cancellable_llama_class():
+def cancellable_llama_class() -> type[llama_cpp.Llama]:
     """``llama_cpp.Llama`` whose token loop checks the running job's cancel flag
     before computing each token and counts what it generated."""
-    llama_cpp = import_llama_cpp()
+    import_llama_cpp()  # ConfigError saying what to install when it is missing
+    from llama_cpp import Llama, llama_vocab_is_eog
 
-    class CancellableLlama(llama_cpp.Llama):
+    class CancellableLlama(Llama):
         comox_job: Job | None = None
 
-        def generate(self, tokens, **kwargs):
+        def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Generator[int, Sequence[int] | None, None]:
             job = self.comox_job
             if job is None:
-                yield from super().generate(tokens, **kwargs)
+                yield from super().generate(tokens, *args, **kwargs)
                 return
             tokens = list(tokens)
             job.prompt_n = len(tokens)
             job.cache_n = self._cached_prefix(tokens)
             job.started = time.perf_counter()
-            is_eog, vocab = llama_cpp.llama_vocab_is_eog, self._model.vocab
-            inner = super().generate(tokens, **kwargs)
+            is_eog, vocab = llama_vocab_is_eog, self._model.vocab
+            inner = super().generate(tokens, *args, **kwargs)
             try:
                 while True:
                     if job.cancel.is_set():
@@ -132,7 +136,7 @@ class Channel:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, depth: int = STREAM_DEPTH):
         self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.slots = threading.Semaphore(depth)
         self.closed = threading.Event()
 
@@ -166,12 +170,12 @@ class Channel:
             self.slots.release(STREAM_DEPTH + 1)  # wake a worker blocked in put()
 
 
-def sse(chunk: dict) -> bytes:
+def sse(chunk: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(chunk, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n\n"
 
 
-def pump(channel: Channel, start: Callable[[], Iterator[dict]], job: Job, *,
-         include_usage: bool = False, shape: Callable[[dict], dict] | None = None) -> None:
+def pump(channel: Channel, start: Callable[[], Iterator[dict[str, Any]]], job: Job, *,
+         include_usage: bool = False, shape: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
     """Worker: start a llama stream and hand each event (passed through
     ``shape``, if given) to the channel. The event with the ``finish_reason``
     carries ``timings``, as llama.cpp's. With ``include_usage``, every event
@@ -210,7 +214,7 @@ def pump(channel: Channel, start: Callable[[], Iterator[dict]], job: Job, *,
             channel.finish(error)
 
 
-def usage_chunk(last: dict, job: Job) -> dict:
+def usage_chunk(last: dict[str, Any], job: Job) -> dict[str, Any]:
     """The event that ends a stream asked for ``stream_options.include_usage``:
     no choices, the ``usage`` (and ``timings``, which the gateway reads from a
     stream's last events)."""
