@@ -139,6 +139,12 @@ class Responder:
         tail = b"\n\n"
         clock = time.perf_counter
         try:
+            head = response.head
+            if head:  # the first chunk, read by the core to time the first byte
+                first = last = clock()
+                events = head.count(b"data:")
+                prev, tail = tail, head
+                await send({"type": "http.response.body", "body": head, "more_body": True})
             async for chunk in response.stream:
                 if chunk:
                     last = clock()

@@ -26,7 +26,7 @@ class BackendResponse:
     is called once the response was sent or abandoned.
     """
 
-    __slots__ = ("status", "headers", "body", "stream", "_close")
+    __slots__ = ("status", "headers", "body", "stream", "head", "_close")
 
     def __init__(
         self,
@@ -43,6 +43,9 @@ class BackendResponse:
         self.headers = headers if headers is not None else [(b"content-type", b"application/json")]
         self.body = body
         self.stream = stream
+        # The stream's first chunk, once the core has read it (to time the
+        # first byte and retry elsewhere before anything reached the client).
+        self.head: bytes | None = None
         self._close = close
 
     async def aclose(self) -> None:

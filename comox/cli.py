@@ -18,6 +18,7 @@ import sys
 
 from . import __version__
 from .errors import ConfigError
+from .events import configure_logging
 
 __all__ = ["main", "serve_app"]
 
@@ -31,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .app import ComoxApp, build_gateway
 
+    configure_logging(args.log_format, args.log_level)
     # The config is read and the gateway built once, here: a bad config fails
     # with one line, and a busy port too, before anything says it is serving.
     gateway = build_gateway(args.config)
@@ -50,7 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from uvicorn.supervisors import Multiprocess
 
-    factory = functools.partial(serve_app, os.path.abspath(args.config) if args.config else None)
+    factory = functools.partial(serve_app, os.path.abspath(args.config) if args.config else None, args.log_format, args.log_level)
     config = uvicorn.Config(factory, factory=True, workers=args.workers, **options)
     if "target" in inspect.signature(Multiprocess).parameters:  # older uvicorn
         supervisor = Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock])
@@ -85,13 +87,15 @@ def _announce(gateway, host: str, port: int) -> None:
         print(usage_example(base), file=sys.stderr, flush=True)
 
 
-def serve_app(config: str | None = None):
+def serve_app(config: str | None = None, log_format: str | None = None, log_level: str = "info"):
     """The app ``comox serve`` runs in each worker (and a factory for
     ``uvicorn comox.cli:serve_app --factory``): the gateway from the file
     ``config``, else ``$COMOX_CONFIG``, else the embedded default. Comox owns
     the process, so it may tune its garbage collector (``[server] tune_gc``)."""
     from .app import ComoxApp, build_gateway
 
+    if log_format is not None:
+        configure_logging(log_format, log_level)
     gateway = build_gateway(config)
     return ComoxApp(gateway, tune_gc=gateway.settings.server.tune_gc)
 
@@ -168,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--workers", type=int, default=1, metavar="N",
                        help="worker processes, each with its own fleet state (default: %(default)s)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                       help="uvicorn's log level (default: %(default)s)")
+                       help="log level of Comox and uvicorn (default: %(default)s)")
+    serve.add_argument("--log-format", default="text", choices=["text", "json"],
+                       help="Comox's log lines (fleet events, startup banner): plain text or one JSON object "
+                            "per line (default: %(default)s)")
     serve.add_argument("--access-log", action="store_true",
                        help="log every request (default: off, as it costs throughput)")
     serve.set_defaults(func=_serve)

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ValidationError
 
 from .backends import BackendResponse, SupportsStartup
 from .default_config import serving_default
+from .dispatch import dispatch
+from .events import emit
 from .errors import BackendUnavailable, ComoxError, ConfigError, NoBackendAvailable, NotFound
 from .fleet import BackendState, FleetCounters, ModelGroup
 from .health import HealthChecker, check_once
@@ -27,9 +29,6 @@ from .views import ObservesUsage, ReportsStats
 __all__ = ["Gateway"]
 
 log = logging.getLogger("comox")
-
-RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-
 
 class Gateway:
     """Everything one Comox instance owns: its plugin manager, hook chain,
@@ -57,6 +56,7 @@ class Gateway:
             "data": [{"id": name, "object": "model", "created": created, "owned_by": "comox"} for name in self.groups],
         })
         self.started = False
+        self._banner_task: asyncio.Task[None] | None = None
         self._start_lock: asyncio.Lock | None = None
 
     def plugin_settings(self, name: str) -> Any:
@@ -133,6 +133,7 @@ class Gateway:
             group_settings.name, states, settings=group_settings, counters=self.counters,
             queue_timeout_s=timeout_ms / 1000.0,
             queue_size=group_settings.queue_size if group_settings.queue_size is not None else server.queue_size,
+            decay_s=group_settings.estimate_decay_s,
         )
         try:
             group.policy = policy_cls(group)
@@ -196,8 +197,28 @@ class Gateway:
                     await state.backend.startup()
             self.health_checker = HealthChecker(self.backends())
             self.health_checker.start()
+            self._banner_task = asyncio.create_task(self._banner(self.health_checker), name="comox-banner")
             await call_startup_hook(self.pm.hook.comox_startup, gateway=self)
             self.started = True
+
+    async def _banner(self, checker: HealthChecker) -> None:
+        """Log each model group, its policy and its backends with their first
+        health verdict; warn about a group with no backend that answered."""
+        first = await checker.first_round()
+        for group in self.groups.values():
+            policy = group.settings.policy if group.settings is not None else "?"
+            verdicts = []
+            for state in group.backends:
+                report = first.get(state.name)
+                verdict = "not checked" if report is None else report.status
+                url = getattr(state.settings, "url", None)
+                verdicts.append(f"{state.name} ({state.type}{', ' + url if url else ''}): {verdict}"
+                                + (f" ({report.detail})" if report is not None and report.status != "ok" else ""))
+            emit("model_group", f"model {group.name} (policy {policy}): " + "; ".join(verdicts),
+                 model=group.name, policy=policy, backends=len(group.backends))
+            if group.backends and all(s.name in first and first[s.name].status == "fail" for s in group.backends):
+                emit("no_reachable_backend", f"model {group.name} has no reachable backend: every health check failed; "
+                     "its requests will fail until one answers", level=logging.WARNING, model=group.name)
 
     async def probe(self) -> list[tuple[str, str, str]]:
         """Check every backend once, now: ``(backend name, verdict, detail)``
@@ -210,6 +231,9 @@ class Gateway:
         return results
 
     async def aclose(self) -> None:
+        if self._banner_task is not None:
+            self._banner_task.cancel()
+            self._banner_task = None
         if self.health_checker is not None:
             await self.health_checker.stop()
             self.health_checker: HealthChecker | None = None
@@ -224,82 +248,8 @@ class Gateway:
     # -- routing ------------------------------------------------------------
 
     async def dispatch(self, request: GatewayRequest, group: ModelGroup) -> tuple[BackendResponse, BackendState | None]:
-        """Send ``request`` to a backend of ``group``; retry on another one if it
-        fails before its first byte, within the retry budget. When every backend
-        is at ``max_concurrency`` wait (bounded) for a slot. The caller must
-        ``release()`` the returned state once the response is finished."""
-        tried: list[BackendState] = []
-        failure: ComoxError | None = None
-        response: BackendResponse | None = None
-        last_state: BackendState | None = None
-        counters = self.counters
-        saturated = False
-        for attempt in range(self.retries + 1):
-            if attempt and counters.retries >= max(self.retry_budget_min, self.retry_budget_ratio * counters.inflight):
-                break  # retry budget spent: retries must not snowball
-            state = group.choose(request, tried)
-            if state is None:
-                if group.saturated_only(tried):
-                    saturated = True
-                    if group.queue_timeout_s > 0 and group.queue_size > 0:
-                        state = await group.wait_for_slot(request, tried, time.monotonic() + group.queue_timeout_s)
-                if state is None:
-                    break
-            saturated = False
-            tried.append(state)
-            if response is not None:  # a retryable answer we are replacing
-                await response.aclose()
-                response = None
-            state.acquire()
-            if attempt:
-                counters.retries += 1
-            started = request.sent_at = time.perf_counter()
-            try:
-                response = await state.backend.handle(request)
-            except BackendUnavailable as exc:
-                state.release()
-                state.record_failure(exc.message)
-                failure = exc
-                continue
-            except BaseException:
-                state.release()
-                raise
-            finally:
-                if attempt:
-                    counters.retries -= 1
-            if response.status in RETRYABLE_STATUS:
-                state.release()
-                state.record_failure(f"HTTP {response.status}", response.status)
-                failure = None
-                last_state = state
-                continue
-            answered = request.answered_at = time.perf_counter()
-            state.record_success(answered - started)
-            return response, state
-        if response is not None:
-            # Every try answered 5xx/429: pass the last answer through, as a proxy does.
-            last_state.acquire()
-            if not any(name == b"retry-after" for name, _ in response.headers):
-                response.headers.append((b"retry-after", str(self.settings.server.retry_after_s).encode()))
-            return response, last_state
-        if saturated:
-            error = NoBackendAvailable(
-                f"every backend of model {group.name!r} is at its max_concurrency"
-                + (f" and the queue is full ({group.queue_size})" if len(group.waiters) >= group.queue_size
-                   else f"; waited {round(group.queue_timeout_s * 1000)} ms"),
-                retry_after=self.settings.server.retry_after_s, code="backends_saturated",
-            )
-        else:
-            error = NoBackendAvailable(
-                f"no backend of model {group.name!r} can take the request now"
-                + (f" (last error: {failure.message})" if failure else ""),
-                retry_after=self.settings.server.retry_after_s,
-            )
-        if self.hooks.comox_failover:
-            answer = await HookChain.first(self.hooks.comox_failover, request=request, error=error)
-            if answer is not None:
-                return answer, None
-        raise error
+        """Send ``request`` to a backend of ``group`` (:func:`comox.dispatch.dispatch`)."""
+        return await dispatch(self, request, group)
 
     @staticmethod
     def release(state: BackendState | None) -> None:

@@ -59,8 +59,13 @@ class HealthChecker:
         self.tasks: list[asyncio.Task[None]] = []
         self.http: httpx.AsyncClient | None = None
         self.stopping = False
+        self.first: dict[str, HealthReport] = {}  # each backend's first verdict
+        self._first_round: asyncio.Event | None = None
 
     def start(self) -> None:
+        self._first_round = asyncio.Event()
+        if not self.states:
+            self._first_round.set()
         if self.states:
             self.http = httpx.AsyncClient(trust_env=False, headers={"user-agent": "comox-health"})
         for state in self.states:
@@ -71,10 +76,21 @@ class HealthChecker:
         assert self.http is not None
         while not self.stopping:  # also ends a loop whose cancel a library swallowed
             try:
-                await check_once(state, self.http)
-            except Exception:  # never let one bad check end the loop
+                report = await check_once(state, self.http)
+            except Exception as exc:  # never let one bad check end the loop
                 log.exception("health check of %s failed unexpectedly", state.name)
+                report = HealthReport(FAIL, repr(exc))
+            if state.name not in self.first:
+                self.first[state.name] = report
+                if len(self.first) == len(self.states) and self._first_round is not None:
+                    self._first_round.set()
             await asyncio.sleep(interval)
+
+    async def first_round(self) -> dict[str, HealthReport]:
+        """Each checked backend's first verdict, once every one has had its first check."""
+        if self._first_round is not None:
+            await self._first_round.wait()
+        return self.first
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Cancel the checks and wait for them, at most ``grace_s`` seconds:

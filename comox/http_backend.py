@@ -58,7 +58,7 @@ class HTTPBackend:
     engine's own health check or request rewriting."""
 
     settings_model: type[BackendSettings] = HTTPBackendSettings
-    health_check_default = False
+    health_check_default = True
 
     def __init__(self, settings: HTTPBackendSettings, *, client: httpx.AsyncClient | Transport | None = None):
         self.name = settings.name

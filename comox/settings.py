@@ -77,6 +77,14 @@ class BackendSettings(BaseModel):
     weight: int = Field(1, ge=1)
     max_concurrency: int | None = Field(None, ge=1)
     """Most requests in flight at once on this backend."""
+    first_byte_timeout_s: float | None = Field(300.0, gt=0)
+    """Longest wait for the backend's first byte — the first chunk of a
+    stream, the response headers of a non-streaming request — before the
+    request moves to another backend (within the retry budget) and the wait
+    counts as a failure of this one. A non-streaming answer's headers come only
+    once the whole generation is done, so the default leaves long generations
+    alone; lower it for interactive streaming traffic. None: no limit (only
+    the type's own read timeout)."""
     slow_start_s: float = Field(10.0, ge=0)
     """After an ejection or failed health checks, ramp traffic up over this long."""
     health_check: HealthCheckSettings = HealthCheckSettings()
@@ -96,6 +104,10 @@ class ModelGroupSettings(BaseModel):
     """Overrides ``server.queue_timeout_ms`` for this group."""
     queue_size: int | None = Field(None, ge=0)
     """Overrides ``server.queue_size`` for this group."""
+    estimate_decay_s: float = Field(10.0, gt=0)
+    """Time constant with which a backend's latency and tokens/s estimates
+    drift to the group's typical values while it is not measured, so an idle
+    or once-slow backend is tried again."""
     backends: list[BackendSettings] = Field(min_length=1)
 
 

@@ -124,15 +124,23 @@ class Fault:
     """Seconds to wait before answering."""
     close_after_chunks: int | None = None
     """For a stream: drop the connection after this many chunks."""
+    stall_after_chunks: int | None = None
+    """For a stream: after this many chunks (0: right after the headers),
+    send nothing more, holding the connection open until the client leaves."""
     headers: dict[str, str] | None = None
 
 
 class StandInUpstream:
     """An OpenAI-compatible server speaking the real wire format.
 
-    ``faults`` is a queue: each request takes the next :class:`Fault`, if any.
-    ``requests`` records what arrived (path, headers, parsed body, raw bytes).
+    ``faults`` is a queue: each API request (POST) takes the next
+    :class:`Fault`, if any; ``probe_faults`` likewise for GET requests (health
+    checks, model lists), so a gateway's background checks never take a fault
+    meant for a request. ``requests`` records the POSTs that arrived (path,
+    headers, parsed body, raw bytes), ``probes`` the paths of the GETs.
     ``disconnects`` counts streams whose client went away before the end.
+    ``hang = True``: accept every request and never answer it (a node that
+    stopped answering), until the client leaves or the server stops.
     """
 
     def __init__(self, name: str = "upstream", *, stream_chunks: int = 3, chunk_delay: float = 0.0):
@@ -140,7 +148,10 @@ class StandInUpstream:
         self.stream_chunks = stream_chunks
         self.chunk_delay = chunk_delay
         self.faults: deque[Fault] = deque()
+        self.probe_faults: deque[Fault] = deque()
         self.requests: list[dict] = []
+        self.probes: list[str] = []
+        self.hang = False
         self.disconnects = 0
         self.server: ServerThread | None = None
 
@@ -171,8 +182,15 @@ class StandInUpstream:
             more = message.get("more_body", False)
         path = scope["path"]
         payload = orjson.loads(body) if body else {}
-        self.requests.append({"path": path, "headers": {k.decode(): v.decode() for k, v in scope["headers"]}, "body": payload, "raw": body})
-        fault = self.faults.popleft() if self.faults else Fault()
+        if scope["method"] == "GET":
+            self.probes.append(path)
+            fault = self.probe_faults.popleft() if self.probe_faults else Fault()
+        else:
+            self.requests.append({"path": path, "headers": {k.decode(): v.decode() for k, v in scope["headers"]}, "body": payload, "raw": body})
+            fault = self.faults.popleft() if self.faults else Fault()
+        if self.hang:
+            await self._hang(receive)
+            return
         if fault.delay:
             await asyncio.sleep(fault.delay)
         extra = [(k.encode(), v.encode()) for k, v in (fault.headers or {}).items()]
@@ -195,6 +213,12 @@ class StandInUpstream:
             await self._json(send, 200, {"object": "list", "data": data, "model": payload.get("model"), "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}}, extra)
         else:
             await self._json(send, 404, {"error": {"message": "not found", "type": "invalid_request_error", "param": None, "code": None}}, extra)
+
+    @staticmethod
+    async def _hang(receive) -> None:
+        """Answer nothing until the client leaves (or the server shuts down)."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
 
     def _completion(self, payload: dict, chat: bool) -> dict:
         text = f"hello from {self.name}"
@@ -225,6 +249,10 @@ class StandInUpstream:
             for i in range(self.stream_chunks):
                 if fault.close_after_chunks is not None and i >= fault.close_after_chunks:
                     raise ConnectionAbortedError("stand-in drops the connection mid-stream")
+                if fault.stall_after_chunks is not None and i >= fault.stall_after_chunks:
+                    await gone.wait()
+                    self.disconnects += 1
+                    return
                 piece = f"tok{i} "
                 if chat:
                     chunk = {"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 1, "model": payload.get("model"), "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}

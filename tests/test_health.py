@@ -50,18 +50,21 @@ async def checks(state, n):
         return [(await check_once(state, http)).status for _ in range(n)]
 
 
-def test_openai_type_is_not_checked_unless_enabled(upstream):
-    from comox.health import HealthChecker
-
-    gateway = gateway_for({"name": "a", "url": upstream.url}, {"name": "b", "url": upstream.url, "health_check": {"enabled": True}})
-    assert [s.name for s in HealthChecker(gateway.backends()).states] == ["b"]
+def test_every_http_backend_type_is_checked_by_default_unless_disabled(upstream):
+    gateway = build_gateway({"models": [{"name": "m", "backends": [
+        {"name": "a", "url": upstream.url},
+        {"name": "b", "url": upstream.url, "health_check": {"enabled": False}},
+        {"name": "c", "type": "llamacpp", "url": upstream.url},
+        {"name": "d", "type": "vllm", "url": upstream.url},
+    ]}]})
+    assert [s.name for s in HealthChecker(gateway.backends()).states] == ["a", "c", "d"]
 
 
 def test_thresholds_then_recovery_un_ejects(upstream):
     gateway = gateway_for({"name": "a", "url": upstream.url,
                            "health_check": {"enabled": True, "unhealthy_threshold": 2, "healthy_threshold": 2}})
     state = gateway.backend("a")
-    upstream.faults.extend([Fault(status=500), Fault(status=500)])
+    upstream.probe_faults.extend([Fault(status=500), Fault(status=500)])
     assert run(checks(state, 1)) == [FAIL]
     assert state.state == "healthy"  # one failure of the two needed
     assert run(checks(state, 1)) == [FAIL]
@@ -82,7 +85,7 @@ def test_refused_and_timeout_fail():
 
 def test_timeout_fails(upstream):
     gateway = gateway_for({"name": "slow", "url": upstream.url, "health_check": {"enabled": True, "timeout_s": 0.1, "unhealthy_threshold": 1}})
-    upstream.faults.append(Fault(delay=1.0))
+    upstream.probe_faults.append(Fault(delay=1.0))
     state = gateway.backend("slow")
     assert run(checks(state, 1)) == [FAIL]
     assert "timed out" in state.last_error
@@ -120,16 +123,16 @@ def test_background_checks_start_with_the_gateway_and_stop_with_it(upstream):
         tasks = list(gateway.health_checker.tasks)
         assert len(tasks) == 1
         for _ in range(200):
-            if len([r for r in upstream.requests if r["path"] == "/v1/models"]) >= 3:
+            if upstream.probes.count("/v1/models") >= 3:
                 break
             await asyncio.sleep(0.01)
         await gateway.aclose()
         assert all(task.done() for task in tasks) and gateway.health_checker is None
 
     run(scenario())
-    checked = len([r for r in upstream.requests if r["path"] == "/v1/models"])
+    checked = upstream.probes.count("/v1/models")
     assert checked >= 3
-    assert len(upstream.requests) == checked  # and nothing else
+    assert len(upstream.probes) == checked and not upstream.requests  # and nothing else
 
 
 def checker_with(upstream, check):

@@ -191,4 +191,5 @@ def test_cache_store_failing_after_the_answer_went_out_changes_nothing(comox_ser
     # broke the connection and the hook was told 429/500.
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == "hello from upstream"
+    wait_until(lambda: plugin.done)  # runs after the last byte went out
     assert plugin.done == [(200, None)]

@@ -12,12 +12,15 @@ exclude) hands that tuple straight to the policy.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
+
+from ..events import emit
 
 if TYPE_CHECKING:
     from ..request import GatewayRequest
@@ -43,12 +46,14 @@ class ModelGroup:
     __slots__ = (
         "name", "backends", "policy", "settings", "policy_options", "available", "saturated_count",
         "load_listeners", "waiters", "counters", "clock", "_expiry", "_dirty", "rng",
-        "queue_timeout_s", "queue_size", "panic", "observer",
+        "queue_timeout_s", "queue_size", "panic", "observer", "decay_s", "typical_ms", "typical_prefill_tps",
+        "typical_decode_tps",
     )
 
     def __init__(self, name: str, backends: list[BackendState], *, settings: Any = None,
                  counters: FleetCounters | None = None, clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None, queue_timeout_s: float = 0.0, queue_size: int = 0):
+                 rng: random.Random | None = None, queue_timeout_s: float = 0.0, queue_size: int = 0,
+                 decay_s: float = 10.0):
         self.name = name
         self.backends = backends
         self.policy: RoutingPolicy | None = None
@@ -66,6 +71,11 @@ class ModelGroup:
         self.queue_size = queue_size
         self.available: tuple[BackendState, ...] = ()
         self.panic = False
+        # What the group's backends typically measure: where idle estimates age to.
+        self.decay_s = decay_s
+        self.typical_ms: float | None = None
+        self.typical_prefill_tps: float | None = None
+        self.typical_decode_tps: float | None = None
         self._expiry = math.inf
         self._dirty = True
         for state in backends:
@@ -98,9 +108,21 @@ class ModelGroup:
         for b in live:
             if b.ejected_until > now:
                 expiry = min(expiry, b.ejected_until)
-            elif b.health_ok and b.ready:
+                continue
+            if b.ejected_until:
+                b.ejected_until = 0.0
+                emit("backend_ejection_over", f"backend {b.name} is back in rotation: its ejection ran out",
+                     backend=b.name, model=self.name)
+            if b.health_ok and b.ready:
                 ready.append(b)
-        self.panic = not ready and bool(live)
+        panic = not ready and bool(live)
+        if panic != self.panic:
+            self.panic = panic
+            if panic:
+                emit("panic_entered", f"model {self.name}: no backend is healthy; routing to all {len(live)} live ones (panic mode)",
+                     level=logging.WARNING, model=self.name, backends=len(live))
+            else:
+                emit("panic_left", f"model {self.name}: healthy backends again; panic mode over", model=self.name)
         chosen = tuple(ready if ready else live)
         for b in self.backends:
             b.routable = False

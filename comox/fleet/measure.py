@@ -1,10 +1,19 @@
 """What real requests measured about a backend: peak-EWMA latency with a
-decaying failure penalty, and prefill/decode tokens per second."""
+decaying failure penalty, and prefill/decode tokens per second.
+
+Estimates age: when a backend has not been measured for a while, its
+estimates drift towards its group's typical values (time constant
+``estimate_decay_s`` of the group), so a node that was slow once, or has been
+idle, is tried again instead of being avoided for good."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .group import ModelGroup
 
 __all__ = ["Measured", "DECAY_S", "DEFAULT_LATENCY_MS", "FAILURE_PENALTY_MS", "TPS_ALPHA"]
 
@@ -25,6 +34,8 @@ class Measured:
     __slots__ = ()
 
     clock: Callable[[], float]
+    group: ModelGroup | None
+    measured_at: float
     ewma_ms: float | None
     ewma_at: float
     penalty_ms: float
@@ -37,6 +48,7 @@ class Measured:
     def _init_measured(self) -> None:
         self.ewma_ms = None
         self.ewma_at = 0.0
+        self.measured_at = 0.0
         self.penalty_ms = 0.0
         self.penalty_at = 0.0
         self.prefill_tps = None
@@ -54,21 +66,46 @@ class Measured:
             return 0.0
         return penalty
 
+    def freshness(self) -> float:
+        """Weight of this backend's own estimates against its group's typical
+        values: 1 just after a measurement, decaying towards 0 while none comes."""
+        group = self.group
+        if group is None or not self.measured_at:
+            return 1.0
+        age = self.clock() - self.measured_at
+        return math.exp(-age / group.decay_s) if age > 0 else 1.0
+
+    def estimates(self) -> tuple[float | None, float | None, float | None]:
+        """Latency (ms), prefill and decode tokens/s, aged towards the group's
+        typical values (see the module docstring)."""
+        ewma, prefill, decode = self.ewma_ms, self.prefill_tps, self.decode_tps
+        group = self.group
+        if group is None or not self.measured_at:
+            return ewma, prefill, decode
+        w = self.freshness()
+        if w > 0.999:
+            return ewma, prefill, decode
+        return (_aged(ewma, group.typical_ms, w), _aged(prefill, group.typical_prefill_tps, w),
+                _aged(decode, group.typical_decode_tps, w))
+
     def latency_ms(self) -> float:
-        """Peak-EWMA latency plus the decaying failure penalty."""
-        ewma = self.ewma_ms if self.ewma_ms is not None else DEFAULT_LATENCY_MS
+        """Peak-EWMA latency (aged) plus the decaying failure penalty."""
+        ewma = self.estimates()[0]
+        if ewma is None:
+            ewma = DEFAULT_LATENCY_MS
         return ewma + self.penalty_now() if self.penalty_ms else ewma
 
     def service_ms(self, prompt_tokens: float, output_tokens: float) -> float | None:
         """Expected service time of a request here, or None if never measured:
         from measured tokens/s when known (so a slow node gets proportionally
-        less work), else peak-EWMA latency; plus the decaying failure penalty."""
-        decode = self.decode_tps
+        less work), else peak-EWMA latency, both aged; plus the decaying
+        failure penalty."""
+        ewma, prefill, decode = self.estimates()
         if decode:
-            prefill = self.prefill_tps or decode * 10.0
+            prefill = prefill or decode * 10.0
             base = 1000.0 * (prompt_tokens / prefill + output_tokens / decode)
-        elif self.ewma_ms is not None:
-            base = self.ewma_ms
+        elif ewma is not None:
+            base = ewma
         elif self.penalty_ms:
             base = DEFAULT_LATENCY_MS
         else:
@@ -85,7 +122,9 @@ class Measured:
         else:
             w = math.exp(-(now - self.ewma_at) / DECAY_S)
             self.ewma_ms = ewma * w + ms * (1.0 - w)
-        self.ewma_at = now
+        self.ewma_at = self.measured_at = now
+        if self.group is not None:
+            self.group.typical_ms = _blend(self.group.typical_ms, ms)
 
     def penalize(self) -> None:
         self.penalty_ms = FAILURE_PENALTY_MS
@@ -106,7 +145,27 @@ class Measured:
                 prefill_tps = uncached / ttft_s
         if decode_tps is None and completion and decode_s and decode_s > 0:
             decode_tps = completion / decode_s
+        group = self.group
         if prefill_tps:
-            self.prefill_tps = prefill_tps if self.prefill_tps is None else self.prefill_tps + TPS_ALPHA * (prefill_tps - self.prefill_tps)
+            self.prefill_tps = _blend(self.prefill_tps, prefill_tps, TPS_ALPHA)
+            if group is not None:
+                group.typical_prefill_tps = _blend(group.typical_prefill_tps, prefill_tps)
         if decode_tps:
-            self.decode_tps = decode_tps if self.decode_tps is None else self.decode_tps + TPS_ALPHA * (decode_tps - self.decode_tps)
+            self.decode_tps = _blend(self.decode_tps, decode_tps, TPS_ALPHA)
+            if group is not None:
+                group.typical_decode_tps = _blend(group.typical_decode_tps, decode_tps)
+        if prefill_tps or decode_tps:
+            self.measured_at = self.clock()
+
+
+TYPICAL_ALPHA = 0.1  # EWMA weight of one sample in a group's typical value
+
+
+def _blend(old: float | None, sample: float, alpha: float = TYPICAL_ALPHA) -> float:
+    return sample if old is None else old + alpha * (sample - old)
+
+
+def _aged(own: float | None, typical: float | None, w: float) -> float | None:
+    if own is None or typical is None:
+        return own
+    return own * w + typical * (1.0 - w)

@@ -7,11 +7,14 @@ Plugins read it through :class:`comox.BackendView`; only the core writes it.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..backends import SupportsSlotPinning
+from ..events import emit
 from .load import FAIL, LOADING, OK, HealthReport, LoadReport
 from .measure import Measured
 
@@ -42,10 +45,10 @@ class BackendState(Measured):
         "draining", "consecutive_failures", "times_ejected", "ejected_until", "ejections",
         "last_error", "requests", "failures", "clock", "group", "routable", "slow_start_s", "recovered_at",
         "health_ok", "ready", "health_passes", "health_fails", "last_health",
-        "ext_waiting", "ext_running", "kv_cache_usage", "idle_slots", "total_slots",
+        "ext_waiting", "ext_running", "kv_cache_usage", "idle_slots", "total_slots", "waiting",
         # Measured's
         "ewma_ms", "ewma_at", "penalty_ms", "penalty_at", "prefill_tps", "decode_tps",
-        "prompt_tokens", "cached_tokens",
+        "prompt_tokens", "cached_tokens", "measured_at",
     )
 
     def __init__(self, backend: Backend, settings: BackendSettings, clock: Callable[[], float] = time.monotonic):
@@ -83,6 +86,9 @@ class BackendState(Measured):
         self.kv_cache_usage: float | None = None
         self.idle_slots: int | None = None
         self.total_slots: int | None = getattr(settings, "slot_count", None)
+        # Requests sent here that have not had their first byte yet: task →
+        # True once the backend left rotation and the request should move.
+        self.waiting: dict[asyncio.Task[object], bool] = {}
         self._init_measured()
 
     # -- what a policy reads ---------------------------------------------------
@@ -122,6 +128,7 @@ class BackendState(Measured):
         elapsed = now - since
         if elapsed >= self.slow_start_s:
             self.recovered_at = None
+            emit("slow_start_finished", f"backend {self.name} finished its slow start", backend=self.name)
             return 1.0
         return max(SLOW_START_MIN, elapsed / self.slow_start_s)
 
@@ -173,11 +180,15 @@ class BackendState(Measured):
     def eject(self) -> None:
         self.times_ejected += 1
         self.ejections += 1
-        self.ejected_until = self.clock() + min(EJECT_BASE_S * self.times_ejected, EJECT_MAX_S)
+        seconds = min(EJECT_BASE_S * self.times_ejected, EJECT_MAX_S)
+        self.ejected_until = self.clock() + seconds
+        failures = self.consecutive_failures
         self.consecutive_failures = 0
         if self.slow_start_s:
             self.recovered_at = self.ejected_until  # warm up once the ejection runs out
-        self._changed()
+        emit("backend_ejected", f"backend {self.name} ejected for {seconds:g} s after {failures} consecutive failures",
+             level=logging.WARNING, backend=self.name, seconds=seconds, failures=failures, reason=self.last_error)
+        self._left_rotation()
 
     # -- health checks and the admin ----------------------------------------
 
@@ -214,9 +225,13 @@ class BackendState(Measured):
         self.health_passes += 1
         changed = not self.ready
         self.ready = True
+        if changed:
+            emit("backend_ready", f"backend {self.name} is ready", backend=self.name)
         if self.health_passes >= healthy_threshold:
             if not self.health_ok or self.ejected_until > self.clock():
                 # A passing active check un-ejects; the backend then warms up.
+                emit("backend_recovered", f"backend {self.name} recovered: health check passed", backend=self.name,
+                     was="unhealthy" if not self.health_ok else "ejected")
                 self.health_ok = True
                 self.ejected_until = 0.0
                 self.consecutive_failures = 0
@@ -233,7 +248,9 @@ class BackendState(Measured):
         if self.health_fails >= unhealthy_threshold and self.health_ok:
             self.health_ok = False
             self.last_error = f"health check: {detail}"
-            self._changed()
+            emit("backend_unhealthy", f"backend {self.name} is unhealthy: {detail}", level=logging.WARNING,
+                 backend=self.name, reason=detail, failed_checks=self.health_fails)
+            self._left_rotation()
 
     def not_ready(self, detail: str) -> None:
         """The backend is up but not ready (llama.cpp loading its model): no
@@ -242,16 +259,28 @@ class BackendState(Measured):
         self.health_passes = 0
         if self.ready:
             self.ready = False
+            emit("backend_loading", f"backend {self.name} is not ready: {detail}", backend=self.name, reason=detail)
             self._changed()
 
     def set_draining(self, draining: bool) -> None:
         if self.draining != draining:
             self.draining = draining
+            emit("backend_drained" if draining else "backend_undrained",
+                 f"backend {self.name} {'drained: no new requests' if draining else 'undrained'}", backend=self.name)
             self._changed()
 
     def _changed(self) -> None:
         if self.group is not None:
             self.group.invalidate()
+
+    def _left_rotation(self) -> None:
+        """Ejected or unhealthy: requests waiting here for their first byte
+        move to another backend at once (:meth:`Gateway.dispatch`)."""
+        self._changed()
+        for task, moved in self.waiting.items():
+            if not moved:
+                self.waiting[task] = True
+                task.cancel()
 
     def snapshot(self) -> dict[str, Any]:
         """What ``/admin/backends`` shows of this backend."""

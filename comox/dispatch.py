@@ -1,0 +1,184 @@
+"""Sending a request to a backend of its group: the policy's pick, retries
+elsewhere before the first byte (within the retry budget), the first-byte
+timeout, moving requests off a backend that leaves rotation, the queue for a
+saturated group, and failover when local capacity is exhausted.
+
+What counts against a backend (towards its ejection):
+
+* connection refused or reset, a timeout before the first byte, a stream that
+  breaks off midway — always;
+* a 5xx answer — only once another backend of the group has answered the
+  same request successfully (the request is retried elsewhere first). A 5xx
+  no other node contradicts belongs to the request (an unsupported endpoint,
+  a prompt that crashes the engine): it is passed to the client, counted
+  against no node, and once two nodes gave the same status, not retried on
+  further ones;
+* a 429 — never (busy, not broken), though it carries a latency penalty;
+* any other 4xx — never: the client's mistake, passed through at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from .backends import BackendResponse
+from .errors import BackendUnavailable, ComoxError, NoBackendAvailable
+from .events import emit
+from .plugins import HookChain
+
+if TYPE_CHECKING:
+    from .fleet import BackendState, ModelGroup
+    from .gateway import Gateway
+    from .request import GatewayRequest
+
+__all__ = ["dispatch", "RETRYABLE_STATUS"]
+
+log = logging.getLogger("comox")
+
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+class _Moved(Exception):
+    """The attempt was taken off its backend before the first byte (the
+    backend left rotation, or the first-byte timeout ran out)."""
+
+
+async def _attempt(state: BackendState, request: GatewayRequest, timeout_s: float | None) -> BackendResponse:
+    """``state.backend.handle(request)``, and for a stream its first chunk,
+    within ``timeout_s``; raises :class:`_Moved` when the attempt was
+    called off (the task is cancelled by a timer or by the backend leaving
+    rotation; a cancel of our own is told apart from the client's)."""
+    task = asyncio.current_task()
+    assert task is not None
+    waiting = state.waiting
+    waiting[task] = False
+    timer = asyncio.get_running_loop().call_later(timeout_s, _time_out, state, task) if timeout_s else None
+    response = None
+    try:
+        response = await state.backend.handle(request)
+        if response.stream is not None and response.head is None:
+            try:
+                response.head = await anext(aiter(response.stream))
+            except StopAsyncIteration:
+                response.head = b""
+        return response
+    except asyncio.CancelledError:
+        if not waiting.get(task):
+            raise  # not ours: the client went away
+        task.uncancel()
+        if response is not None:
+            await response.aclose()
+        if task.cancelling():
+            raise  # the client went away too
+        reason = "no first byte within %g s" % timeout_s if state.routable and timeout_s else f"backend {state.state}"
+        raise _Moved(reason) from None
+    finally:
+        waiting.pop(task, None)
+        if timer is not None:
+            timer.cancel()
+
+
+def _time_out(state: BackendState, task: asyncio.Task[object]) -> None:
+    if task in state.waiting and not state.waiting[task]:
+        state.waiting[task] = True
+        task.cancel()
+
+
+async def dispatch(gateway: Gateway, request: GatewayRequest, group: ModelGroup) -> tuple[BackendResponse, BackendState | None]:
+    """Send ``request`` to a backend of ``group`` (see the module docstring).
+    The caller must ``release()`` the returned state once the response is
+    finished."""
+    tried: list[BackendState] = []
+    failure: str | None = None
+    response: BackendResponse | None = None
+    last_state: BackendState | None = None
+    suspects: list[tuple[BackendState, int]] = []  # 5xx answers not yet counted against their node
+    counters = gateway.counters
+    server = gateway.settings.server
+    saturated = False
+    for attempt in range(gateway.retries + 1):
+        if attempt and counters.retries >= max(gateway.retry_budget_min, gateway.retry_budget_ratio * counters.inflight):
+            break  # retry budget spent: retries must not snowball
+        state = group.choose(request, tried)
+        if state is None:
+            if group.saturated_only(tried):
+                saturated = True
+                if group.queue_timeout_s > 0 and group.queue_size > 0:
+                    state = await group.wait_for_slot(request, tried, time.monotonic() + group.queue_timeout_s)
+            if state is None:
+                break
+        saturated = False
+        if tried:
+            emit("request_retried", f"request {request.id} retried on {state.name} after {tried[-1].name}: {failure}",
+                 request_id=request.id, model=group.name, backend=state.name, previous=tried[-1].name, reason=failure)
+        tried.append(state)
+        if response is not None:  # a retryable answer we are replacing
+            await response.aclose()
+            response = None
+        state.acquire()
+        if attempt:
+            counters.retries += 1
+        started = request.sent_at = time.perf_counter()
+        try:
+            response = await _attempt(state, request, state.settings.first_byte_timeout_s)
+        except (BackendUnavailable, _Moved) as exc:
+            state.release()
+            failure = exc.message if isinstance(exc, BackendUnavailable) else str(exc)
+            state.record_failure(failure)
+            continue
+        except BaseException:
+            state.release()
+            raise
+        finally:
+            if attempt:
+                counters.retries -= 1
+        status = response.status
+        if status in RETRYABLE_STATUS:
+            state.release()
+            failure = f"HTTP {status}"
+            last_state = state
+            if status == 429:
+                state.record_failure(failure, 429)
+                continue
+            if any(code == status for _, code in suspects):
+                # The same 5xx from another node: the request's failure, not the nodes'.
+                suspects.clear()
+                break
+            suspects.append((state, status))
+            continue
+        answered = request.answered_at = time.perf_counter()
+        state.record_success(answered - started)
+        for suspect, code in suspects:  # another node answered: those 5xx were the nodes'
+            suspect.record_failure(f"HTTP {code}", code)
+        return response, state
+    if response is not None and last_state is not None:
+        # Every try answered 5xx/429: pass the last answer through, as a proxy
+        # does. 5xx answers no other node contradicted are counted against none.
+        last_state.acquire()
+        if not any(name == b"retry-after" for name, _ in response.headers):
+            response.headers.append((b"retry-after", str(server.retry_after_s).encode()))
+        return response, last_state
+    error = _unavailable(gateway, group, saturated, failure)
+    if gateway.hooks.comox_failover:
+        answer = await HookChain.first(gateway.hooks.comox_failover, request=request, error=error)
+        if answer is not None:
+            return answer, None
+    raise error
+
+
+def _unavailable(gateway: Gateway, group: ModelGroup, saturated: bool, failure: str | None) -> ComoxError:
+    retry_after = gateway.settings.server.retry_after_s
+    if saturated:
+        return NoBackendAvailable(
+            f"every backend of model {group.name!r} is at its max_concurrency"
+            + (f" and the queue is full ({group.queue_size})" if len(group.waiters) >= group.queue_size
+               else f"; waited {round(group.queue_timeout_s * 1000)} ms"),
+            retry_after=retry_after, code="backends_saturated",
+        )
+    return NoBackendAvailable(
+        f"no backend of model {group.name!r} can take the request now" + (f" (last error: {failure})" if failure else ""),
+        retry_after=retry_after,
+    )
