@@ -534,3 +534,24 @@ def test_a_broken_plugin_is_reported_by_name(broken_plugin, monkeypatch, capsys)
     assert listed["openai"]["error"] is None and "admin" in listed
     monkeypatch.setenv("COMOX_BLOCK_PLUGINS", "broken")
     comox.build_gateway(comox.Settings(models=[one_model("http://127.0.0.1:9")]))
+
+
+# -- configuration.md ----------------------------------------------------------
+
+
+def test_configuration_of_plugins_is_as_documented(monkeypatch):
+    text = page("configuration.md")
+    models = [one_model("http://127.0.0.1:9")]
+    with pytest.raises(comox.ConfigError) as exc:
+        comox.build_gateway(comox.Settings(models=[one_model("http://127.0.0.1:9", type="tgi")]))
+    assert f"`{exc.value}`" in text
+    with pytest.raises(comox.ConfigError) as exc:
+        comox.build_gateway(comox.Settings(models=models, plugins={"admin": {"key_env": 3}}))
+    assert f"`comox: configuration error: {exc.value}`" in text
+    with pytest.raises(comox.ConfigError) as exc:
+        comox.build_gateway(comox.Settings(models=models, plugins={"admn": {}}))
+    assert f"`{exc.value}`" in text
+    assert comox.build_gateway(comox.Settings(models=models)).plugin_settings("admin").key_env == "COMOX_ADMIN_KEY"
+    monkeypatch.setenv("COMOX_PLUGINS__ADMIN__KEY_ENV", "OPS_KEY")
+    assert "`COMOX_PLUGINS__ADMIN__KEY_ENV=OPS_KEY`" in text
+    assert comox.build_gateway(comox.Settings(models=models)).plugin_settings("admin").key_env == "OPS_KEY"
