@@ -1,6 +1,6 @@
 """What the plugin docs say is true.
 
-Convention (docs/writing_plugins.md, docs/plugin_hooks.md): a fenced block that
+Convention (docs/writing_plugins.md, plugin_hooks.md, routing.md): a fenced block that
 follows the line ``<!-- example: NAME -->`` is a complete example. A ``python``
 one is a whole plugin module: it is exec'd into a fresh module named as the
 docs name the plugin (so its ``[plugins.<name>]`` table is the documented one),
@@ -33,7 +33,7 @@ from comox.plugins import make_plugin_manager
 from comox.testing import Fault, ServerThread, free_port, wait_until
 
 DOCS = Path(__file__).parent.parent / "docs"
-PAGES = ("writing_plugins.md", "plugin_hooks.md")
+PAGES = ("writing_plugins.md", "plugin_hooks.md", "routing.md")
 BLOCK = re.compile(r"^<!-- (?:example: (?P<name>\w+)|(?P<fragment>fragment)) -->\n```(?P<lang>\w+)\n(?P<code>.*?)^```$", re.M | re.S)
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -534,6 +534,25 @@ def test_a_broken_plugin_is_reported_by_name(broken_plugin, monkeypatch, capsys)
     assert listed["openai"]["error"] is None and "admin" in listed
     monkeypatch.setenv("COMOX_BLOCK_PLUGINS", "broken")
     comox.build_gateway(comox.Settings(models=[one_model("http://127.0.0.1:9")]))
+
+
+# -- routing.md ----------------------------------------------------------------
+
+
+def test_in_order_policy(example, comox_serve, upstreams):
+    plugin = example("in_order", "in_order")
+    a, b = upstreams("a"), upstreams("b")
+    group = {"name": "m", "policy": "in_order", "backends": [{"name": "a", "url": a.url}, {"name": "b", "url": b.url}]}
+    server = comox_serve({"models": [group]}, plugins=[plugin])
+    url = f"{server.url}/v1/chat/completions"
+    assert [httpx.post(url, json=CHAT).status_code for _ in range(3)] == [200] * 3
+    assert (len(a.requests), len(b.requests)) == (3, 0)
+    a.faults.append(Fault(status=503))  # retried around: the next candidate
+    assert httpx.post(url, json=CHAT).json()["choices"][0]["message"]["content"] == "hello from b"
+    assert (len(a.requests), len(b.requests)) == (4, 1)
+    server.app.gateway.set_draining("a", True)  # out of rotation
+    assert httpx.post(url, json=CHAT).status_code == 200
+    assert (len(a.requests), len(b.requests)) == (4, 2)
 
 
 # -- configuration.md ----------------------------------------------------------
