@@ -15,10 +15,16 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import ConfigError
 from .events import configure_logging
+
+if TYPE_CHECKING:
+    from .app import ComoxApp
+    from .gateway import Gateway
 
 __all__ = ["main", "serve_app"]
 
@@ -55,7 +61,7 @@ def _serve(args: argparse.Namespace) -> int:
     factory = functools.partial(serve_app, os.path.abspath(args.config) if args.config else None, args.log_format, args.log_level)
     config = uvicorn.Config(factory, factory=True, workers=args.workers, **options)
     if "target" in inspect.signature(Multiprocess).parameters:  # older uvicorn
-        supervisor = Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock])
+        supervisor = Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock])  # type: ignore[call-arg]  # typed by the newer uvicorn installed
     else:
         supervisor = Multiprocess(config, sockets=[sock])
     _announce(gateway, host, port)
@@ -78,7 +84,7 @@ def _listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _announce(gateway, host: str, port: int) -> None:
+def _announce(gateway: Gateway, host: str, port: int) -> None:
     from .default_config import serving_default, usage_example
 
     base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -87,7 +93,7 @@ def _announce(gateway, host: str, port: int) -> None:
         print(usage_example(base), file=sys.stderr, flush=True)
 
 
-def serve_app(config: str | None = None, log_format: str | None = None, log_level: str = "info"):
+def serve_app(config: str | None = None, log_format: str | None = None, log_level: str = "info") -> ComoxApp:
     """The app ``comox serve`` runs in each worker (and a factory for
     ``uvicorn comox.cli:serve_app --factory``): the gateway from the file
     ``config``, else ``$COMOX_CONFIG``, else the embedded default. Comox owns
@@ -112,7 +118,7 @@ def _check(args: argparse.Namespace) -> int:
         print(f"comox: the gateway failed to start: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     verdicts = {name: (verdict, detail) for name, verdict, detail in results}
-    groups = []
+    groups: list[dict[str, Any]] = []
     for group in gateway.groups.values():
         backends = [
             {"name": state.name, "verdict": verdicts[state.name][0], "detail": verdicts[state.name][1]}
@@ -135,7 +141,7 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-async def _probe(gateway) -> list[tuple[str, str, str]]:
+async def _probe(gateway: Gateway) -> list[tuple[str, str, str]]:
     """One health check of every backend of a started gateway, then close it."""
     try:
         await gateway.startup()
@@ -195,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     plugins.set_defaults(func=_plugins)
 
     args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return args.func(args)
+        return func(args)
     except ConfigError as exc:
         print(f"comox: configuration error: {exc}", file=sys.stderr)
         return 2

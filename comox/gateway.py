@@ -236,7 +236,7 @@ class Gateway:
             self._banner_task = None
         if self.health_checker is not None:
             await self.health_checker.stop()
-            self.health_checker: HealthChecker | None = None
+            self.health_checker = None
         for state in self.backends():
             try:
                 await state.backend.aclose()

@@ -17,11 +17,17 @@ import asyncio
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import pytest
+
+if TYPE_CHECKING:
+    import subprocess
+
+    from .asgi_io import Receive, Send
 
 __all__ = ["Fault", "ServerThread", "StandInUpstream", "free_port", "stop_process", "wait_for_http", "wait_until"]
 
@@ -32,10 +38,11 @@ def free_port() -> int:
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
-def wait_until(condition, timeout: float = 10.0, interval: float = 0.005) -> None:
+def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.005) -> None:
     """Wait for a state, not a duration: the bound only turns a hang into a failure."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -43,7 +50,8 @@ def wait_until(condition, timeout: float = 10.0, interval: float = 0.005) -> Non
         time.sleep(interval)
 
 
-def wait_for_http(url: str, *, proc=None, timeout: float = 30.0, detail=None) -> None:
+def wait_for_http(url: str, *, proc: subprocess.Popen[Any] | None = None, timeout: float = 30.0,
+                  detail: Callable[[], object] | None = None) -> None:
     """Poll GET ``url`` until it answers 200. Fail at once when ``proc`` (the
     ``subprocess.Popen`` serving it) exits, adding ``detail()`` (its log, say)
     to the message; fail after ``timeout`` seconds otherwise."""
@@ -64,7 +72,7 @@ def wait_for_http(url: str, *, proc=None, timeout: float = 30.0, detail=None) ->
         time.sleep(0.1)
 
 
-def stop_process(proc, timeout: float = 15.0) -> None:
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
     """Terminate a ``subprocess.Popen``; kill it if it does not exit in time."""
     import subprocess
 
@@ -80,7 +88,7 @@ def stop_process(proc, timeout: float = 15.0) -> None:
 class ServerThread:
     """A uvicorn server on 127.0.0.1:<ephemeral port>, in a daemon thread."""
 
-    def __init__(self, app, *, lifespan: str = "auto", **config: Any):
+    def __init__(self, app: Callable[..., Any], *, lifespan: str = "auto", **config: Any):
         import uvicorn
 
         self.app = app
@@ -149,7 +157,7 @@ class StandInUpstream:
         self.chunk_delay = chunk_delay
         self.faults: deque[Fault] = deque()
         self.probe_faults: deque[Fault] = deque()
-        self.requests: list[dict] = []
+        self.requests: list[dict[str, Any]] = []
         self.probes: list[str] = []
         self.hang = False
         self.disconnects = 0
@@ -167,11 +175,12 @@ class StandInUpstream:
 
     @property
     def url(self) -> str:
+        assert self.server is not None, "the stand-in is not started"
         return self.server.url
 
     # -- ASGI -----------------------------------------------------------------
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         body = b""
@@ -215,12 +224,12 @@ class StandInUpstream:
             await self._json(send, 404, {"error": {"message": "not found", "type": "invalid_request_error", "param": None, "code": None}}, extra)
 
     @staticmethod
-    async def _hang(receive) -> None:
+    async def _hang(receive: Receive) -> None:
         """Answer nothing until the client leaves (or the server shuts down)."""
         while (await receive())["type"] != "http.disconnect":
             pass
 
-    def _completion(self, payload: dict, chat: bool) -> dict:
+    def _completion(self, payload: dict[str, Any], chat: bool) -> dict[str, Any]:
         text = f"hello from {self.name}"
         usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
         if chat:
@@ -230,12 +239,13 @@ class StandInUpstream:
         return {"id": "cmpl-standin", "object": "text_completion", "created": 1, "model": payload.get("model"), "choices": [choice], "usage": usage}
 
     @staticmethod
-    async def _json(send, status: int, obj: dict, extra: list) -> None:
+    async def _json(send: Send, status: int, obj: dict[str, Any], extra: list[tuple[bytes, bytes]]) -> None:
         body = orjson.dumps(obj)
         await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]})
         await send({"type": "http.response.body", "body": body})
 
-    async def _stream(self, receive, send, payload: dict, chat: bool, fault: Fault, extra: list) -> None:
+    async def _stream(self, receive: Receive, send: Send, payload: dict[str, Any], chat: bool, fault: Fault,
+                      extra: list[tuple[bytes, bytes]]) -> None:
         gone = asyncio.Event()
 
         async def watch() -> None:
@@ -277,7 +287,7 @@ class StandInUpstream:
 
 
 @pytest.fixture
-def comox_upstream():
+def comox_upstream() -> Iterator[StandInUpstream]:
     """A running :class:`StandInUpstream`."""
     upstream = StandInUpstream().start()
     yield upstream
@@ -285,14 +295,14 @@ def comox_upstream():
 
 
 @pytest.fixture
-def comox_serve():
+def comox_serve() -> Iterator[Callable[..., ServerThread]]:
     """``comox_serve(settings, plugins=[...]) -> ServerThread``: run a Comox app
     (``create_app(settings)``) under uvicorn; every one is stopped at teardown."""
     from .app import create_app
 
     servers: list[ServerThread] = []
 
-    def serve(settings: Any, *, plugins: list[Any] = ()) -> ServerThread:
+    def serve(settings: Any, *, plugins: Iterable[object] = ()) -> ServerThread:
         from .settings import Settings
 
         if isinstance(settings, dict):
@@ -307,6 +317,6 @@ def comox_serve():
 
 
 @pytest.fixture
-def comox_gateway(comox_serve, comox_upstream):
+def comox_gateway(comox_serve: Callable[..., ServerThread], comox_upstream: StandInUpstream) -> ServerThread:
     """A running gateway serving the model ``test-model`` from ``comox_upstream``."""
     return comox_serve({"models": [{"name": "test-model", "backends": [{"name": "upstream", "url": comox_upstream.url}]}]})
