@@ -35,7 +35,11 @@ class Measured:
     """Measurement half of :class:`comox.fleet.BackendState` (a mixin: the
     state declares the slots, so reading a measurement costs no indirection)."""
 
-    __slots__ = ()
+    if TYPE_CHECKING:  # the slots BackendState declares for this mixin (mypy checks assignments against them)
+        __slots__ = ("ewma_ms", "ewma_at", "penalty_ms", "penalty_at", "prefill_tps", "decode_tps",
+                     "prompt_tokens", "cached_tokens", "measured_at")
+    else:
+        __slots__ = ()
 
     clock: Callable[[], float]
     group: ModelGroup | None
