@@ -33,6 +33,7 @@ from .middleware import ComoxMiddleware
 from .prometheus import parse_prometheus
 from .request import ANONYMOUS, GatewayRequest, Principal, check_number
 from .settings import BackendSettings, Settings
+from .shared_state import Bucket, MemoryState, SharedState
 from .transport import AiohttpTransport, HttpxTransport, Transport, UpstreamUnreachable
 from .usage import Usage
 from .version import __version__
@@ -78,6 +79,10 @@ __all__ = [
     "cheaper",
     "power_of_two",
     "request_size",
+    # shared state
+    "SharedState",
+    "MemoryState",
+    "Bucket",
     # requests
     "GatewayRequest",
     "Principal",

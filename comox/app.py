@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
+import orjson
 from starlette.routing import Router
 
 from .asgi_io import Receive, Responder, Send, route_path
@@ -62,9 +63,12 @@ class ComoxApp:
             path = route_path(scope)
             if path.startswith("/v1/"):
                 await serve_api(self.gateway, scope, receive, send, path)
-            elif path == "/healthz":
-                await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-                await send({"type": "http.response.body", "body": b'{"status":"ok"}'})
+            elif path == "/healthz":  # liveness: the process serves
+                await Responder(send).json(200, b'{"status":"ok"}', [(b"content-type", b"application/json")])
+            elif path == "/readyz":  # readiness: started, and its shared state usable
+                ready = self.gateway.readiness()
+                await Responder(send).json(200 if ready["ready"] else 503, orjson.dumps(ready),
+                                           [(b"content-type", b"application/json")])
             elif self.router is not None:
                 await self.router(scope, receive, send)
             else:

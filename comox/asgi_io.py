@@ -105,12 +105,13 @@ class Responder:
         await self.send({"type": "http.response.body", "body": body})
         self.finished = True
 
-    async def error(self, exc: ComoxError, request_id: bytes) -> None:
+    async def error(self, exc: ComoxError, request_id: bytes, extra: Headers | None = None) -> None:
         """Send ``exc`` as an OpenAI-format error, or, when the response has
         already started, end it the only way left: an SSE error event for a
         stream, else by raising so the server drops the connection."""
         if not self.started:
-            await self.json(exc.status, exc.to_bytes(), exc.headers() + [(b"x-request-id", request_id)])
+            headers = exc.headers() + [(b"x-request-id", request_id)]
+            await self.json(exc.status, exc.to_bytes(), headers + extra if extra else headers)
         elif self.finished:
             pass  # the client has its whole answer; the error is only logged
         elif self.streaming:

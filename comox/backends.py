@@ -86,11 +86,9 @@ class SupportsHealthCheck(Protocol):
     """Optional: an active health check, run every ``health_check.interval_s``
     (docs/routing.md). ``http`` is an ``httpx.AsyncClient`` shared by the
     checks. The core applies the returned report to the fleet; an exception
-    or a timeout counts as a failed check. ``health_check_default`` says whether
-    checks run when the backend's config does not say
-    (``health_check.enabled``)."""
-
-    health_check_default: bool
+    or a timeout counts as a failed check. A class attribute
+    ``health_check_default = False`` turns the checks off unless the backend's
+    config asks for them (``health_check.enabled``); they are on by default."""
 
     async def health_check(self, http: httpx.AsyncClient) -> HealthReport: ...
 

@@ -93,7 +93,8 @@ def default_settings(*, echo: Callable[[str], None] = _stderr, **overrides: Any)
         "instances": 1,
     }
     try:
-        return Settings(models=[{"name": DEFAULT_MODEL, "backends": [backend]}], **overrides)
+        # No keys: the embedded default is a local try-out (it says so at start).
+        return Settings(auth="none", models=[{"name": DEFAULT_MODEL, "backends": [backend]}], **overrides)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from None
 

@@ -22,7 +22,8 @@ from .errors import BackendUnavailable, ComoxError, ConfigError, NoBackendAvaila
 from .fleet import BackendState, FleetCounters, ModelGroup
 from .health import HealthChecker, check_once
 from .plugins import HookChain, PluginManager, call_startup_hook, make_plugin_manager
-from .request import GatewayRequest
+from .request import GatewayRequest, Principal
+from .shared_state import MemoryState, SharedState
 from .settings import BackendSettings, ModelGroupSettings, Settings, describe_validation_error
 from .views import ObservesUsage, ReportsStats
 
@@ -40,6 +41,7 @@ class Gateway:
         self.pm.check_failures()
         self._plugin_settings = self._validate_plugin_settings()
         self.hooks = HookChain(self.pm)
+        self.shared_state: SharedState = self.pm.hook.comox_shared_state(gateway=self) or MemoryState()
         self.backend_types: dict[str, type] = self._registry(self.pm.hook.comox_backend_types(), "backend type")
         self.policies: dict[str, type] = self._registry(self.pm.hook.comox_routing_policies(), "routing policy")
         self.counters = FleetCounters()
@@ -55,9 +57,18 @@ class Gateway:
             "object": "list",
             "data": [{"id": name, "object": "model", "created": created, "owned_by": "comox"} for name in self.groups],
         })
+        self.auth_required = settings.auth != "none"
         self.started = False
         self._banner_task: asyncio.Task[None] | None = None
         self._start_lock: asyncio.Lock | None = None
+
+    def models_list(self, principal: Principal) -> bytes:
+        """``GET /v1/models`` as ``principal`` sees it: only the groups it may use."""
+        return orjson.dumps({
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": self.created, "owned_by": "comox"}
+                     for name in self.groups if principal.may_use(name)],
+        })
 
     def plugin_settings(self, name: str) -> Any:
         """The validated settings of plugin ``name`` (an instance of the model
@@ -145,6 +156,12 @@ class Gateway:
 
     def backends(self) -> list[BackendState]:
         return [state for group in self.groups.values() for state in group.backends]
+
+    def readiness(self) -> dict[str, Any]:
+        """What ``/readyz`` answers: ready once started, while the shared
+        state can be used (a degraded one still serves, and says so)."""
+        state = self.shared_state.readiness()
+        return {**state, "ready": self.started and bool(state.get("ready", True)), "started": self.started}
 
     def snapshot(self) -> dict[str, Any]:
         """The fleet as ``/admin/backends`` shows it: every backend, and per
@@ -243,6 +260,10 @@ class Gateway:
             except Exception:
                 log.exception("closing backend %s failed", state.name)
         await call_startup_hook(self.pm.hook.comox_shutdown, gateway=self)
+        try:
+            await self.shared_state.aclose()
+        except Exception:
+            log.exception("closing the shared state failed")
         self.started = False
 
     # -- routing ------------------------------------------------------------

@@ -27,7 +27,7 @@ def enabled(state: BackendState) -> bool:
     config = state.settings.health_check
     if config.enabled is not None:
         return config.enabled
-    return bool(state.backend.health_check_default)
+    return bool(getattr(state.backend, "health_check_default", True))
 
 
 async def check_once(state: BackendState, http: httpx.AsyncClient) -> HealthReport:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .backends import BackendResponse
     from .gateway import Gateway
     from .request import GatewayRequest, Principal
+    from .shared_state import SharedState
 
 hookspec = pluggy.HookspecMarker("comox")
 hookimpl = pluggy.HookimplMarker("comox")
@@ -89,6 +90,21 @@ def comox_plugin_settings() -> type[BaseModel]:  # type: ignore[empty-body]  # a
         gives the model's defaults. Read the result with
         :meth:`comox.Gateway.plugin_settings`. A model with a class attribute
         ``section = "<table>"`` owns that top-level table instead.
+    """
+
+
+@hookspec(firstresult=True)
+def comox_shared_state(gateway: Gateway) -> SharedState | None:
+    """Provide the state every replica shares (rate-limit buckets, counters,
+    cached values), instead of the default :class:`comox.MemoryState`.
+
+    Called once while the gateway is built; the first non-``None`` result
+    wins. The result is ``gateway.shared_state``; it is closed with the
+    gateway (``aclose()``).
+
+    :param gateway: the gateway being built (its settings and plugin settings
+        are ready).
+    :return: a :class:`comox.SharedState`, or ``None``.
     """
 
 

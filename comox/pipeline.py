@@ -2,8 +2,10 @@
 
 ::
 
-    parse        endpoint and method from the path, body read (size limit) and checked
-    authenticate comox_authenticate → Principal
+    route        endpoint and method from the path
+    authenticate comox_authenticate → Principal, from the headers (401 when the
+                 config requires keys and no plugin vouched for the caller)
+    parse        body read (size limit) and checked; a model the caller may not use is 404
     admit        comox_admit (rate limits, budgets, policy)
     cache        comox_cache_lookup → a cached answer, or on to a backend
     route        Gateway.dispatch: a backend of the group by its policy, retries
@@ -28,11 +30,11 @@ import orjson
 
 from .asgi_io import SSE_HEADERS, Receive, Responder, Send, read_body
 from .backends import BackendResponse
-from .errors import ComoxError, MethodNotAllowed, ModelNotFound, NotFound
+from .errors import AuthenticationFailed, ComoxError, MethodNotAllowed, ModelNotFound, NotFound
 from .fleet import BackendState
 from .gateway import Gateway
 from .plugins import HookChain
-from .request import ANONYMOUS, ENDPOINTS, GatewayRequest, parse_body, request_id_from
+from .request import ANONYMOUS, ENDPOINTS, GatewayRequest, Principal, parse_body, request_id_from
 from .usage import record_body, record_stream
 
 __all__ = ["serve_api"]
@@ -51,7 +53,7 @@ async def serve_api(gateway: Gateway, scope: MutableMapping[str, Any], receive: 
             client_request_id = value
             break
     request = GatewayRequest(id=request_id_from(client_request_id), endpoint=ENDPOINTS.get(path, ""), path=path,
-                             headers=headers, method=scope["method"])
+                             headers=headers, method=scope["method"], gateway=gateway)
     rid = request.id.encode()
     if not gateway.started:
         await gateway.startup()
@@ -62,7 +64,7 @@ async def serve_api(gateway: Gateway, scope: MutableMapping[str, Any], receive: 
         state, error = await _serve(gateway, request, receive, responder, rid)
     except ComoxError as exc:
         error = exc
-        await responder.error(exc, rid)
+        await responder.error(exc, rid, request.response_headers)
     except asyncio.CancelledError:
         raise  # the client went away
     except Exception as exc:
@@ -75,11 +77,8 @@ async def serve_api(gateway: Gateway, scope: MutableMapping[str, Any], receive: 
         hooks = gateway.hooks
         if hooks.comox_request_done:
             status = responder.status or 499  # nothing sent: the client went away
-            try:
-                await HookChain.each(hooks.comox_request_done, request=request, status=status,
-                                     backend=state.name if state is not None else None, error=error)
-            except Exception:
-                log.exception("comox_request_done hook failed")
+            await HookChain.each_logged(hooks.comox_request_done, request=request, status=status,
+                                        backend=state.name if state is not None else None, error=error)
 
 
 async def _serve(gateway: Gateway, request: GatewayRequest, receive: Receive, responder: Responder,
@@ -88,63 +87,72 @@ async def _serve(gateway: Gateway, request: GatewayRequest, receive: Receive, re
     error a stream ended with, if any."""
     path = request.path
     endpoint = request.endpoint
-    if not endpoint:
-        if path == "/v1/models" or path.startswith("/v1/models/"):
-            request.endpoint = "models"
-            if request.method != "GET":
-                raise MethodNotAllowed(f"{request.method} is not allowed on {path}")
-            await responder.json(200, models_body(gateway, path), JSON + [(b"x-request-id", rid)])
-            return None, None
+    models = not endpoint and (path == "/v1/models" or path.startswith("/v1/models/"))
+    if models:
+        request.endpoint = "models"
+        if request.method != "GET":
+            raise MethodNotAllowed(f"{request.method} is not allowed on {path}")
+    elif not endpoint:
         raise NotFound(f"unknown endpoint {path}")
-    if request.method != "POST":
+    elif request.method != "POST":
         raise MethodNotAllowed(f"{request.method} is not allowed on {path}; use POST")
+    hooks = gateway.hooks
+    # Who is calling, from the headers alone: before the body is read, so an
+    # unknown caller learns nothing from how its body would have been judged.
+    principal = await HookChain.first(hooks.comox_authenticate, request=request) if hooks.comox_authenticate else None
+    if principal is None and gateway.auth_required:
+        raise AuthenticationFailed("a valid API key is required (Authorization: Bearer <key>)")
+    request.principal = principal = principal or ANONYMOUS
+    if models:
+        await responder.json(200, models_body(gateway, path, principal), JSON + [(b"x-request-id", rid)])
+        return None, None
     raw = await read_body(receive, request.headers, gateway.settings.server.max_body_bytes)
     request.set_body(raw, parse_body(endpoint, raw))
     group = gateway.groups.get(request.model)
-    if group is None:
+    if group is None or not principal.may_use(request.model):
         raise ModelNotFound(f"the model {request.model!r} does not exist; GET /v1/models lists them", param="model")
-    hooks = gateway.hooks
-    if hooks.comox_authenticate:
-        request.principal = await HookChain.first(hooks.comox_authenticate, request=request) or ANONYMOUS
     if hooks.comox_admit:
-        await HookChain.each(hooks.comox_admit, request=request, principal=request.principal)
+        await HookChain.each(hooks.comox_admit, request=request, principal=principal)
     response: BackendResponse | None = None
     if hooks.comox_cache_lookup:
         response = await HookChain.first(hooks.comox_cache_lookup, request=request)
+    cached = response is not None
     state: BackendState | None = None
     if response is None:
         response, state = await gateway.dispatch(request, group)
     out_headers = response.headers + [(b"x-request-id", rid)]
+    if request.response_headers:
+        out_headers += request.response_headers
     if state is not None and gateway.settings.server.expose_backend_header:
         out_headers.append((b"x-comox-backend", state.name.encode()))
     status = response.status
     if response.stream is not None:
         sent = await responder.stream(receive, response, out_headers + SSE_HEADERS)
-        if state is not None:
-            if sent.broke is not None:
-                state.record_failure(sent.broke)
-            elif sent.complete and sent.first and status == 200:
-                record_stream(request, state, sent.first, sent.last, sent.events, sent.end)
+        if state is not None and sent.broke is not None:
+            state.record_failure(sent.broke)
+        elif sent.complete and sent.first and status == 200:
+            record_stream(request, state, sent.first, sent.last, sent.events, sent.end)
         return state, sent.error
     assert response.body is not None
     try:
         await responder.json(status, response.body, out_headers)
     finally:
         await response.aclose()
-    if state is not None and status == 200:
+    if status == 200:
         record_body(request, state, response.body)
-    if status == 200 and hooks.comox_cache_store:
-        try:
-            await HookChain.each(hooks.comox_cache_store, request=request, response=response)
-        except Exception:
-            log.exception("comox_cache_store hook failed (the client already has its answer)")
+        if hooks.comox_cache_store and not cached:
+            await HookChain.each_logged(hooks.comox_cache_store, request=request, response=response)
     return state, None
 
 
-def models_body(gateway: Gateway, path: str) -> bytes:
+def models_body(gateway: Gateway, path: str, principal: Principal) -> bytes:
+    """``GET /v1/models`` (only the models ``principal`` may use) or
+    ``GET /v1/models/{id}``."""
     if path == "/v1/models":
-        return gateway.models_body
+        if principal.allowed_models is None:
+            return gateway.models_body
+        return gateway.models_list(principal)
     name = path[len("/v1/models/"):]
-    if name not in gateway.groups:
+    if name not in gateway.groups or not principal.may_use(name):
         raise ModelNotFound(f"the model {name!r} does not exist", param="model")
     return orjson.dumps({"id": name, "object": "model", "created": gateway.created, "owned_by": "comox"})

@@ -185,26 +185,36 @@ class HookChain:
     async def first(impls: tuple[_Impl, ...], **kwargs: Any) -> Any:
         """The first non-None result."""
         for impl in impls:
-            if impl.takes_all:
-                result = impl.function(**kwargs)
-            else:
-                result = impl.function(**{name: kwargs[name] for name in impl.argnames})
-            if impl.is_async or (result is not None and inspect.isawaitable(result)):
-                result = await result
+            result = await _call(impl, kwargs)
             if result is not None:
                 return result
         return None
 
     @staticmethod
     async def each(impls: tuple[_Impl, ...], **kwargs: Any) -> None:
-        """Call every implementation."""
+        """Call every implementation; the first exception stops the rest."""
         for impl in impls:
-            if impl.takes_all:
-                result = impl.function(**kwargs)
-            else:
-                result = impl.function(**{name: kwargs[name] for name in impl.argnames})
-            if impl.is_async or (result is not None and inspect.isawaitable(result)):
-                await result
+            await _call(impl, kwargs)
+
+    @staticmethod
+    async def each_logged(impls: tuple[_Impl, ...], **kwargs: Any) -> None:
+        """Call every implementation; one that raises is logged and the
+        others still run (observers: cache stores, telemetry)."""
+        for impl in impls:
+            try:
+                await _call(impl, kwargs)
+            except Exception:
+                log.exception("plugin %r failed in a hook whose failures are only logged", impl.plugin)
+
+
+async def _call(impl: _Impl, kwargs: dict[str, Any]) -> Any:
+    if impl.takes_all:
+        result = impl.function(**kwargs)
+    else:
+        result = impl.function(**{name: kwargs[name] for name in impl.argnames})
+    if impl.is_async or (result is not None and inspect.isawaitable(result)):
+        result = await result
+    return result
 
 
 async def call_startup_hook(hook: pluggy.HookCaller, **kwargs: Any) -> None:

@@ -6,23 +6,42 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+    from .usage import Usage
 
 __all__ = ["GatewayRequest", "Principal", "ANONYMOUS", "ENDPOINTS", "check_number", "parse_body"]
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling, as decided by ``comox_authenticate``."""
+    """Who is calling, as decided by ``comox_authenticate``.
+
+    :param key_id: the caller's id (a key's ``id``, a token's subject): what
+        logs, limits and cache keys use — never the secret itself.
+    :param allowed_models: glob patterns (``fnmatch``) of the model groups the
+        caller may use; None: every one. Other models are invisible to it (404).
+    :param local_only: the caller's requests never leave for a cloud backend.
+    :param limits: per-caller limits for admission plugins (``rpm``, ``tpm``,
+        ``max_concurrency``, …).
+    """
 
     key_id: str | None = None
-    allowed_models: frozenset[str] | None = None  # None: every model
+    allowed_models: frozenset[str] | None = None
     local_only: bool = False
     limits: dict[str, Any] = field(default_factory=dict)
+
+    def may_use(self, model: str) -> bool:
+        """Whether ``model`` matches one of ``allowed_models``."""
+        patterns = self.allowed_models
+        return patterns is None or any(fnmatchcase(model, pattern) for pattern in patterns)
 
 
 ANONYMOUS = Principal()
@@ -70,20 +89,30 @@ class GatewayRequest:
       ``raw`` — its bytes; ``model`` — the model group asked for (``""`` when
       none); ``stream`` — whether the client asked for SSE.
     * ``principal`` — who is calling, once ``comox_authenticate`` decided.
+    * ``gateway`` — the :class:`comox.Gateway` serving it (for
+      ``gateway.plugin_settings(name)``, ``gateway.shared_state``), or None
+      for a request built outside a gateway.
     * ``state`` — a dict of per-request scratch space for plugins (key by
       your plugin's name).
     * ``slot`` — ``(backend name, slot)`` chosen by a routing policy for
       backends that pin slots (:class:`comox.SupportsSlotPinning`), or None.
+    * ``usage`` — the :class:`comox.Usage` of the answer, once it was sent
+      (from a backend or a cache), for ``comox_request_done``; else None.
+    * ``response_headers`` — headers a plugin adds to the answer, whatever it
+      is (``x-ratelimit-*`` on a success and on a 429 alike): append
+      ``(name, value)`` byte pairs with lower-case names.
     """
 
     __slots__ = (
-        "id", "method", "endpoint", "path", "headers", "raw", "json", "model", "stream",
-        "principal", "state", "slot", "sent_at", "answered_at", "_upstream_cache",
+        "id", "method", "endpoint", "gateway", "path", "headers", "raw", "json", "model", "stream",
+        "principal", "state", "slot", "usage", "response_headers", "sent_at", "answered_at", "_upstream_cache",
     )
 
     def __init__(self, *, id: str, endpoint: str, path: str, headers: list[tuple[bytes, bytes]],
-                 raw: bytes = b"", json: dict[str, Any] | None = None, method: str = "POST"):
+                 raw: bytes = b"", json: dict[str, Any] | None = None, method: str = "POST",
+                 gateway: Gateway | None = None):
         self.id = id
+        self.gateway = gateway
         self.method = method
         self.endpoint = endpoint
         self.path = path
@@ -95,6 +124,8 @@ class GatewayRequest:
         self.principal: Principal = ANONYMOUS
         self.state: dict[str, Any] = {}
         self.slot: tuple[str, int] | None = None
+        self.usage: Usage | None = None
+        self.response_headers: list[tuple[bytes, bytes]] = []
         # time.perf_counter() when the backend that answered was sent the request,
         # and when its status and headers (and a JSON body) had come back.
         self.sent_at = 0.0

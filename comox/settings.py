@@ -7,7 +7,7 @@ List-valued keys (``COMOX_MODELS``) take JSON.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
@@ -116,6 +116,11 @@ class Settings(BaseSettings):
         env_prefix="COMOX_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
     )
 
+    auth: Literal["keys", "none"] = "keys"
+    """``keys``: every API request needs a caller some plugin vouches for
+    (``[[keys]]``, or a plugin's ``comox_authenticate``), else 401, and a
+    config with model groups and no keys refuses to start. ``none``: no
+    authentication at all (a warning is logged at every start)."""
     server: ServerSettings = ServerSettings()
     models: list[ModelGroupSettings] = []
     plugins: dict[str, dict[str, Any]] = {}

@@ -155,12 +155,13 @@ def usage_of_events(end: bytes) -> Usage | None:
     return usage
 
 
-def record_body(request: GatewayRequest, state: BackendState, body: bytes) -> None:
-    """Record the tokens of a JSON answer that took ``request.answered_at -
-    request.sent_at`` (its prefill and decode together)."""
+def record_body(request: GatewayRequest, state: BackendState | None, body: bytes) -> None:
+    """Read the usage of a JSON answer into ``request.usage``, and record its
+    tokens on ``state``, the backend that answered in ``request.answered_at -
+    request.sent_at`` (prefill and decode together), if one did."""
     try:
-        usage = usage_of_body(body)
-        if usage is None:
+        usage = request.usage = usage_of_body(body)
+        if usage is None or state is None:
             return
         elapsed = request.answered_at - request.sent_at
         decode_s: float | None = elapsed
@@ -171,19 +172,24 @@ def record_body(request: GatewayRequest, state: BackendState, body: bytes) -> No
                             usage.prefill_tps, usage.decode_tps, decode_s=decode_s)
         _tell_policy(request, state, usage)
     except Exception:
-        log.debug("could not read usage from %s's response", state.name, exc_info=True)
+        log.debug("could not read usage from the response to %s", request.id, exc_info=True)
 
 
-def record_stream(request: GatewayRequest, state: BackendState, first: float, last: float,
+def record_stream(request: GatewayRequest, state: BackendState | None, first: float, last: float,
                   events: int, end: bytes) -> None:
-    """Record a finished SSE stream: its first chunk came at ``first`` (≈ the
-    end of prefill), its last at ``last`` (``time.perf_counter()``), it held
-    ``events`` ``data:`` lines, and ``end`` is its last two chunks."""
+    """Read the usage of a finished SSE stream into ``request.usage`` (counting
+    its events when it reported none), and record it on ``state`` if a backend
+    answered: the first chunk came at ``first`` (≈ the end of prefill), the
+    last at ``last`` (``time.perf_counter()``), it held ``events`` ``data:``
+    lines, and ``end`` is its last two chunks."""
     try:
         usage = usage_of_events(end)
         decode_s = last - first
         # Without usage, count events: one per token, less the [DONE] line.
         generated = usage.completion if usage and usage.completion else max(events - 1, 0)
+        request.usage = usage if usage is not None else Usage(completion=generated)
+        if state is None:
+            return
         decode_tps = usage.decode_tps if usage else None
         if decode_tps is None and generated > 1 and decode_s > 0:
             decode_tps = (generated - 1) / decode_s  # tokens after the first, over the time after it
@@ -192,7 +198,7 @@ def record_stream(request: GatewayRequest, state: BackendState, first: float, la
         if usage is not None:
             _tell_policy(request, state, usage)
     except Exception:
-        log.debug("could not read usage from %s's stream", state.name, exc_info=True)
+        log.debug("could not read usage from the stream answering %s", request.id, exc_info=True)
 
 
 def _tell_policy(request: GatewayRequest, state: BackendState, usage: Usage) -> None:

@@ -17,6 +17,10 @@ PUBLIC = {
     # routing policies
     "RoutingPolicy", "ObservesUsage", "ReportsStats", "BackendView", "GroupView", "Usage", "cheaper", "power_of_two",
     "request_size",
+    # shared state
+    "SharedState", "MemoryState", "Bucket",
+    # shared state
+    "SharedState", "MemoryState", "Bucket",
     # requests
     "GatewayRequest", "Principal", "ANONYMOUS", "check_number",
     # errors

@@ -1,0 +1,143 @@
+"""State that every replica of the gateway shares: rate-limit buckets,
+capped counters (concurrency, budgets) and values with a time to live
+(response cache, stored responses).
+
+The core gives every gateway one :class:`SharedState`
+(``gateway.shared_state``): :class:`MemoryState`, this process only, unless a
+plugin's ``comox_shared_state`` returns another (the ``redis`` plugin, with
+``[state] redis_url``). Every operation is atomic where it is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+__all__ = ["SharedState", "MemoryState", "Bucket"]
+
+
+class Bucket(NamedTuple):
+    """The answer of :meth:`SharedState.take`.
+
+    :param allowed: whether the amount was taken.
+    :param remaining: what is left in the bucket now (whole units, never below 0).
+    :param reset_s: seconds until the bucket is full again.
+    :param retry_after_s: seconds until the refused amount would fit (0 when
+        allowed; ``inf`` when it is more than the bucket holds).
+    """
+
+    allowed: bool
+    remaining: float
+    reset_s: float
+    retry_after_s: float
+
+
+@runtime_checkable
+class SharedState(Protocol):
+    """What limits, budgets and caches keep across replicas."""
+
+    async def take(self, key: str, amount: float, *, capacity: float, per_s: float, force: bool = False) -> Bucket:
+        """Token bucket ``key`` (full at ``capacity``, refilling ``per_s`` per
+        second): take ``amount`` if it holds that much; with ``force``, take it
+        anyway (the bucket may go below zero: settling a usage that turned
+        out larger than reserved). A negative amount gives back."""
+
+    async def add(self, key: str, amount: float, *, cap: float | None = None, ttl_s: float | None = None) -> tuple[bool, float]:
+        """Add ``amount`` (may be negative) to counter ``key`` unless the
+        result would exceed ``cap``; ``(added, value now)``. ``ttl_s``: the
+        counter is forgotten that long after its last change."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes, *, ttl_s: float) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    def readiness(self) -> dict[str, Any]:
+        """For ``/readyz``: ``{"ready": bool, "state": "local" | "shared" |
+        "degraded" | …, …}``."""
+
+    async def aclose(self) -> None: ...
+
+
+class MemoryState:
+    """:class:`SharedState` kept in this process (one replica, or the
+    fallback of a shared store that is unreachable). ``clock`` is any
+    monotonic ``() -> seconds``; tests pass a fake one. Values are kept in an
+    LRU bounded by ``max_value_bytes`` in all."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, max_value_bytes: int = 256 * 1024 * 1024):
+        self.clock = clock
+        self.max_value_bytes = max_value_bytes
+        self._buckets: dict[str, tuple[float, float]] = {}  # key → (tokens, at)
+        self._counters: dict[str, tuple[float, float]] = {}  # key → (value, expires at)
+        self._values: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # key → (value, expires at)
+        self._value_bytes = 0
+
+    async def take(self, key: str, amount: float, *, capacity: float, per_s: float, force: bool = False) -> Bucket:
+        return self.take_now(key, amount, capacity=capacity, per_s=per_s, force=force)
+
+    def take_now(self, key: str, amount: float, *, capacity: float, per_s: float, force: bool = False) -> Bucket:
+        """:meth:`take` without awaiting (for callers outside the event loop)."""
+        now = self.clock()
+        tokens, at = self._buckets.get(key, (capacity, now))
+        tokens = min(capacity, tokens + (now - at) * per_s)
+        allowed = force or amount <= tokens
+        if allowed:
+            tokens -= amount
+        self._buckets[key] = (tokens, now)
+        reset = (capacity - tokens) / per_s if per_s > 0 else math.inf
+        if allowed:
+            retry = 0.0
+        elif amount > capacity:
+            retry = math.inf
+        else:
+            retry = (amount - tokens) / per_s if per_s > 0 else math.inf
+        return Bucket(allowed, max(0.0, math.floor(tokens)), max(0.0, reset), retry)
+
+    async def add(self, key: str, amount: float, *, cap: float | None = None, ttl_s: float | None = None) -> tuple[bool, float]:
+        now = self.clock()
+        value, expires = self._counters.get(key, (0.0, math.inf))
+        if expires <= now:
+            value = 0.0
+        new = value + amount
+        if cap is not None and amount > 0 and new > cap:
+            return False, value
+        self._counters[key] = (new, now + ttl_s if ttl_s else math.inf)
+        return True, new
+
+    async def get(self, key: str) -> bytes | None:
+        item = self._values.get(key)
+        if item is None:
+            return None
+        if item[1] <= self.clock():
+            self._drop(key)
+            return None
+        self._values.move_to_end(key)
+        return item[0]
+
+    async def set(self, key: str, value: bytes, *, ttl_s: float) -> None:
+        if len(value) > self.max_value_bytes:
+            return
+        self._drop(key)
+        self._values[key] = (value, self.clock() + ttl_s)
+        self._value_bytes += len(value)
+        while self._value_bytes > self.max_value_bytes:
+            self._drop(next(iter(self._values)))
+
+    async def delete(self, key: str) -> None:
+        self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        item = self._values.pop(key, None)
+        if item is not None:
+            self._value_bytes -= len(item[0])
+
+    def readiness(self) -> dict[str, Any]:
+        return {"ready": True, "state": "local"}
+
+    async def aclose(self) -> None:
+        pass
