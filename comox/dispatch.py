@@ -39,6 +39,9 @@ __all__ = ["dispatch", "RETRYABLE_STATUS"]
 log = logging.getLogger("comox")
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+# Answers that say the node is busy or away (not that the request is bad):
+# with failover configured, they fail over instead of reaching the client.
+OVERLOADED_STATUS = frozenset({429, 502, 503, 504})
 
 
 class _Moved(Exception):
@@ -99,6 +102,13 @@ async def dispatch(gateway: Gateway, request: GatewayRequest, group: ModelGroup)
     counters = gateway.counters
     server = gateway.settings.server
     saturated = False
+    can_fail_over = bool(gateway.hooks.comox_failover) and not request.local_only
+    if can_fail_over and (group.current() == () or group.panic):
+        # No local backend in rotation: capacity is exhausted; the cloud
+        # answers before any known-bad node is tried in panic mode.
+        answer = await _fail_over(gateway, request, _unavailable(gateway, group, False, "no backend in rotation"), "capacity")
+        if answer is not None:
+            return answer, None
     for attempt in range(gateway.retries + 1):
         if attempt and counters.retries >= max(gateway.retry_budget_min, gateway.retry_budget_ratio * counters.inflight):
             break  # retry budget spent: retries must not snowball
@@ -154,23 +164,45 @@ async def dispatch(gateway: Gateway, request: GatewayRequest, group: ModelGroup)
         for suspect, code in suspects:  # another node answered: those 5xx were the nodes'
             suspect.record_failure(f"HTTP {code}", code)
         return response, state
-    if response is not None and last_state is not None:
+    overloaded = response is not None and response.status in OVERLOADED_STATUS
+    if response is not None and last_state is not None and not (can_fail_over and overloaded):
         # Every try answered 5xx/429: pass the last answer through, as a proxy
         # does. 5xx answers no other node contradicted are counted against none.
         last_state.acquire()
         if not any(name == b"retry-after" for name, _ in response.headers):
             response.headers.append((b"retry-after", str(server.retry_after_s).encode()))
         return response, last_state
-    error = _unavailable(gateway, group, saturated, failure)
-    if gateway.hooks.comox_failover:
-        answer = await HookChain.first(gateway.hooks.comox_failover, request=request, error=error)
+    if response is not None:
+        await response.aclose()
+    error = _unavailable(gateway, group, saturated, failure, local_only=request.local_only and bool(gateway.hooks.comox_failover))
+    if can_fail_over:
+        # Exhausted: every backend saturated past the queue wait, or none in
+        # rotation ("capacity"); or every attempt failed ("error").
+        trigger = "capacity" if saturated or not tried else "error"
+        answer = await _fail_over(gateway, request, error, trigger)
         if answer is not None:
             return answer, None
     raise error
 
 
-def _unavailable(gateway: Gateway, group: ModelGroup, saturated: bool, failure: str | None) -> ComoxError:
+async def _fail_over(gateway: Gateway, request: GatewayRequest, error: ComoxError, trigger: str) -> BackendResponse | None:
+    answer: BackendResponse | None = await HookChain.first(gateway.hooks.comox_failover, request=request, error=error,
+                                                            trigger=trigger)
+    if answer is not None:
+        emit("request_failed_over", f"request {request.id} of model {request.model_group} failed over ({trigger})",
+             request_id=request.id, model=request.model_group, trigger=trigger)
+    return answer
+
+
+def _unavailable(gateway: Gateway, group: ModelGroup, saturated: bool, failure: str | None, *,
+                 local_only: bool = False) -> ComoxError:
     retry_after = gateway.settings.server.retry_after_s
+    if local_only:
+        return NoBackendAvailable(
+            f"no local backend of model {group.name!r} can take the request now, and it must stay local (its key is "
+            "local_only, its model group sovereign, or it sent x-comox-local-only: true), so it was not sent to a "
+            "cloud backend", retry_after=retry_after, code="local_capacity_exhausted",
+        )
     if saturated:
         return NoBackendAvailable(
             f"every backend of model {group.name!r} is at its max_concurrency"

@@ -48,6 +48,10 @@ class Gateway:
         self.groups: dict[str, ModelGroup] = {
             group_settings.name: self._build_group(i, group_settings) for i, group_settings in enumerate(settings.models)
         }
+        # Every name a client may send: group names and their aliases.
+        self.names: dict[str, ModelGroup] = {
+            name: group for group in self.groups.values() for name in [group.name, *group.settings.aliases]
+        }
         self.retries = settings.server.retries
         self.retry_budget_ratio = settings.server.retry_budget_ratio
         self.retry_budget_min = settings.server.retry_budget_min
@@ -55,7 +59,7 @@ class Gateway:
         self.created = created = int(time.time())
         self.models_body = orjson.dumps({
             "object": "list",
-            "data": [{"id": name, "object": "model", "created": created, "owned_by": "comox"} for name in self.groups],
+            "data": [{"id": name, "object": "model", "created": created, "owned_by": "comox"} for name in self.names],
         })
         self.auth_required = settings.auth != "none"
         self.started = False
@@ -67,7 +71,7 @@ class Gateway:
         return orjson.dumps({
             "object": "list",
             "data": [{"id": name, "object": "model", "created": self.created, "owned_by": "comox"}
-                     for name in self.groups if principal.may_use(name)],
+                     for name, group in self.names.items() if principal.may_use(group.name)],
         })
 
     def plugin_settings(self, name: str) -> Any:
@@ -115,28 +119,13 @@ class Gateway:
             )
         states = []
         for j, backend_settings in enumerate(group_settings.backends):
-            where = f"models[{i}].backends[{j}]"
-            cls = self.backend_types.get(backend_settings.type)
-            if cls is None and serving_default(self.settings):
+            if self.backend_types.get(backend_settings.type) is None and serving_default(self.settings):
                 raise ConfigError(
                     f"the embedded default model needs the backend type {backend_settings.type!r}, which no loaded "
                     "plugin registers: COMOX_LOAD_PLUGINS or COMOX_BLOCK_PLUGINS leave out its plugin "
                     "(llama_cpp_python), or it failed to load; see comox plugins, or pass your own config with -c"
                 )
-            if cls is None:
-                raise ConfigError(
-                    f"{where}.type: unknown backend type {backend_settings.type!r} "
-                    f"(known: {', '.join(sorted(self.backend_types)) or 'none'}; is its plugin installed and not blocked? see comox plugins)"
-                )
-            model = getattr(cls, "settings_model", BackendSettings)
-            try:
-                validated = model.model_validate(backend_settings.model_dump())
-            except ValidationError as exc:
-                raise ConfigError(describe_validation_error(exc, prefix=where)) from None
-            try:
-                backend = cls(validated)
-            except ConfigError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
+            backend, validated = self.build_backend(backend_settings.model_dump(), f"models[{i}].backends[{j}]")
             states.append(BackendState(backend, validated))
         server = self.settings.server
         timeout_ms = group_settings.queue_timeout_ms if group_settings.queue_timeout_ms is not None else server.queue_timeout_ms
@@ -153,6 +142,31 @@ class Gateway:
         if isinstance(group.policy, ObservesUsage):
             group.observer = group.policy.observe
         return group
+
+    def build_backend(self, config: dict[str, Any], where: str) -> tuple[Any, BackendSettings]:
+        """A backend from its config (a ``[[models.backends]]``-style table):
+        its type looked up, its settings validated by the type's model, the
+        object built. For plugins that keep backends of their own (cloud
+        failover). Raises :class:`ConfigError` naming ``where``; the caller
+        owns the backend (``await backend.aclose()``)."""
+        type_name = config.get("type", "openai")
+        cls = self.backend_types.get(type_name)
+        if cls is None:
+            raise ConfigError(
+                f"{where}.type: unknown backend type {type_name!r} "
+                f"(known: {', '.join(sorted(self.backend_types)) or 'none'}; is its plugin installed and not blocked? see comox plugins)"
+            )
+        model = getattr(cls, "settings_model", BackendSettings)
+        try:
+            validated = model.model_validate({"type": type_name, **config})
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc, prefix=where)) from None
+        if not validated.name:
+            validated.name = getattr(validated, "url", None) or type_name
+        try:
+            return cls(validated), validated
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
     def backends(self) -> list[BackendState]:
         return [state for group in self.groups.values() for state in group.backends]

@@ -186,15 +186,22 @@ def comox_cache_lookup(request: GatewayRequest) -> BackendResponse | None:
 
 
 @hookspec
-def comox_failover(request: GatewayRequest, error: Exception) -> BackendResponse | None:
+def comox_failover(request: GatewayRequest, error: Exception, trigger: str) -> BackendResponse | None:
     """Answer when no local backend could: the cloud failover stage.
 
-    Called only when local capacity is exhausted (every backend of the group
-    failed, is ejected or saturated). May be ``async def``. First non-``None``
-    result wins. Implementations must honour ``request.principal.local_only``.
+    Called, before anything reached the client, only when local capacity is
+    exhausted, and never for a request that must stay local
+    (``request.local_only``: the core answers those 503 itself). May be
+    ``async def``. First non-``None`` result wins.
 
-    :param request: the parsed request.
-    :param error: why local routing failed (a :class:`comox.errors.ComoxError`).
+    :param request: the parsed request (``request.model_group`` names its group).
+    :param error: the error the client gets if no implementation answers (a
+        :class:`comox.NoBackendAvailable`).
+    :param trigger: ``"capacity"`` — every backend of the group is ejected,
+        unhealthy or draining, or all were saturated past the queue wait; or
+        ``"error"`` — backends were tried and every attempt failed (unreachable,
+        no first byte, busy or unavailable answers). An implementation whose
+        group is configured ``trigger = "capacity"`` answers only the first.
     :return: a response to send, or ``None`` to let the error stand.
     """
 

@@ -42,6 +42,8 @@ __all__ = ["serve_api"]
 log = logging.getLogger("comox")
 
 JSON = [(b"content-type", b"application/json")]
+ROUTE_LOCAL = (b"x-comox-route", b"local")
+ROUTE_FAILOVER = (b"x-comox-route", b"failover")
 
 
 async def serve_api(gateway: Gateway, scope: MutableMapping[str, Any], receive: Receive, send: Send, path: str) -> None:
@@ -108,9 +110,13 @@ async def _serve(gateway: Gateway, request: GatewayRequest, receive: Receive, re
         return None, None
     raw = await read_body(receive, request.headers, gateway.settings.server.max_body_bytes)
     request.set_body(raw, parse_body(endpoint, raw))
-    group = gateway.groups.get(request.model)
-    if group is None or not principal.may_use(request.model):
+    group = gateway.names.get(request.model)
+    if group is None or not principal.may_use(group.name):
         raise ModelNotFound(f"the model {request.model!r} does not exist; GET /v1/models lists them", param="model")
+    request.model_group = group.name
+    # Data that must stay home: the key's rule, the group's, or the request's
+    # own (a request can add the restriction, never lift it).
+    request.local_only = principal.local_only or group.settings.sovereign or request.header(b"x-comox-local-only") == b"true"
     if hooks.comox_admit:
         await HookChain.each(hooks.comox_admit, request=request, principal=principal)
     response: BackendResponse | None = None
@@ -120,7 +126,7 @@ async def _serve(gateway: Gateway, request: GatewayRequest, receive: Receive, re
     state: BackendState | None = None
     if response is None:
         response, state = await gateway.dispatch(request, group)
-    out_headers = response.headers + [(b"x-request-id", rid)]
+    out_headers = response.headers + [(b"x-request-id", rid), ROUTE_FAILOVER if state is None and not cached else ROUTE_LOCAL]
     if request.response_headers:
         out_headers += request.response_headers
     if state is not None and gateway.settings.server.expose_backend_header:
@@ -153,6 +159,7 @@ def models_body(gateway: Gateway, path: str, principal: Principal) -> bytes:
             return gateway.models_body
         return gateway.models_list(principal)
     name = path[len("/v1/models/"):]
-    if name not in gateway.groups or not principal.may_use(name):
+    group = gateway.names.get(name)
+    if group is None or not principal.may_use(group.name):
         raise ModelNotFound(f"the model {name!r} does not exist", param="model")
     return orjson.dumps({"id": name, "object": "model", "created": gateway.created, "owned_by": "comox"})

@@ -88,6 +88,11 @@ class GatewayRequest:
     * ``json`` — the parsed body (``{}`` before parsing, or for a ``GET``);
       ``raw`` — its bytes; ``model`` — the model group asked for (``""`` when
       none); ``stream`` — whether the client asked for SSE.
+    * ``model_group`` — the name of the model group serving it (``model`` may
+      be one of its aliases); ``""`` until the body was parsed.
+    * ``local_only`` — the request must not leave for a cloud backend: its
+      key is ``local_only``, its group ``sovereign``, or it said
+      ``x-comox-local-only: true``. Failover and resumption honour it.
     * ``principal`` — who is calling, once ``comox_authenticate`` decided.
     * ``gateway`` — the :class:`comox.Gateway` serving it (for
       ``gateway.plugin_settings(name)``, ``gateway.shared_state``), or None
@@ -104,7 +109,7 @@ class GatewayRequest:
     """
 
     __slots__ = (
-        "id", "method", "endpoint", "gateway", "path", "headers", "raw", "json", "model", "stream",
+        "id", "method", "endpoint", "gateway", "model_group", "local_only", "path", "headers", "raw", "json", "model", "stream",
         "principal", "state", "slot", "usage", "response_headers", "sent_at", "answered_at", "_upstream_cache",
     )
 
@@ -120,6 +125,8 @@ class GatewayRequest:
         self.raw = raw
         self.json: dict[str, Any] = json if json is not None else {}
         self.model: str = self.json["model"] if json else ""
+        self.model_group = ""
+        self.local_only = False
         self.stream: bool = bool(self.json.get("stream", False)) if json else False
         self.principal: Principal = ANONYMOUS
         self.state: dict[str, Any] = {}

@@ -108,6 +108,18 @@ class ModelGroupSettings(BaseModel):
     """Time constant with which a backend's latency and tokens/s estimates
     drift to the group's typical values while it is not measured, so an idle
     or once-slow backend is tried again."""
+    aliases: list[str] = []
+    """Other names clients may use for this group (a client whose model name
+    is fixed, such as ``claude-sonnet-4-5``, still lands here)."""
+    sovereign: bool = False
+    """Requests to this group never leave for a cloud backend: at exhausted
+    local capacity they get 503 with ``retry-after``."""
+    resume_streams: bool = False
+    """When a local node breaks off a stream, continue it on another node of
+    the group (docs/failover.md)."""
+    failover: dict[str, Any] | None = None
+    """Cloud failover for this group (``[models.failover]``), validated by the
+    plugin that implements ``comox_failover`` (docs/failover.md)."""
     backends: list[BackendSettings] = Field(min_length=1)
 
 
@@ -135,9 +147,11 @@ class Settings(BaseSettings):
         groups: set[str] = set()
         backends: set[str] = set()
         for i, group in enumerate(self.models):
-            if group.name in groups:
-                raise ValueError(f"models[{i}].name: model group {group.name!r} is declared twice")
-            groups.add(group.name)
+            for j, name in enumerate([group.name, *group.aliases]):
+                if name in groups:
+                    where = f"models[{i}].name" if j == 0 else f"models[{i}].aliases[{j - 1}]"
+                    raise ValueError(f"{where}: model name {name!r} is used twice")
+                groups.add(name)
             for j, backend in enumerate(group.backends):
                 if not backend.name:
                     backend.name = getattr(backend, "url", None) or f"{group.name}-{backend.type}-{j}"

@@ -56,7 +56,7 @@ def test_models_from_environment_json(monkeypatch):
         ("[server]\nmax_body_bytes = 0\n", "server.max_body_bytes: Input should be greater than 0"),
         ("[server]\nmax_bodybytes = 5\n", "server.max_bodybytes: Extra inputs are not permitted"),
         ("[[models]]\nname = 'x'\nbackends = []\n", "models[0].backends: List should have at least 1 item"),
-        ("[[models]]\nname = 'x'\n[[models.backends]]\nurl='http://a'\n[[models]]\nname = 'x'\n[[models.backends]]\nurl='http://b'\n", "models[1].name: model group 'x' is declared twice"),
+        ("[[models]]\nname = 'x'\n[[models.backends]]\nurl='http://a'\n[[models]]\nname = 'x'\n[[models.backends]]\nurl='http://b'\n", "models[1].name: model name 'x' is used twice"),
         ("[[models]]\nname = 'x'\n[[models.backends]]\nurl='http://a'\n[[models.backends]]\nurl='http://a'\n", "models[0].backends[1].name: backend name 'http://a' is used twice"),
         ("not = [valid", "is not valid TOML"),
     ],
