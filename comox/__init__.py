@@ -8,7 +8,14 @@ import nothing else from Comox.
 """
 
 from .app import ComoxApp, build_gateway, create_app
-from .backends import Backend, BackendResponse, SupportsHealthCheck, SupportsSlotPinning, SupportsStartup
+from .backends import (
+    Backend,
+    BackendResponse,
+    SupportsHealthCheck,
+    SupportsNativeAPI,
+    SupportsSlotPinning,
+    SupportsStartup,
+)
 from .config import load_settings
 from .errors import (
     AuthenticationFailed,
@@ -29,6 +36,7 @@ from .fleet import FAIL, LOADING, OK, HealthReport, LoadReport, cheaper, power_o
 from .gateway import Gateway
 from .hookspecs import hookimpl
 from .http_backend import HTTPBackend, HTTPBackendSettings
+from .inbound import InboundAPI
 from .middleware import ComoxMiddleware
 from .prometheus import parse_prometheus
 from .request import ANONYMOUS, GatewayRequest, Principal, check_number
@@ -58,6 +66,7 @@ __all__ = [
     "SupportsStartup",
     "SupportsHealthCheck",
     "SupportsSlotPinning",
+    "SupportsNativeAPI",
     "HealthReport",
     "LoadReport",
     "OK",
@@ -79,6 +88,8 @@ __all__ = [
     "cheaper",
     "power_of_two",
     "request_size",
+    # other APIs
+    "InboundAPI",
     # shared state
     "SharedState",
     "MemoryState",

@@ -105,13 +105,15 @@ class Responder:
         await self.send({"type": "http.response.body", "body": body})
         self.finished = True
 
-    async def error(self, exc: ComoxError, request_id: bytes, extra: Headers | None = None) -> None:
+    async def error(self, exc: ComoxError, request_id: bytes, extra: Headers | None = None,
+                    render: Callable[[ComoxError], tuple[int, Headers, bytes]] | None = None) -> None:
         """Send ``exc`` as an OpenAI-format error, or, when the response has
         already started, end it the only way left: an SSE error event for a
         stream, else by raising so the server drops the connection."""
         if not self.started:
-            headers = exc.headers() + [(b"x-request-id", request_id)]
-            await self.json(exc.status, exc.to_bytes(), headers + extra if extra else headers)
+            status, headers, body = render(exc) if render is not None else (exc.status, exc.headers(), exc.to_bytes())
+            headers = headers + [(b"x-request-id", request_id)]
+            await self.json(status, body, headers + extra if extra else headers)
         elif self.finished:
             pass  # the client has its whole answer; the error is only logged
         elif self.streaming:

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from .request import GatewayRequest
     from .settings import BackendSettings
 
-__all__ = ["Backend", "BackendResponse", "SupportsStartup", "SupportsHealthCheck", "SupportsSlotPinning"]
+__all__ = ["Backend", "BackendResponse", "SupportsStartup", "SupportsHealthCheck", "SupportsSlotPinning",
+           "SupportsNativeAPI"]
 
 
 class BackendResponse:
@@ -26,7 +27,7 @@ class BackendResponse:
     is called once the response was sent or abandoned.
     """
 
-    __slots__ = ("status", "headers", "body", "stream", "head", "_close")
+    __slots__ = ("status", "headers", "body", "stream", "head", "native", "_close")
 
     def __init__(
         self,
@@ -46,6 +47,9 @@ class BackendResponse:
         # The stream's first chunk, once the core has read it (to time the
         # first byte and retry elsewhere before anything reached the client).
         self.head: bytes | None = None
+        # In an inbound API's own format (a native backend answered it), not
+        # OpenAI's: passed through untranslated.
+        self.native = False
         self._close = close
 
     async def aclose(self) -> None:
@@ -100,3 +104,15 @@ class SupportsSlotPinning(Protocol):
     holds the prompt's KV cache serves it again (llama.cpp's ``id_slot``)."""
 
     pins_slots: bool
+
+
+@runtime_checkable
+class SupportsNativeAPI(Protocol):
+    """Optional: endpoints of an inbound API (:class:`comox.InboundAPI`) the
+    backend serves itself, such as ``"messages"`` (llama.cpp's server, vLLM
+    and Ollama speak Anthropic's Messages API). A request to one of them
+    reaches such a backend as the client's own bytes, at ``native_path``, and
+    its answer goes back untranslated, which keeps prompt-cache prefixes and
+    thinking blocks intact."""
+
+    native_apis: frozenset[str]

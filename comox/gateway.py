@@ -23,6 +23,7 @@ from .fleet import BackendState, FleetCounters, ModelGroup
 from .health import HealthChecker, check_once
 from .plugins import HookChain, PluginManager, call_startup_hook, make_plugin_manager
 from .request import GatewayRequest, Principal
+from .inbound import InboundAPIs
 from .shared_state import MemoryState, SharedState
 from .settings import BackendSettings, ModelGroupSettings, Settings, describe_validation_error
 from .views import ObservesUsage, ReportsStats
@@ -42,6 +43,7 @@ class Gateway:
         self._plugin_settings = self._validate_plugin_settings()
         self.hooks = HookChain(self.pm)
         self.shared_state: SharedState = self.pm.hook.comox_shared_state(gateway=self) or MemoryState()
+        self.inbound = InboundAPIs(api for apis in self.pm.hook.comox_inbound_apis(gateway=self) for api in (apis or ()))
         self.backend_types: dict[str, type] = self._registry(self.pm.hook.comox_backend_types(), "backend type")
         self.policies: dict[str, type] = self._registry(self.pm.hook.comox_routing_policies(), "routing policy")
         self.counters = FleetCounters()

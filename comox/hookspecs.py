@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .backends import BackendResponse
     from .gateway import Gateway
     from .request import GatewayRequest, Principal
+    from .inbound import InboundAPI
     from .shared_state import SharedState
 
 hookspec = pluggy.HookspecMarker("comox")
@@ -90,6 +91,19 @@ def comox_plugin_settings() -> type[BaseModel]:  # type: ignore[empty-body]  # a
         gives the model's defaults. Read the result with
         :meth:`comox.Gateway.plugin_settings`. A model with a class attribute
         ``section = "<table>"`` owns that top-level table instead.
+    """
+
+
+@hookspec
+def comox_inbound_apis(gateway: Gateway) -> list[InboundAPI] | None:
+    """Serve APIs besides OpenAI's (Anthropic's Messages, OpenAI's Responses,
+    rerank …) through the same stages as the OpenAI endpoints.
+
+    Called once while the gateway is built.
+
+    :param gateway: the gateway being built.
+    :return: :class:`comox.InboundAPI` objects; a path no inbound API
+        matches is served as an OpenAI one.
     """
 
 

@@ -17,6 +17,7 @@ import os
 from typing import Any
 
 import httpx
+import orjson
 from pydantic import ConfigDict, Field, field_validator
 
 from .backends import BackendResponse
@@ -42,6 +43,10 @@ class HTTPBackendSettings(BackendSettings):
     timeout_s: float = Field(600.0, gt=0)
     """Longest wait for any read from the upstream."""
     connect_timeout_s: float = Field(5.0, gt=0)
+    native_apis: list[str] = []
+    """Endpoints of inbound APIs the server speaks itself (``["messages"]``
+    for llama.cpp's server, vLLM or Ollama: Anthropic's Messages API), sent
+    the client's bytes unchanged at ``<url>/v1/<endpoint>``."""
 
     @field_validator("url")
     @classmethod
@@ -94,14 +99,26 @@ class HTTPBackend:
         else:
             raise TypeError(f"client must be an httpx.AsyncClient or a transport with post() and aclose(), got {client!r}")
         self.client: Any = client if client is not None else self.transport
+        self.native_apis = frozenset(settings.native_apis)
         self._urls: dict[str, str] = {}  # endpoint → upstream URL, built once
 
     async def handle(self, request: GatewayRequest) -> BackendResponse:
+        if request.api is not None and request.api_endpoint in self.native_apis:
+            return await self._native(request)
         endpoint = request.endpoint
         url = self._urls.get(endpoint)
         if url is None:
             url = self._urls[endpoint] = f"{self.base_url}/{endpoint}"
         return await self.post(url, request.body_for(self.upstream_model), request)
+
+    async def _native(self, request: GatewayRequest) -> BackendResponse:
+        """The client's own bytes to the server's own endpoint of the inbound API."""
+        body = request.inbound_raw or b""
+        if self.upstream_model is not None:
+            body = orjson.dumps({**orjson.loads(body), "model": self.upstream_model})
+        response = await self.post(f"{self.base_url}/{request.api_endpoint}", body, request)
+        response.native = True
+        return response
 
     async def post(self, url: str, body: bytes, request: GatewayRequest) -> BackendResponse:
         """Send ``body`` to ``url``; an unreachable upstream raises

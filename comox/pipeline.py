@@ -66,7 +66,7 @@ async def serve_api(gateway: Gateway, scope: MutableMapping[str, Any], receive: 
         state, error = await _serve(gateway, request, receive, responder, rid)
     except ComoxError as exc:
         error = exc
-        await responder.error(exc, rid, request.response_headers)
+        await responder.error(exc, rid, request.response_headers, request.api.render_error if request.api else None)
     except asyncio.CancelledError:
         raise  # the client went away
     except Exception as exc:
@@ -89,6 +89,10 @@ async def _serve(gateway: Gateway, request: GatewayRequest, receive: Receive, re
     error a stream ended with, if any."""
     path = request.path
     endpoint = request.endpoint
+    inbound = gateway.inbound.match(path, request.method) if not endpoint and gateway.inbound.apis else None
+    if inbound is not None:
+        request.api, request.api_endpoint = inbound
+        return await _serve_inbound(gateway, request, receive, responder, rid)
     models = not endpoint and (path == "/v1/models" or path.startswith("/v1/models/"))
     if models:
         request.endpoint = "models"
@@ -98,18 +102,50 @@ async def _serve(gateway: Gateway, request: GatewayRequest, receive: Receive, re
         raise NotFound(f"unknown endpoint {path}")
     elif request.method != "POST":
         raise MethodNotAllowed(f"{request.method} is not allowed on {path}; use POST")
-    hooks = gateway.hooks
-    # Who is calling, from the headers alone: before the body is read, so an
-    # unknown caller learns nothing from how its body would have been judged.
-    principal = await HookChain.first(hooks.comox_authenticate, request=request) if hooks.comox_authenticate else None
-    if principal is None and gateway.auth_required:
-        raise AuthenticationFailed("a valid API key is required (Authorization: Bearer <key>)")
-    request.principal = principal = principal or ANONYMOUS
+    principal = await _authenticate(gateway, request)
     if models:
         await responder.json(200, models_body(gateway, path, principal), JSON + [(b"x-request-id", rid)])
         return None, None
     raw = await read_body(receive, request.headers, gateway.settings.server.max_body_bytes)
     request.set_body(raw, parse_body(endpoint, raw))
+    return await _route_and_answer(gateway, request, receive, responder, rid)
+
+
+async def _authenticate(gateway: Gateway, request: GatewayRequest) -> Principal:
+    """Who is calling, from the headers alone: before the body is read, so an
+    unknown caller learns nothing from how its body would have been judged."""
+    hooks = gateway.hooks
+    principal = await HookChain.first(hooks.comox_authenticate, request=request) if hooks.comox_authenticate else None
+    if principal is None and gateway.auth_required:
+        raise AuthenticationFailed("a valid API key is required (Authorization: Bearer <key>)")
+    request.principal = principal = principal or ANONYMOUS
+    return principal
+
+
+async def _serve_inbound(gateway: Gateway, request: GatewayRequest, receive: Receive, responder: Responder,
+                         rid: bytes) -> tuple[BackendState | None, Exception | None]:
+    """A request to an inbound API: its own answer without a backend, or
+    translated to the internal request and answered through the same stages."""
+    api, endpoint = request.api, request.api_endpoint
+    assert api is not None
+    await _authenticate(gateway, request)
+    answer = await api.serve(endpoint, request)
+    if answer is not None:
+        assert answer.body is not None
+        await responder.json(answer.status, answer.body, answer.headers + [(b"x-request-id", rid)] + request.response_headers)
+        return None, None
+    raw = await read_body(receive, request.headers, gateway.settings.server.max_body_bytes)
+    internal_endpoint, body = api.parse(endpoint, request, raw)
+    request.endpoint = internal_endpoint
+    request.inbound_raw = raw
+    request.set_body(orjson.dumps(body), body)
+    return await _route_and_answer(gateway, request, receive, responder, rid)
+
+
+async def _route_and_answer(gateway: Gateway, request: GatewayRequest, receive: Receive, responder: Responder,
+                            rid: bytes) -> tuple[BackendState | None, Exception | None]:
+    hooks = gateway.hooks
+    principal = request.principal
     group = gateway.names.get(request.model)
     if group is None or not principal.may_use(group.name):
         raise ModelNotFound(f"the model {request.model!r} does not exist; GET /v1/models lists them", param="model")
@@ -126,6 +162,9 @@ async def _serve(gateway: Gateway, request: GatewayRequest, receive: Receive, re
     state: BackendState | None = None
     if response is None:
         response, state = await gateway.dispatch(request, group)
+    internal = response
+    if request.api is not None and not response.native:
+        response = request.api.translate_response(request.api_endpoint, request, response)
     out_headers = response.headers + [(b"x-request-id", rid), ROUTE_FAILOVER if state is None and not cached else ROUTE_LOCAL]
     if request.response_headers:
         out_headers += request.response_headers
@@ -145,9 +184,12 @@ async def _serve(gateway: Gateway, request: GatewayRequest, receive: Receive, re
     finally:
         await response.aclose()
     if status == 200:
-        record_body(request, state, response.body)
-        if hooks.comox_cache_store and not cached:
-            await HookChain.each_logged(hooks.comox_cache_store, request=request, response=response)
+        # Usage and the cache from the internal (OpenAI-shaped) answer, also
+        # when the client was sent a translation of it.
+        assert internal.body is not None
+        record_body(request, state, internal.body)
+        if hooks.comox_cache_store and not cached and not internal.native:
+            await HookChain.each_logged(hooks.comox_cache_store, request=request, response=internal)
     return state, None
 
 

@@ -15,6 +15,7 @@ from .errors import InvalidRequest
 
 if TYPE_CHECKING:
     from .gateway import Gateway
+    from .inbound import InboundAPI
     from .usage import Usage
 
 __all__ = ["GatewayRequest", "Principal", "ANONYMOUS", "ENDPOINTS", "check_number", "parse_body"]
@@ -93,6 +94,11 @@ class GatewayRequest:
     * ``local_only`` — the request must not leave for a cloud backend: its
       key is ``local_only``, its group ``sovereign``, or it said
       ``x-comox-local-only: true``. Failover and resumption honour it.
+    * ``api``, ``api_endpoint``, ``inbound_raw`` — for a request to an
+      inbound API (:class:`comox.InboundAPI`, such as Anthropic's Messages):
+      the API, its own endpoint name (``"messages"``) and the client's body
+      as sent; ``endpoint`` and ``json`` then hold the internal, OpenAI-shaped
+      translation. None, ``""`` and None for an OpenAI request.
     * ``principal`` — who is calling, once ``comox_authenticate`` decided.
     * ``gateway`` — the :class:`comox.Gateway` serving it (for
       ``gateway.plugin_settings(name)``, ``gateway.shared_state``), or None
@@ -109,7 +115,7 @@ class GatewayRequest:
     """
 
     __slots__ = (
-        "id", "method", "endpoint", "gateway", "model_group", "local_only", "path", "headers", "raw", "json", "model", "stream",
+        "id", "method", "endpoint", "gateway", "model_group", "local_only", "api", "api_endpoint", "inbound_raw", "path", "headers", "raw", "json", "model", "stream",
         "principal", "state", "slot", "usage", "response_headers", "sent_at", "answered_at", "_upstream_cache",
     )
 
@@ -127,6 +133,9 @@ class GatewayRequest:
         self.model: str = self.json["model"] if json else ""
         self.model_group = ""
         self.local_only = False
+        self.api: InboundAPI | None = None
+        self.api_endpoint = ""
+        self.inbound_raw: bytes | None = None
         self.stream: bool = bool(self.json.get("stream", False)) if json else False
         self.principal: Principal = ANONYMOUS
         self.state: dict[str, Any] = {}

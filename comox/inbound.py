@@ -1,0 +1,74 @@
+"""APIs Comox serves besides OpenAI's (Anthropic's Messages, OpenAI's
+Responses, rerank …): each an :class:`InboundAPI` registered by a plugin
+through ``comox_inbound_apis``, served through the same stages as the OpenAI
+endpoints (keys, limits, cache, routing, failover).
+
+An inbound API translates its request to the internal, OpenAI-shaped one
+(``request.endpoint`` and ``request.json``), and the answer back; errors are
+rendered in its own format. A backend that speaks the API natively
+(:class:`comox.SupportsNativeAPI`) gets the client's bytes unchanged and
+answers in the API's own format, which is passed through untranslated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .backends import BackendResponse
+    from .errors import ComoxError
+    from .request import GatewayRequest
+
+__all__ = ["InboundAPI", "InboundAPIs"]
+
+
+@runtime_checkable
+class InboundAPI(Protocol):
+    """One API served at paths of its own.
+
+    ``name`` names the API (``"anthropic"``, ``"responses"``); endpoint names
+    are its own (``"messages"``, ``"messages/count_tokens"``).
+    """
+
+    name: str
+
+    def match(self, path: str, method: str) -> str | None:
+        """The endpoint name ``path`` is for (whatever the method: a wrong
+        method is the API's to refuse in :meth:`parse` or :meth:`serve`), or
+        None when the path is not this API's."""
+
+    async def serve(self, endpoint: str, request: GatewayRequest) -> BackendResponse | None:
+        """Answer without a backend (``count_tokens``, ``GET
+        /v1/responses/{id}``…), after authentication and before the body is
+        parsed for routing; None to go on. Raise a :class:`comox.ComoxError`
+        to refuse."""
+
+    def parse(self, endpoint: str, request: GatewayRequest, raw: bytes) -> tuple[str, dict[str, Any]]:
+        """Check the body in the API's own terms and translate it: the
+        internal endpoint (``"chat/completions"``, ``"embeddings"`` …) and
+        OpenAI-shaped body, whose ``model`` picks the model group. Raise
+        :class:`comox.InvalidRequest` (rendered by :meth:`render_error`)."""
+
+    def translate_response(self, endpoint: str, request: GatewayRequest, response: BackendResponse) -> BackendResponse:
+        """The internal (OpenAI-shaped) answer in the API's own format: a JSON
+        body, or a stream of the API's own SSE events."""
+
+    def render_error(self, exc: ComoxError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """An error as this API's clients expect it: status, headers, body."""
+
+
+class InboundAPIs:
+    """The inbound APIs of a gateway, asked in registration order."""
+
+    __slots__ = ("apis",)
+
+    def __init__(self, apis: Iterable[InboundAPI]):
+        self.apis: Sequence[InboundAPI] = tuple(apis)
+
+    def match(self, path: str, method: str) -> tuple[InboundAPI, str] | None:
+        for api in self.apis:
+            endpoint = api.match(path, method)
+            if endpoint is not None:
+                return api, endpoint
+        return None

@@ -1,0 +1,91 @@
+"""Inbound APIs (comox.InboundAPI): another API's request translated to the
+internal one and answered through the same stages, errors in its own format,
+answers without a backend, and native pass-through byte for byte."""
+
+import httpx
+import orjson
+
+import comox
+
+
+class EchoAPI:
+    """A toy API: POST /v1/echo {"model", "say"} answered as {"echoed": text}."""
+
+    name = "echo"
+
+    def match(self, path, method):
+        return {"/v1/echo": "echo", "/v1/echo/info": "info"}.get(path)
+
+    async def serve(self, endpoint, request):
+        if endpoint == "info":
+            return comox.BackendResponse(200, body=b'{"api": "echo", "caller": "%s"}' % (request.principal.key_id or "-").encode())
+        return None
+
+    def parse(self, endpoint, request, raw):
+        body = orjson.loads(raw)
+        if not isinstance(body.get("say"), str):
+            raise comox.InvalidRequest("'say' must be a string", param="say")
+        return "chat/completions", {"model": body["model"], "messages": [{"role": "user", "content": body["say"]}]}
+
+    def translate_response(self, endpoint, request, response):
+        answer = orjson.loads(response.body)
+        return comox.BackendResponse(response.status, [(b"content-type", b"application/json")],
+                                     body=orjson.dumps({"echoed": answer["choices"][0]["message"]["content"]}))
+
+    def render_error(self, exc):
+        return exc.status, [(b"content-type", b"application/json")], orjson.dumps({"echo_error": exc.message})
+
+
+class Plugin:
+    @comox.hookimpl
+    def comox_inbound_apis(self, gateway):
+        return [EchoAPI()]
+
+
+class Key:
+    @comox.hookimpl
+    def comox_authenticate(self, request):
+        return comox.Principal(key_id="k1") if request.header(b"x-api-key") == b"good" else None
+
+
+def serve(comox_serve, upstream, **backend):
+    return comox_serve({"auth": "keys", "models": [{"name": "m", "aliases": ["alias"], "backends": [{"url": upstream.url, **backend}]}]},
+                       plugins=[Plugin(), Key()])
+
+
+def test_translated_through_the_same_stages(comox_serve, upstreams):
+    upstream = upstreams("local")
+    server = serve(comox_serve, upstream)
+    reply = httpx.post(f"{server.url}/v1/echo", json={"model": "alias", "say": "hi"}, headers={"x-api-key": "good"})
+    assert reply.status_code == 200 and reply.json() == {"echoed": "hello from local"}
+    assert reply.headers["x-comox-route"] == "local"
+    sent = upstream.requests[-1]
+    assert sent["path"] == "/v1/chat/completions" and sent["body"]["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_errors_come_in_the_apis_own_format(comox_serve, upstreams):
+    server = serve(comox_serve, upstreams("local"))
+    unauthenticated = httpx.post(f"{server.url}/v1/echo", json={"model": "m", "say": "hi"})
+    assert unauthenticated.status_code == 401 and "echo_error" in unauthenticated.json()
+    bad = httpx.post(f"{server.url}/v1/echo", json={"model": "m", "say": 3}, headers={"x-api-key": "good"})
+    assert bad.status_code == 400 and bad.json() == {"echo_error": "'say' must be a string"}
+    unknown = httpx.post(f"{server.url}/v1/echo", json={"model": "nope", "say": "x"}, headers={"x-api-key": "good"})
+    assert unknown.status_code == 404 and "nope" in unknown.json()["echo_error"]
+
+
+def test_an_api_may_answer_without_a_backend_after_authentication(comox_serve, upstreams):
+    upstream = upstreams("local")
+    server = serve(comox_serve, upstream)
+    assert httpx.get(f"{server.url}/v1/echo/info").status_code == 401
+    assert httpx.get(f"{server.url}/v1/echo/info", headers={"x-api-key": "good"}).json() == {"api": "echo", "caller": "k1"}
+    assert upstream.requests == []
+
+
+def test_a_native_backend_gets_the_clients_bytes_and_answers_untranslated(comox_serve, upstreams):
+    upstream = upstreams("native")
+    server = serve(comox_serve, upstream, native_apis=["echo"])
+    raw = b'{"model": "m",   "say": "hi"}'  # odd spacing: byte for byte, not re-serialised
+    reply = httpx.post(f"{server.url}/v1/echo", content=raw, headers={"x-api-key": "good", "content-type": "application/json"})
+    assert upstream.requests[-1]["path"] == "/v1/echo" and upstream.requests[-1]["raw"] == raw
+    # The stand-in has no /v1/echo: its own 404 body comes back as it was, not translated.
+    assert reply.status_code == 404 and reply.json()["error"]["message"] == "not found"
