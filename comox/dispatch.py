@@ -25,7 +25,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .backends import BackendResponse
-from .errors import BackendUnavailable, ComoxError, NoBackendAvailable
+from .errors import BackendUnavailable, ComoxError, InvalidRequest, NoBackendAvailable
 from .events import emit
 from .plugins import HookChain
 
@@ -109,15 +109,20 @@ async def dispatch(gateway: Gateway, request: GatewayRequest, group: ModelGroup)
         answer = await _fail_over(gateway, request, _unavailable(gateway, group, False, "no backend in rotation"), "capacity")
         if answer is not None:
             return answer, None
+    skip = group.unsupported(request.endpoint)  # backends that do not serve this endpoint
+    if len(skip) == len(group.backends):
+        raise InvalidRequest(f"model {group.name!r} does not serve {request.endpoint} (no backend of it lists it "
+                             "in its endpoints)", param="model", code="unsupported_endpoint")
     for attempt in range(gateway.retries + 1):
         if attempt and counters.retries >= max(gateway.retry_budget_min, gateway.retry_budget_ratio * counters.inflight):
             break  # retry budget spent: retries must not snowball
-        state = group.choose(request, tried)
+        exclude = [*skip, *tried] if skip else tried
+        state = group.choose(request, exclude)
         if state is None:
-            if group.saturated_only(tried):
+            if group.saturated_only(exclude):
                 saturated = True
                 if group.queue_timeout_s > 0 and group.queue_size > 0:
-                    state = await group.wait_for_slot(request, tried, time.monotonic() + group.queue_timeout_s)
+                    state = await group.wait_for_slot(request, exclude, time.monotonic() + group.queue_timeout_s)
             if state is None:
                 break
         saturated = False

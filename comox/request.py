@@ -52,6 +52,7 @@ ENDPOINTS = {
     "/v1/chat/completions": "chat/completions",
     "/v1/completions": "completions",
     "/v1/embeddings": "embeddings",
+    "/v1/rerank": "rerank",
 }
 
 # Fields that would let a client redirect the upstream call or inject credentials.
@@ -238,6 +239,8 @@ def parse_body(endpoint: str, raw: bytes) -> dict[str, Any]:
         value = body.get("input")
         if not isinstance(value, (str, list)) or not value:
             raise InvalidRequest("'input' must be a non-empty string or array", param="input", code="invalid_input")
+    elif endpoint == "rerank":
+        _check_rerank(body)
     for key, low, high, integer in _NUMBERS:
         value = body.get(key)
         if value is None:
@@ -249,3 +252,21 @@ def parse_body(endpoint: str, raw: bytes) -> dict[str, Any]:
             continue
         check_number(body, key, low, high, integer=integer)
     return body
+
+
+def _check_rerank(body: dict[str, Any]) -> None:
+    """The Cohere/Jina rerank shape llama.cpp's server, vLLM and TEI serve:
+    ``query``, ``documents`` (strings or ``{"text": ...}``), optional ``top_n``."""
+    query = body.get("query")
+    if not isinstance(query, str) or not query:
+        raise InvalidRequest("'query' must be a non-empty string", param="query", code="invalid_query")
+    documents = body.get("documents")
+    if not isinstance(documents, list) or not documents:
+        raise InvalidRequest("'documents' must be a non-empty array", param="documents", code="invalid_documents")
+    for i, document in enumerate(documents):
+        if not isinstance(document, str) and not (isinstance(document, dict) and isinstance(document.get("text"), str)):
+            raise InvalidRequest(f"'documents[{i}]' must be a string or an object with a 'text' string",
+                                 param=f"documents[{i}]", code="invalid_documents")
+    top_n = body.get("top_n")
+    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
+        raise InvalidRequest("'top_n' must be a positive integer", param="top_n", code="invalid_value")

@@ -77,6 +77,11 @@ class BackendSettings(BaseModel):
     weight: int = Field(1, ge=1)
     max_concurrency: int | None = Field(None, ge=1)
     """Most requests in flight at once on this backend."""
+    endpoints: list[str] | None = None
+    """The API endpoints this backend serves (``chat/completions``,
+    ``completions``, ``embeddings``, ``rerank``); requests for others go to
+    the group's other backends. None: every one but ``rerank``, which a
+    backend must declare."""
     first_byte_timeout_s: float | None = Field(300.0, gt=0)
     """Longest wait for the backend's first byte — the first chunk of a
     stream, the response headers of a non-streaming request — before the
@@ -133,6 +138,10 @@ class Settings(BaseSettings):
     (``[[keys]]``, or a plugin's ``comox_authenticate``), else 401, and a
     config with model groups and no keys refuses to start. ``none``: no
     authentication at all (a warning is logged at every start)."""
+    keys_file: str | None = None
+    """A TOML file of ``[[keys]]`` entries besides the config's own (the
+    ``keys`` plugin, docs/keys.md), reloaded on SIGHUP and when it changes. A
+    top-level key of the config, so the core declares it for that plugin."""
     server: ServerSettings = ServerSettings()
     models: list[ModelGroupSettings] = []
     plugins: dict[str, dict[str, Any]] = {}

@@ -216,6 +216,8 @@ class StandInUpstream:
                 await self._stream(receive, send, payload, chat, fault, extra)
             else:
                 await self._json(send, 200, self._completion(payload, chat), extra)
+        elif path == "/v1/rerank":  # llama.cpp server's shape
+            await self._json(send, 200, self._rerank(payload), extra)
         elif path == "/v1/embeddings":
             inputs = payload["input"] if isinstance(payload["input"], list) else [payload["input"]]
             data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, float(len(str(text)))]} for i, text in enumerate(inputs)]
@@ -228,6 +230,20 @@ class StandInUpstream:
         """Answer nothing until the client leaves (or the server shuts down)."""
         while (await receive())["type"] != "http.disconnect":
             pass
+
+    @staticmethod
+    def _rerank(payload: dict[str, Any]) -> dict[str, Any]:
+        """Scores by how many of the query's words a document holds, as
+        llama.cpp's server answers ``/v1/rerank``."""
+        words = set(str(payload.get("query", "")).lower().split())
+        texts = [d if isinstance(d, str) else d.get("text", "") for d in payload.get("documents", [])]
+        results = [{"index": i, "relevance_score": float(len(words & set(t.lower().split())))} for i, t in enumerate(texts)]
+        results.sort(key=lambda r: -r["relevance_score"])
+        if payload.get("top_n"):
+            results = results[: payload["top_n"]]
+        tokens = sum(len(t.split()) for t in texts)
+        return {"model": payload.get("model"), "object": "list", "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                "results": results}
 
     def _completion(self, payload: dict[str, Any], chat: bool) -> dict[str, Any]:
         text = f"hello from {self.name}"

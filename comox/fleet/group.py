@@ -47,7 +47,7 @@ class ModelGroup:
         "name", "backends", "policy", "settings", "policy_options", "available", "saturated_count",
         "load_listeners", "waiters", "counters", "clock", "_expiry", "_dirty", "rng",
         "queue_timeout_s", "queue_size", "panic", "observer", "decay_s", "typical_ms", "typical_prefill_tps",
-        "typical_decode_tps", "typical_at",
+        "typical_decode_tps", "typical_at", "_unsupported",
     )
 
     def __init__(self, name: str, backends: list[BackendState], *, settings: Any = None,
@@ -77,6 +77,7 @@ class ModelGroup:
         self.typical_prefill_tps: float | None = None
         self.typical_decode_tps: float | None = None
         self.typical_at = 0.0
+        self._unsupported: dict[str, tuple[BackendState, ...]] = {}
         self._expiry = math.inf
         self._dirty = True
         for state in backends:
@@ -87,6 +88,14 @@ class ModelGroup:
         if state.max_concurrency is not None and state.inflight >= state.max_concurrency:
             self.saturated_count += 1
         self._dirty = True
+
+    def unsupported(self, endpoint: str) -> tuple[BackendState, ...]:
+        """The backends that do not serve ``endpoint`` (their ``endpoints``
+        setting), computed once per endpoint."""
+        found = self._unsupported.get(endpoint)
+        if found is None:
+            found = self._unsupported[endpoint] = tuple(b for b in self.backends if not b.serves(endpoint))
+        return found
 
     def observe_typical(self, ms: float) -> None:
         """Fold one latency sample into the group's typical latency: an EWMA

@@ -119,6 +119,12 @@ class BackendState(Measured):
             return "loading"
         return "healthy"
 
+    def serves(self, endpoint: str) -> bool:
+        """Whether this backend serves ``endpoint`` (its ``endpoints``
+        setting; by default every one but ``rerank``)."""
+        endpoints = self.settings.endpoints
+        return endpoint != "rerank" if endpoints is None else endpoint in endpoints
+
     def slow_start_factor(self, now: float) -> float:
         """1.0, or the share of traffic this backend gets while warming up
         after a recovery (from SLOW_START_MIN up to 1 over ``slow_start_s``)."""
