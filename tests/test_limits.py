@@ -2,6 +2,8 @@
 key, on real gateways whose shared state runs on a clock the test moves."""
 
 import contextlib
+import re
+from pathlib import Path
 
 import httpx
 import openai
@@ -13,6 +15,7 @@ from comox.testing import Fault, wait_until
 from comox_limits import LimitSettings, duration, estimate
 from tests.plugins.fixed_principal import FixedPrincipal
 
+DOCS = Path(__file__).parent.parent / "docs"
 TEXT = "x" * 40  # with the role "user": 44 characters, 11 estimated tokens
 RATELIMIT = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
              "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
@@ -310,3 +313,13 @@ def test_estimate_counts_prompt_text_and_the_completion_bound():
 ])
 def test_durations_are_written_as_openai_writes_them(seconds, text):
     assert duration(seconds) == text
+
+
+@pytest.mark.parametrize("page", ["limits.md", "configuration.md"])
+def test_the_documented_settings_are_the_plugins(page):
+    text = (DOCS / page).read_text()
+    section = text[text.index("`[plugins.limits]`"):]
+    section = section[:section.index("\n#", 1)]
+    rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]+)` \|", section, re.M))
+    assert {name: float(value) for name, value in rows.items()} == {
+        name: float(field.default) for name, field in LimitSettings.model_fields.items()}
