@@ -432,6 +432,34 @@ def test_a_refused_request_says_skip(comox_serve, upstream):
     assert refused.status_code == 429 and refused.headers["x-comox-cache"] == "skip"
 
 
+class Limited:
+    """Key ``t`` with a tpm limit, key ``r`` with one request a minute (the limits plugin's)."""
+
+    @comox.hookimpl
+    def comox_authenticate(self, request):
+        token = (request.header(b"authorization") or b"").removeprefix(b"Bearer ").decode()
+        return {"t": comox.Principal(key_id="t", limits={"tpm": 1000}),
+                "r": comox.Principal(key_id="r", limits={"rpm": 1})}.get(token)
+
+
+def test_hits_are_settled_against_limits_by_the_cached_usage(comox_serve, upstream):
+    gateway = Gateway(comox_serve, upstream, plugins=[Clock(), Limited()], auth="keys")  # a clock that stands still
+    ask = {**CHAT, "temperature": 0, "max_tokens": 100}
+    remaining = []
+    for stream in (False, False, False, True, True, False):
+        answer = gateway.post({**ask, "stream": stream}, headers={"authorization": "Bearer t"})
+        assert answer.status_code == 200
+        remaining.append(int(answer.headers["x-ratelimit-remaining-tokens"]))  # after this one's estimate was taken
+    # Each request's estimate is taken, then settled to what its answer says it cost: 5 + 3 tokens, the
+    # cached usage for the hits (JSON, and streams made from it) as for the miss.
+    assert [before - after for before, after in zip(remaining, remaining[1:])] == [8] * 5
+    assert len(upstream.requests) == 1
+
+    assert gateway.post(ask, headers={"authorization": "Bearer r"}).headers["x-comox-cache"] == "miss"
+    refused = gateway.post(ask, headers={"authorization": "Bearer r"})  # it would be a hit
+    assert refused.status_code == 429 and refused.headers["x-comox-cache"] == "skip"
+
+
 # -- the key -------------------------------------------------------------------------------
 
 
@@ -464,3 +492,18 @@ def test_entries_are_in_the_shared_state(comox_serve, upstream):
                                    json={**CHAT, "temperature": 0})
     request.model_group = "m"
     assert asyncio.run(state.get(cache_key(request))) is not None
+
+
+def test_the_documented_settings_are_the_defaults():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from comox_cache import CacheSettings
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    block = re.search(r"## Settings\n\n```toml\n(.*?)```", (docs / "cache.md").read_text(), re.S)[1]
+    assert tomllib.loads(block)["plugins"]["cache"] == CacheSettings().model_dump()
+    table = (docs / "configuration.md").read_text().split("### `[plugins.cache]`")[1].split("\n### ")[0]
+    assert re.findall(r"^\| `(\w+)` \| `([^`]+)`", table, re.M) == [
+        (name, str(value).lower() if isinstance(value, bool) else f"{value:.0f}") for name, value in CacheSettings().model_dump().items()]

@@ -202,6 +202,8 @@ async def comox_cache_lookup(request: GatewayRequest) -> BackendResponse | None:
     state = request.gateway.shared_state
     try:
         entry = await state.get(key)
+    except comox.ComoxError:
+        raise  # the store refuses requests while it is down (the redis plugin's on_failure = "closed")
     except Exception:
         log.warning("the response cache could not be read; answering without it", exc_info=True)
         return None

@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""A response-cache hit against the same request proxied to the stand-in upstream.
+See docs/cache.md.
+
+    python bench/cache_hit.py                    # 2000 requests of each kind
+    python bench/cache_hit.py -n 500 --max-seconds 20
+
+Starts, on 127.0.0.1, the stand-in upstream (``comox.testing.StandInUpstream``
+under uvicorn) and ``comox serve`` in front of it (the in-memory cache on, keys
+off), each a process of its own. One keep-alive connection sends the same
+deterministic chat completion (``temperature`` 0) sequentially, in alternating
+blocks: as is (a cache hit, after one miss that stored it) and with
+``x-comox-cache: skip`` (the same request proxied to the stand-in); and, for
+reference, the stand-in asked directly. Prints p50 and mean latency of each,
+as the client saw them, and the ratio of proxied to hit. Bounded by
+``-n`` requests of each kind and ``--max-seconds``; every process it started
+is stopped on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BODY = (b'{"model":"bench","messages":[{"role":"system","content":"You are a helpful assistant."},'
+        b'{"role":"user","content":"Say hello."}],"max_tokens":16,"temperature":0}')
+BLOCK = 100  # requests of one kind before switching to the other
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def serve_upstream(port: int) -> None:
+    """Run the stand-in upstream in this process (``--serve-upstream``)."""
+    import uvicorn
+
+    from comox.testing import StandInUpstream
+
+    uvicorn.run(StandInUpstream("stand-in"), host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                lifespan="off")
+
+
+class Connection:
+    """One HTTP/1.1 keep-alive connection speaking just enough to time a
+    request: the client's own cost is a few microseconds."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = b""
+
+    def post(self, path: str, body: bytes, headers: bytes = b"") -> tuple[bytes, bytes]:
+        """``(head, body)`` of the answer."""
+        self.sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                          + headers + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self._recv()
+        head, _, rest = self.buffer.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(rest) < length:
+            rest += self._recv()
+        self.buffer = rest[length:]
+        return head, rest[:length]
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("the server closed the connection")
+        return data
+
+
+def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            Connection(port).post("/v1/chat/completions", BODY)
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing answered on port {port} in {timeout}s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def status(head: bytes) -> bytes:
+    return head.split(b" ", 2)[1]
+
+
+def cache_header(head: bytes) -> bytes:
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.lower() == b"x-comox-cache":
+            return value.strip()
+    return b""
+
+
+def measure(gateway_port: int, upstream_port: int, count: int, max_seconds: float) -> dict[str, list[float]]:
+    """Latencies of a hit, of the same request proxied, and (for reference) of
+    the stand-in asked directly, in alternating blocks."""
+    gateway, upstream = Connection(gateway_port), Connection(upstream_port)
+    path = "/v1/chat/completions"
+    head, _ = gateway.post(path, BODY)  # stores it (if the readiness probe did not already)
+    assert status(head) == b"200", head
+    kinds = {"hit": (gateway, b"", b"hit"), "proxied": (gateway, b"x-comox-cache: skip\r\n", b"skip"),
+             "stand-in": (upstream, b"", b"")}
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for connection, headers, expected in kinds.values():  # warm every path up
+        for _ in range(50):
+            head, _ = connection.post(path, BODY, headers)
+            assert status(head) == b"200" and cache_header(head) == expected, head
+    deadline = time.monotonic() + max_seconds
+    clock = time.perf_counter
+    while min(len(t) for t in times.values()) < count and time.monotonic() < deadline:
+        for kind, (connection, headers, expected) in kinds.items():
+            for _ in range(min(BLOCK, count - len(times[kind]))):
+                start = clock()
+                head, _ = connection.post(path, BODY, headers)
+                times[kind].append(clock() - start)
+            assert status(head) == b"200" and cache_header(head) == expected, head
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", type=int, default=2000, help="requests of each kind (default 2000)")
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="stop measuring after this long (default 60)")
+    parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_upstream:
+        serve_upstream(args.serve_upstream)
+        return
+    upstream_port, gateway_port = free_port(), free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "comox.toml"
+        config.write_text(f'auth = "none"\n\n[[models]]\nname = "bench"\n\n  [[models.backends]]\n'
+                          f'  name = "stand-in"\n  url = "http://127.0.0.1:{upstream_port}"\n')
+        try:
+            for argv, port in (([sys.executable, __file__, "--serve-upstream", str(upstream_port)], upstream_port),
+                               ([sys.executable, "-m", "comox.cli", "serve", "-c", str(config), "--port", str(gateway_port),
+                                 "--log-level", "warning"], gateway_port)):
+                procs.append(subprocess.Popen(argv, cwd=ROOT, start_new_session=True,
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                wait_ready(port, procs[-1])
+            times = measure(gateway_port, upstream_port, args.n, args.max_seconds)
+        finally:
+            for proc in reversed(procs):
+                stop(proc)
+    print(f"{'':8} {'requests':>8} {'p50 ms':>8} {'mean ms':>8}")
+    stats = {}
+    for kind, values in times.items():
+        stats[kind] = (statistics.median(values) * 1000, statistics.fmean(values) * 1000)
+        print(f"{kind:8} {len(values):8} {stats[kind][0]:8.3f} {stats[kind][1]:8.3f}")
+    print("(stand-in: the stand-in asked directly, without the gateway: what proxying adds to the hit path)")
+    print(f"a hit is {stats['proxied'][0] / stats['hit'][0]:.1f}x faster (p50), "
+          f"{stats['proxied'][1] / stats['hit'][1]:.1f}x (mean)")
+
+
+if __name__ == "__main__":
+    main()
