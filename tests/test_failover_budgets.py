@@ -1,0 +1,221 @@
+"""Cost control of cloud failover (plugins/comox_failover): settlement with
+the real usage (cached tokens priced as cached, once), reservations that
+bound concurrent spend, failed requests that cost nothing, 503
+insufficient_budget, per-key budgets, the audit line and /admin/spend."""
+
+import threading
+
+import httpx
+import openai
+import pytest
+
+from comox.testing import Fault, wait_until
+from tests.test_failover import ADMIN, CLOUD_KEY, HI, Keys, chat, client, clouds, cloud_backend, dead_backend, gateway_settings
+
+__all__ = ["clouds"]  # the fixture, imported for these tests
+
+# Prices 2 / 8 / 0.5 $ per million tokens; the cloud reports 1000 prompt
+# tokens of which 400 cached, and 50 completion tokens:
+# 600 × 2 + 400 × 0.5 + 50 × 8 = 1800 $ per million answers.
+ONE_ANSWER = 0.0018
+
+
+def spend(server):
+    reply = httpx.get(f"{server.url}/admin/spend", headers=ADMIN)
+    assert reply.status_code == 200
+    return {(row["budget"], row.get("key_id")): row for row in reply.json()["budgets"]}
+
+
+def serve(comox_serve, cloud, *, budgets=None, keys=None, **group):
+    settings = gateway_settings([dead_backend()], [cloud_backend(cloud)], trigger="error", budgets=budgets, **group)
+    return comox_serve(settings, plugins=[keys or Keys()])
+
+
+def test_spend_is_the_priced_usage_with_cached_tokens_priced_once(comox_serve, clouds):
+    cloud = clouds()
+    server = serve(comox_serve, cloud)
+    assert chat(server).parse().usage.prompt_tokens_details.cached_tokens == 400
+    assert spend(server)["day", None]["spent_usd"] == ONE_ANSWER
+
+    # A stream: the cloud is asked for usage, the client that did not ask sees no usage chunk.
+    chunks = list(client(server).chat.completions.create(model="chat", messages=HI, stream=True))
+    assert cloud.requests[-1]["body"]["stream_options"] == {"include_usage": True}
+    assert [chunk.choices[0].delta.content for chunk in chunks] == ["tok0 ", "tok1 ", "tok2 "]
+    assert all(chunk.usage is None for chunk in chunks)
+    # One that asked gets it.
+    asked = list(client(server).chat.completions.create(model="chat", messages=HI, stream=True,
+                                                        stream_options={"include_usage": True}))
+    assert asked[-1].choices == [] and asked[-1].usage.completion_tokens == 50
+
+    rows = spend(server)
+    for budget in (("day", None), ("month", None), ("key", "team-a")):
+        assert rows[budget]["spent_usd"] == pytest.approx(3 * ONE_ANSWER, abs=1e-12)
+        assert rows[budget]["reserved_usd"] == 0
+
+
+def test_the_output_is_capped_and_reserved_at_worst(comox_serve, clouds):
+    cloud = clouds()
+    cloud.gate.clear()
+    server = serve(comox_serve, cloud, failover={"max_tokens_cap": 100})
+    replies = []
+    threading.Thread(target=lambda: replies.append(chat(server, max_tokens=5000))).start()
+    wait_until(lambda: cloud.arrived == 1)
+    # Worst case: 100 tokens of output (not 5000), and every byte of the
+    # client's body (under 200) a prompt token at the input price.
+    reserved = spend(server)["day", None]["reserved_usd"]
+    assert (100 * 8.0 + 50 * 2.0) / 1e6 < reserved < (100 * 8.0 + 200 * 2.0) / 1e6
+    cloud.gate.set()
+    wait_until(lambda: replies)
+    chat(server)
+    assert [sent["body"]["max_tokens"] for sent in cloud.requests] == [100, 100]
+
+
+def test_a_failed_cloud_request_gives_its_reservation_back(comox_serve, clouds):
+    cloud = clouds()
+    server = serve(comox_serve, cloud, budgets={"cloud_usd_per_day": 1.0})
+    cloud.faults.extend([Fault(status=500), Fault(status=503)])
+    for stream in (False, True):
+        with pytest.raises(openai.InternalServerError) as failed:
+            client(server).chat.completions.create(model="chat", messages=HI, stream=stream)
+        assert failed.value.status_code == 503
+    cloud.faults.append(Fault(status=400))  # the cloud blames the request: the client's answer, at no cost
+    with pytest.raises(openai.BadRequestError):
+        chat(server)
+    assert len(cloud.requests) == 3
+    day = spend(server)["day", None]
+    assert day["spent_usd"] == 0 and day["reserved_usd"] == 0 and day["remaining_usd"] == 1.0
+    chat(server)
+    assert spend(server)["day", None]["spent_usd"] == ONE_ANSWER
+
+
+def test_a_stream_without_usage_is_charged_its_reservation(comox_serve, clouds):
+    cloud = clouds()
+    server = serve(comox_serve, cloud)
+    cloud.faults.append(Fault(close_after_chunks=2))
+    with pytest.raises(openai.APIError):
+        list(client(server).chat.completions.create(model="chat", messages=HI, stream=True, max_tokens=10))
+    wait_until(lambda: spend(server)["day", None]["reserved_usd"] == 0)
+    spent = spend(server)["day", None]["spent_usd"]
+    assert spent > 10 * 8.0 / 1e6  # at least the reserved output: the provider may have billed it
+
+
+def test_a_request_over_budget_gets_503_insufficient_budget(comox_serve, clouds):
+    cloud = clouds()
+    server = serve(comox_serve, cloud, budgets={"cloud_usd_per_day": 0.0001, "cloud_usd_per_month": 100})
+    with pytest.raises(openai.InternalServerError) as refused:
+        chat(server, max_tokens=100)
+    error = refused.value
+    assert error.status_code == 503 and error.response.headers["retry-after"]
+    assert error.body["type"] == "insufficient_budget" and error.body["code"] == "insufficient_budget"
+    assert "daily cloud budget ($0.0001)" in error.message
+    assert cloud.requests == []
+    rows = spend(server)
+    assert rows["day", None]["reserved_usd"] == rows["month", None]["reserved_usd"] == 0  # nothing held back
+
+
+def test_a_key_budget_holds_its_key_only(comox_serve, clouds):
+    cloud = clouds()
+    server = serve(comox_serve, cloud, keys=Keys(budgets={"team-a": 0.002}))
+    chat(server, "team-a", max_tokens=50)  # reserved ≈ 0.0006, cost 0.0018
+    with pytest.raises(openai.InternalServerError) as refused:
+        chat(server, "team-a", max_tokens=50)
+    assert refused.value.body["type"] == "insufficient_budget" and "its key's daily cloud budget" in refused.value.message
+    chat(server, "team-b", max_tokens=50)
+    rows = spend(server)
+    assert rows["key", "team-a"]["limit_usd"] == 0.002 and rows["key", "team-a"]["spent_usd"] == ONE_ANSWER
+    assert rows["key", "team-b"]["limit_usd"] is None and rows["key", "team-b"]["spent_usd"] == ONE_ANSWER
+    assert rows["day", None]["spent_usd"] == 2 * ONE_ANSWER and len(cloud.requests) == 2
+
+
+def test_fifty_concurrent_requests_against_a_budget_for_ten(comox_serve, clouds):
+    cloud = clouds()
+    # Output dominates: each request reserves about 100 × 1000 $/M = $0.1; the budget fits 10.
+    backend = cloud_backend(cloud, price_input_per_mtok=0.001, price_cached_input_per_mtok=0.001, price_output_per_mtok=1000)
+    server = comox_serve(gateway_settings([dead_backend()], [backend], trigger="error", budgets={"cloud_usd_per_day": 1.05}),
+                         plugins=[Keys()])
+    cloud.gate.clear()  # the cloud holds every request it gets until all 50 were decided
+    answered, refused, other = [], [], []
+
+    def one():
+        try:
+            answered.append(chat(server, max_tokens=100))
+        except openai.InternalServerError as exc:
+            (refused if exc.body["type"] == "insufficient_budget" else other).append(exc)
+        except Exception as exc:
+            other.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(refused) + len(other) + cloud.arrived >= 50, timeout=30)
+    held = spend(server)["day", None]
+    assert cloud.arrived == 10 and held["reserved_usd"] <= 1.05 and held["spent_usd"] == 0
+    cloud.gate.set()
+    for thread in threads:
+        thread.join(30)
+    assert (len(answered), len(refused), other) == (10, 40, [])
+    day = spend(server)["day", None]
+    assert day["spent_usd"] <= 1.05 and day["reserved_usd"] == 0
+    assert day["spent_usd"] == pytest.approx(10 * (1000 * 0.001 + 50 * 1000) / 1e6)
+
+
+def test_every_cloud_request_has_an_audit_line_without_content(comox_serve, clouds, caplog):
+    caplog.set_level("INFO", logger="comox.events")
+    cloud = clouds()
+    server = serve(comox_serve, cloud, budgets={"cloud_usd_per_day": 0.01})
+    secret = "the launch code is 0000"
+
+    def ask(request_id, key="team-a", **body):
+        return client(server, key).chat.completions.create(
+            model="chat", **{"messages": HI, "max_tokens": 50, **body}, extra_headers={"x-request-id": request_id})
+
+    cloud.faults.append(Fault(status=503))
+    with pytest.raises(openai.InternalServerError):
+        ask("req-failed", messages=[{"role": "user", "content": secret}])
+    ask("req-answered", messages=[{"role": "user", "content": secret}])
+    list(ask("req-streamed", "team-b", stream=True))
+    with pytest.raises(openai.InternalServerError):
+        ask("req-refused", max_tokens=10_000)  # over budget
+
+    def audit():
+        return {record.comox_event["request_id"]: record.comox_event for record in caplog.records
+                if getattr(record, "comox_event", {}).get("event") == "cloud_request"}
+
+    wait_until(lambda: len(audit()) == 4)
+    lines = audit()
+    assert lines["req-failed"]["status"] == 503 and lines["req-failed"]["outcome"] == "failed: HTTP 503"
+    assert lines["req-failed"]["cost_usd"] == 0
+    assert lines["req-answered"] == {
+        "event": "cloud_request", "request_id": "req-answered", "key_id": "team-a", "model": "chat", "provider": "openai",
+        "backend": "cloud", "upstream_model": "cloud-model", "status": 200, "prompt_tokens": 1000, "cached_tokens": 400,
+        "completion_tokens": 50, "cost_usd": ONE_ANSWER, "trigger": "error", "local_error": "no_backend_available",
+        "outcome": "answered",
+    }
+    streamed = lines["req-streamed"]
+    assert streamed["key_id"] == "team-b" and streamed["cost_usd"] == ONE_ANSWER and streamed["completion_tokens"] == 50
+    assert lines["req-refused"]["outcome"] == "refused: day budget" and lines["req-refused"]["status"] is None
+    text = "\n".join(record.getMessage() + str(getattr(record, "comox_event", "")) for record in caplog.records)
+    for content in (secret, "hello from cloud", "tok0", CLOUD_KEY):
+        assert content not in text
+
+
+def test_admin_spend_needs_the_admin_key_and_reports_every_budget(comox_serve, clouds, monkeypatch):
+    cloud = clouds()
+    server = serve(comox_serve, cloud, budgets={"cloud_usd_per_day": 5, "cloud_usd_per_month": 50},
+                   keys=Keys(budgets={"team-a": 1}))
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic admin-secret"}):
+        reply = httpx.get(f"{server.url}/admin/spend", headers=headers)
+        assert reply.status_code == 401 and reply.json()["error"]["type"] == "authentication_error"
+    chat(server)
+    body = httpx.get(f"{server.url}/admin/spend", headers=ADMIN).json()
+    day, month, key = body["budgets"]
+    assert body["object"] == "spend" and body["currency"] == "USD"
+    assert day["budget"] == "day" and len(day["period"]) == 10 and month["budget"] == "month" and len(month["period"]) == 7
+    assert (day["limit_usd"], day["spent_usd"], day["reserved_usd"], day["remaining_usd"]) == (5, ONE_ANSWER, 0, 5 - ONE_ANSWER)
+    assert (month["limit_usd"], month["remaining_usd"]) == (50, 50 - ONE_ANSWER)
+    assert key == {"budget": "key", "period": day["period"], "key_id": "team-a", "limit_usd": 1, "spent_usd": ONE_ANSWER,
+                   "reserved_usd": 0, "remaining_usd": 1 - ONE_ANSWER}
+
+    monkeypatch.delenv("COMOX_ADMIN_KEY")
+    off = serve(comox_serve, cloud)
+    assert httpx.get(f"{off.url}/admin/spend", headers=ADMIN).status_code == 404
