@@ -14,8 +14,12 @@ and the tables of the docs match the code they describe.
 
 import ast
 import asyncio
+import concurrent.futures
+import functools
 import hashlib
 import json
+import logging
+import math
 import re
 import sys
 import tomllib
@@ -82,6 +86,14 @@ def example():
 def config(name: str) -> dict:
     """The documented TOML of example ``name``, parsed."""
     return tomllib.loads(EXAMPLES[name, "toml"])
+
+
+def keyless(**keys) -> comox.Settings:
+    """Settings with ``auth = "none"``, for a gateway built without a server (as
+    ``comox_serve`` does for a dict): with ``auth = "keys"`` the ``keys`` plugin
+    refuses a config with model groups, no keys and no other plugin that
+    authenticates."""
+    return comox.Settings(**{"auth": "none", **keys})
 
 
 def one_model(url: str, group: str = "m", **backend) -> dict:
@@ -247,54 +259,91 @@ def test_custom_error(example, comox_serve, comox_upstream):
 
 
 def test_api_keys(example, comox_serve, comox_upstream, monkeypatch):
-    plugin = example("api_keys", "keys")
-    table = config("api_keys")["plugins"]
-    assert table["keys"]["clients"]["alice"]["sha256"] == hashlib.sha256(b"sk-alice-example").hexdigest()
+    plugin = example("api_keys", "example_keys")
+    documented = config("api_keys")
+    assert documented["auth"] == "keys"
+    assert documented["plugins"]["example_keys"]["clients"]["alice"]["sha256"] == hashlib.sha256(b"sk-alice-example").hexdigest()
     bob = hashlib.sha256(b"sk-bob-example").hexdigest()
-    monkeypatch.setenv("COMOX_PLUGINS__KEYS__CLIENTS", '{"bob": {"sha256": "%s"}}' % bob)
-    settings = {"models": [one_model(comox_upstream.url, "chat"), one_model(comox_upstream.url, "other", name="o")],
-                "plugins": table}
+    monkeypatch.setenv("COMOX_PLUGINS__EXAMPLE_KEYS__CLIENTS", '{"bob": {"sha256": "%s"}}' % bob)
+    assert "`COMOX_PLUGINS__EXAMPLE_KEYS__CLIENTS=" in page("writing_plugins.md")
+    settings = {**documented, "models": [one_model(comox_upstream.url, "chat"), one_model(comox_upstream.url, "chat-large", name="l"),
+                                         one_model(comox_upstream.url, "other", name="o")]}
     server = comox_serve(settings, plugins=[plugin])
     url = f"{server.url}/v1/chat/completions"
     chat = {**CHAT, "model": "chat"}
 
-    def post(body, key=None):
-        return httpx.post(url, json=body, headers={"authorization": f"Bearer {key}"} if key else {})
+    def auth(key):
+        return {"authorization": f"Bearer {key}"} if key else {}
+
+    def post(body, key=None, **kwargs):
+        return httpx.post(url, json=body, headers=auth(key), **kwargs)
+
+    def models(key=None):
+        response = httpx.get(f"{server.url}/v1/models", headers=auth(key))
+        return response.status_code, sorted(m["id"] for m in response.json().get("data", []))
 
     for key in (None, "sk-wrong", "sk-alice-example-and-more"):
         response = post(chat, key)
         assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+    # Refused before the body is read: a body that would be 413 or 400 still gets 401.
+    assert post(None, content=b"{not json").status_code == 401
+    assert models() == (401, [])
     assert post(chat, "sk-alice-example").status_code == 200
+    assert post({**chat, "model": "chat-large"}, "sk-alice-example").status_code == 200  # a glob pattern
     refused = post({**chat, "model": "other"}, "sk-alice-example")
-    assert refused.status_code == 403 and refused.json()["error"]["param"] == "model"
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
+    assert refused.json()["error"]["param"] == "model"
+    assert models("sk-alice-example") == (200, ["chat", "chat-large"])
+    assert httpx.get(f"{server.url}/v1/models/other", headers=auth("sk-alice-example")).status_code == 404
     assert post({**chat, "model": "other"}, "sk-bob-example").status_code == 200  # from the environment
-    assert len(comox_upstream.requests) == 2
+    assert models("sk-bob-example") == (200, ["chat", "chat-large", "other"])
+    assert len(comox_upstream.requests) == 3
 
 
 def test_api_keys_settings_errors_are_one_line(example, comox_upstream):
-    plugin = example("api_keys", "keys")
+    plugin = example("api_keys", "example_keys")
     text = page("writing_plugins.md")
-    bad = {"keys": {"clients": {"alice": {"sha256": "abc"}}}}
+    bad = {"example_keys": {"clients": {"alice": {"sha256": "abc"}}}}
     with pytest.raises(comox.ConfigError) as exc:
-        comox.build_gateway(comox.Settings(models=[one_model(comox_upstream.url)], plugins=bad), plugins=[plugin])
+        comox.build_gateway(keyless(models=[one_model(comox_upstream.url)], plugins=bad), plugins=[plugin])
     assert f"`comox: configuration error: {exc.value}`" in text
     with pytest.raises(comox.ConfigError) as exc:
-        comox.build_gateway(comox.Settings(models=[one_model(comox_upstream.url)], plugins={"kyes": {}}), plugins=[plugin])
+        comox.build_gateway(keyless(models=[one_model(comox_upstream.url)], plugins={"kyes": {}}), plugins=[plugin])
     assert str(exc.value).startswith("plugins.kyes: no loaded plugin named 'kyes' declares settings")
     assert "`plugins.kyes: no loaded plugin named 'kyes' declares settings`" in text
 
 
+class KeyFromHeader:
+    """Test double: the caller is whoever ``x-user`` names; no header, no caller."""
+
+    @comox.hookimpl
+    def comox_authenticate(self, request):
+        user = request.header(b"x-user")
+        return comox.Principal(key_id=user.decode()) if user else None
+
+
 def test_ratelimit_owns_a_top_level_table(example, comox_serve, comox_upstream, tmp_path):
-    plugin = example("ratelimit", "ratelimit")
+    plugin = example("ratelimit", "example_ratelimit")
     models = f'\n[[models]]\nname = "m"\n  [[models.backends]]\n  url = "{comox_upstream.url}"\n'
     path = tmp_path / "comox.toml"
     path.write_text(EXAMPLES["ratelimit", "toml"] + models)
-    server = comox_serve(comox.load_settings(path), plugins=[plugin])
+    settings = comox.load_settings(path)
+    assert settings.auth == "keys"  # the file's default: callers need a plugin to vouch for them
+    server = comox_serve(settings, plugins=[plugin, KeyFromHeader()])
     url = f"{server.url}/v1/chat/completions"
-    assert [httpx.post(url, json=CHAT).status_code for _ in range(2)] == [200, 200]
-    third = httpx.post(url, json=CHAT)
+
+    def post(user):
+        return httpx.post(url, json=CHAT, headers={"x-user": user})
+
+    first, second = post("alice"), post("alice")
+    assert [first.status_code, second.status_code] == [200, 200]
+    assert [first.headers["x-ratelimit-remaining-requests"], second.headers["x-ratelimit-remaining-requests"]] == ["1", "0"]
+    third = post("alice")
     assert third.status_code == 429 and third.json()["error"]["type"] == "rate_limit_error"
-    assert 1 <= int(third.headers["retry-after"]) <= 60
+    assert 25 <= int(third.headers["retry-after"]) <= 31  # the bucket refills at two a minute
+    assert third.headers["x-ratelimit-remaining-requests"] == "0"  # on the error too
+    assert post("bob").status_code == 200  # per key
+    assert len(comox_upstream.requests) == 3
     text = page("writing_plugins.md")
     with pytest.raises(comox.ConfigError) as exc:
         comox.build_gateway(comox.load_settings(path))  # without the plugin
@@ -303,6 +352,28 @@ def test_ratelimit_owns_a_top_level_table(example, comox_serve, comox_upstream, 
     with pytest.raises(comox.ConfigError) as exc:
         comox.build_gateway(comox.load_settings(path), plugins=[plugin])
     assert f"`{exc.value}`" in text
+
+
+def test_concurrency(example, comox_serve, comox_upstream):
+    plugin = example("concurrency", "example_concurrency")
+    server = comox_serve({"models": [one_model(comox_upstream.url)]}, plugins=[plugin, KeyFromHeader()])
+    url = f"{server.url}/v1/chat/completions"
+
+    def post(user):
+        return httpx.post(url, json=CHAT, headers={"x-user": user}, timeout=10)
+
+    comox_upstream.faults.extend([Fault(delay=1.5), Fault(delay=1.5)])
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = [pool.submit(post, "alice") for _ in range(2)]
+        wait_until(lambda: len(comox_upstream.requests) == 2)
+        third = post("alice")
+        assert third.status_code == 429 and third.json()["error"]["message"] == "more than 2 requests in flight"
+        assert post("bob").status_code == 200  # per key
+        assert [future.result().status_code for future in slow] == [200, 200]
+    # Each released by comox_request_done; the refused one had taken nothing.
+    state = server.app.gateway.shared_state
+    wait_until(lambda: state._counters["example_concurrency:alice"][0] == 0)  # read only: the server's thread writes it
+    assert post("alice").status_code == 200
 
 
 def test_canned_backend(example, comox_serve):
@@ -321,7 +392,7 @@ def test_canned_backend(example, comox_serve):
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model="m", input="x")
     with pytest.raises(comox.ConfigError) as exc:
-        comox.build_gateway(comox.Settings(models=[{"name": "m", "backends": [{"type": "canned", "replly": "x"}]}]), plugins=[plugin])
+        comox.build_gateway(keyless(models=[{"name": "m", "backends": [{"type": "canned", "replly": "x"}]}]), plugins=[plugin])
     assert f"(`{exc.value}`)" in page("writing_plugins.md")
 
 
@@ -361,7 +432,7 @@ def test_tgi_backend_health_reports(example):
     with ServerThread(with_metrics, lifespan="off") as a, ServerThread(without, lifespan="off") as b:
         settings = {"models": [one_model(a.url, type="tgi", name="with-metrics"),
                                one_model(b.url, "n", type="tgi", name="without")]}
-        gateway = comox.build_gateway(comox.Settings(**settings), plugins=[plugin])
+        gateway = comox.build_gateway(keyless(**settings), plugins=[plugin])
         try:
             assert asyncio.run(gateway.probe()) == [("with-metrics", "ok", "ok"), ("without", "ok", "ok (no /metrics)")]
             fleet = {backend["name"]: backend for backend in gateway.snapshot()["data"]}
@@ -401,7 +472,7 @@ def test_sticky_policy_refuses_unknown_options(example, comox_upstream):
     plugin = example("sticky_policy", "sticky")
     group = {**one_model(comox_upstream.url), "policy": "sticky", "policy_options": {"header": "x-pin", "bogus": 1}}
     with pytest.raises(comox.ConfigError, match=r"^models\[0\]\.policy_options: unknown option\(s\) for sticky: bogus$"):
-        comox.build_gateway(comox.Settings(models=[group]), plugins=[plugin])
+        comox.build_gateway(keyless(models=[group]), plugins=[plugin])
 
 
 def test_testing_example(example, comox_serve, comox_upstream):
@@ -422,22 +493,112 @@ def test_extra_route(example, comox_serve, comox_upstream):
     assert httpx.get(f"{server.url}/-/available").json() == {"m": 1, "n": 0}
 
 
-def test_memory_cache(example, comox_serve, comox_upstream):
-    plugin = example("memory_cache", "memory_cache")
-    server = comox_serve({"models": [one_model(comox_upstream.url)]}, plugins=[plugin])
+class Stores:
+    """Test double: the ids of the requests comox_cache_store is called for,
+    after every other implementation."""
+
+    def __init__(self):
+        self.ids: list[str] = []
+
+    @comox.hookimpl(trylast=True)
+    def comox_cache_store(self, request):
+        self.ids.append(request.id)
+
+
+@pytest.fixture
+def without_the_real_cache(monkeypatch):
+    """The shipped ``cache`` plugin would answer (and store) these requests first."""
+    monkeypatch.setenv("COMOX_BLOCK_PLUGINS", "cache")
+
+
+def test_example_cache(example, comox_serve, comox_upstream, without_the_real_cache):
+    plugin = example("example_cache", "example_cache")
+    stores = Stores()
+    server = comox_serve({"models": [one_model(comox_upstream.url)]}, plugins=[plugin, stores])
     url = f"{server.url}/v1/chat/completions"
-    first = httpx.post(url, json={**CHAT, "temperature": 0})
-    wait_until(lambda: len(plugin._answers) == 1)  # stored after the client had its answer
-    second = httpx.post(url, json={**CHAT, "temperature": 0})
+
+    def post(rid, **body):
+        return httpx.post(url, json={**CHAT, **body}, headers={"x-request-id": rid})
+
+    first = post("first", temperature=0)
+    wait_until(lambda: stores.ids == ["first"])  # stored after the client had its answer
+    second = post("hit", temperature=0)
     assert first.status_code == second.status_code == 200
     assert second.content == first.content
     assert "x-cache" not in first.headers and second.headers["x-cache"] == "hit"
     assert len(comox_upstream.requests) == 1
-    httpx.post(url, json={**CHAT, "temperature": 0.7})
-    httpx.post(url, json={**CHAT, "temperature": 0.7})
-    httpx.post(url, json={**CHAT, "temperature": 0, "stream": True})
-    httpx.post(url, json={**CHAT, "temperature": 0, "stream": True})
+    post("warm-1", temperature=0.7)
+    post("warm-2", temperature=0.7)
+    post("stream-1", temperature=0, stream=True)
+    post("stream-2", temperature=0, stream=True)
     assert len(comox_upstream.requests) == 5
+    wait_until(lambda: "warm-2" in stores.ids)
+    assert stores.ids == ["first", "warm-1", "warm-2"]  # never the hit, never a stream
+    keys = list(server.app.gateway.shared_state._values)
+    assert len(keys) == 1 and keys[0].startswith("example_cache:")  # the shared state holds it
+
+
+class Broken:
+    """Test double: fails first in the hooks whose failures are only logged."""
+
+    @comox.hookimpl(tryfirst=True)
+    def comox_cache_store(self):
+        raise RuntimeError("store broke")
+
+    @comox.hookimpl(tryfirst=True)
+    def comox_request_done(self):
+        raise RuntimeError("telemetry broke")
+
+
+def test_a_failing_store_or_observer_is_logged_and_the_others_still_run(example, comox_serve, comox_upstream, caplog,
+                                                                        without_the_real_cache):
+    cache = example("example_cache", "example_cache")
+    log = example("request_log", "request_log")
+    server = comox_serve({"models": [one_model(comox_upstream.url)]}, plugins=[cache, log, Broken()])
+    url = f"{server.url}/v1/chat/completions"
+    assert httpx.post(url, json={**CHAT, "temperature": 0}).status_code == 200
+    wait_until(lambda: log.statuses == Counter({("chat/completions", 200): 1}))
+    wait_until(lambda: len(server.app.gateway.shared_state._values) == 1)
+    assert httpx.post(url, json={**CHAT, "temperature": 0}).headers.get("x-cache") == "hit"
+    text = page("plugin_hooks.md")
+    assert "the other implementations of that hook still run" in text
+    failures = {str(record.exc_info[1]) for record in caplog.records if record.exc_info and record.levelname == "ERROR"}
+    assert failures == {"store broke", "telemetry broke"}
+
+
+def test_small_state(example, comox_serve, comox_upstream):
+    plugin = example("small_state", "small_state")
+    server = comox_serve({"models": [one_model(comox_upstream.url)]}, plugins=[plugin])
+    state = server.app.gateway.shared_state
+    assert isinstance(state, comox.MemoryState) and isinstance(state, comox.SharedState)
+    assert state.max_value_bytes == 64 * 1024 * 1024
+    ready = httpx.get(f"{server.url}/readyz")
+    assert ready.status_code == 200 and ready.json() == {"ready": True, "state": "local", "started": True}
+    # Without the plugin, the default: a MemoryState with the documented bound.
+    default = comox.build_gateway(keyless(models=[one_model(comox_upstream.url)])).shared_state
+    assert type(default) is comox.MemoryState and default.max_value_bytes == 256 * 1024 * 1024
+    assert "`comox.MemoryState(*, clock=time.monotonic, max_value_bytes=256 * 1024 * 1024)`" in page("writing_plugins.md")
+
+
+def test_shared_state_as_documented():
+    state = comox.MemoryState(clock=lambda: now)
+    now = 0.0
+    take = functools.partial(state.take, "k", capacity=2, per_s=1 / 30)
+    assert asyncio.run(take(1)) == comox.Bucket(True, 1, 30.0, 0.0)
+    assert asyncio.run(take(1)).allowed
+    refused = asyncio.run(take(1))
+    assert not refused.allowed and refused.remaining == 0 and refused.retry_after_s == 30.0
+    assert asyncio.run(take(3)).retry_after_s == math.inf  # more than the bucket holds
+    assert asyncio.run(take(1, force=True)).allowed and asyncio.run(take(1, force=True)).remaining == 0
+    add = functools.partial(state.add, "c", cap=2, ttl_s=60)
+    assert [asyncio.run(add(1)) for _ in range(3)] == [(True, 1), (True, 2), (False, 2)]
+    assert asyncio.run(add(-1)) == (True, 1)
+    now = 61.0
+    assert asyncio.run(add(0)) == (True, 0)  # forgotten ttl_s after its last change
+    asyncio.run(state.set("v", b"x", ttl_s=10))
+    assert asyncio.run(state.get("v")) == b"x" and asyncio.run(state.get("never")) is None
+    now = 71.0
+    assert asyncio.run(state.get("v")) is None
 
 
 class LocalOnly:
@@ -461,7 +622,8 @@ def test_spill(example, comox_serve, comox_upstream, monkeypatch):
     assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "hello from upstream"
     [sent] = comox_upstream.requests
     assert sent["body"]["model"] == "gpt-4o-mini" and sent["headers"]["authorization"] == "Bearer sk-cloud"
-    assert httpx.post(url, json=CHAT, headers={"x-local-only": "1"}).status_code == 503
+    refused = httpx.post(url, json=CHAT, headers={"x-local-only": "1"})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "local_capacity_exhausted"  # by the core
     assert len(comox_upstream.requests) == 1
 
 
@@ -525,7 +687,7 @@ def test_a_broken_plugin_is_reported_by_name(broken_plugin, monkeypatch, capsys)
     from comox.cli import main
 
     with pytest.raises(comox.ConfigError) as exc:
-        comox.build_gateway(comox.Settings(models=[one_model("http://127.0.0.1:9")]))
+        comox.build_gateway(keyless(models=[one_model("http://127.0.0.1:9")]))
     assert str(exc.value).startswith("plugin 'broken' failed to load: import of comox_broken_doc_plugin_missing raised ModuleNotFoundError(")
     assert str(exc.value).endswith("(fix or uninstall it, or set COMOX_BLOCK_PLUGINS=broken)")
     assert main(["plugins", "--json"]) == 0
@@ -533,7 +695,7 @@ def test_a_broken_plugin_is_reported_by_name(broken_plugin, monkeypatch, capsys)
     assert listed["broken"]["error"].startswith("import of comox_broken_doc_plugin_missing raised")
     assert listed["openai"]["error"] is None and "admin" in listed
     monkeypatch.setenv("COMOX_BLOCK_PLUGINS", "broken")
-    comox.build_gateway(comox.Settings(models=[one_model("http://127.0.0.1:9")]))
+    comox.build_gateway(keyless(models=[one_model("http://127.0.0.1:9")]))
 
 
 # -- routing.md ----------------------------------------------------------------
@@ -555,22 +717,129 @@ def test_in_order_policy(example, comox_serve, upstreams):
     assert (len(a.requests), len(b.requests)) == (4, 2)
 
 
+def _emitted_events() -> set[str]:
+    """Every event name the code logs with ``emit("name", …)`` (or ``emit("a" if x else "b", …)``)."""
+    names = set()
+    for path in (Path(comox.__file__).parent).rglob("*.py"):
+        for match in re.finditer(r'emit\(\s*"(\w+)"(?:\s+if\s+[\w.]+\s+else\s+"(\w+)")?', path.read_text()):
+            names.update(name for name in match.groups() if name)
+    return names
+
+
+def test_the_fleet_events_table_lists_every_event_the_code_logs():
+    documented = _first_column(page("routing.md"), "No line holds a key or prompt content.")
+    assert documented == _emitted_events()
+    assert {"backend_unhealthy", "backend_ejected", "request_retried", "model_group", "no_reachable_backend"} <= documented
+
+
+def test_the_documented_log_lines_are_what_the_formatters_write():
+    from comox.events import JsonFormatter, TextFormatter
+
+    text = page("deployment.md")
+    block = text[text.index("### Logs") :]
+    block = block[block.index("```\n") + 4 : block.index("\n```", block.index("```\n") + 4)]
+    text_line, json_line = block.splitlines()
+    fields = json.loads(json_line)
+    record = logging.LogRecord("comox.events", getattr(logging, fields["level"].upper()), __file__, 1, fields["message"], (), None)
+    record.comox_event = {key: value for key, value in fields.items() if key not in ("time", "level", "logger", "message")}
+    assert json.loads(JsonFormatter().format(record)) | {"time": fields["time"]} == fields
+    written = TextFormatter().format(record)
+    assert written.split(" ", 2)[2] == text_line.split(" ", 2)[2]  # all but the local time
+
+
+def test_log_format_is_a_serve_flag(capsys):
+    from comox.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "--log-format {text,json}" in capsys.readouterr().out
+
+
+class CheckedByDefault:
+    """A backend type with a health check and no ``health_check_default``."""
+
+    settings_model = comox.BackendSettings
+
+    def __init__(self, settings):
+        pass
+
+    async def handle(self, request):
+        raise comox.BackendUnavailable("never used")
+
+    async def health_check(self, http):
+        return comox.HealthReport(comox.OK)
+
+    async def aclose(self):
+        pass
+
+
+class CheckedOnRequest(CheckedByDefault):
+    health_check_default = False
+
+
+class Types:
+    @comox.hookimpl
+    def comox_backend_types(self):
+        return {"checked": CheckedByDefault, "on_request": CheckedOnRequest}
+
+
+def test_health_checks_are_on_unless_a_type_or_the_config_says_otherwise(example):
+    from comox.health import enabled
+
+    canned = example("canned_backend", "canned")
+    url = "http://127.0.0.1:9"
+    backends = [{"name": "openai", "url": url}, {"name": "llamacpp", "type": "llamacpp", "url": url},
+                {"name": "vllm", "type": "vllm", "url": url}, {"name": "checked", "type": "checked"},
+                {"name": "on-request", "type": "on_request"},
+                {"name": "asked", "type": "on_request", "health_check": {"enabled": True}},
+                {"name": "off", "url": url, "health_check": {"enabled": False}},
+                {"name": "in-process", "type": "canned"}]
+    gateway = comox.build_gateway(keyless(models=[{"name": "m", "backends": backends}]), plugins=[Types(), canned])
+    checked = {state.name for state in gateway.backends() if enabled(state)}
+    assert checked == {"openai", "llamacpp", "vllm", "checked", "asked"}
+
+
+def test_the_routing_example_config_is_valid():
+    text = page("routing.md")
+    documented = tomllib.loads(text[text.index("```toml\n") + 8 : text.index("```", text.index("```toml\n") + 8)])
+    gateway = comox.build_gateway(keyless(**documented))
+    backend = gateway.backend("box-cuda")
+    assert backend.settings.first_byte_timeout_s == 300 and gateway.groups["llama-3-8b"].decay_s == 10
+
+
 # -- configuration.md ----------------------------------------------------------
+
+
+def _default(text: str, key: str) -> str:
+    """The default column of ``key``'s row in a table of ``text``."""
+    return re.search(rf"^\| `{key}` \| ([^|]+) \|", text, re.M)[1].strip()
+
+
+def test_the_documented_defaults_are_the_codes():
+    from comox.settings import BackendSettings, ModelGroupSettings
+
+    text = page("configuration.md")
+    assert _default(text, "first_byte_timeout_s") == f"`{BackendSettings().first_byte_timeout_s:g}`"
+    assert _default(text, "estimate_decay_s") == f"`{ModelGroupSettings.model_fields['estimate_decay_s'].default:g}`"
+    assert re.search(r'^\| `"keys"` \(default\) \|', text, re.M) and comox.Settings.model_fields["auth"].default == "keys"
+    assert comox.Settings(models=[one_model("http://127.0.0.1:9")]).auth == "keys"
 
 
 def test_configuration_of_plugins_is_as_documented(monkeypatch):
     text = page("configuration.md")
     models = [one_model("http://127.0.0.1:9")]
-    with pytest.raises(comox.ConfigError) as exc:
-        comox.build_gateway(comox.Settings(models=[one_model("http://127.0.0.1:9", type="tgi")]))
+    with monkeypatch.context() as env:  # the backend types the page's example lists
+        env.setenv("COMOX_LOAD_PLUGINS", "llamacpp,vllm,llama_cpp_python")
+        with pytest.raises(comox.ConfigError) as exc:
+            comox.build_gateway(keyless(models=[one_model("http://127.0.0.1:9", type="tgi")]))
     assert f"`{exc.value}`" in text
     with pytest.raises(comox.ConfigError) as exc:
-        comox.build_gateway(comox.Settings(models=models, plugins={"admin": {"key_env": 3}}))
+        comox.build_gateway(keyless(models=models, plugins={"admin": {"key_env": 3}}))
     assert f"`comox: configuration error: {exc.value}`" in text
     with pytest.raises(comox.ConfigError) as exc:
-        comox.build_gateway(comox.Settings(models=models, plugins={"admn": {}}))
+        comox.build_gateway(keyless(models=models, plugins={"admn": {}}))
     assert f"`{exc.value}`" in text
-    assert comox.build_gateway(comox.Settings(models=models)).plugin_settings("admin").key_env == "COMOX_ADMIN_KEY"
+    assert comox.build_gateway(keyless(models=models)).plugin_settings("admin").key_env == "COMOX_ADMIN_KEY"
     monkeypatch.setenv("COMOX_PLUGINS__ADMIN__KEY_ENV", "OPS_KEY")
     assert "`COMOX_PLUGINS__ADMIN__KEY_ENV=OPS_KEY`" in text
-    assert comox.build_gateway(comox.Settings(models=models)).plugin_settings("admin").key_env == "OPS_KEY"
+    assert comox.build_gateway(keyless(models=models)).plugin_settings("admin").key_env == "OPS_KEY"
