@@ -26,12 +26,15 @@ class CloudStandIn(StandInUpstream):
     reports ``usage`` as OpenAI does (cached tokens inside ``prompt_tokens``;
     in a stream, a last chunk with no choices, only when
     ``stream_options.include_usage`` asks), built with the SDK's own types.
+    ``written`` adds ``cache_creation_input_tokens`` (also inside
+    ``prompt_tokens``), as the ``anthropic`` backend type reports cache writes.
     While ``gate`` is clear, requests that arrive (``arrived``) wait."""
 
-    def __init__(self, name="cloud", *, prompt=1000, cached=400, completion=50, **kwargs):
+    def __init__(self, name="cloud", *, prompt=1000, cached=400, completion=50, written=None, **kwargs):
         super().__init__(name, **kwargs)
+        extra = {} if written is None else {"cache_creation_input_tokens": written}
         self.usage = CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+                                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached), **extra)
         self.gate = threading.Event()
         self.gate.set()
         self.arrived = 0

@@ -53,6 +53,15 @@ def test_spend_is_the_priced_usage_with_cached_tokens_priced_once(comox_serve, c
         assert rows[budget]["reserved_usd"] == 0
 
 
+def test_cache_writes_are_priced_as_cache_writes(comox_serve, clouds):
+    # The anthropic type's usage: prompt_tokens = input + cache reads + cache writes.
+    cloud = clouds(written=300)
+    backend = cloud_backend(cloud, price_cache_write_per_mtok=2.5)
+    server = comox_serve(gateway_settings([dead_backend()], [backend], trigger="error"), plugins=[Keys()])
+    chat(server)
+    assert spend(server)["day", None]["spent_usd"] == (300 * 2.0 + 400 * 0.5 + 300 * 2.5 + 50 * 8.0) / 1e6
+
+
 def test_the_output_is_capped_and_reserved_at_worst(comox_serve, clouds):
     cloud = clouds()
     cloud.gate.clear()
@@ -188,7 +197,7 @@ def test_every_cloud_request_has_an_audit_line_without_content(comox_serve, clou
     assert lines["req-answered"] == {
         "event": "cloud_request", "request_id": "req-answered", "key_id": "team-a", "model": "chat", "provider": "openai",
         "backend": "cloud", "upstream_model": "cloud-model", "status": 200, "prompt_tokens": 1000, "cached_tokens": 400,
-        "completion_tokens": 50, "cost_usd": ONE_ANSWER, "trigger": "error", "local_error": "no_backend_available",
+        "cache_write_tokens": 0, "completion_tokens": 50, "cost_usd": ONE_ANSWER, "trigger": "error", "local_error": "no_backend_available",
         "outcome": "answered",
     }
     streamed = lines["req-streamed"]

@@ -28,12 +28,12 @@ from pydantic import BaseModel
 from starlette.routing import Route
 
 import comox
-from comox import BackendResponse, ComoxError, Gateway, GatewayRequest, Usage
+from comox import BackendResponse, ComoxError, Gateway, GatewayRequest
 
 from .config import BudgetSettings, Cloud, GroupFailover, build_groups, close_groups
 from .ledger import Budget, Hold, Ledger, usd
 from .spend import spend_routes
-from .stream import UsageTap, tapped, usage_of_body
+from .stream import Tokens, UsageTap, tapped, usage_of_body
 
 __all__ = ["InsufficientBudget", "IMAGE_TOKENS", "REQUEST_FAULTS"]
 
@@ -174,9 +174,9 @@ async def comox_request_done(request: GatewayRequest) -> None:
     assert answer.tap is not None
     usage = answer.tap.usage
     if usage is not None and (request.usage is None or request.usage.prompt is None):
-        request.usage = usage  # the usage-only chunk the client did not ask for, for later observers
+        request.usage = usage.usage()  # the usage-only chunk the client did not ask for, for later observers
     elif usage is None and request.usage is not None and request.usage.prompt is not None:
-        usage = request.usage
+        usage = Tokens(request.usage.prompt, request.usage.completion, request.usage.cached or 0)
     await _settle(_of(request.gateway).ledger, request, answer, usage)
 
 
@@ -233,12 +233,12 @@ async def _send(cloud: Cloud, request: GatewayRequest) -> BackendResponse | str:
     return reason
 
 
-async def _settle(ledger: Ledger, request: GatewayRequest, answer: _Answer, usage: Usage | None) -> None:
+async def _settle(ledger: Ledger, request: GatewayRequest, answer: _Answer, usage: Tokens | None) -> None:
     """Charge the answer's real cost; without usage (a stream that broke off
     or whose client left, a provider that reported none), its reservation."""
     cost = None
     if usage is not None and usage.prompt is not None:
-        cost = answer.cloud.prices.cost(usage.prompt, usage.cached or 0, usage.completion or 0)
+        cost = answer.cloud.prices.cost(usage.prompt, usage.cached, usage.written, usage.completion or 0)
     await ledger.settle(answer.hold, cost)
     outcome = "answered" if cost is not None else "answered without usage: charged its reservation"
     _audit(request, answer.cloud, answer.why, status=200, usage=usage,
@@ -246,7 +246,7 @@ async def _settle(ledger: Ledger, request: GatewayRequest, answer: _Answer, usag
 
 
 def _audit(request: GatewayRequest, cloud: Cloud, why: tuple[str, str | None], *, status: int | None,
-           usage: Usage | None, cost: int, outcome: str) -> None:
+           usage: Tokens | None, cost: int, outcome: str) -> None:
     """One ``cloud_request`` line: who, where, how much, why — never content."""
     fields = {
         "event": "cloud_request",
@@ -259,6 +259,7 @@ def _audit(request: GatewayRequest, cloud: Cloud, why: tuple[str, str | None], *
         "status": status,
         "prompt_tokens": usage.prompt if usage else None,
         "cached_tokens": usage.cached if usage else None,
+        "cache_write_tokens": usage.written if usage else None,
         "completion_tokens": usage.completion if usage else None,
         "cost_usd": usd(cost),
         "trigger": why[0],

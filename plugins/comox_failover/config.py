@@ -61,29 +61,38 @@ class PriceTable(BaseModel):
     price_output_per_mtok: float = Field(ge=0)
     price_cached_input_per_mtok: float | None = Field(None, ge=0)
     """Prompt tokens the provider served from its cache; by default the input price."""
+    price_cache_write_per_mtok: float | None = Field(None, ge=0)
+    """Prompt tokens the provider wrote to its cache (Anthropic's
+    ``cache_creation_input_tokens``); by default the input price."""
 
 
 class Prices:
     """Nano-dollars per token."""
 
-    __slots__ = ("input", "output", "cached")
+    __slots__ = ("input", "output", "cached", "written")
 
     def __init__(self, table: PriceTable):
-        cached = table.price_cached_input_per_mtok
-        self.input = table.price_input_per_mtok * 1000
-        self.output = table.price_output_per_mtok * 1000
-        self.cached = (table.price_input_per_mtok if cached is None else cached) * 1000
+        def per_token(per_mtok: float | None) -> float:
+            return (table.price_input_per_mtok if per_mtok is None else per_mtok) * 1000
 
-    def cost(self, prompt: int, cached: int, completion: int) -> int:
-        """What an answer cost: cached prompt tokens at the cached price, the
-        rest of the prompt at the input price (``prompt`` includes ``cached``,
-        as OpenAI counts them), the completion at the output price."""
+        self.input = per_token(table.price_input_per_mtok)
+        self.output = per_token(table.price_output_per_mtok)
+        self.cached = per_token(table.price_cached_input_per_mtok)
+        self.written = per_token(table.price_cache_write_per_mtok)
+
+    def cost(self, prompt: int, cached: int, written: int, completion: int) -> int:
+        """What an answer cost. ``prompt`` counts every prompt token, those
+        read from the provider's cache (``cached``, as OpenAI counts them) and
+        written to it (``written``) included: each is priced once, at its own
+        price; the completion at the output price."""
         cached = min(cached, prompt)
-        return round((prompt - cached) * self.input + cached * self.cached + completion * self.output)
+        written = min(written, prompt - cached)
+        plain = prompt - cached - written
+        return round(plain * self.input + cached * self.cached + written * self.written + completion * self.output)
 
     def worst_case(self, prompt: int, completion: int) -> int:
         """The most ``prompt`` and ``completion`` tokens can cost."""
-        return round(prompt * max(self.input, self.cached) + completion * self.output)
+        return round(prompt * max(self.input, self.cached, self.written) + completion * self.output)
 
 
 class Cloud:

@@ -10,31 +10,46 @@ asked for.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from comox import Usage
 
-__all__ = ["UsageTap", "tapped", "usage_of", "usage_of_body"]
+__all__ = ["Tokens", "UsageTap", "tapped", "usage_of", "usage_of_body"]
+
+
+class Tokens(NamedTuple):
+    """What an answer reports about its tokens: ``prompt`` includes those read
+    from the provider's cache (``cached``) and written to it (``written``)."""
+
+    prompt: int | None
+    completion: int | None
+    cached: int = 0
+    written: int = 0
+
+    def usage(self) -> Usage:
+        return Usage(prompt=self.prompt, completion=self.completion, cached=self.cached)
 
 
 def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def usage_of(obj: Any) -> Usage | None:
+def usage_of(obj: Any) -> Tokens | None:
     """The usage an OpenAI-format response object (or chunk) reports:
-    ``prompt`` including ``cached`` (``prompt_tokens_details.cached_tokens``)."""
+    ``prompt_tokens`` including ``prompt_tokens_details.cached_tokens`` and,
+    from the ``anthropic`` backend type, ``cache_creation_input_tokens``."""
     usage = obj.get("usage") if isinstance(obj, dict) else None
     if not isinstance(usage, dict):
         return None
     details = usage.get("prompt_tokens_details")
     cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
-    return Usage(prompt=_count(usage.get("prompt_tokens")), completion=_count(usage.get("completion_tokens")), cached=cached)
+    return Tokens(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")), cached or 0,
+                  _count(usage.get("cache_creation_input_tokens")) or 0)
 
 
-def usage_of_body(body: bytes) -> Usage | None:
+def usage_of_body(body: bytes) -> Tokens | None:
     try:
         return usage_of(orjson.loads(body))
     except orjson.JSONDecodeError:
@@ -50,7 +65,7 @@ class UsageTap:
 
     def __init__(self, *, drop: bool):
         self.drop = drop
-        self.usage: Usage | None = None
+        self.usage: Tokens | None = None
         self.pending = b""
 
     def feed(self, chunk: bytes) -> bytes:
