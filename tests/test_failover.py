@@ -338,3 +338,21 @@ def test_budgets_table_errors_are_one_line(clouds):
     with pytest.raises(comox.ConfigError, match=r"^budgets.cloud_usd_per_dy: Extra inputs are not permitted$"):
         comox.build_gateway(comox.Settings(auth="none", **gateway_settings([dead_backend()], [cloud_backend(cloud)],
                                                                            budgets={"cloud_usd_per_dy": 5})))
+
+
+@pytest.mark.parametrize("page", ["configuration.md", "failover.md"])
+def test_the_documented_keys_and_defaults_are_the_codes(page):
+    import re
+    from pathlib import Path
+
+    from comox_failover.config import BudgetSettings, FailoverTable, PriceTable
+
+    text = (Path(__file__).parent.parent / "docs" / page).read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", text, re.M))
+    assert FailoverTable.model_fields["trigger"].default == "capacity" and rows["trigger"] == '`"capacity"`'
+    assert rows["max_tokens_cap"] == f"`{FailoverTable.model_fields['max_tokens_cap'].default}`"
+    for name, field in PriceTable.model_fields.items():
+        assert rows[name] == ("required" if field.is_required() else "the input price")
+    for name, field in BudgetSettings.model_fields.items():
+        assert field.default is None and (page == "failover.md" or rows[name] == "none")
+        assert f"{name} = " in text or f"`{name}`" in text
