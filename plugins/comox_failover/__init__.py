@@ -45,6 +45,8 @@ IMAGE_TOKENS = 2000
 REQUEST_FAULTS = frozenset({400, 413, 422})
 """A cloud's answers that blame the request: passed to the client, not
 retried on the next cloud backend."""
+ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings"})
+"""The endpoints whose cost can be bounded before they are sent (others never fail over)."""
 SCOPES = {"day": "the daily cloud budget", "month": "the monthly cloud budget", "key": "its key's daily cloud budget"}
 
 
@@ -120,7 +122,7 @@ async def comox_failover(request: GatewayRequest, error: Exception, trigger: str
     if state is None or request.local_only:
         return None  # data that must stay home never leaves (the core keeps it too)
     group = state.groups.get(request.model_group)
-    if group is None or (group.trigger == "capacity" and trigger != "capacity"):
+    if group is None or (group.trigger == "capacity" and trigger != "capacity") or request.endpoint not in ENDPOINTS:
         return None
     prompt, completion, drop_usage = _prepare(request, group.max_tokens_cap)
     budgets = state.ledger.budgets(request.principal)
@@ -132,7 +134,12 @@ async def comox_failover(request: GatewayRequest, error: Exception, trigger: str
             refused = refused or hold
             _audit(request, cloud, why, status=None, usage=None, cost=0, outcome=f"refused: {hold.scope} budget")
             continue
-        response = await _send(cloud, request)
+        try:
+            response = await _send(cloud, request)
+        except BaseException:  # cancelled (the client left, or shutdown): the cloud may have billed it
+            await state.ledger.settle(hold, None)
+            _audit(request, cloud, why, status=None, usage=None, cost=hold.amount, outcome="cancelled: charged its reservation")
+            raise
         status = response.status if isinstance(response, BackendResponse) else None
         if isinstance(response, str) or (status != 200 and status not in REQUEST_FAULTS):
             if isinstance(response, BackendResponse):
