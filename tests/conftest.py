@@ -70,3 +70,20 @@ def llama_processes():
     yield start
     for process in started:
         process.kill()
+
+
+# -- a real redis-server ------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_server():
+    """A running ``redis-server`` on an ephemeral port (tests/redis_server.py);
+    stopped at teardown. ``.kill()`` and ``.start()`` again for an outage."""
+    from tests.redis_server import RedisServer, skip_reason
+
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    server = RedisServer().start()
+    yield server
+    server.stop()

@@ -1,0 +1,329 @@
+"""``RedisState``: a :class:`comox.SharedState` kept in Redis (or Valkey).
+
+Every operation is one atomic server-side step: the token bucket and the
+capped counter are Lua scripts (the bucket refills by Redis' own ``TIME``, so
+replicas whose clocks disagree still share one bucket); values are plain
+``SET … PX`` / ``GET`` / ``DEL``. Each call is bounded by ``timeout_s`` as a
+whole (waiting for a pooled connection, connecting, the command): Redis never
+holds a request for longer.
+
+When Redis cannot be used (refused, timed out, an error), the state
+*degrades*: with ``on_failure = "open"`` buckets and counters are kept in this
+process, each replica taking its share of every limit (capacity and refill
+divided by the replicas last seen alive), and values are bypassed (``get``
+finds nothing, ``set`` and ``delete`` do nothing); with ``"closed"`` every
+operation raises :class:`SharedStateUnavailable` (503). No request calls Redis
+while it is down: a background task checks it every ``recheck_s`` and
+resumes shared counting when it answers. The same task is the heartbeat that
+counts live replicas: each refreshes its member of a sorted set every
+``heartbeat_s`` and counts the members seen within three heartbeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+import comox
+
+__all__ = ["RedisState", "SharedStateUnavailable"]
+
+log = logging.getLogger("comox.redis")
+
+T = TypeVar("T")
+
+# What "Redis could not be used" looks like: redis-py's own errors (connection
+# refused or reset, pool exhausted, script errors, READONLY, OOM…), socket
+# errors that escape it, and the overall deadline.
+UNAVAILABLE = (RedisError, OSError, TimeoutError)
+
+_FMT = "local function fmt(x) return string.format('%.17g', x) end\n"
+
+# KEYS[1] bucket; ARGV amount, capacity, per_s, force ("1"/"0"). A bucket that
+# is full again is deleted (absent = full), so idle keys cost nothing.
+TAKE = _FMT + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local amount, capacity, per_s = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tokens = capacity
+local held = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+if held[1] then
+  tokens = math.min(capacity, tonumber(held[1]) + math.max(0, now - tonumber(held[2])) * per_s)
+end
+local allowed = 0
+if ARGV[4] == '1' or amount <= tokens then
+  allowed = 1
+  tokens = tokens - amount
+end
+if tokens >= capacity then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('HSET', KEYS[1], 'tokens', fmt(tokens), 'at', fmt(now))
+  if per_s > 0 then
+    redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - tokens) / per_s * 1000) + 1000)
+  else
+    redis.call('PERSIST', KEYS[1])
+  end
+end
+return {allowed, fmt(tokens)}
+"""
+
+# KEYS[1] counter; ARGV amount, cap ("" for none), ttl in ms ("" for none).
+ADD = _FMT + """
+local amount = tonumber(ARGV[1])
+local value = tonumber(redis.call('GET', KEYS[1]) or '0')
+local new = value + amount
+if ARGV[2] ~= '' and amount > 0 and new > tonumber(ARGV[2]) then
+  return {0, fmt(value)}
+end
+if ARGV[3] ~= '' then
+  redis.call('SET', KEYS[1], fmt(new), 'PX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], fmt(new))
+end
+return {1, fmt(new)}
+"""
+
+# KEYS[1] the replicas' sorted set; ARGV this replica, window in seconds.
+HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local window = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+class SharedStateUnavailable(comox.ComoxError):
+    """503: the shared state is unreachable and ``[state] on_failure = "closed"``."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "shared_state_unavailable"
+
+
+def bucket(tokens: float, amount: float, capacity: float, per_s: float, allowed: bool) -> comox.Bucket:
+    """The :class:`comox.Bucket` for ``tokens`` left after a take of ``amount``."""
+    reset = (capacity - tokens) / per_s if per_s > 0 else math.inf
+    if allowed:
+        retry = 0.0
+    elif amount > capacity:
+        retry = math.inf
+    else:
+        retry = (amount - tokens) / per_s if per_s > 0 else math.inf
+    return comox.Bucket(allowed, max(0.0, math.floor(tokens)), max(0.0, reset), retry)
+
+
+def share(total: float, amount: float, replicas: int) -> float:
+    """This replica's part of ``total`` among ``replicas``, but never too small
+    for one ``amount`` that fits the whole (a limit of 1 a minute among three
+    replicas still lets each serve one: within one request per replica)."""
+    part = total / max(1, replicas)
+    return max(part, min(amount, total)) if amount > 0 else part
+
+
+class RedisState:
+    """A :class:`comox.SharedState` in Redis; see the module docstring.
+
+    :param url: ``redis://[user:password@]host:port/db``, ``rediss://…`` (TLS)
+        or ``unix:///path/to/socket``.
+    :param prefix: put before every key, so several gateways (or other users)
+        can share one Redis.
+    :param timeout_s: the most one operation may take, all included.
+    :param on_failure: ``"open"`` (degrade and keep serving) or ``"closed"``.
+    :param clock: a monotonic ``() -> seconds`` for the fallback buckets (tests
+        pass a fake one); the shared buckets use Redis' own clock.
+    """
+
+    def __init__(self, url: str, *, prefix: str = "comox:", timeout_s: float = 0.2,
+                 on_failure: Literal["open", "closed"] = "open", max_connections: int = 64,
+                 heartbeat_s: float = 5.0, recheck_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic, replica_id: str | None = None) -> None:
+        self.prefix = prefix
+        self.timeout_s = timeout_s
+        self.on_failure = on_failure
+        self.heartbeat_s = heartbeat_s
+        self.recheck_s = recheck_s
+        self.clock = clock
+        self.replica_id = replica_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout_s, socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0),  # a retry would only double the wait
+        )
+        self.redis = Redis.from_pool(pool)
+        self._take = self.redis.register_script(TAKE)
+        self._add = self.redis.register_script(ADD)
+        self._heartbeat = self.redis.register_script(HEARTBEAT)
+        self.replicas = 1
+        """Live replicas counted at the last heartbeat (1 until one answered)."""
+        self.down_reason: str | None = None
+        """Why Redis is not used right now; ``None`` while it is."""
+        self.fallback = comox.MemoryState(clock=clock)
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+
+    # -- the SharedState operations -------------------------------------------
+
+    async def take(self, key: str, amount: float, *, capacity: float, per_s: float, force: bool = False) -> comox.Bucket:
+        async def shared() -> comox.Bucket:
+            allowed, tokens = await self._take(keys=[self.prefix + "t:" + key],
+                                               args=[amount, capacity, per_s, "1" if force else "0"])
+            return bucket(float(tokens), amount, capacity, per_s, bool(allowed))
+
+        async def local() -> comox.Bucket:
+            n = self.replicas
+            return await self.fallback.take(key, amount, capacity=share(capacity, amount, n), per_s=per_s / n, force=force)
+
+        return await self._call(shared, local)
+
+    async def add(self, key: str, amount: float, *, cap: float | None = None, ttl_s: float | None = None) -> tuple[bool, float]:
+        async def shared() -> tuple[bool, float]:
+            ttl = str(max(1, math.ceil(ttl_s * 1000))) if ttl_s else ""
+            added, value = await self._add(keys=[self.prefix + "c:" + key], args=[amount, "" if cap is None else cap, ttl])
+            return bool(added), float(value)
+
+        async def local() -> tuple[bool, float]:
+            part = None if cap is None else share(cap, amount, self.replicas)
+            return await self.fallback.add(key, amount, cap=part, ttl_s=ttl_s)
+
+        return await self._call(shared, local)
+
+    async def get(self, key: str) -> bytes | None:
+        async def shared() -> bytes | None:
+            value = await self.redis.get(self.prefix + "v:" + key)
+            assert value is None or isinstance(value, bytes)  # responses are not decoded
+            return value
+
+        return await self._call(shared, _nothing)
+
+    async def set(self, key: str, value: bytes, *, ttl_s: float) -> None:
+        async def shared() -> None:
+            await self.redis.set(self.prefix + "v:" + key, value, px=max(1, math.ceil(ttl_s * 1000)))
+
+        await self._call(shared, _nothing)
+
+    async def delete(self, key: str) -> None:
+        async def shared() -> None:
+            await self.redis.delete(self.prefix + "v:" + key)
+
+        await self._call(shared, _nothing)
+
+    def readiness(self) -> dict[str, Any]:
+        if self.down_reason is None:
+            return {"ready": True, "state": "shared", "replicas": self.replicas}
+        if self.on_failure == "closed":
+            return {"ready": False, "state": "unavailable", "reason": self.down_reason}
+        return {"ready": True, "state": "degraded", "reason": self.down_reason, "replicas": self.replicas}
+
+    # -- up, down and back ----------------------------------------------------
+
+    async def _call(self, shared: Callable[[], Awaitable[T]], local: Callable[[], Awaitable[T]]) -> T:
+        if self._task is None:
+            self._start()
+        if self.down_reason is None:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    return await shared()
+            except UNAVAILABLE as exc:
+                self._went_down(exc)
+        if self.on_failure == "closed":
+            raise SharedStateUnavailable(
+                "the shared state (Redis) is unreachable and [state] on_failure is \"closed\": try again shortly",
+                retry_after=self.recheck_s)
+        return await local()
+
+    def _went_down(self, exc: BaseException) -> None:
+        if self.down_reason is not None:
+            return
+        self.down_reason = f"redis unreachable: {_describe(exc)}"
+        self.fallback = comox.MemoryState(clock=self.clock)  # every outage starts with full local shares
+        what = ("refusing requests ([state] on_failure = \"closed\")" if self.on_failure == "closed" else
+                f"limits count per replica (this one takes 1/{self.replicas} of each) and the cache is bypassed")
+        log.warning("shared state degraded: %s; %s until it answers again", self.down_reason, what)
+        if self._wake is not None:
+            self._wake.set()  # the watcher checks again within recheck_s, not heartbeat_s
+
+    def _came_back(self) -> None:
+        if self.down_reason is None:
+            return
+        self.down_reason = None
+        log.info("shared state recovered: redis answers again, counting across %d replica(s)", self.replicas)
+
+    async def beat(self) -> bool:
+        """One heartbeat: refresh this replica, count the live ones. False
+        (and degraded) when Redis could not be used."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                count = await self._heartbeat(keys=[self.prefix + "replicas"],
+                                              args=[self.replica_id, 3 * self.heartbeat_s])
+        except UNAVAILABLE as exc:
+            self._went_down(exc)
+            return False
+        self.replicas = max(1, int(count))
+        self._came_back()
+        return True
+
+    async def start(self) -> None:
+        """First heartbeat (so readiness and the replica count are right from
+        the start), then the watcher in the background. Idempotent."""
+        if self._task is None:
+            self._start(beat_first=False)
+            await self.beat()
+
+    def _start(self, *, beat_first: bool = True) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._watch(self._wake, beat_first), name="comox-redis-watch")
+
+    async def _watch(self, wake: asyncio.Event, beat_first: bool) -> None:
+        if beat_first:
+            await self.beat()
+        while True:
+            wake.clear()
+            ok = self.down_reason is None
+            try:
+                async with asyncio.timeout(self.heartbeat_s if ok else self.recheck_s):
+                    await wake.wait()
+            except TimeoutError:
+                pass
+            await self.beat()
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self.down_reason is None:
+            try:  # leave the count at once, not three heartbeats later
+                async with asyncio.timeout(self.timeout_s):
+                    await self.redis.zrem(self.prefix + "replicas", self.replica_id)
+            except UNAVAILABLE:
+                pass
+        await self.redis.aclose()  # and its pool
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, TimeoutError) and not text:
+        return "no answer within the timeout"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
