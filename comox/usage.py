@@ -57,9 +57,10 @@ def parse_usage(obj: dict[str, Any]) -> Usage | None:
         return None
     out: dict[str, Any] = {"prompt": None, "completion": None, "cached": None, "prefill_tps": None, "decode_tps": None}
     if isinstance(usage, dict):
-        out["prompt"] = _int(usage.get("prompt_tokens"))
-        out["completion"] = _int(usage.get("completion_tokens"))
-        details = usage.get("prompt_tokens_details")
+        # OpenAI's chat names, else its Responses API's (input/output tokens).
+        out["prompt"] = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
+        out["completion"] = _int(usage.get("completion_tokens", usage.get("output_tokens")))
+        details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
         if isinstance(details, dict):
             out["cached"] = _int(details.get("cached_tokens"))
     if isinstance(timings, dict):
@@ -140,7 +141,8 @@ def usage_of_body(body: bytes) -> Usage | None:
 
 def usage_of_events(end: bytes) -> Usage | None:
     """:func:`parse_usage` of the last SSE events of a stream (``end`` holds its
-    last two chunks), where OpenAI servers put ``usage`` and llama.cpp ``timings``."""
+    last two chunks), where OpenAI servers put ``usage`` and llama.cpp ``timings``
+    (the Responses API: in the ``response`` of its ``response.completed`` event)."""
     if b'"usage"' not in end and b'"timings"' not in end:
         return None
     usage = None
@@ -151,7 +153,9 @@ def usage_of_events(end: bytes) -> Usage | None:
             except orjson.JSONDecodeError:
                 continue
             if isinstance(obj, dict):
-                usage = parse_usage(obj) or usage
+                # A Responses API event carries it in its response object.
+                inner = obj.get("response")
+                usage = parse_usage(obj) or (parse_usage(inner) if isinstance(inner, dict) else None) or usage
     return usage
 
 

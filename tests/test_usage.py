@@ -68,6 +68,17 @@ def test_usage_of_events_reads_the_last_events():
     assert usage_of_events(b'data: {"usage": broken\n\n') is None
 
 
+def test_usage_of_responses_api_events():
+    # OpenAI's Responses API names the counts input/output tokens, and puts them
+    # in the response object of its last event.
+    usage = {"input_tokens": 11, "input_tokens_details": {"cached_tokens": 8}, "output_tokens": 4, "total_tokens": 15}
+    end = (b'event: response.output_text.done\ndata: {"type":"response.output_text.done","text":"hi"}\n\n'
+           b'event: response.completed\ndata: ' + orjson.dumps({"type": "response.completed", "response": {"id": "resp_1", "usage": usage}}) + b'\n\n')
+    assert usage_of_events(end)._asdict() == {"prompt": 11, "completion": 4, "cached": 8, "prefill_tps": None, "decode_tps": None}
+    created = b'event: response.created\ndata: {"type":"response.created","response":{"id":"resp_1","usage":null}}\n\n'
+    assert usage_of_events(created) is None
+
+
 def test_record_body_of_garbage_records_nothing_and_does_not_raise():
     state = BackendState(object(), BackendSettings(name="a"))
     request = GatewayRequest(id="r", endpoint="chat/completions", path="/v1/chat/completions", headers=[], raw=b"{}",
