@@ -1,4 +1,4 @@
-"""``comox serve``, ``comox check`` and ``comox plugins``.
+"""``comox serve``, ``comox check``, ``comox plugins`` and ``comox keys new``.
 
 Exit status: 0 on success, 1 when ``comox check`` finds a model group with no
 backend that answers, 2 on a bad configuration or a port that cannot be
@@ -11,8 +11,10 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import json
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable
@@ -37,11 +39,15 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import ComoxApp, build_gateway
+    from .default_config import serving_default
 
     configure_logging(args.log_format, args.log_level)
     # The config is read and the gateway built once, here: a bad config fails
     # with one line, and a busy port too, before anything says it is serving.
     gateway = build_gateway(args.config)
+    if serving_default(gateway.settings) and gateway.settings.auth == "none" and not _loopback(args.host):
+        raise CommandError(f"the embedded default model has no API keys, so it serves this machine only and will "
+                           f"not listen on {args.host}: pass a config with [[keys]] (-c comox.toml) to serve others")
     sock = _listen_socket(args.host, args.port)
     host, port = args.host, sock.getsockname()[1]
     options = dict(host=host, port=port, log_level=args.log_level, access_log=args.access_log)
@@ -84,12 +90,24 @@ def _listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _announce(gateway: Gateway, host: str, port: int) -> None:
     from .default_config import serving_default, usage_example
 
     base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     print(f"Comox serving on {base}/v1", file=sys.stderr, flush=True)
     if serving_default(gateway.settings):
+        if gateway.settings.auth == "none":
+            print("No API keys: the embedded default answers any caller on this machine, so it listens on loopback "
+                  "only (to serve others, pass a config with [[keys]]: comox keys new)", file=sys.stderr, flush=True)
         print(usage_example(base), file=sys.stderr, flush=True)
 
 
@@ -163,6 +181,27 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+KEY_PREFIX = "cmx-"
+KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    """Show a fresh key, once, on stderr, and print on stdout the ``[[keys]]``
+    lines that hold its hash (``comox keys new >> comox.toml`` appends them)."""
+    import hashlib
+    import secrets
+
+    key_id = args.id if args.id is not None else f"key-{secrets.token_hex(3)}"
+    if not KEY_ID.fullmatch(key_id):
+        raise CommandError(f"--id {key_id!r}: use 1 to 128 letters, digits, '.', '_', '@' or '-', starting with a letter or digit")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    print(f"API key {key_id} (shown only this once; Comox keeps only its SHA-256):\n\n  {key}\n\n"
+          "Its [[keys]] entry, for the config or the keys_file, is on stdout.", file=sys.stderr, flush=True)
+    print(f'\n[[keys]]\nid = "{key_id}"\nkey_sha256 = "{hashlib.sha256(key.encode()).hexdigest()}"\n'
+          '# models = ["*"]  # globs of the model groups it may use; rpm, tpm, max_concurrency, local_only: docs/keys.md')
+    return 0
+
+
 CONFIG_HELP = "TOML config file (default: $COMOX_CONFIG, else the embedded gemma-3-270m model)"
 
 
@@ -199,6 +238,17 @@ def main(argv: list[str] | None = None) -> int:
     plugins = commands.add_parser("plugins", help="list loaded plugins with their versions and hooks")
     plugins.add_argument("--json", action="store_true", help="print JSON (default: one line per plugin)")
     plugins.set_defaults(func=_plugins)
+
+    keys = commands.add_parser("keys", help="make API keys", description="Make API keys (docs/keys.md).")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    new = keys_commands.add_parser(
+        "new", help="show a fresh API key once, and print the [[keys]] lines to paste",
+        description="Show a fresh API key, once, on stderr (it is stored nowhere), and print on stdout the "
+                    "[[keys]] lines that hold its SHA-256, for the config or the keys_file: "
+                    "comox keys new --id my-app >> comox.toml",
+    )
+    new.add_argument("--id", metavar="NAME", help="the key's id, used in logs and limits (default: key-<random>)")
+    new.set_defaults(func=_keys_new)
 
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

@@ -29,10 +29,16 @@ def run_server():
         stop_process(proc)
 
 
+# These configs are about the command line, not keys (tests/test_keys.py): no
+# authentication, or one key when nothing here calls the API.
+NO_AUTH = 'auth = "none"\n'
+A_KEY = f'[[keys]]\nid = "ops"\nkey_sha256 = "{"0" * 64}"\n'
+
+
 @pytest.fixture
 def config(tmp_path, comox_upstream):
     path = tmp_path / "comox.toml"
-    path.write_text(f'[[models]]\nname = "chat"\n[[models.backends]]\nurl = "{comox_upstream.url}"\n')
+    path.write_text(f'{NO_AUTH}[[models]]\nname = "chat"\n[[models.backends]]\nurl = "{comox_upstream.url}"\n')
     return path
 
 
@@ -112,7 +118,7 @@ def test_help_shows_every_default(command, defaults):
 
 def write_config(tmp_path, groups):
     """A config file of ``{group: [(backend name, url), ...]}``."""
-    lines = []
+    lines = [A_KEY]
     for group, backends in groups.items():
         lines.append(f'[[models]]\nname = "{group}"')
         lines += [f'[[models.backends]]\nname = "{name}"\nurl = "{url}"' for name, url in backends]
@@ -158,7 +164,7 @@ def test_check_reads_comox_config(tmp_path, comox_upstream):
 
 def test_check_on_a_bad_config_says_why_in_one_line(tmp_path):
     path = tmp_path / "bad.toml"
-    path.write_text('[[models]]\nname = "chat"\npolicy = "no-such-policy"\n[[models.backends]]\nurl = "http://127.0.0.1:9"\n')
+    path.write_text(f'{NO_AUTH}[[models]]\nname = "chat"\npolicy = "no-such-policy"\n[[models.backends]]\nurl = "http://127.0.0.1:9"\n')
     result = comox("check", "-c", str(path))
     assert result.returncode == 2
     assert result.stdout == ""
@@ -234,7 +240,7 @@ def comox_backend_types():
 
 def test_check_reports_a_gateway_that_fails_to_start(tmp_path, plugin_env):
     path = tmp_path / "comox.toml"
-    path.write_text('[[models]]\nname = "chat"\n[[models.backends]]\nname = "b"\ntype = "broken"\n')
+    path.write_text(f'{NO_AUTH}[[models]]\nname = "chat"\n[[models.backends]]\nname = "b"\ntype = "broken"\n')
     result = comox("check", "-c", str(path), env=plugin_env("broken", BROKEN_PLUGIN))
     assert result.returncode == 1
     assert result.stderr == "comox: the gateway failed to start: RuntimeError: no GPU here\n"
@@ -299,7 +305,7 @@ def test_serve_app_tunes_the_gc_of_the_process_it_owns(tmp_path, monkeypatch, re
     from comox.cli import serve_app
 
     path = tmp_path / "comox.toml"
-    path.write_text(f'[server]\ntune_gc = {str(tune).lower()}\n[[models]]\nname = "chat"\n'
+    path.write_text(f'{NO_AUTH}[server]\ntune_gc = {str(tune).lower()}\n[[models]]\nname = "chat"\n'
                     f'[[models.backends]]\nurl = "{comox_upstream.url}"\n')
     monkeypatch.setenv("COMOX_CONFIG", str(path))
     before = gc.get_threshold()[0]
@@ -314,6 +320,6 @@ def test_serve_app_tunes_the_gc_of_the_process_it_owns(tmp_path, monkeypatch, re
 def test_create_app_leaves_the_gc_of_its_host_alone(monkeypatch, restore_gc, comox_upstream):
     from comox import Settings, create_app
 
-    app = create_app(Settings(models=[{"name": "chat", "backends": [{"url": comox_upstream.url}]}]))
+    app = create_app(Settings(auth="none", models=[{"name": "chat", "backends": [{"url": comox_upstream.url}]}]))
     seen = run_lifespan_startup(app)
     assert seen["startup"] == "lifespan.startup.complete" and seen["frozen"] == 0

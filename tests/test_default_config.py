@@ -103,6 +103,17 @@ def test_any_configuration_replaces_the_default(tmp_path):
     assert [g.name for g in load_settings(config).models] == ["mine"]
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.1"])
+def test_the_embedded_default_will_not_listen_beyond_loopback(host):
+    result = subprocess.run([sys.executable, "-m", "comox.cli", "serve", "--host", host, "--port", str(free_port())],
+                            capture_output=True, text=True, timeout=120, env=clean_env())
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"comox: the embedded default model has no API keys, so it serves this machine only and will not listen "
+        f"on {host}: pass a config with [[keys]] (-c comox.toml) to serve others")
+    assert "Traceback" not in result.stderr and "Comox serving" not in result.stderr
+
+
 def test_usage_example_is_ready_to_paste():
     text = usage_example("http://0.0.0.0:8000")
     assert "curl -s http://127.0.0.1:8000/v1/completions" in text
@@ -142,6 +153,9 @@ def test_serve_with_no_config_answers_with_the_embedded_model(serve_default):
     text = "".join(banner)
     assert f"Comox serving on {url}/v1" in text
     assert "embedded gemma-3-270m" in text.replace("the embedded", "embedded")
+    # no keys, and the banner says so
+    assert ("No API keys: the embedded default answers any caller on this machine, so it listens on loopback only "
+            "(to serve others, pass a config with [[keys]]: comox keys new)\n") in banner
     wait_for_http(f"{url}/healthz", proc=proc, timeout=120)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
     assert [m.id for m in client.models.list()] == [DEFAULT_MODEL]

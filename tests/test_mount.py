@@ -1,5 +1,7 @@
 """Comox inside a real FastAPI app: mounted, and as middleware."""
 
+import hashlib
+
 import fastapi
 import httpx
 import openai
@@ -9,11 +11,14 @@ import comox
 from comox.testing import ServerThread
 
 CHAT = [{"role": "user", "content": "hi"}]
+# the key client_for's SDK sends (tests/conftest.py): keys work mounted and as middleware too
+KEY_SHA256 = hashlib.sha256(b"sk-client-secret").hexdigest()
 
 
 @pytest.fixture
 def settings(comox_upstream):
-    return comox.Settings(models=[{"name": "m", "backends": [{"url": comox_upstream.url}]}])
+    return comox.Settings(models=[{"name": "m", "backends": [{"url": comox_upstream.url}]}],
+                          sections={"keys": [{"id": "client", "key_sha256": KEY_SHA256}]})
 
 
 def host_app() -> fastapi.FastAPI:
@@ -36,6 +41,7 @@ def test_mounted_in_fastapi(settings, client_for):
         assert [m.id for m in client.models.list()] == ["m"]
         assert httpx.get(f"{server.url}/hello").json() == {"host": "says hello"}
         assert httpx.get(f"{server.url}/llm/healthz").status_code == 200
+        assert httpx.get(f"{server.url}/llm/v1/models").status_code == 401  # no key
 
 
 def test_middleware_in_fastapi(settings, client_for):
@@ -49,11 +55,13 @@ def test_middleware_in_fastapi(settings, client_for):
         # every other path belongs to the host app, untouched
         assert httpx.get(f"{server.url}/hello").json() == {"host": "says hello"}
         assert httpx.get(f"{server.url}/missing").json() == {"detail": "Not Found"}
+        assert httpx.get(f"{server.url}/v1/models", headers={"authorization": "Bearer sk-other"}).status_code == 401
 
 
 def test_no_settings_reads_comox_config(tmp_path, monkeypatch, comox_upstream, client_for):
     config = tmp_path / "comox.toml"
-    config.write_text(f'[[models]]\nname = "from-file"\n[[models.backends]]\nurl = "{comox_upstream.url}"\n')
+    config.write_text(f'[[models]]\nname = "from-file"\n[[models.backends]]\nurl = "{comox_upstream.url}"\n'
+                      f'[[keys]]\nid = "client"\nkey_sha256 = "{KEY_SHA256}"\n')
     monkeypatch.setenv("COMOX_CONFIG", str(config))
     app = host_app()
     app.mount("/a", comox.create_app())
