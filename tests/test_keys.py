@@ -357,3 +357,31 @@ def test_comox_keys_new_refuses_an_odd_id():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("comox: --id 'a\" = 1': use 1 to 128 letters") and result.stderr.count("\n") == 1
+
+
+# -- docs/keys.md says what the code does ---------------------------------------------------
+
+
+def test_docs_keys_md_lists_every_key_and_quotes_the_real_lines(tmp_path, comox_upstream):
+    from pathlib import Path
+
+    from comox_keys import KeyEntry
+
+    text = Path(__file__).parent.parent.joinpath("docs", "keys.md").read_text()
+    documented = {name.strip("` ") for row in text.split("## `[[keys]]`")[1].split("\n## ")[0].splitlines()
+                  if row.startswith("| `") for name in row.split("|")[1].split(",")}
+    assert documented == set(KeyEntry.model_fields)
+    assert f"comox: configuration error: {NO_KEYS}" in text
+    assert 'authentication is off (auth = "none"): anyone who can reach this gateway may use every model' in text
+    with pytest.raises(comox.ConfigError) as exc:
+        comox.build_gateway(keyed(comox_upstream.url, [{"id": "a", "key_sha256": "abc"}]))
+    assert f"`comox: configuration error: {exc.value}`" in text
+    path = tmp_path / "keys.toml"
+    with pytest.raises(comox.ConfigError) as exc:
+        comox.build_gateway(keyed(comox_upstream.url, [], keys_file=str(path)))
+    assert str(exc.value).replace(str(path), "/etc/comox/keys/keys.toml") in text
+    for line in ("No API keys: the embedded default answers any caller on this machine, so it listens on loopback only",
+                 "comox: the embedded default model has no API keys, so it serves this machine only and will not listen "
+                 "on 0.0.0.0: pass a config with [[keys]] (-c comox.toml) to serve others",
+                 "keys: the key 'ops' is the admin key ($COMOX_ADMIN_KEY): a client key must be a different key"):
+        assert line in text
