@@ -11,6 +11,7 @@ from .app import ComoxApp, build_gateway, create_app
 from .backends import (
     Backend,
     BackendResponse,
+    SupportsContinuation,
     SupportsHealthCheck,
     SupportsNativeAPI,
     SupportsSlotPinning,
@@ -67,6 +68,7 @@ __all__ = [
     "SupportsHealthCheck",
     "SupportsSlotPinning",
     "SupportsNativeAPI",
+    "SupportsContinuation",
     "HealthReport",
     "LoadReport",
     "OK",

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .settings import BackendSettings
 
 __all__ = ["Backend", "BackendResponse", "SupportsStartup", "SupportsHealthCheck", "SupportsSlotPinning",
-           "SupportsNativeAPI"]
+           "SupportsNativeAPI", "SupportsContinuation"]
 
 
 class BackendResponse:
@@ -116,3 +116,16 @@ class SupportsNativeAPI(Protocol):
     thinking blocks intact."""
 
     native_apis: frozenset[str]
+
+
+@runtime_checkable
+class SupportsContinuation(Protocol):
+    """Optional: the backend can continue a partial answer, so a stream that
+    another node of its group broke off can be resumed on it
+    (``resume_streams``, docs/failover.md). ``continues`` names the endpoints
+    it can do that for: ``"completions"`` — it continues a prompt that ends
+    with the partial text; ``"chat/completions"`` — it continues a final
+    assistant message when asked with ``continue_final_message: true,
+    add_generation_prompt: false`` (vLLM, SGLang, llama.cpp's llama-server)."""
+
+    continues: frozenset[str]

@@ -64,6 +64,9 @@ class HTTPBackend:
 
     settings_model: type[BackendSettings] = HTTPBackendSettings
     health_check_default = True
+    # Any OpenAI-compatible server continues a prompt; continuing a chat
+    # message needs an engine that says so (comox.SupportsContinuation).
+    continues: frozenset[str] = frozenset({"completions"})
 
     def __init__(self, settings: HTTPBackendSettings, *, client: httpx.AsyncClient | Transport | None = None):
         self.name = settings.name

@@ -12,7 +12,7 @@ PUBLIC = {
     "ComoxApp", "ComoxMiddleware", "Gateway", "Settings", "build_gateway", "create_app", "load_settings", "__version__",
     # plugins and backends
     "hookimpl", "Backend", "BackendResponse", "BackendSettings", "SupportsStartup", "SupportsHealthCheck",
-    "SupportsSlotPinning", "SupportsNativeAPI", "InboundAPI", "HealthReport", "LoadReport", "OK", "LOADING", "FAIL", "HTTPBackend", "HTTPBackendSettings",
+    "SupportsSlotPinning", "SupportsNativeAPI", "SupportsContinuation", "InboundAPI", "HealthReport", "LoadReport", "OK", "LOADING", "FAIL", "HTTPBackend", "HTTPBackendSettings",
     "Transport", "AiohttpTransport", "HttpxTransport", "UpstreamUnreachable",
     # routing policies
     "RoutingPolicy", "ObservesUsage", "ReportsStats", "BackendView", "GroupView", "Usage", "cheaper", "power_of_two",

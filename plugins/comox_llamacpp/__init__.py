@@ -29,6 +29,7 @@ from comox import FAIL, LOADING, OK, GatewayRequest, HealthReport, LoadReport, p
 __all__ = ["LlamaCppBackend", "LlamaCppSettings", "parse_prometheus"]
 
 METRICS = ("llamacpp:requests_deferred", "llamacpp:requests_processing", "llamacpp:kv_cache_usage_ratio")
+CONTINUES_CHAT = frozenset({"completions", "chat/completions"})
 
 
 class LlamaCppSettings(comox.HTTPBackendSettings):
@@ -90,6 +91,9 @@ class LlamaCppBackend(comox.HTTPBackend):
         if self._health_path == "/health":
             response = await http.get(f"{self.root}/health")
             if response.status_code == 200:
+                # llama-server (llama-cpp-python has no /health): it continues a
+                # final assistant message too (comox.SupportsContinuation).
+                self.continues = CONTINUES_CHAT
                 return HealthReport(OK, "ok")
             if response.status_code == 503:
                 try:

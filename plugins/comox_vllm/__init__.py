@@ -33,6 +33,7 @@ class VLLMSettings(comox.HTTPBackendSettings):
 class VLLMBackend(comox.HTTPBackend):
     settings_model = VLLMSettings
     health_check_default = True
+    continues = frozenset({"completions", "chat/completions"})  # continue_final_message
 
     def __init__(self, settings: VLLMSettings, **kwargs: Any) -> None:
         super().__init__(settings, **kwargs)
