@@ -23,6 +23,7 @@ None).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -122,10 +123,8 @@ async def comox_shutdown(gateway: comox.Gateway) -> None:
         return
     _hangup.discard(keys)
     keys.watcher.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await keys.watcher
-    except asyncio.CancelledError:
-        pass
     keys.watcher = None
 
 
