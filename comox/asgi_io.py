@@ -67,8 +67,9 @@ async def read_body(receive: Receive, headers: Headers, limit: int) -> bytes:
 class SentStream(NamedTuple):
     """What :meth:`Responder.stream` sent: ``complete`` when the stream ran to
     its end; ``error`` sent to the client when the upstream broke off
-    (``broke`` says how); times (``time.perf_counter()``) of the first and
-    last chunk, ``data:`` lines, and the last two chunks."""
+    (``broke`` says how — also when another node finished the answer:
+    :meth:`comox.resume.Splice.settle`); times (``time.perf_counter()``) of
+    the first and last chunk, ``data:`` lines, and the last two chunks."""
 
     complete: bool
     error: Exception | None

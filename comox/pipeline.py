@@ -35,6 +35,7 @@ from .fleet import BackendState
 from .gateway import Gateway
 from .plugins import HookChain
 from .request import ANONYMOUS, ENDPOINTS, GatewayRequest, Principal, parse_body, request_id_from
+from .resume import resumable
 from .usage import record_body, record_stream
 
 __all__ = ["serve_api"]
@@ -162,6 +163,10 @@ async def _route_and_answer(gateway: Gateway, request: GatewayRequest, receive: 
     state: BackendState | None = None
     if response is None:
         response, state = await gateway.dispatch(request, group)
+    # A stream another node may continue if its node dies (resume_streams).
+    splice = resumable(gateway, request, group, state, response) if group.settings.resume_streams else None
+    if splice is not None:
+        response = splice.response
     internal = response
     if request.api is not None and not response.native:
         response = request.api.translate_response(request.api_endpoint, request, response)
@@ -173,6 +178,8 @@ async def _route_and_answer(gateway: Gateway, request: GatewayRequest, receive: 
     status = response.status
     if response.stream is not None:
         sent = await responder.stream(receive, response, out_headers + SSE_HEADERS)
+        if splice is not None:
+            sent = splice.settle(sent)
         if state is not None and sent.broke is not None:
             state.record_failure(sent.broke)
         elif sent.complete and sent.first and status == 200:

@@ -16,11 +16,12 @@ def client_for():
 
 @pytest.fixture
 def upstreams():
-    """``upstreams(name, **options)``: start named stand-in upstreams; all stopped at teardown."""
+    """``upstreams(name, kind=StandInUpstream, **options)``: start named stand-in
+    upstreams (of a subclass, with ``kind``); all stopped at teardown."""
     started = []
 
-    def make(name, **kwargs):
-        upstream = StandInUpstream(name, **kwargs).start()
+    def make(name, kind=StandInUpstream, **kwargs):
+        upstream = kind(name, **kwargs).start()
         started.append(upstream)
         return upstream
 
