@@ -169,24 +169,25 @@ async def dispatch(gateway: Gateway, request: GatewayRequest, group: ModelGroup)
         for suspect, code in suspects:  # another node answered: those 5xx were the nodes'
             suspect.record_failure(f"HTTP {code}", code)
         return response, state
-    overloaded = response is not None and response.status in OVERLOADED_STATUS
-    if response is not None and last_state is not None and not (can_fail_over and overloaded):
-        # Every try answered 5xx/429: pass the last answer through, as a proxy
-        # does. 5xx answers no other node contradicted are counted against none.
+    error = _unavailable(gateway, group, saturated, failure, local_only=request.local_only and bool(gateway.hooks.comox_failover))
+    if can_fail_over and (response is None or response.status in OVERLOADED_STATUS):
+        # Exhausted: every backend saturated past the queue wait, or none in
+        # rotation ("capacity"); or every attempt failed or answered busy
+        # ("error"). The busy answer is kept until failover has spoken.
+        trigger = "capacity" if saturated or not tried else "error"
+        answer = await _fail_over(gateway, request, error, trigger)
+        if answer is not None:
+            if response is not None:
+                await response.aclose()
+            return answer, None
+    if response is not None and last_state is not None:
+        # Every try answered 5xx/429 and no failover took it: pass the last
+        # answer through, as a proxy does (its status and retry-after intact).
+        # 5xx answers no other node contradicted are counted against none.
         last_state.acquire()
         if not any(name == b"retry-after" for name, _ in response.headers):
             response.headers.append((b"retry-after", str(server.retry_after_s).encode()))
         return response, last_state
-    if response is not None:
-        await response.aclose()
-    error = _unavailable(gateway, group, saturated, failure, local_only=request.local_only and bool(gateway.hooks.comox_failover))
-    if can_fail_over:
-        # Exhausted: every backend saturated past the queue wait, or none in
-        # rotation ("capacity"); or every attempt failed ("error").
-        trigger = "capacity" if saturated or not tried else "error"
-        answer = await _fail_over(gateway, request, error, trigger)
-        if answer is not None:
-            return answer, None
     raise error
 
 

@@ -106,3 +106,17 @@ def test_an_alias_may_not_reuse_a_name():
     with pytest.raises(Exception, match="aliases\\[0\\]: model name 'a' is used twice"):
         comox.Settings(auth="none", models=[{"name": "a", "backends": [{"url": "http://x"}]},
                                             {"name": "b", "aliases": ["a"], "backends": [{"url": "http://y"}]}])
+
+
+class Declines:
+    @comox.hookimpl
+    def comox_failover(self, request):
+        return None
+
+
+def test_a_busy_answer_stands_when_failover_declines(comox_serve, upstreams):
+    busy = upstreams("busy")
+    busy.faults.extend([Fault(status=429, headers={"retry-after": "7"})] * 2)
+    server = comox_serve({"models": [{"name": "m", "backends": [{"url": busy.url}]}]}, plugins=[Declines()])
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT)
+    assert reply.status_code == 429 and reply.headers["retry-after"] == "7"
