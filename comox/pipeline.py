@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 import orjson
@@ -45,6 +45,35 @@ log = logging.getLogger("comox")
 JSON = [(b"content-type", b"application/json")]
 ROUTE_LOCAL = (b"x-comox-route", b"local")
 ROUTE_FAILOVER = (b"x-comox-route", b"failover")
+
+
+class KeptStream:
+    """The bytes of a backend's stream (its first chunk, read by the core, and
+    the rest as they are forwarded), kept for ``comox_cache_store`` when a
+    plugin asked (``request.keep_stream``): in the backend's OpenAI shape,
+    also when the client is sent a translation. Only such streams pay for the
+    extra step per chunk."""
+
+    __slots__ = ("chunks", "room")
+
+    def __init__(self, response: BackendResponse, limit: int):
+        self.chunks: list[bytes] | None = [response.head] if response.head else []
+        self.room = limit - len(response.head or b"")
+        assert response.stream is not None
+        response.stream = self._tee(response.stream)
+
+    async def _tee(self, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in stream:
+            if self.chunks is not None:
+                self.room -= len(chunk)
+                if self.room < 0:
+                    self.chunks = None  # too long to keep: forwarded all the same
+                else:
+                    self.chunks.append(chunk)
+            yield chunk
+
+    def body(self) -> bytes | None:
+        return b"".join(self.chunks) if self.chunks is not None and self.room >= 0 else None
 
 
 async def serve_api(gateway: Gateway, scope: MutableMapping[str, Any], receive: Receive, send: Send, path: str) -> None:
@@ -168,6 +197,9 @@ async def _route_and_answer(gateway: Gateway, request: GatewayRequest, receive: 
     if splice is not None:
         response = splice.response
     internal = response
+    kept = None
+    if request.keep_stream and response.stream is not None and response.status == 200 and not cached and not response.native:
+        kept = KeptStream(response, request.keep_stream)
     if request.api is not None and not response.native:
         response = request.api.translate_response(request.api_endpoint, request, response)
     out_headers = response.headers + [(b"x-request-id", rid), ROUTE_FAILOVER if state is None and not cached else ROUTE_LOCAL]
@@ -184,6 +216,10 @@ async def _route_and_answer(gateway: Gateway, request: GatewayRequest, receive: 
             state.record_failure(sent.broke)
         elif sent.complete and sent.first and status == 200:
             record_stream(request, state, sent.first, sent.last, sent.events, sent.end)
+            body = kept.body() if kept is not None else None
+            if body is not None and hooks.comox_cache_store:
+                await HookChain.each_logged(hooks.comox_cache_store, request=request,
+                                            response=BackendResponse(200, internal.headers, body=body))
         return state, sent.error
     assert response.body is not None
     try:

@@ -143,6 +143,7 @@ class GatewayRequest:
         self.slot: tuple[str, int] | None = None
         self.usage: Usage | None = None
         self.response_headers: list[tuple[bytes, bytes]] = []
+        self.keep_stream = 0
         # time.perf_counter() when the backend that answered was sent the request,
         # and when its status and headers (and a JSON body) had come back.
         self.sent_at = 0.0

@@ -18,8 +18,6 @@ TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"typ
 CALL_ARGUMENTS = ['{"city": ', '"Paris"}']
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 
-needs_stream_store = pytest.mark.xfail(
-    strict=True, reason="needs the core to pass a finished stream to comox_cache_store (asked of the lead)")
 
 
 class Upstream(StandInUpstream):
@@ -244,7 +242,6 @@ def test_two_keys_never_share_an_entry(comox_serve, upstream):
 # -- streams ------------------------------------------------------------------------------
 
 
-@needs_stream_store
 @pytest.mark.parametrize("include_usage", [False, True])
 def test_a_stream_is_replayed_event_for_event(comox_serve, upstream, include_usage):
     gateway = Gateway(comox_serve, upstream)
@@ -312,7 +309,6 @@ def test_a_json_text_completion_serves_a_stream(comox_serve, upstream):
     assert len(upstream.requests) == 1
 
 
-@needs_stream_store
 def test_a_stream_serves_a_json_answer(comox_serve, upstream):
     gateway = Gateway(comox_serve, upstream)
     client = gateway.client()
@@ -342,7 +338,6 @@ def test_a_stream_serves_a_json_answer(comox_serve, upstream):
     assert len(upstream.requests) == 3
 
 
-@needs_stream_store
 def test_a_stream_without_usage_does_not_serve_json(comox_serve, upstream):
     gateway = Gateway(comox_serve, upstream)
     ask = {**CHAT, "temperature": 0}
@@ -353,7 +348,6 @@ def test_a_stream_without_usage_does_not_serve_json(comox_serve, upstream):
     assert len(upstream.requests) == 2
 
 
-@needs_stream_store
 def test_a_broken_stream_is_not_cached(comox_serve, upstream):
     gateway = Gateway(comox_serve, upstream)
     ask = {**CHAT, "temperature": 0, "stream": True}

@@ -185,6 +185,12 @@ def _say(request: GatewayRequest, plan: Plan, value: bytes) -> None:
     request.response_headers[plan.at] = (HEADER, value)
 
 
+def _keep_stream(request: GatewayRequest, settings: CacheSettings) -> None:
+    """A streamed miss is stored too: ask the core to keep its bytes."""
+    if request.stream:
+        request.keep_stream = settings.max_entry_bytes
+
+
 @comox.hookimpl
 async def comox_cache_lookup(request: GatewayRequest) -> BackendResponse | None:
     plan = request.state.get("cache")
@@ -197,6 +203,7 @@ async def comox_cache_lookup(request: GatewayRequest) -> BackendResponse | None:
     plan.key = key = cache_key(request)
     _say(request, plan, b"miss")
     if plan.mode == "refresh":
+        _keep_stream(request, settings)
         return None
     assert request.gateway is not None
     state = request.gateway.shared_state
@@ -211,6 +218,7 @@ async def comox_cache_lookup(request: GatewayRequest) -> BackendResponse | None:
     if entry is None:
         if ledger is not None:
             ledger.forget(key)  # expired, or dropped by the store
+        _keep_stream(request, settings)
         return None
     try:
         response = _answer(request, entry)
