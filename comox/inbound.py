@@ -12,7 +12,7 @@ answers in the API's own format, which is passed through untranslated.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -50,9 +50,12 @@ class InboundAPI(Protocol):
         OpenAI-shaped body, whose ``model`` picks the model group. Raise
         :class:`comox.InvalidRequest` (rendered by :meth:`render_error`)."""
 
-    def translate_response(self, endpoint: str, request: GatewayRequest, response: BackendResponse) -> BackendResponse:
+    def translate_response(self, endpoint: str, request: GatewayRequest,
+                           response: BackendResponse) -> BackendResponse | Awaitable[BackendResponse]:
         """The internal (OpenAI-shaped) answer in the API's own format: a JSON
-        body, or a stream of the API's own SSE events."""
+        body, or a stream of the API's own SSE events. It may be ``async``
+        (return a coroutine) to do I/O before the client is sent anything,
+        such as storing the answer so a follow-up finds it."""
 
     def render_error(self, exc: ComoxError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """An error as this API's clients expect it: status, headers, body."""

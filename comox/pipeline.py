@@ -22,6 +22,7 @@ The raw ASGI I/O is in :mod:`comox.asgi_io`; routing and retries in
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
@@ -85,7 +86,7 @@ async def serve_api(gateway: Gateway, scope: MutableMapping[str, Any], receive: 
             client_request_id = value
             break
     request = GatewayRequest(id=request_id_from(client_request_id), endpoint=ENDPOINTS.get(path, ""), path=path,
-                             headers=headers, method=scope["method"], gateway=gateway)
+                             headers=headers, method=scope["method"], gateway=gateway, query=scope.get("query_string", b""))
     rid = request.id.encode()
     if not gateway.started:
         await gateway.startup()
@@ -201,7 +202,9 @@ async def _route_and_answer(gateway: Gateway, request: GatewayRequest, receive: 
     if request.keep_stream and response.stream is not None and response.status == 200 and not cached and not response.native:
         kept = KeptStream(response, request.keep_stream)
     if request.api is not None and not response.native:
-        response = request.api.translate_response(request.api_endpoint, request, response)
+        translated = request.api.translate_response(request.api_endpoint, request, response)
+        # A coroutine when the API does I/O before its answer may go (storing it).
+        response = await translated if inspect.isawaitable(translated) else translated
     out_headers = response.headers + [(b"x-request-id", rid), ROUTE_FAILOVER if state is None and not cached else ROUTE_LOCAL]
     if request.response_headers:
         out_headers += request.response_headers

@@ -82,6 +82,8 @@ class GatewayRequest:
       fresh one); sent back and upstream as ``x-request-id``.
     * ``method``, ``path`` — the HTTP method and the path relative to the
       mount point (``scope["path"]``; never rebuilt from the ``Host`` header).
+    * ``query`` — the raw query string (``b"limit=5&order=asc"``; ``b""``
+      when none), for inbound APIs that take parameters in the URL.
     * ``headers`` — the raw ASGI header pairs (lower-case byte names); see
       :meth:`header`.
     * ``endpoint`` — ``"chat/completions"``, ``"completions"``,
@@ -116,18 +118,19 @@ class GatewayRequest:
     """
 
     __slots__ = (
-        "id", "method", "endpoint", "gateway", "model_group", "local_only", "api", "api_endpoint", "inbound_raw", "path", "headers", "raw", "json", "model", "stream",
+        "id", "method", "endpoint", "gateway", "model_group", "local_only", "api", "api_endpoint", "inbound_raw", "path", "query", "headers", "raw", "json", "model", "stream",
         "principal", "state", "slot", "usage", "response_headers", "sent_at", "answered_at", "_upstream_cache",
     )
 
     def __init__(self, *, id: str, endpoint: str, path: str, headers: list[tuple[bytes, bytes]],
                  raw: bytes = b"", json: dict[str, Any] | None = None, method: str = "POST",
-                 gateway: Gateway | None = None):
+                 gateway: Gateway | None = None, query: bytes = b""):
         self.id = id
         self.gateway = gateway
         self.method = method
         self.endpoint = endpoint
         self.path = path
+        self.query = query
         self.headers = headers
         self.raw = raw
         self.json: dict[str, Any] = json if json is not None else {}
