@@ -3,14 +3,17 @@ the real usage (cached tokens priced as cached, once), reservations that
 bound concurrent spend, failed requests that cost nothing, 503
 insufficient_budget, per-key budgets, the audit line and /admin/spend."""
 
+import asyncio
 import threading
 
 import httpx
 import openai
+import orjson
 import pytest
 
+import comox
 from comox.testing import Fault, wait_until
-from tests.test_failover import ADMIN, CLOUD_KEY, HI, Keys, chat, client, clouds, cloud_backend, dead_backend, gateway_settings
+from tests.test_failover import ADMIN, CLOUD_KEY, HI, CloudStandIn, Keys, chat, client, clouds, cloud_backend, dead_backend, gateway_settings
 
 __all__ = ["clouds"]  # the fixture, imported for these tests
 
@@ -136,16 +139,23 @@ def test_a_key_budget_holds_its_key_only(comox_serve, clouds):
     assert rows["day", None]["spent_usd"] == 2 * ONE_ANSWER and len(cloud.requests) == 2
 
 
-def test_fifty_concurrent_requests_against_a_budget_for_ten(comox_serve, clouds):
+@pytest.mark.parametrize("replicas", [1, 2], ids=["one replica", "two replicas sharing redis"])
+def test_fifty_concurrent_requests_against_a_budget_for_ten(comox_serve, clouds, replicas, request):
     cloud = clouds()
     # Output dominates: each request reserves about 100 × 1000 $/M = $0.1; the budget fits 10.
     backend = cloud_backend(cloud, price_input_per_mtok=0.001, price_cached_input_per_mtok=0.001, price_output_per_mtok=1000)
-    server = comox_serve(gateway_settings([dead_backend()], [backend], trigger="error", budgets={"cloud_usd_per_day": 1.05}),
-                         plugins=[Keys()])
+    settings = gateway_settings([dead_backend()], [backend], trigger="error", budgets={"cloud_usd_per_day": 1.05})
+    if replicas == 2:
+        redis_server = request.getfixturevalue("redis_server")
+        settings["sections"]["state"] = {"redis_url": redis_server.url, "timeout_ms": 5000}
+    servers = []
+    for i in range(replicas):
+        settings["models"][0]["backends"] = [dead_backend(f"local-{i}")]
+        servers.append(comox_serve(settings, plugins=[Keys()]))
     cloud.gate.clear()  # the cloud holds every request it gets until all 50 were decided
     answered, refused, other = [], [], []
 
-    def one():
+    def one(server):
         try:
             answered.append(chat(server, max_tokens=100))
         except openai.InternalServerError as exc:
@@ -153,19 +163,22 @@ def test_fifty_concurrent_requests_against_a_budget_for_ten(comox_serve, clouds)
         except Exception as exc:
             other.append(exc)
 
-    threads = [threading.Thread(target=one) for _ in range(50)]
+    threads = [threading.Thread(target=one, args=(servers[i % replicas],)) for i in range(50)]
     for thread in threads:
         thread.start()
     wait_until(lambda: len(refused) + len(other) + cloud.arrived >= 50, timeout=30)
-    held = spend(server)["day", None]
-    assert cloud.arrived == 10 and held["reserved_usd"] <= 1.05 and held["spent_usd"] == 0
+    for server in servers:  # every replica sees the same budget
+        held = spend(server)["day", None]
+        assert held["reserved_usd"] <= 1.05 and held["spent_usd"] == 0
+    assert cloud.arrived == 10
     cloud.gate.set()
     for thread in threads:
         thread.join(30)
     assert (len(answered), len(refused), other) == (10, 40, [])
-    day = spend(server)["day", None]
-    assert day["spent_usd"] <= 1.05 and day["reserved_usd"] == 0
-    assert day["spent_usd"] == pytest.approx(10 * (1000 * 0.001 + 50 * 1000) / 1e6)
+    for server in servers:
+        day = spend(server)["day", None]
+        assert day["spent_usd"] <= 1.05 and day["reserved_usd"] == 0
+        assert day["spent_usd"] == pytest.approx(10 * (1000 * 0.001 + 50 * 1000) / 1e6)
 
 
 def test_every_cloud_request_has_an_audit_line_without_content(comox_serve, clouds, caplog):
@@ -228,3 +241,85 @@ def test_admin_spend_needs_the_admin_key_and_reports_every_budget(comox_serve, c
     monkeypatch.delenv("COMOX_ADMIN_KEY")
     off = serve(comox_serve, cloud)
     assert httpx.get(f"{off.url}/admin/spend", headers=ADMIN).status_code == 404
+
+
+class MessagesAPI:
+    """An inbound API in Anthropic's Messages shape (POST /v1/messages), as
+    issue 14's plugins add them: translated to a chat completion, or sent
+    natively to a backend that speaks it."""
+
+    name = "messages"
+
+    def match(self, path, method):
+        return "messages" if path == "/v1/messages" else None
+
+    async def serve(self, endpoint, request):
+        return None
+
+    def parse(self, endpoint, request, raw):
+        body = orjson.loads(raw)
+        return "chat/completions", {key: body[key] for key in ("model", "messages", "max_tokens") if key in body}
+
+    def translate_response(self, endpoint, request, response):
+        return response
+
+    def render_error(self, exc):
+        return exc.status, [(b"content-type", b"application/json")], exc.to_bytes()
+
+    @comox.hookimpl
+    def comox_inbound_apis(self, gateway):
+        return [self]
+
+
+class NativeCloud(CloudStandIn):
+    """A cloud that also speaks Anthropic's Messages API itself: its own
+    answer to /v1/messages, built with the anthropic SDK's types."""
+
+    def __init__(self, name="native-cloud"):
+        super().__init__(name)
+        types = pytest.importorskip("anthropic.types")
+        message = types.Message(
+            id="msg_standin", type="message", role="assistant", model="claude-standin", stop_reason="end_turn",
+            stop_sequence=None, content=[types.TextBlock(type="text", text="hello natively")],
+            usage=types.Usage(input_tokens=600, cache_read_input_tokens=400, cache_creation_input_tokens=0, output_tokens=50))
+        self.message = message.model_dump_json(exclude_none=True).encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/v1/messages":
+            self.requests.append({"path": scope["path"], "raw": (await receive())["body"]})
+            if not self.gate.is_set():
+                await asyncio.to_thread(self.gate.wait)
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": self.message})
+            return
+        await super().__call__(scope, receive, send)
+
+
+@pytest.fixture
+def native_cloud(clouds):
+    cloud = NativeCloud().start()
+    yield cloud
+    cloud.stop()
+
+
+def test_a_cloud_that_speaks_the_inbound_api_natively_is_bounded_by_the_clients_own_max_tokens(comox_serve, native_cloud):
+    cloud = native_cloud
+    backend = cloud_backend(cloud, native_apis=["messages"])
+    settings = gateway_settings([dead_backend()], [backend], trigger="error", failover={"max_tokens_cap": 100})
+    server = comox_serve(settings, plugins=[Keys(), MessagesAPI()])
+    raw = b'{"model": "chat", "max_tokens": 5000, "messages": [{"role": "user", "content": "hi"}]}'
+    cloud.gate.clear()
+    replies = []
+    threading.Thread(target=lambda: replies.append(
+        httpx.post(f"{server.url}/v1/messages", content=raw, headers={"authorization": "Bearer team-a"}))).start()
+    wait_until(lambda: cloud.requests)
+    assert spend(server)["day", None]["reserved_usd"] > 5000 * 8.0 / 1e6  # the client's max_tokens, not the cap of 100
+    cloud.gate.set()
+    wait_until(lambda: replies)
+    reply = replies[0]
+    assert reply.status_code == 200 and reply.json()["content"][0]["text"] == "hello natively"
+    assert cloud.requests[-1]["raw"].startswith(b'{"model":"cloud-model","max_tokens":5000')  # not capped: the client's bytes
+    assert spend(server)["day", None]["spent_usd"] == ONE_ANSWER  # Anthropic's usage, cache reads priced as such
+    unbounded = httpx.post(f"{server.url}/v1/messages", json={"model": "chat", "messages": HI},
+                           headers={"authorization": "Bearer team-a"})
+    assert unbounded.status_code == 503 and len(cloud.requests) == 1

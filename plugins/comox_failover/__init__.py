@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 from starlette.routing import Route
@@ -124,12 +124,19 @@ async def comox_failover(request: GatewayRequest, error: Exception, trigger: str
     group = state.groups.get(request.model_group)
     if group is None or (group.trigger == "capacity" and trigger != "capacity") or request.endpoint not in ENDPOINTS:
         return None
-    prompt, completion, drop_usage = _prepare(request, group.max_tokens_cap)
+    bound = _prepare(request, group.max_tokens_cap)
     budgets = state.ledger.budgets(request.principal)
     why = (trigger, getattr(error, "code", None))
     refused: Budget | None = None
     for cloud in group.clouds:
-        hold = await state.ledger.reserve(budgets, cloud.prices.worst_case(prompt, completion))
+        # A backend that speaks an inbound API itself gets the client's own
+        # bytes: only the client's own max_tokens bounds its answer.
+        native = request.api is not None and request.api_endpoint in getattr(cloud.backend, "native_apis", ())
+        completion = bound.native_completion if native else bound.completion
+        if completion is None:
+            _audit(request, cloud, why, status=None, usage=None, cost=0, outcome="skipped: no max_tokens bounds its cost")
+            continue
+        hold = await state.ledger.reserve(budgets, cloud.prices.worst_case(bound.prompt, completion))
         if isinstance(hold, Budget):
             refused = refused or hold
             _audit(request, cloud, why, status=None, usage=None, cost=0, outcome=f"refused: {hold.scope} budget")
@@ -159,7 +166,7 @@ async def comox_failover(request: GatewayRequest, error: Exception, trigger: str
             assert response.body is not None
             await _settle(state.ledger, request, _Answer(cloud, hold, why, None), usage_of_body(response.body))
             return response
-        tap = UsageTap(drop=drop_usage)
+        tap = UsageTap(drop=bound.drop_usage and not native)
         response.head = tap.feed(response.head or b"")
         response.stream = tapped(response.stream, tap)
         request.state["failover"] = _Answer(cloud, hold, why, tap)
@@ -187,36 +194,44 @@ async def comox_request_done(request: GatewayRequest) -> None:
     await _settle(_of(request.gateway).ledger, request, answer, usage)
 
 
-def _prepare(request: GatewayRequest, cap: int) -> tuple[int, int, bool]:
+class _Bound(NamedTuple):
+    """The most tokens a cloud request may take and give."""
+
+    prompt: int
+    completion: int  # with the body as sent to the cloud (max_tokens capped)
+    native_completion: int | None  # with the client's own body (None: unbounded)
+    drop_usage: bool  # the client did not ask for a stream's usage chunk
+
+
+def _prepare(request: GatewayRequest, cap: int) -> _Bound:
     """Bound what the request may cost, and make the cloud keep to it: the
     prompt's tokens (at most one per byte of the body, plus each image), the
     completion's (``max_tokens``, capped, times ``n``); a stream asks for its
-    usage. Returns ``(prompt, completion, drop_usage)``, ``drop_usage`` when
-    the client did not ask for the usage chunk itself."""
+    usage."""
     body = request.json
     raw = request.raw
-    prompt = len(raw) + IMAGE_TOKENS * raw.count(b'"image_url"')
+    prompt = max(len(raw), len(request.inbound_raw or b"")) + IMAGE_TOKENS * raw.count(b'"image_url"')
     if request.endpoint == "embeddings":
-        return prompt, 0, False
+        return _Bound(prompt, 0, 0, False)
     changes: dict[str, Any] = {}
-    limits = [name for name in ("max_tokens", "max_completion_tokens") if body.get(name) is not None]
-    for name in limits:
-        if body[name] > cap:
+    limits = [body[name] for name in ("max_tokens", "max_completion_tokens") if body.get(name) is not None]
+    for name in ("max_tokens", "max_completion_tokens"):
+        if body.get(name) is not None and body[name] > cap:
             changes[name] = cap
     if not limits:
         changes["max_tokens"] = cap
-    completion = min([cap] + [body[name] for name in limits])
     choices = max([1] + [value for name in ("n", "best_of") if isinstance(value := body.get(name), int)])
     drop_usage = False
     if request.stream:
         options = body.get("stream_options")
         options = options if isinstance(options, dict) else {}
         if options.get("include_usage") is not True:
-            drop_usage = True
+            # An inbound API's translation reads the usage chunk: it stays.
+            drop_usage = request.api is None
             changes["stream_options"] = {**options, "include_usage": True}
     if changes:
         request.set_json({**body, **changes})
-    return prompt, completion * choices, drop_usage
+    return _Bound(prompt, min([cap, *limits]) * choices, min(limits) * choices if limits else None, drop_usage)
 
 
 async def _send(cloud: Cloud, request: GatewayRequest) -> BackendResponse | str:

@@ -16,7 +16,7 @@ import orjson
 
 from comox import Usage
 
-__all__ = ["Tokens", "UsageTap", "tapped", "usage_of", "usage_of_body"]
+__all__ = ["Tokens", "UsageTap", "counts_of", "tapped", "tokens_of", "usage_of_body"]
 
 
 class Tokens(NamedTuple):
@@ -36,37 +36,62 @@ def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def usage_of(obj: Any) -> Tokens | None:
-    """The usage an OpenAI-format response object (or chunk) reports:
-    ``prompt_tokens`` including ``prompt_tokens_details.cached_tokens`` and,
-    from the ``anthropic`` backend type, ``cache_creation_input_tokens``."""
+def counts_of(obj: Any) -> dict[str, int]:
+    """The token counts of a response object's (or event's) ``usage``, with
+    ``prompt_tokens_details.cached_tokens`` as ``cached_tokens``."""
     usage = obj.get("usage") if isinstance(obj, dict) else None
     if not isinstance(usage, dict):
-        return None
+        message = obj.get("message") if isinstance(obj, dict) else None  # Anthropic's message_start
+        usage = message.get("usage") if isinstance(message, dict) else None
+        if not isinstance(usage, dict):
+            return {}
+    counts = {key: n for key, value in usage.items() if (n := _count(value)) is not None}
     details = usage.get("prompt_tokens_details")
     cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
-    return Tokens(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")), cached or 0,
-                  _count(usage.get("cache_creation_input_tokens")) or 0)
+    if cached is not None:
+        counts["cached_tokens"] = cached
+    return counts
+
+
+def tokens_of(counts: dict[str, int]) -> Tokens | None:
+    """:class:`Tokens` from OpenAI-shaped counts (``prompt_tokens`` including
+    cached tokens and, from the ``anthropic`` backend type,
+    ``cache_creation_input_tokens``), or Anthropic's own (a native answer:
+    ``input_tokens`` beside ``cache_read_input_tokens`` and
+    ``cache_creation_input_tokens``)."""
+    written = counts.get("cache_creation_input_tokens", 0)
+    if "prompt_tokens" in counts or "completion_tokens" in counts:
+        return Tokens(counts.get("prompt_tokens"), counts.get("completion_tokens"), counts.get("cached_tokens", 0), written)
+    if "input_tokens" in counts or "output_tokens" in counts:
+        read = counts.get("cache_read_input_tokens", 0)
+        prompt = counts["input_tokens"] + read + written if "input_tokens" in counts else None
+        return Tokens(prompt, counts.get("output_tokens"), read, written)
+    return None
 
 
 def usage_of_body(body: bytes) -> Tokens | None:
     try:
-        return usage_of(orjson.loads(body))
+        return tokens_of(counts_of(orjson.loads(body)))
     except orjson.JSONDecodeError:
         return None
 
 
 class UsageTap:
     """Passes SSE bytes through whole events at a time (a partial event waits
-    for its end), noting the last usage reported; with ``drop``, leaves out
+    for its end), noting the token counts reported (Anthropic's come in two
+    events: the later ones win); with ``drop``, leaves out OpenAI's
     usage-only chunks."""
 
-    __slots__ = ("drop", "usage", "pending")
+    __slots__ = ("drop", "counts", "pending")
 
     def __init__(self, *, drop: bool):
         self.drop = drop
-        self.usage: Tokens | None = None
+        self.counts: dict[str, int] = {}
         self.pending = b""
+
+    @property
+    def usage(self) -> Tokens | None:
+        return tokens_of(self.counts)
 
     def feed(self, chunk: bytes) -> bytes:
         data = self.pending + chunk if self.pending else chunk
@@ -93,9 +118,9 @@ class UsageTap:
                     obj = orjson.loads(line[5:])
                 except orjson.JSONDecodeError:
                     obj = None
-                usage = usage_of(obj)
-                if usage is not None:
-                    self.usage = usage
+                counts = counts_of(obj)
+                if counts:
+                    self.counts.update(counts)
                     if self.drop and isinstance(obj, dict) and obj.get("choices") == []:
                         dropped = True
                         continue
