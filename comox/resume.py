@@ -178,17 +178,25 @@ class Splice:
                         yield out
                 try:
                     pending += await anext(chunks)
+                    continue
                 except StopAsyncIteration:
-                    break
-                except Exception as exc:  # the node broke off (a client that leaves is a CancelledError)
-                    taken = await self._take_over(exc)
-                    if taken is None:
-                        yield self._ending()
-                        return
-                    break
+                    if pending.strip():  # a last event without its blank line
+                        out = self._read(pending + b"\n\n") if upstream is first else self._rewrite(pending + b"\n\n")
+                        pending = b""
+                        if out:
+                            yield out
+                    if upstream is first or self.done or self.finish is not None:
+                        break
+                    # A continuing node that ends without ending the answer broke off too.
+                    exc: Exception = ConnectionError("the stream ended before the answer did")
+                except Exception as error:  # the node broke off (a client that leaves is a CancelledError)
+                    exc = error
+                taken = await self._take_over(exc)
+                if taken is None:
+                    yield self._ending()
+                    return
+                break
             if taken is None:  # the answer ended
-                if pending:
-                    yield pending
                 if upstream is not first and not self.done:
                     yield self._trailer()
                 return

@@ -22,7 +22,10 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "count"}], "strea
 class Shaped(StandInUpstream):
     """A stand-in whose streams look like a real server's: chunks carry its own
     ``id`` and ``created``, a chat stream starts with the role delta, and a
-    usage chunk comes before ``[DONE]`` when the request asks for it."""
+    usage chunk comes before ``[DONE]`` when the request asks for it.
+    ``no_done = True``: streams end without ``[DONE]`` (and no finish reason)."""
+
+    no_done = False
 
     async def __call__(self, scope, receive, send):
         path = scope["path"]
@@ -47,6 +50,8 @@ class Shaped(StandInUpstream):
                 state["first"] = False
                 state["chunks"] += 1
                 message = {**message, "body": body}
+            elif message["type"] == "http.response.body" and body.startswith(b"data: [DONE]") and self.no_done:
+                message = {**message, "body": b""}
             elif message["type"] == "http.response.body" and body.startswith(b"data: [DONE]"):
                 if ((state["body"] or {}).get("stream_options") or {}).get("include_usage"):
                     usage = {"id": f"x-{self.name}", "object": "chat.completion.chunk", "created": created, "model": "m", "choices": [],
@@ -190,6 +195,23 @@ def test_a_node_that_breaks_off_while_continuing_is_replaced_too(comox_serve, no
     gateway = server.app.gateway
     assert [gateway.backend(n).failures for n in "abc"] == [1, 1, 0]
     assert [gateway.backend(n).inflight for n in "abc"] == [0, 0, 0]
+
+
+def test_a_continuation_that_ends_before_the_answer_did_is_replaced_too(comox_serve, nodes):
+    a, b, c = nodes("a", stream_chunks=5), nodes("b", stream_chunks=2), nodes("c", stream_chunks=2)
+    a.faults.append(Fault(close_after_chunks=2))
+    b.no_done = True  # a clean end, but no [DONE] nor finish reason: cut short
+    server = serve(comox_serve, group(*({"name": n.name, "url": n.url} for n in (a, b, c))))
+    objects, comments, done = events(httpx.post(f"{server.url}/v1/completions", json=PROMPT, timeout=10).text)
+    assert text_of(objects) == "tok0 tok1 tok0 tok1 tok0 tok1 " and done == 1
+    assert c.requests[0]["body"]["prompt"] == "Count:tok0 tok1 tok0 tok1 "
+    assert [n["tokens"] for n in resumed(comments)["nodes"]] == [2, 2, 2]
+    assert server.app.gateway.backend("b").failures == 1
+    # With no node left to continue, such a stream ends with the error event.
+    a.faults.append(Fault(close_after_chunks=2))
+    server.app.gateway.set_draining("c", True)
+    objects, comments, done = events(httpx.post(f"{server.url}/v1/completions", json=PROMPT, timeout=10).text)
+    assert done == 0 and objects[-1]["error"]["code"] == "stream_interrupted" and not comments
 
 
 def test_an_answer_out_of_tokens_is_ended_without_asking_another_node(comox_serve, nodes):
