@@ -224,6 +224,31 @@ def test_an_answer_out_of_tokens_is_ended_without_asking_another_node(comox_serv
     assert b.requests == []
 
 
+def test_a_client_that_leaves_is_not_resumed_and_leaves_no_node_held(comox_serve, nodes):
+    a, b = nodes("a", stream_chunks=200, chunk_delay=0.02), nodes("b", stream_chunks=200, chunk_delay=0.02)
+    server = serve(comox_serve, group({"name": "a", "url": a.url}, {"name": "b", "url": b.url}))
+    gateway = server.app.gateway
+
+    def read(chunks):
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=PROMPT, timeout=10) as reply:
+            seen = 0
+            for line in reply.iter_lines():
+                seen += line.startswith("data: {")
+                if seen == chunks:
+                    return  # the client goes away
+
+    # Leaving is not breaking off: nobody is asked to continue.
+    read(3)
+    wait_until(lambda: a.disconnects == 1 and gateway.backend("a").inflight == 0)
+    assert b.requests == [] and gateway.backend("a").failures == 0
+    # Leaving while another node continues lets go of that node too.
+    a.faults.append(Fault(close_after_chunks=2))
+    read(4)
+    wait_until(lambda: b.disconnects == 1)
+    wait_until(lambda: gateway.backend("a").inflight == gateway.backend("b").inflight == 0)
+    assert len(b.requests) == 1 and gateway.backend("a").failures == 1 and gateway.backend("b").failures == 0
+
+
 # -- when a stream is not resumed -------------------------------------------------------
 
 
