@@ -284,11 +284,11 @@ class Splice:
                             and not usage:
                         continue  # it was only the role: the client has it
             if isinstance(usage, dict):
-                self._settle(usage)
+                self._whole_usage(usage)
             out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
         return b"".join(out)
 
-    def _settle(self, usage: dict[str, Any]) -> None:
+    def _whole_usage(self, usage: dict[str, Any]) -> None:
         """A continuing node's usage made the whole answer's: its own
         completion tokens (exact) plus those before it; its prompt less them
         (the answer so far was part of its prompt)."""
