@@ -43,30 +43,34 @@ class ScriptedUpstream(StandInUpstream):
         self.answers: deque[Answer] = deque()
 
     async def __call__(self, scope, receive, send) -> None:
-        path = scope.get("path")
-        if scope["type"] != "http" or scope["method"] != "POST" or path not in ("/v1/chat/completions", "/v1/responses"):
-            await super().__call__(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/v1/responses":
+            await super().__call__(scope, receive, send)  # chat completions come back through the methods below
             return
         raw = b""
-        more = True
-        while more:
+        message = {"more_body": True}
+        while message.get("more_body"):
             message = await receive()
             raw += message.get("body", b"")
-            more = message.get("more_body", False)
-        body = orjson.loads(raw)
-        self.requests.append({"path": path, "headers": {k.decode(): v.decode() for k, v in scope["headers"]}, "body": body, "raw": raw})
-        fault = self.faults.popleft() if self.faults else Fault()
-        if fault.status is not None:
-            error = {"error": {"message": f"{self.name} injected {fault.status}", "type": "server_error", "param": None, "code": None}}
-            await self._json(send, fault.status, error, [])
-        elif path == "/v1/responses":
-            await self._native(send, body)
-        else:
-            answer = self.answers.popleft() if self.answers else Answer()
-            if body.get("stream"):
-                await self._chat_stream(send, body, answer, fault)
-            else:
-                await self._json(send, 200, self._chat(body, answer), [])
+        self.requests.append({"path": scope["path"], "headers": {k.decode(): v.decode() for k, v in scope["headers"]},
+                              "body": orjson.loads(raw), "raw": raw})
+        await self._native(send, orjson.loads(raw))
+
+    def _completion(self, payload: dict[str, Any], chat: bool) -> dict[str, Any]:
+        if not chat:
+            return super()._completion(payload, chat)
+        return self._chat(payload, self.answers.popleft() if self.answers else Answer())
+
+    async def _stream(self, receive, send, payload: dict[str, Any], chat: bool, fault: Fault, extra) -> None:
+        if not chat:
+            await super()._stream(receive, send, payload, chat, fault, extra)
+            return
+        answer = self.answers.popleft() if self.answers else Answer()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for i, chunk in enumerate(self._chunks(payload, answer)):
+            if fault.close_after_chunks is not None and i >= fault.close_after_chunks:
+                raise ConnectionAbortedError("stand-in drops the connection mid-stream")
+            await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
     def _chat(self, body: dict[str, Any], answer: Answer) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": answer.content}
@@ -100,14 +104,6 @@ class ScriptedUpstream(StandInUpstream):
             chunks.append({"id": "chatcmpl-scripted", "object": "chat.completion.chunk", "created": 1,
                            "model": body.get("model"), "choices": [], "usage": answer.usage})
         return chunks
-
-    async def _chat_stream(self, send, body: dict[str, Any], answer: Answer, fault: Fault) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
-        for i, chunk in enumerate(self._chunks(body, answer)):
-            if fault.close_after_chunks is not None and i >= fault.close_after_chunks:
-                raise ConnectionAbortedError("stand-in drops the connection mid-stream")
-            await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n", "more_body": True})
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
     async def _native(self, send, body: dict[str, Any]) -> None:
         """``/v1/responses`` as a server that speaks it answers."""

@@ -423,6 +423,8 @@ BAD = [
     ({"model": "m", "input": [{"role": "robot", "content": "hi"}]}, "input[0].role", "invalid_value"),
     ({"model": "m", "input": [{"type": "function_call", "name": "f"}]}, "input[0].call_id", "missing_required_parameter"),
     ({"model": "m", "input": ["hi"]}, "input[0]", "invalid_type"),
+    ({"model": "m", "input": [{"content": "hi"}]}, "input[0].type", "missing_required_parameter"),
+    ({"model": "m", "input": []}, "input", "empty_array"),
     ({"model": "m", "input": "hi", "previous_response_id": "resp_nope"}, "previous_response_id", "previous_response_not_found"),
     ({"model": "m", "input": "hi", "previous_response_id": "../etc"}, "previous_response_id", "previous_response_not_found"),
     ({"model": "nope", "input": "hi"}, "model", "model_not_found"),

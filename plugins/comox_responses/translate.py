@@ -104,6 +104,8 @@ def parse_request(body: Any, native_models: dict[str, bool]) -> tuple[Pending, d
     if raw_input is None and not body.get("previous_response_id"):
         raise fail("Missing required parameter: 'input'.", "input", "missing_required_parameter")
     items = normalise_input(raw_input, strict) if raw_input is not None else []
+    if not items and not body.get("previous_response_id") and strict:
+        raise fail("Invalid 'input': expected a string or at least one input item.", "input", "empty_array")
     pending = Pending(id=new_id("resp"), body=body, items=items, store=body.get("store", True) is not False, native=native)
     chat: dict[str, Any] = {"model": model, "messages": chat_messages(pending)}
     if body.get("stream"):
@@ -200,6 +202,9 @@ def _item(item: Any, where: str, strict: bool) -> dict[str, Any] | None:
     if kind == "reasoning":
         return {"type": "reasoning", "id": given_id or new_id("rs"), "summary": item.get("summary") or [],
                 **({"content": item["content"]} if isinstance(item.get("content"), list) else {})}
+    if kind is None:
+        raise fail(f"Missing required parameter: '{where}.type' (or 'role', for a message).", f"{where}.type",
+                   "missing_required_parameter")
     if strict:
         raise fail(f"Input items of type {kind!r} are not supported: Comox translates messages, function calls and their "
                    "outputs to chat completions", f"{where}.type", "unsupported_value")
