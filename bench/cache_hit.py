@@ -20,6 +20,7 @@ is stopped on exit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,15 +150,25 @@ def measure(gateway_port: int, upstream_port: int, count: int, max_seconds: floa
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(doc: str) -> argparse.Namespace:
+    """``-n`` and ``--max-seconds``; in the stand-in's own process (``--serve-upstream``),
+    serve it and exit."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=2000, help="requests of each kind (default 2000)")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="stop measuring after this long (default 60)")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:
         serve_upstream(args.serve_upstream)
-        return
+        sys.exit(0)
+    return args
+
+
+@contextlib.contextmanager
+def running(script: str) -> Iterator[tuple[int, int]]:
+    """The stand-in (``script --serve-upstream PORT``) and ``comox serve`` in
+    front of it (keys off), each a process of its own: ``(gateway port,
+    upstream port)``; both stopped on exit."""
     upstream_port, gateway_port = free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,16 +176,22 @@ def main() -> None:
         config.write_text(f'auth = "none"\n\n[[models]]\nname = "bench"\n\n  [[models.backends]]\n'
                           f'  name = "stand-in"\n  url = "http://127.0.0.1:{upstream_port}"\n')
         try:
-            for argv, port in (([sys.executable, __file__, "--serve-upstream", str(upstream_port)], upstream_port),
+            for argv, port in (([sys.executable, script, "--serve-upstream", str(upstream_port)], upstream_port),
                                ([sys.executable, "-m", "comox.cli", "serve", "-c", str(config), "--port", str(gateway_port),
                                  "--log-level", "warning"], gateway_port)):
                 procs.append(subprocess.Popen(argv, cwd=ROOT, start_new_session=True,
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                 wait_ready(port, procs[-1])
-            times = measure(gateway_port, upstream_port, args.n, args.max_seconds)
+            yield gateway_port, upstream_port
         finally:
             for proc in reversed(procs):
                 stop(proc)
+
+
+def main() -> None:
+    args = arguments(__doc__ or "")
+    with running(__file__) as (gateway_port, upstream_port):
+        times = measure(gateway_port, upstream_port, args.n, args.max_seconds)
     print(f"{'':8} {'requests':>8} {'p50 ms':>8} {'mean ms':>8}")
     stats = {}
     for kind, values in times.items():
