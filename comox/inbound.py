@@ -36,13 +36,19 @@ class InboundAPI(Protocol):
     def match(self, path: str, method: str) -> str | None:
         """The endpoint name ``path`` is for (whatever the method: a wrong
         method is the API's to refuse in :meth:`parse` or :meth:`serve`), or
-        None when the path is not this API's."""
+        None when the path is not this API's.
+
+        An API that shares a path with another and tells its own clients by
+        their headers (the Anthropic SDK's ``GET /v1/models`` carries
+        ``anthropic-version``) may define ``match_request(request) -> str |
+        None`` as well: it is then called instead, with the request's
+        ``path``, ``method``, ``headers`` and ``query`` (its body not read)."""
 
     async def serve(self, endpoint: str, request: GatewayRequest) -> BackendResponse | None:
         """Answer without a backend (``count_tokens``, ``GET
-        /v1/responses/{id}``…), after authentication and before the body is
-        parsed for routing; None to go on. Raise a :class:`comox.ComoxError`
-        to refuse."""
+        /v1/responses/{id}``…), after authentication, with the body read
+        (``request.inbound_raw``) but not parsed; None to go on. Raise a
+        :class:`comox.ComoxError` to refuse."""
 
     def parse(self, endpoint: str, request: GatewayRequest, raw: bytes) -> tuple[str, dict[str, Any]]:
         """Check the body in the API's own terms and translate it: the
@@ -69,9 +75,10 @@ class InboundAPIs:
     def __init__(self, apis: Iterable[InboundAPI]):
         self.apis: Sequence[InboundAPI] = tuple(apis)
 
-    def match(self, path: str, method: str) -> tuple[InboundAPI, str] | None:
+    def match(self, request: GatewayRequest) -> tuple[InboundAPI, str] | None:
         for api in self.apis:
-            endpoint = api.match(path, method)
+            by_request = getattr(api, "match_request", None)  # optional: see InboundAPI.match
+            endpoint = by_request(request) if by_request is not None else api.match(request.path, request.method)
             if endpoint is not None:
                 return api, endpoint
         return None

@@ -120,7 +120,7 @@ async def _serve(gateway: Gateway, request: GatewayRequest, receive: Receive, re
     error a stream ended with, if any."""
     path = request.path
     endpoint = request.endpoint
-    inbound = gateway.inbound.match(path, request.method) if not endpoint and gateway.inbound.apis else None
+    inbound = gateway.inbound.match(request) if not endpoint and gateway.inbound.apis else None
     if inbound is not None:
         request.api, request.api_endpoint = inbound
         return await _serve_inbound(gateway, request, receive, responder, rid)
@@ -160,15 +160,15 @@ async def _serve_inbound(gateway: Gateway, request: GatewayRequest, receive: Rec
     api, endpoint = request.api, request.api_endpoint
     assert api is not None
     await _authenticate(gateway, request)
+    # Read before serve(): an answer without a backend may need it (count_tokens).
+    raw = request.inbound_raw = await read_body(receive, request.headers, gateway.settings.server.max_body_bytes)
     answer = await api.serve(endpoint, request)
     if answer is not None:
         assert answer.body is not None
         await responder.json(answer.status, answer.body, answer.headers + [(b"x-request-id", rid)] + request.response_headers)
         return None, None
-    raw = await read_body(receive, request.headers, gateway.settings.server.max_body_bytes)
     internal_endpoint, body = api.parse(endpoint, request, raw)
     request.endpoint = internal_endpoint
-    request.inbound_raw = raw
     request.set_body(orjson.dumps(body), body)
     return await _route_and_answer(gateway, request, receive, responder, rid)
 

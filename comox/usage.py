@@ -63,6 +63,12 @@ def parse_usage(obj: dict[str, Any]) -> Usage | None:
         details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
         if isinstance(details, dict):
             out["cached"] = _int(details.get("cached_tokens"))
+        elif out["prompt"] is not None and "prompt_tokens" not in usage:
+            # Anthropic's Messages API counts cache reads and writes beside input_tokens.
+            read = _int(usage.get("cache_read_input_tokens"))
+            out["prompt"] += (read or 0) + (_int(usage.get("cache_creation_input_tokens")) or 0)
+            if read is not None:
+                out["cached"] = read
     if isinstance(timings, dict):
         cache_n = _int(timings.get("cache_n"))
         if cache_n is not None:

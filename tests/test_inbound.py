@@ -89,3 +89,38 @@ def test_a_native_backend_gets_the_clients_bytes_and_answers_untranslated(comox_
     assert upstream.requests[-1]["path"] == "/v1/echo" and upstream.requests[-1]["raw"] == raw
     # The stand-in has no /v1/echo: its own 404 body comes back as it was, not translated.
     assert reply.status_code == 404 and reply.json()["error"]["message"] == "not found"
+
+
+class HeaderAPI:
+    """Claims GET /v1/models only from clients that send x-echo-version
+    (match_request), and answers POST /v1/echo/count from the body in serve."""
+
+    name = "header"
+
+    def match(self, path, method):
+        return "count" if path == "/v1/echo/count" else None
+
+    def match_request(self, request):
+        if request.path == "/v1/models" and request.header(b"x-echo-version") is not None:
+            return "models"
+        return self.match(request.path, request.method)
+
+    async def serve(self, endpoint, request):
+        if endpoint == "models":
+            return comox.BackendResponse(200, body=b'{"echo_models": true}')
+        return comox.BackendResponse(200, body=b'{"bytes": %d}' % len(request.inbound_raw))
+
+    def render_error(self, exc):
+        return exc.status, [(b"content-type", b"application/json")], orjson.dumps({"header_error": exc.message})
+
+
+def test_an_api_may_claim_a_shared_path_by_the_requests_headers_and_answer_from_the_body(comox_serve, upstreams):
+    class Plugin:
+        @comox.hookimpl
+        def comox_inbound_apis(self, gateway):
+            return [HeaderAPI()]
+
+    server = comox_serve({"models": [{"name": "m", "backends": [{"url": upstreams("local").url}]}]}, plugins=[Plugin()])
+    assert httpx.get(f"{server.url}/v1/models", headers={"x-echo-version": "1"}).json() == {"echo_models": True}
+    assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"] == "m"  # everyone else: the core's list
+    assert httpx.post(f"{server.url}/v1/echo/count", content=b"12345").json() == {"bytes": 5}

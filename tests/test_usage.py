@@ -79,6 +79,18 @@ def test_usage_of_responses_api_events():
     assert usage_of_events(created) is None
 
 
+
+def test_usage_of_anthropic_messages_events():
+    # Anthropic's Messages API counts cache reads and writes beside input_tokens;
+    # its message_delta event carries the usage.
+    usage = {"input_tokens": 5, "cache_read_input_tokens": 30, "cache_creation_input_tokens": 2, "output_tokens": 4}
+    end = (b'event: message_delta\ndata: ' + orjson.dumps({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": usage})
+           + b'\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n')
+    assert usage_of_events(end)._asdict() == {"prompt": 37, "completion": 4, "cached": 30, "prefill_tps": None, "decode_tps": None}
+    # The anthropic backend type's OpenAI usage keeps both figures beside prompt_tokens: not counted twice.
+    openai = {"prompt_tokens": 37, "completion_tokens": 4, "cache_read_input_tokens": 30, "prompt_tokens_details": {"cached_tokens": 30}}
+    assert parse_usage({"usage": openai})[:3] == (37, 4, 30)
+
 def test_record_body_of_garbage_records_nothing_and_does_not_raise():
     state = BackendState(object(), BackendSettings(name="a"))
     request = GatewayRequest(id="r", endpoint="chat/completions", path="/v1/chat/completions", headers=[], raw=b"{}",
