@@ -119,7 +119,7 @@ class GatewayRequest:
 
     __slots__ = (
         "id", "method", "endpoint", "gateway", "model_group", "local_only", "api", "api_endpoint", "inbound_raw", "path", "query", "headers", "raw", "json", "model", "stream",
-        "principal", "state", "slot", "usage", "response_headers", "sent_at", "answered_at", "_upstream_cache",
+        "principal", "state", "slot", "usage", "response_headers", "keep_stream", "sent_at", "answered_at", "_upstream_cache",
     )
 
     def __init__(self, *, id: str, endpoint: str, path: str, headers: list[tuple[bytes, bytes]],
