@@ -323,3 +323,26 @@ def test_a_cloud_that_speaks_the_inbound_api_natively_is_bounded_by_the_clients_
     unbounded = httpx.post(f"{server.url}/v1/messages", json={"model": "chat", "messages": HI},
                            headers={"authorization": "Bearer team-a"})
     assert unbounded.status_code == 503 and len(cloud.requests) == 1
+
+
+def test_the_keys_plugin_gives_each_key_its_budget_and_its_local_only(comox_serve, clouds):
+    import hashlib
+
+    cloud = clouds()
+    settings = gateway_settings([dead_backend()], [cloud_backend(cloud)], trigger="error", budgets={})
+    settings["auth"] = "keys"
+    settings["sections"]["keys"] = [
+        {"id": "team-a", "key_sha256": hashlib.sha256(b"sk-team-a").hexdigest(), "cloud_usd_per_day": 0.002},
+        {"id": "vault", "key_sha256": hashlib.sha256(b"sk-vault").hexdigest(), "local_only": True},
+    ]
+    server = comox_serve(settings)
+    chat(server, "sk-team-a", max_tokens=50)
+    with pytest.raises(openai.InternalServerError) as over:
+        chat(server, "sk-team-a", max_tokens=50)
+    with pytest.raises(openai.InternalServerError) as kept:
+        chat(server, "sk-vault")
+    assert over.value.body["type"] == "insufficient_budget" and kept.value.body["code"] == "local_capacity_exhausted"
+    assert len(cloud.requests) == 1
+    rows = spend(server)
+    assert rows["key", "team-a"]["limit_usd"] == 0.002 and rows["key", "team-a"]["spent_usd"] == ONE_ANSWER
+    assert ("key", "vault") not in rows
