@@ -175,7 +175,12 @@ async def dispatch(gateway: Gateway, request: GatewayRequest, group: ModelGroup)
         # rotation ("capacity"); or every attempt failed or answered busy
         # ("error"). The busy answer is kept until failover has spoken.
         trigger = "capacity" if saturated or not tried else "error"
-        answer = await _fail_over(gateway, request, error, trigger)
+        try:
+            answer = await _fail_over(gateway, request, error, trigger)
+        except BaseException:
+            if response is not None:
+                await response.aclose()  # a refusal (no budget) must not leak the busy answer's connection
+            raise
         if answer is not None:
             if response is not None:
                 await response.aclose()

@@ -218,7 +218,16 @@ async def _call(impl: _Impl, kwargs: dict[str, Any]) -> Any:
 
 
 async def call_startup_hook(hook: pluggy.HookCaller, **kwargs: Any) -> None:
-    """Call a startup hook whose implementations may be ``async def``."""
-    for result in hook(**kwargs):
+    """Call a startup hook whose implementations may be ``async def``. When
+    one raises, the coroutines of those after it are closed unawaited (not
+    left to warn that they never ran) and the error goes on."""
+    results = hook(**kwargs)
+    for i, result in enumerate(results):
         if inspect.isawaitable(result):
-            await result
+            try:
+                await result
+            except BaseException:
+                for rest in results[i + 1:]:
+                    if inspect.iscoroutine(rest):
+                        rest.close()
+                raise
