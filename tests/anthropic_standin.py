@@ -13,7 +13,12 @@ strictly on one point (turns must alternate, starting with the user: the API
 merges consecutive turns of one role, the translation must not rely on it). A
 violation gets the API's 400 ``invalid_request_error``. ``requests`` records what
 arrived; ``replies`` is a queue of :class:`Reply`: what to answer to each
-request in turn (by default a text).
+request in turn (by default a text); ``sent`` the bytes of each answer to a
+``POST /v1/messages``, as they went out.
+
+``native=True`` makes it a local engine that speaks the Messages API itself
+(llama.cpp's server, vLLM, Ollama), for pass-through tests: no key and no
+``anthropic-version`` needed.
 """
 
 from __future__ import annotations
@@ -36,8 +41,11 @@ from anthropic.types import (
     RawMessageDeltaEvent,
     RawMessageStartEvent,
     RawMessageStopEvent,
+    SignatureDelta,
     TextBlock,
     TextDelta,
+    ThinkingBlock,
+    ThinkingDelta,
     ToolUseBlock,
     Usage,
 )
@@ -88,7 +96,7 @@ def tool_use(id: str, name: str, input: dict[str, Any]) -> ToolUseBlock:
 class Reply:
     """What the stand-in answers to one request."""
 
-    content: list[TextBlock | ToolUseBlock] = field(default_factory=lambda: [text("hello from claude")])
+    content: list[TextBlock | ToolUseBlock | ThinkingBlock] = field(default_factory=lambda: [text("hello from claude")])
     stop_reason: str = "end_turn"
     stop_sequence: str | None = None
     usage: Usage = field(default_factory=lambda: Usage(input_tokens=12, output_tokens=5))
@@ -109,12 +117,14 @@ class AnthropicStandIn(StandInUpstream):
     ``requests`` holds each POST's ``headers`` and parsed ``body``,
     ``probe_headers`` the headers of each ``GET /v1/models``."""
 
-    def __init__(self, *, api_key: str = "sk-ant-test", model: str = "claude-sonnet-4-5"):
+    def __init__(self, *, api_key: str = "sk-ant-test", model: str = "claude-sonnet-4-5", native: bool = False):
         super().__init__("claude")
         self.api_key = api_key
         self.model = model
+        self.native = native
         self.replies: deque[Reply] = deque()
         self.probe_headers: list[dict[str, str]] = []
+        self.sent: list[bytearray] = []
 
     @property
     def last(self) -> dict[str, Any]:
@@ -124,6 +134,8 @@ class AnthropicStandIn(StandInUpstream):
     def _authorized(self, headers: dict[str, str]) -> bool:
         """The key as ``x-api-key`` (the documented header), or as a bearer
         token (which the official SDK sends since its 2.x releases)."""
+        if self.native:
+            return True
         return self.api_key in (headers.get("x-api-key"), headers.get("authorization", "").removeprefix("Bearer "))
 
     # -- ASGI -----------------------------------------------------------------------
@@ -151,9 +163,12 @@ class AnthropicStandIn(StandInUpstream):
             return await self._json(send, 404, error_body(404, f"no route {scope['path']}"))
         body = orjson.loads(raw)
         self.requests.append({"path": scope["path"], "headers": headers, "body": body, "raw": raw})
+        sent = bytearray()
+        self.sent.append(sent)
+        send = _recording(send, sent)
         if not self._authorized(headers):
             return await self._json(send, 401, error_body(401, "invalid x-api-key"))
-        problem = check_request(body, headers)
+        problem = check_request(body, {"anthropic-version": "-", **headers} if self.native else headers)
         if problem:
             return await self._json(send, 400, error_body(400, problem))
         reply = self.replies.popleft() if self.replies else Reply()
@@ -189,6 +204,15 @@ class AnthropicStandIn(StandInUpstream):
         await send({"type": "http.response.body", "body": body})
 
 
+def _recording(send: Any, into: bytearray) -> Any:
+    async def recording(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            into.extend(message.get("body", b""))
+        await send(message)
+
+    return recording
+
+
 def stream_events(message: Message) -> list[tuple[str, bytes]]:
     """``message`` as the API streams it: text in pieces, tool input as
     ``input_json_delta`` pieces (the first one empty, as the API sends), a
@@ -203,6 +227,13 @@ def stream_events(message: Message) -> list[tuple[str, bytes]]:
             pieces = re.findall(r"\S*\s*", block.text)
             events += [RawContentBlockDeltaEvent(type="content_block_delta", index=i, delta=TextDelta(type="text_delta", text=piece))
                        for piece in pieces if piece]
+        elif isinstance(block, ThinkingBlock):  # (a native engine's reasoning: pass-through tests)
+            events.append(RawContentBlockStartEvent(type="content_block_start", index=i,
+                                                    content_block=ThinkingBlock(type="thinking", thinking="", signature="")))
+            events += [RawContentBlockDeltaEvent(type="content_block_delta", index=i, delta=ThinkingDelta(type="thinking_delta", thinking=piece))
+                       for piece in re.findall(r"\S*\s*", block.thinking) if piece]
+            events.append(RawContentBlockDeltaEvent(type="content_block_delta", index=i,
+                                                    delta=SignatureDelta(type="signature_delta", signature=block.signature)))
         else:
             assert isinstance(block, ToolUseBlock)
             events.append(RawContentBlockStartEvent(type="content_block_start", index=i,

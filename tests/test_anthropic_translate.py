@@ -435,6 +435,62 @@ def test_openai_chunks_to_anthropic_events():
     assert error == [{"type": "error", "error": {"type": "overloaded_error", "message": "gone"}}]
 
 
+def test_anthropic_request_to_openai_for_servers_that_take_strings():
+    # System blocks joined into one string, "" beside tool calls, tool results
+    # as text, a plain-text document as text, structured output as response_format.
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    out = anthropic_to_openai_request({"model": "m", "max_tokens": 5, "system": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}],
+                                       "output_config": {"format": {"type": "json_schema", "schema": schema}}, "messages": [
+        {"role": "user", "content": [{"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "a note"}}]},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "hmm", "signature": "s"},
+                                          {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "is_error": True, "content": [
+            {"type": "text", "text": "line 1"}, {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}},
+            {"type": "text", "text": "line 2"}]}]}]})
+    assert out["messages"] == [{"role": "system", "content": "A\n\nB"}, {"role": "user", "content": "a note"},
+                               {"role": "assistant", "content": "", "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                               {"role": "tool", "tool_call_id": "t1", "content": "line 1\nline 2"}]
+    assert out["response_format"] == {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+
+
+@pytest.mark.parametrize("key", ["reasoning_content", "reasoning"])
+def test_openai_reasoning_becomes_a_thinking_block(key):
+    completion = {"id": "c", "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "42", key: "Think."}}]}
+    assert openai_to_anthropic_response(completion)["content"] == [{"type": "thinking", "thinking": "Think.", "signature": ""},
+                                                                   {"type": "text", "text": "42"}]
+    translator = OpenAIStreamTranslator(model="m", message_id="x")
+    events = translator.feed({"choices": [{"index": 0, "delta": {key: "Think."}}]}) + translator.feed(
+        {"choices": [{"index": 0, "delta": {"content": "42"}}]})
+    assert [(e["type"], e.get("delta", e.get("content_block"))) for e in events[1:]] == [
+        ("content_block_start", {"type": "thinking", "thinking": "", "signature": ""}),
+        ("content_block_delta", {"type": "thinking_delta", "thinking": "Think."}),
+        ("content_block_stop", None), ("content_block_start", {"type": "text", "text": ""}),
+        ("content_block_delta", {"type": "text_delta", "text": "42"})]
+
+
+@pytest.mark.parametrize("choice, expected", [
+    ({"finish_reason": "stop", "stop_reason": "END"}, ("stop_sequence", "END")),  # vLLM
+    ({"finish_reason": "stop", "matched_stop": "END"}, ("stop_sequence", "END")),  # SGLang
+    ({"finish_reason": "stop", "stop_reason": 106}, ("end_turn", None)),  # a stop token id, not a sequence
+    ({"finish_reason": "stop", "stop_reason": "OTHER"}, ("end_turn", None)),
+    ({"finish_reason": "stop"}, ("end_turn", None))])
+def test_a_stop_sequence_shows_where_the_server_says_which_matched(choice, expected):
+    completion = {"id": "c", "choices": [{"index": 0, "message": {"role": "assistant", "content": "a"}, **choice}]}
+    message = openai_to_anthropic_response(completion, stop_sequences=["END"])
+    assert (message["stop_reason"], message["stop_sequence"]) == expected
+    translator = OpenAIStreamTranslator(model="m", message_id="x", stop_sequences=("END",))
+    translator.feed({"choices": [{"index": 0, "delta": {}, **choice}]})
+    assert translator.finish()[-2]["delta"] == {"stop_reason": expected[0], "stop_sequence": expected[1]}
+
+
+def test_a_stream_without_usage_counts_its_deltas():
+    translator = OpenAIStreamTranslator(model="m", message_id="x", input_tokens=9)
+    for piece in ("a", "b", "c"):
+        translator.feed({"choices": [{"index": 0, "delta": {"content": piece}}]})
+    translator.feed({"choices": [{"index": 1, "delta": {"content": "another choice"}}]})  # a Message is one choice
+    assert translator.finish()[-2]["usage"] == {"input_tokens": 9, "output_tokens": 3}
+
+
 # -- round trips -------------------------------------------------------------------------------
 
 CONVERSATION = [

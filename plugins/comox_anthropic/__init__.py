@@ -1,7 +1,10 @@
-"""The ``anthropic`` backend type: Anthropic's Messages API behind Comox's
-OpenAI-format ``/v1/chat/completions``, translated both ways by
-:mod:`comox_anthropic.translate` (which an inbound ``/v1/messages`` endpoint
-shares). docs/backends/anthropic.md says what maps to what.
+"""Anthropic's Messages API, both ways: the ``anthropic`` backend type
+(Anthropic's API behind Comox's OpenAI-format ``/v1/chat/completions``), and
+the inbound ``/v1/messages`` (:mod:`comox_anthropic.inbound`: Anthropic's
+clients in front of any fleet), translated by :mod:`comox_anthropic.translate`.
+docs/backends/anthropic.md and docs/anthropic_api.md say what maps to what.
+
+The backend type:
 
 * Requests go to ``<url>/v1/messages`` with ``x-api-key`` (from
   ``api_key_env``) and ``anthropic-version``, through a
@@ -29,10 +32,11 @@ from pydantic import Field
 
 import comox
 
+from .inbound import MessagesAPI
 from .translate import AnthropicStreamTranslator, SSEDecoder, anthropic_to_openai_error, anthropic_to_openai_response
 from .translate import openai_sse, openai_to_anthropic_request
 
-__all__ = ["AnthropicBackend", "AnthropicSettings"]
+__all__ = ["AnthropicBackend", "AnthropicSettings", "MessagesAPI"]
 
 JSON = (b"content-type", b"application/json")
 OVERLOADED_RETRY_AFTER_S = 2
@@ -212,3 +216,10 @@ async def _events(stream: AsyncIterator[bytes]) -> AsyncIterator[list[dict[str, 
 @comox.hookimpl
 def comox_backend_types() -> dict[str, type]:
     return {"anthropic": AnthropicBackend}
+
+
+@comox.hookimpl
+def comox_inbound_apis(gateway: comox.Gateway) -> list[comox.InboundAPI]:
+    """Anthropic's Messages API, inbound: ``/v1/messages`` and its model list
+    (:mod:`comox_anthropic.inbound`)."""
+    return [MessagesAPI()]

@@ -41,6 +41,8 @@ from .messages import (
     openai_to_anthropic_request,
     openai_to_anthropic_response,
     openai_usage,
+    reasoning_of,
+    stop_of,
 )
 from .streams import AnthropicStreamTranslator, OpenAIStreamTranslator, SSEDecoder, anthropic_sse, openai_sse
 
@@ -50,7 +52,7 @@ __all__ = [
     "anthropic_to_openai_error", "openai_usage",
     # Anthropic client, OpenAI-format upstream
     "anthropic_to_openai_request", "openai_to_anthropic_response", "OpenAIStreamTranslator",
-    "openai_to_anthropic_error", "anthropic_usage",
+    "openai_to_anthropic_error", "anthropic_usage", "reasoning_of", "stop_of",
     # shared
     "Translated", "SSEDecoder", "openai_sse", "anthropic_sse", "finish_reason", "drop_prefix", "JSON_TOOL", "FINISH", "STOP", "ERRORS",
 ]

@@ -12,7 +12,7 @@ import comox
 __all__ = [
     "JSON_TOOL", "FINISH", "STOP", "ERRORS", "Translated", "drop_prefix", "openai_to_anthropic_request", "anthropic_to_openai_response",
     "anthropic_to_openai_error", "openai_usage", "finish_reason", "anthropic_to_openai_request",
-    "openai_to_anthropic_response", "openai_to_anthropic_error", "anthropic_usage",
+    "openai_to_anthropic_response", "openai_to_anthropic_error", "anthropic_usage", "reasoning_of", "stop_of",
 ]
 
 JSON_TOOL = "json_response"
@@ -371,8 +371,10 @@ def _openai_text(content: Any) -> Any:
 def anthropic_to_openai_request(body: Json) -> Json:
     """A Messages request as an OpenAI chat completion request."""
     messages: list[Json] = []
-    if body.get("system"):
-        messages.append({"role": "system", "content": _openai_text(body["system"])})
+    system = body.get("system")
+    if system:  # one string: not every server takes a list of parts in a system message
+        text = system if isinstance(system, str) else "\n\n".join(b.get("text", "") for b in system if b.get("type") == "text")
+        messages.append({"role": "system", "content": text})
     for i, message in enumerate(body.get("messages") or []):
         role, content = message.get("role"), message.get("content")
         if isinstance(content, str):
@@ -382,7 +384,9 @@ def anthropic_to_openai_request(body: Json) -> Json:
             calls = [{"id": block.get("id"), "type": "function",
                       "function": {"name": block.get("name"), "arguments": _dumps(block.get("input") or {})}}
                      for block in content if block.get("type") == "tool_use"]
-            answer: Json = {"role": "assistant", "content": "".join(texts) if texts else None}
+            # Thinking blocks are the model's own, not input for another one: left out.
+            # "" rather than null beside tool calls: some servers (llama-cpp-python) take only a string.
+            answer: Json = {"role": "assistant", "content": "".join(texts) if texts or calls else None}
             if calls:
                 answer["tool_calls"] = calls
             messages.append(answer)
@@ -391,13 +395,18 @@ def anthropic_to_openai_request(body: Json) -> Json:
             for j, block in enumerate(content or []):
                 kind, source = block.get("type"), block.get("source") or {}
                 if kind == "tool_result":
-                    messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
-                                     "content": _openai_text(block.get("content", ""))})
+                    # Text only (a tool message is a string for some servers); images in a result are left out.
+                    result = block.get("content", "")
+                    text = result if isinstance(result, str) else "\n".join(
+                        part.get("text", "") for part in result or [] if part.get("type") == "text")
+                    messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": text})
                 elif kind == "text":
                     parts.append({"type": "text", "text": block.get("text", "")})
                 elif kind == "image":
                     url = source.get("url") or f"data:{source.get('media_type')};base64,{source.get('data')}"
                     parts.append({"type": "image_url", "image_url": {"url": url}})
+                elif kind == "document" and source.get("type") == "text":
+                    parts.append({"type": "text", "text": source.get("data", "")})
                 elif kind == "document" and source.get("type") == "base64":
                     parts.append({"type": "file", "file": {"file_data": f"data:{source.get('media_type')};base64,{source.get('data')}"}})
                 else:
@@ -417,6 +426,10 @@ def anthropic_to_openai_request(body: Json) -> Json:
         out["tools"] = [{"type": "function", "function": {"name": tool.get("name"), "parameters": tool.get("input_schema"),
                                                           **({"description": tool["description"]} if tool.get("description") else {})}}
                         for tool in body["tools"]]
+    output = body.get("output_config") or {}
+    schema = output.get("format") if isinstance(output, dict) else None
+    if isinstance(schema, dict) and schema.get("type") == "json_schema":  # structured output
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema.get("schema")}}
     choice = body.get("tool_choice") or {}
     kind = choice.get("type")
     if kind in ("auto", "none", "any"):
@@ -428,20 +441,45 @@ def anthropic_to_openai_request(body: Json) -> Json:
     return out
 
 
-def openai_to_anthropic_response(completion: Json, *, model: str | None = None) -> Json:
-    """An OpenAI chat completion as a Message (its first choice)."""
+def reasoning_of(message: Json) -> str:
+    """The reasoning text of an OpenAI message or delta: ``reasoning_content``
+    (llama.cpp's server, vLLM, DeepSeek) or ``reasoning`` (vLLM's newer name,
+    Ollama, OpenRouter)."""
+    text = message.get("reasoning_content") or message.get("reasoning")
+    return text if isinstance(text, str) else ""
+
+
+def stop_of(choice: Json, stop_sequences: Any = ()) -> tuple[str, str | None]:
+    """``(stop_reason, stop_sequence)`` of an OpenAI choice. A stop sequence
+    shows only where the server says which one matched: vLLM's
+    ``stop_reason``, SGLang's ``matched_stop`` (others: ``end_turn``)."""
+    finish = choice.get("finish_reason")
+    matched = choice.get("stop_reason", choice.get("matched_stop"))
+    if finish == "stop" and isinstance(matched, str) and matched in (stop_sequences or ()):
+        return "stop_sequence", matched
+    return STOP.get(finish, "end_turn") if isinstance(finish, str) else "end_turn", None
+
+
+def openai_to_anthropic_response(completion: Json, *, model: str | None = None, stop_sequences: Any = ()) -> Json:
+    """An OpenAI chat completion as a Message (its first choice): reasoning
+    content as a ``thinking`` block first (with an empty ``signature``: there
+    is none to give), then the text, then the tool calls."""
     choice = (completion.get("choices") or [{}])[0]
     answer = choice.get("message") or {}
     text = _openai_text(answer.get("content")) if answer.get("content") else ""
     if isinstance(text, list):
         text = "".join(part["text"] for part in text)
-    content: list[Json] = [{"type": "text", "text": text}] if text else []
+    reasoning = reasoning_of(answer)
+    content: list[Json] = [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []
+    if text:
+        content.append({"type": "text", "text": text})
     for call in answer.get("tool_calls") or []:
         function = call.get("function") or {}
         content.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
                         "input": _object(function.get("arguments"))})
+    stop_reason, stop_sequence = stop_of(choice, stop_sequences)
     return {"id": completion.get("id"), "type": "message", "role": "assistant", "model": model or completion.get("model"),
-            "content": content, "stop_reason": STOP.get(choice.get("finish_reason"), "end_turn"), "stop_sequence": None,
+            "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
             "usage": anthropic_usage(completion.get("usage") or {})}
 
 

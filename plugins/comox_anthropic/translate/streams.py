@@ -9,13 +9,14 @@ from typing import Any
 import orjson
 
 from .messages import (
-    STOP,
     anthropic_to_openai_error,
     anthropic_usage,
     drop_prefix,
     finish_reason,
     openai_to_anthropic_error,
     openai_usage,
+    reasoning_of,
+    stop_of,
 )
 
 __all__ = ["AnthropicStreamTranslator", "OpenAIStreamTranslator", "SSEDecoder", "openai_sse", "anthropic_sse"]
@@ -118,18 +119,29 @@ class OpenAIStreamTranslator:
     """OpenAI ``chat.completion.chunk`` objects → Anthropic stream events:
     :meth:`feed` each chunk, then :meth:`finish` at ``[DONE]`` for
     ``message_delta`` (stop reason, usage) and ``message_stop``. An OpenAI
-    error object becomes an ``error`` event (the stream ends there)."""
+    error object becomes an ``error`` event (the stream ends there).
 
-    def __init__(self, *, model: str, message_id: str, input_tokens: int = 0):
+    Reasoning deltas (``reasoning_content`` / ``reasoning``) make a
+    ``thinking`` block with ``thinking_delta`` events. ``message_delta``
+    carries the whole usage (``input_tokens`` too, so a reader of the last
+    events has it all); a server that reported none gets ``input_tokens``
+    (the estimate given) and ``output_tokens`` counted, one per delta that
+    carried text, reasoning or tool arguments."""
+
+    def __init__(self, *, model: str, message_id: str, input_tokens: int = 0, stop_sequences: Any = ()):
         self.model = model
         self.id = message_id
         self.input_tokens = input_tokens
+        self.stop_sequences = stop_sequences
         self.started = False
+        self.finished = False  # a choice gave its finish_reason
         self.index = -1  # the open content block
-        self.open: Any = None  # "text", or the OpenAI index of the tool call whose block is open
+        self.open: Any = None  # "text", "thinking", or the OpenAI index of the tool call whose block is open
         self.tools: dict[int, int] = {}
         self.stop_reason = "end_turn"
+        self.stop_sequence: str | None = None
         self.usage: Json | None = None
+        self.deltas = 0  # deltas that carried text, reasoning or arguments (output_tokens, when no usage came)
 
     def _start(self) -> list[Json]:
         if self.started:
@@ -158,12 +170,23 @@ class OpenAIStreamTranslator:
         if chunk.get("usage"):
             self.usage = anthropic_usage(chunk["usage"])
         for choice in chunk.get("choices") or []:
+            if choice.get("index", 0) != 0:
+                continue  # a Message is one choice
             delta = choice.get("delta") or {}
-            if delta.get("content"):
+            reasoning = reasoning_of(delta)
+            if reasoning:
+                if self.open != "thinking":
+                    events += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                events.append({"type": "content_block_delta", "index": self.index,
+                               "delta": {"type": "thinking_delta", "thinking": reasoning}})
+                self.deltas += 1
+            content = delta.get("content")
+            if content and isinstance(content, str):
                 if self.open != "text":
                     events += self._open("text", {"type": "text", "text": ""})
                 events.append({"type": "content_block_delta", "index": self.index,
-                               "delta": {"type": "text_delta", "text": delta["content"]}})
+                               "delta": {"type": "text_delta", "text": content}})
+                self.deltas += 1
             for call in delta.get("tool_calls") or []:
                 n, function = call.get("index", 0), call.get("function") or {}
                 if n not in self.tools:
@@ -172,13 +195,16 @@ class OpenAIStreamTranslator:
                 if function.get("arguments"):
                     events.append({"type": "content_block_delta", "index": self.tools[n],
                                    "delta": {"type": "input_json_delta", "partial_json": function["arguments"]}})
+                    self.deltas += 1
             if choice.get("finish_reason"):
-                self.stop_reason = STOP.get(choice["finish_reason"], "end_turn")
+                self.finished = True
+                self.stop_reason, self.stop_sequence = stop_of(choice, self.stop_sequences)
         return events
 
     def finish(self) -> list[Json]:
-        usage = self.usage or {"output_tokens": 0}
-        delta = {"type": "message_delta", "delta": {"stop_reason": self.stop_reason, "stop_sequence": None}, "usage": usage}
+        usage = self.usage or {"input_tokens": self.input_tokens, "output_tokens": self.deltas}
+        delta = {"type": "message_delta", "delta": {"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence},
+                 "usage": usage}
         return self._start() + self._close() + [delta, {"type": "message_stop"}]
 
 
