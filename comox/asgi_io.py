@@ -9,11 +9,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .backends import BackendResponse
 from .disconnects import watch_for
 from .errors import BodyTooLarge, ComoxError, InvalidRequest, UpstreamError
+
+if TYPE_CHECKING:
+    from .request import GatewayRequest
 
 __all__ = ["Responder", "SentStream", "read_body", "route_path", "SSE_HEADERS"]
 
@@ -25,6 +28,7 @@ Send = Callable[[Message], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
 SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+OVERHEAD = b"x-comox-overhead-ms"
 
 
 def route_path(scope: MutableMapping[str, Any]) -> str:
@@ -83,28 +87,43 @@ class SentStream(NamedTuple):
 class Responder:
     """The response side of one request. ``status`` is what the client was
     sent (0 until the response starts); ``started`` and ``finished`` say how
-    far it got."""
+    far it got. For an API request (``request`` given) it times the first and
+    last byte on the request and adds ``x-comox-overhead-ms`` to the headers."""
 
-    __slots__ = ("send", "status", "started", "finished", "streaming")
+    __slots__ = ("send", "status", "started", "finished", "streaming", "request")
 
-    def __init__(self, send: Send):
+    def __init__(self, send: Send, request: GatewayRequest | None = None):
         self.send = send
         self.status = 0
         self.started = False
         self.finished = False
         self.streaming = False
+        self.request = request
 
     async def start(self, status: int, headers: Headers) -> None:
+        """Send the status and ``headers`` (a list of the caller's own: the
+        overhead header is appended to it)."""
         if self.started:
             raise RuntimeError("the response has already started")
         self.started = True
         self.status = status
+        request = self.request
+        if request is not None:
+            # The time Comox added up to now: all of it since the request
+            # arrived, less the answering backend's own time to its answer
+            # (JSON) or first chunk (stream). docs/telemetry.md.
+            now = request.first_byte_at = time.perf_counter()
+            waited = request.answered_at - request.sent_at
+            overhead = now - request.received_at - waited if waited > 0 else now - request.received_at
+            headers.append((OVERHEAD, b"%.3f" % (overhead * 1000)))
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def json(self, status: int, body: bytes, headers: Headers) -> None:
         await self.start(status, headers + [(b"content-length", str(len(body)).encode())])
         await self.send({"type": "http.response.body", "body": body})
         self.finished = True
+        if self.request is not None:
+            self.request.last_byte_at = time.perf_counter()
 
     async def error(self, exc: ComoxError, request_id: bytes, extra: Headers | None = None,
                     render: Callable[[ComoxError], tuple[int, Headers, bytes]] | None = None) -> None:
@@ -177,5 +196,7 @@ class Responder:
             self.finished = True
             return SentStream(False, error, first, last, events, b"", f"stream broke off: {type(exc).__name__}")
         finally:
+            if self.request is not None:
+                self.request.last_byte_at = last
             watched.close()
             await response.aclose()

@@ -41,7 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .app import ComoxApp, build_gateway
     from .default_config import serving_default
 
-    configure_logging(args.log_format, args.log_level)
+    configure_logging(args.log_format, args.log_level, args.access_log)
     # The config is read and the gateway built once, here: a bad config fails
     # with one line, and a busy port too, before anything says it is serving.
     gateway = build_gateway(args.config)
@@ -50,7 +50,8 @@ def _serve(args: argparse.Namespace) -> int:
                            f"not listen on {args.host}: pass a config with [[keys]] (-c comox.toml) to serve others")
     sock = _listen_socket(args.host, args.port)
     host, port = args.host, sock.getsockname()[1]
-    options = dict(host=host, port=port, log_level=args.log_level, access_log=args.access_log)
+    # --access-log is Comox's access log (logger comox.access), not uvicorn's.
+    options = dict(host=host, port=port, log_level=args.log_level, access_log=False)
     if args.workers == 1:
         server = uvicorn.Server(uvicorn.Config(ComoxApp(gateway, tune_gc=gateway.settings.server.tune_gc), **options))
         _announce(gateway, host, port)
@@ -64,7 +65,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from uvicorn.supervisors import Multiprocess
 
-    factory = functools.partial(serve_app, os.path.abspath(args.config) if args.config else None, args.log_format, args.log_level)
+    factory = functools.partial(serve_app, os.path.abspath(args.config) if args.config else None, args.log_format,
+                                args.log_level, args.access_log)
     config = uvicorn.Config(factory, factory=True, workers=args.workers, **options)
     if "target" in inspect.signature(Multiprocess).parameters:  # older uvicorn
         supervisor = Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock])  # type: ignore[call-arg]  # typed by the newer uvicorn installed
@@ -111,7 +113,8 @@ def _announce(gateway: Gateway, host: str, port: int) -> None:
         print(usage_example(base), file=sys.stderr, flush=True)
 
 
-def serve_app(config: str | None = None, log_format: str | None = None, log_level: str = "info") -> ComoxApp:
+def serve_app(config: str | None = None, log_format: str | None = None, log_level: str = "info",
+              access_log: bool = False) -> ComoxApp:
     """The app ``comox serve`` runs in each worker (and a factory for
     ``uvicorn comox.cli:serve_app --factory``): the gateway from the file
     ``config``, else ``$COMOX_CONFIG``, else the embedded default. Comox owns
@@ -119,7 +122,7 @@ def serve_app(config: str | None = None, log_format: str | None = None, log_leve
     from .app import ComoxApp, build_gateway
 
     if log_format is not None:
-        configure_logging(log_format, log_level)
+        configure_logging(log_format, log_level, access_log)
     gateway = build_gateway(config)
     return ComoxApp(gateway, tune_gc=gateway.settings.server.tune_gc)
 
@@ -222,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="Comox's log lines (fleet events, startup banner): plain text or one JSON object "
                             "per line (default: %(default)s)")
     serve.add_argument("--access-log", action="store_true",
-                       help="log every request (default: off, as it costs throughput)")
+                       help="Comox's access log: one line per API request (request id, key id, model, backend, "
+                            "status, latency, tokens, …; text or JSON per --log-format), never a key or content "
+                            "(default: off, as it costs throughput)")
     serve.set_defaults(func=_serve)
 
     check = commands.add_parser(

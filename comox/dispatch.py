@@ -127,6 +127,7 @@ async def dispatch(gateway: Gateway, request: GatewayRequest, group: ModelGroup)
                 break
         saturated = False
         if tried:
+            request.retries += 1
             emit("request_retried", f"request {request.id} retried on {state.name} after {tried[-1].name}: {failure}",
                  request_id=request.id, model=group.name, backend=state.name, previous=tried[-1].name, reason=failure)
         tried.append(state)
@@ -150,6 +151,7 @@ async def dispatch(gateway: Gateway, request: GatewayRequest, group: ModelGroup)
         finally:
             if attempt:
                 counters.retries -= 1
+        answered = request.answered_at = time.perf_counter()
         status = response.status
         if status in RETRYABLE_STATUS:
             state.release()
@@ -164,7 +166,6 @@ async def dispatch(gateway: Gateway, request: GatewayRequest, group: ModelGroup)
                 break
             suspects.append((state, status))
             continue
-        answered = request.answered_at = time.perf_counter()
         state.record_success(answered - started)
         for suspect, code in suspects:  # another node answered: those 5xx were the nodes'
             suspect.record_failure(f"HTTP {code}", code)
@@ -197,9 +198,11 @@ async def dispatch(gateway: Gateway, request: GatewayRequest, group: ModelGroup)
 
 
 async def _fail_over(gateway: Gateway, request: GatewayRequest, error: ComoxError, trigger: str) -> BackendResponse | None:
+    request.sent_at = time.perf_counter()  # the cloud's time is the backend's, not the gateway's overhead
     answer: BackendResponse | None = await HookChain.first(gateway.hooks.comox_failover, request=request, error=error,
                                                             trigger=trigger)
     if answer is not None:
+        request.answered_at = time.perf_counter()
         emit("request_failed_over", f"request {request.id} of model {request.model_group} failed over ({trigger})",
              request_id=request.id, model=request.model_group, trigger=trigger)
     return answer

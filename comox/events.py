@@ -64,12 +64,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def configure_logging(log_format: str = "text", level: str = "info") -> None:
+def configure_logging(log_format: str = "text", level: str = "info", access_log: bool = False) -> None:
     """Send Comox's logs (``comox`` and below) to stderr in ``log_format``
-    (``text`` or ``json``), for a process Comox owns (``comox serve``)."""
+    (``text`` or ``json``), for a process Comox owns (``comox serve``); the
+    access log (logger ``comox.access``, one line per API request) only with
+    ``access_log``, whatever ``level`` says."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     logger = logging.getLogger("comox")
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False
+    logging.getLogger("comox.access").setLevel(logging.INFO if access_log else logging.WARNING)

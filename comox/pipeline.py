@@ -90,7 +90,7 @@ async def serve_api(gateway: Gateway, scope: MutableMapping[str, Any], receive: 
     rid = request.id.encode()
     if not gateway.started:
         await gateway.startup()
-    responder = Responder(send)
+    responder = Responder(send, request)  # times the response, adds x-comox-overhead-ms
     state: BackendState | None = None
     error: Exception | None = None
     try:
@@ -193,6 +193,7 @@ async def _route_and_answer(gateway: Gateway, request: GatewayRequest, receive: 
     state: BackendState | None = None
     if response is None:
         response, state = await gateway.dispatch(request, group)
+    request.route = "cache" if cached else "local" if state is not None else "failover"
     # A stream another node may continue if its node dies (resume_streams).
     splice = resumable(gateway, request, group, state, response) if group.settings.resume_streams else None
     if splice is not None:

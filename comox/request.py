@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
@@ -115,11 +116,24 @@ class GatewayRequest:
     * ``response_headers`` — headers a plugin adds to the answer, whatever it
       is (``x-ratelimit-*`` on a success and on a 429 alike): append
       ``(name, value)`` byte pairs with lower-case names.
+    * ``received_at``, ``first_byte_at``, ``last_byte_at`` — times
+      (``time.perf_counter()``) the request reached the gateway, its response
+      started (status and headers sent; a stream's first chunk follows at
+      once) and its last byte was sent; 0.0 until then. With ``sent_at`` and
+      ``answered_at`` (the answering backend was sent the request, and its
+      status, headers and JSON body or first stream chunk came back), for
+      ``comox_request_done``: latency, time to first token, overhead.
+    * ``retries`` — how many times the request moved to another backend
+      before its first byte (each a ``request_retried`` fleet event).
+    * ``route`` — where the answer came from: ``"local"`` (a backend of the
+      group), ``"failover"`` (``comox_failover``) or ``"cache"``
+      (``comox_cache_lookup``); ``""`` for a request refused before.
     """
 
     __slots__ = (
         "id", "method", "endpoint", "gateway", "model_group", "local_only", "api", "api_endpoint", "inbound_raw", "path", "query", "headers", "raw", "json", "model", "stream",
-        "principal", "state", "slot", "usage", "response_headers", "keep_stream", "sent_at", "answered_at", "_upstream_cache",
+        "principal", "state", "slot", "usage", "response_headers", "keep_stream", "sent_at", "answered_at",
+        "received_at", "first_byte_at", "last_byte_at", "retries", "route", "_upstream_cache",
     )
 
     def __init__(self, *, id: str, endpoint: str, path: str, headers: list[tuple[bytes, bytes]],
@@ -151,6 +165,11 @@ class GatewayRequest:
         # and when its status and headers (and a JSON body) had come back.
         self.sent_at = 0.0
         self.answered_at = 0.0
+        self.received_at = time.perf_counter()  # built by the core as the request arrives
+        self.first_byte_at = 0.0
+        self.last_byte_at = 0.0
+        self.retries = 0
+        self.route = ""
         self._upstream_cache: dict[str | None, bytes] | None = None
 
     def set_body(self, raw: bytes, body: dict[str, Any]) -> None:

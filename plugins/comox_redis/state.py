@@ -239,6 +239,7 @@ class RedisState:
                 async with asyncio.timeout(self.timeout_s):
                     return await shared()
             except UNAVAILABLE as exc:
+                _reraise_cancel(exc)
                 self._went_down(exc)
         if self.on_failure == "closed":
             raise SharedStateUnavailable(
@@ -251,9 +252,9 @@ class RedisState:
             return
         self.down_reason = f"redis unreachable: {_describe(exc)}"
         self.fallback = comox.MemoryState(clock=self.clock)  # every outage starts with full local shares
-        what = ("refusing requests ([state] on_failure = \"closed\")" if self.on_failure == "closed" else
+        what = ("requests are refused ([state] on_failure = \"closed\")" if self.on_failure == "closed" else
                 f"limits count per replica (this one takes 1/{self.replicas} of each) and the cache is bypassed")
-        log.warning("shared state degraded: %s; %s until it answers again", self.down_reason, what)
+        log.warning("shared state degraded (%s): %s until redis answers again", self.down_reason, what)
         if self._wake is not None:
             self._wake.set()  # the watcher checks again within recheck_s, not heartbeat_s
 
@@ -271,6 +272,7 @@ class RedisState:
                 count = await self._heartbeat(keys=[self.prefix + "replicas"],
                                               args=[self.replica_id, 3 * self.heartbeat_s])
         except UNAVAILABLE as exc:
+            _reraise_cancel(exc)
             self._went_down(exc)
             return False
         self.replicas = max(1, int(count))
@@ -313,13 +315,24 @@ class RedisState:
             try:  # leave the count at once, not three heartbeats later
                 async with asyncio.timeout(self.timeout_s):
                     await self.redis.zrem(self.prefix + "replicas", self.replica_id)
-            except UNAVAILABLE:
-                pass
+            except UNAVAILABLE as exc:
+                _reraise_cancel(exc)
         await self.redis.aclose()  # and its pool
 
 
 async def _nothing() -> None:
     return None
+
+
+def _reraise_cancel(exc: BaseException) -> None:
+    """Raise ``CancelledError`` if this task is being cancelled from outside:
+    redis-py can turn the cancellation of a call into a ``ConnectionError``,
+    and a client that went away must neither count as Redis down nor lose
+    its cancellation. (Our own ``asyncio.timeout`` has uncancelled the task by
+    now: a timeout is a Redis that did not answer.)"""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError() from exc
 
 
 def _describe(exc: BaseException) -> str:
