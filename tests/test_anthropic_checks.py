@@ -34,7 +34,11 @@ def test_a_good_request_is_returned_parsed_with_fields_it_does_not_know():
     ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "tool_use"}]}]}]},
      "messages.0.content.0.content.0.type"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "base64"}}]}]}, "messages.0.content.0.source.data"),
-    ({"messages": ["hi"]}, "messages.0")])
+    ({"messages": ["hi"]}, "messages.0"),
+    # values that are not strings where names are expected (no TypeError: unhashable)
+    ({"tool_choice": {"type": {"a": 1}}}, "tool_choice"), ({"tools": [TOOL], "tool_choice": {"type": "tool", "name": ["f"]}}, "tool_choice.name"),
+    ({"thinking": {"type": []}}, "thinking"), ({"messages": [{"role": "user", "content": [{"type": {}}]}]}, "messages.0.content.0.type"),
+    ({"messages": [{"role": ["user"], "content": "x"}]}, "messages.0.role")])
 def test_bad_fields_are_named(fields, param):
     with pytest.raises(comox.InvalidRequest) as exc:
         check_request(orjson.dumps({k: v for k, v in {"model": "m", "max_tokens": 5, "messages": HI, **fields}.items() if v is not None}))

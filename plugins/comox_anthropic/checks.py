@@ -35,6 +35,10 @@ def _bad(message: str, param: str | None = None) -> comox.InvalidRequest:
     return comox.InvalidRequest(f"{param}: {message}" if param else message, param=param)
 
 
+def _one_of(value: Any, names: frozenset[str]) -> bool:
+    return isinstance(value, str) and value in names
+
+
 def _string(body: Json, key: str, where: str, *, required: bool = False) -> None:
     value = body.get(key)
     if value is None and not required:
@@ -81,7 +85,7 @@ def check_request(raw: bytes, *, count: bool = False) -> Json:
     if metadata is not None and (not isinstance(metadata, dict) or not isinstance(metadata.get("user_id") or "", str)):
         raise _bad("Input should be an object with a string user_id", "metadata")
     thinking = body.get("thinking")
-    if thinking is not None and (not isinstance(thinking, dict) or thinking.get("type") not in THINKING):
+    if thinking is not None and (not isinstance(thinking, dict) or not _one_of(thinking.get("type"), THINKING)):
         raise _bad(f"Input should be an object whose type is one of {', '.join(sorted(THINKING))}", "thinking")
     output = body.get("output_config")
     if output is not None:
@@ -135,9 +139,9 @@ def _check_tools(tools: Any) -> set[str]:
 def _check_tool_choice(choice: Any, tools: set[str]) -> None:
     if choice is None:
         return
-    if not isinstance(choice, dict) or choice.get("type") not in TOOL_CHOICES:
+    if not isinstance(choice, dict) or not _one_of(choice.get("type"), TOOL_CHOICES):
         raise _bad(f"Input should be an object whose type is one of {', '.join(sorted(TOOL_CHOICES))}", "tool_choice")
-    if choice["type"] == "tool" and choice.get("name") not in tools:
+    if choice["type"] == "tool" and not _one_of(choice.get("name"), frozenset(tools)):
         raise _bad(f"tool {choice.get('name')!r} is not among the tools given", "tool_choice.name")
     if choice.get("disable_parallel_tool_use") is not None and not isinstance(choice["disable_parallel_tool_use"], bool):
         raise _bad("Input should be a valid boolean", "tool_choice.disable_parallel_tool_use")
@@ -160,7 +164,7 @@ def _check_message(message: Any, where: str) -> None:
 
 def _check_block(block: Any, allowed: frozenset[str], where: str) -> None:
     kind = block.get("type") if isinstance(block, dict) else None
-    if kind not in allowed:
+    if not _one_of(kind, allowed):
         raise _bad(f"content blocks here are of type {', '.join(sorted(allowed))}, not {kind!r}", f"{where}.type")
     assert isinstance(block, dict)
     if kind == "text":
