@@ -54,6 +54,8 @@ class Answer:
     """For a stream: an OpenAI error event after this many chunks, then the end."""
     drop_after: int | None = None
     """For a stream: drop the connection after this many chunks."""
+    garbage: Any = None
+    """For JSON: answer this instead of a chat completion."""
 
 
 class ScriptedChat(StandInUpstream):
@@ -69,6 +71,8 @@ class ScriptedChat(StandInUpstream):
 
     def _completion(self, payload, chat):
         answer = self._next()
+        if answer.garbage is not None:
+            return answer.garbage
         message: dict[str, Any] = {"role": "assistant", "content": answer.content}
         if answer.reasoning:
             message["reasoning_content"] = answer.reasoning
@@ -465,6 +469,12 @@ def test_each_status_has_its_error_type(comox_serve, setup):
     with pytest.raises(anthropic.APIStatusError) as exc:
         anthropic.Anthropic(base_url=down.url, api_key="k", max_retries=0).messages.create(model="chat", max_tokens=5, messages=HI)
     assert exc.value.status_code in (502, 529) and exc.value.body["type"] == "error"
+
+
+@pytest.mark.parametrize("garbage", [[1, 2], {"choices": {"0": "x"}}, {"choices": [{"message": "text"}]}], ids=["a list", "choices an object", "a message a string"])
+def test_an_answer_that_is_no_chat_completion_is_a_502(setup, garbage):
+    setup.upstream.answers.append(Answer(garbage=garbage))
+    assert_error(setup.post({"model": "chat", "max_tokens": 5, "messages": HI}), 502, "api_error")
 
 
 def test_keys_come_as_x_api_key_or_bearer_and_a_missing_one_is_401(keyed):

@@ -177,12 +177,12 @@ class MessagesAPI:
                 completion = orjson.loads(response.body)
             except orjson.JSONDecodeError:
                 completion = None
-            if not isinstance(completion, dict):
+            if request.stream and isinstance(completion, dict):  # a JSON answer (a cached one) to a stream request
+                return BackendResponse(200, [SSE, *headers], stream=_events_of(completion, pending), close=response.aclose)
+            message = _message_of(completion, pending)
+            if message is None:
                 await response.aclose()
                 return _error(comox.UpstreamError("the backend answered something that is not a chat completion"))
-            if request.stream:  # a JSON answer (a cached one) to a stream request: its events
-                return BackendResponse(200, [SSE, *headers], stream=_events_of(completion, pending), close=response.aclose)
-            message = openai_to_anthropic_response(completion, model=pending.model, stop_sequences=pending.stop_sequences)
             return BackendResponse(200, [JSON, *headers], body=orjson.dumps(message), close=response.aclose)
         return BackendResponse(200, [SSE, *headers], stream=translate_stream(response, pending), close=response.aclose)
 
@@ -200,6 +200,16 @@ def _json(obj: Json) -> BackendResponse:
 def _error(exc: ComoxError) -> BackendResponse:
     status, body = openai_to_anthropic_error(exc.status, exc.body())
     return BackendResponse(status, exc.headers(), body=orjson.dumps(body))
+
+
+def _message_of(completion: Any, pending: Pending) -> Json | None:
+    """The Message a chat completion answers, or None if it is not one."""
+    if not isinstance(completion, dict):
+        return None
+    try:
+        return openai_to_anthropic_response(completion, model=pending.model, stop_sequences=pending.stop_sequences)
+    except (AttributeError, TypeError, KeyError, IndexError):  # a shape no chat completion has
+        return None
 
 
 def _model_info(name: str, created: int) -> Json:
