@@ -342,12 +342,14 @@ def test_every_api_answer_says_the_overhead_and_it_excludes_the_backend(comox_se
 # -- [plugins.metrics] -------------------------------------------------------------------
 
 
-def test_metrics_behind_the_admin_key_when_asked(comox_serve, upstreams, monkeypatch):
+def test_metrics_behind_the_admin_key_when_asked(comox_serve, upstreams, monkeypatch, caplog):
     a = upstreams("a")
     settings = {"models": [{"name": "chat", "backends": [{"url": a.url}]}],
                 "plugins": {"metrics": {"require_admin_key": True}}}
-    with pytest.raises(comox.ConfigError, match="require_admin_key: the admin key's environment variable COMOX_ADMIN_KEY"):
-        comox_serve(settings)
+    monkeypatch.delenv("COMOX_ADMIN_KEY", raising=False)
+    server = comox_serve(settings)  # no admin key: not served at all (fail closed), and said so
+    assert httpx.get(f"{server.url}/metrics").status_code == 404
+    assert "the admin key's environment variable COMOX_ADMIN_KEY is not set, so /metrics is not served" in caplog.text
     monkeypatch.setenv("COMOX_ADMIN_KEY", "admin-secret")
     server = comox_serve(settings)
     assert httpx.get(f"{server.url}/metrics").status_code == 401
@@ -361,6 +363,8 @@ def test_metrics_are_open_by_default_and_speak_openmetrics(comox_serve, upstream
                           "plugins": {"metrics": {"path": "/-/metrics"}}})
     httpx.post(f"{server.url}/v1/chat/completions", json=CHAT)
     assert httpx.get(f"{server.url}/metrics").status_code == 404
+    with pytest.raises(comox.ConfigError, match=r"plugins\.metrics\.path: Value error, /v1/metrics is served by Comox"):
+        comox.build_gateway(comox.Settings(auth="none", plugins={"metrics": {"path": "/v1/metrics"}}))
     response = httpx.get(f"{server.url}/-/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"})
     assert response.headers["content-type"].startswith("application/openmetrics-text")
     assert response.text.endswith("# EOF\n")

@@ -31,13 +31,13 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 import comox
-from comox import AuthenticationFailed, ConfigError, Gateway, GatewayRequest
+from comox import AuthenticationFailed, Gateway, GatewayRequest
 
 from .series import Metrics, ScrapeTime
 from .workers import setup, sweep
@@ -64,6 +64,13 @@ class MetricsSettings(BaseModel):
     """With workers, how often each worker writes its view of the fleet
     (in flight, states, tokens/s) for the scrape; a single process reads it
     when scraped."""
+
+    @field_validator("path")
+    @classmethod
+    def _not_comox_own(cls, path: str) -> str:
+        if path == "/v1" or path.startswith("/v1/") or path in ("/healthz", "/readyz"):
+            raise ValueError(f"{path} is served by Comox itself; choose another path")
+        return path
 
 
 class _State:
@@ -138,15 +145,14 @@ async def _refresh(gateway: Gateway, state: _State, every_s: float) -> None:
 @comox.hookimpl
 def comox_routes(gateway: Gateway) -> list[Route]:
     settings = _settings(gateway)
-    if settings.path.startswith("/v1/") or settings.path in ("/healthz", "/readyz"):
-        raise ConfigError(f"plugins.metrics.path: {settings.path} is served by Comox itself; choose another path")
     expected: bytes | None = None
     if settings.require_admin_key:
         env = getattr(gateway.plugin_settings("admin"), "key_env", None) or "COMOX_ADMIN_KEY"
         key = os.environ.get(env)
-        if not key:
-            raise ConfigError(f"plugins.metrics.require_admin_key: the admin key's environment variable {env} is "
-                              "not set, so no one could read the metrics")
+        if not key:  # fail closed, as the admin API does (and no worker of comox serve dies over it)
+            log.warning("plugins.metrics.require_admin_key: the admin key's environment variable %s is not set, "
+                        "so %s is not served", env, settings.path)
+            return []
         expected = key.encode()
 
     async def metrics(request: Request) -> Response:
