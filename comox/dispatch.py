@@ -90,6 +90,38 @@ def _time_out(state: BackendState, task: asyncio.Task[object]) -> None:
         task.cancel()
 
 
+def observed(gateway: Gateway) -> bool:
+    """Whether a plugin watches attempts (``comox_attempt_start`` / ``_done``)."""
+    hooks = gateway.hooks
+    return bool(hooks.comox_attempt_start or hooks.comox_attempt_done)
+
+
+async def _observed(gateway: Gateway, state: BackendState, request: GatewayRequest, kind: str) -> BackendResponse:
+    """:func:`_attempt` between ``comox_attempt_start`` and
+    ``comox_attempt_done``; only when :func:`observed`."""
+    hooks = gateway.hooks
+    await HookChain.each_logged(hooks.comox_attempt_start, request=request, backend=state.name, kind=kind)
+    timeout_s = state.settings.first_byte_timeout_s
+    response = None
+    error: str | None = "failed"
+    try:
+        response = await _attempt(state, request, timeout_s)
+        error = None
+        return response
+    except BackendUnavailable:
+        error = "unreachable"
+        raise
+    except _Moved:
+        error = "timeout" if state.routable and timeout_s else "moved"  # as _attempt tells them apart
+        raise
+    except asyncio.CancelledError:
+        error = "cancelled"
+        raise
+    finally:
+        await HookChain.each_logged(hooks.comox_attempt_done, request=request, backend=state.name, kind=kind,
+                                    response=response, error=error)
+
+
 async def dispatch(gateway: Gateway, request: GatewayRequest, group: ModelGroup) -> tuple[BackendResponse, BackendState | None]:
     """Send ``request`` to a backend of ``group`` (see the module docstring).
     The caller must ``release()`` the returned state once the response is
@@ -103,6 +135,7 @@ async def dispatch(gateway: Gateway, request: GatewayRequest, group: ModelGroup)
     server = gateway.settings.server
     saturated = False
     can_fail_over = bool(gateway.hooks.comox_failover) and not request.local_only
+    watched = observed(gateway)
     if can_fail_over and (group.current() == () or group.panic):
         # No local backend in rotation: capacity is exhausted; the cloud
         # answers before any known-bad node is tried in panic mode.
@@ -139,7 +172,10 @@ async def dispatch(gateway: Gateway, request: GatewayRequest, group: ModelGroup)
             counters.retries += 1
         started = request.sent_at = time.perf_counter()
         try:
-            response = await _attempt(state, request, state.settings.first_byte_timeout_s)
+            if watched:
+                response = await _observed(gateway, state, request, "retry" if attempt else "first")
+            else:
+                response = await _attempt(state, request, state.settings.first_byte_timeout_s)
         except (BackendUnavailable, _Moved) as exc:
             state.release()
             failure = exc.message if isinstance(exc, BackendUnavailable) else str(exc)
@@ -199,8 +235,25 @@ async def dispatch(gateway: Gateway, request: GatewayRequest, group: ModelGroup)
 
 async def _fail_over(gateway: Gateway, request: GatewayRequest, error: ComoxError, trigger: str) -> BackendResponse | None:
     request.sent_at = time.perf_counter()  # the cloud's time is the backend's, not the gateway's overhead
-    answer: BackendResponse | None = await HookChain.first(gateway.hooks.comox_failover, request=request, error=error,
-                                                            trigger=trigger)
+    hooks = gateway.hooks
+    watched = observed(gateway)
+    if watched:
+        await HookChain.each_logged(hooks.comox_attempt_start, request=request, backend=None, kind="failover")
+    answer: BackendResponse | None = None
+    why: str | None = "failed"
+    try:
+        answer = await HookChain.first(hooks.comox_failover, request=request, error=error, trigger=trigger)
+        why = None if answer is not None else "declined"
+    except ComoxError:
+        why = "declined"
+        raise
+    except asyncio.CancelledError:
+        why = "cancelled"
+        raise
+    finally:
+        if watched:
+            await HookChain.each_logged(hooks.comox_attempt_done, request=request, backend=None, kind="failover",
+                                        response=answer, error=why)
     if answer is not None:
         request.answered_at = time.perf_counter()
         emit("request_failed_over", f"request {request.id} of model {request.model_group} failed over ({trigger})",

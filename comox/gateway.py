@@ -41,7 +41,10 @@ class Gateway:
         self.pm = pm if pm is not None else make_plugin_manager(plugins)
         self.pm.check_failures()
         self._plugin_settings = self._validate_plugin_settings()
-        self.hooks = HookChain(self.pm)
+        # A plugin whose settings say it is off for this config (``active``
+        # false) is left out of the per-request hooks: installed, unused, free.
+        self.hooks = HookChain(self.pm, skip={name for name, model in self._plugin_settings.items()
+                                              if getattr(model, "active", True) is False})
         self.shared_state: SharedState = self.pm.hook.comox_shared_state(gateway=self) or MemoryState()
         self.inbound = InboundAPIs(api for apis in self.pm.hook.comox_inbound_apis(gateway=self) for api in (apis or ()))
         self.backend_types: dict[str, type] = self._registry(self.pm.hook.comox_backend_types(), "backend type")

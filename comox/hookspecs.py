@@ -35,9 +35,12 @@ hookimpl = pluggy.HookimplMarker("comox")
 
 # Hooks the core awaits itself on every request (see module docstring).
 PER_REQUEST_HOOKS = (
+    "comox_request_start",
     "comox_authenticate",
     "comox_admit",
     "comox_cache_lookup",
+    "comox_attempt_start",
+    "comox_attempt_done",
     "comox_failover",
     "comox_cache_store",
     "comox_request_done",
@@ -157,6 +160,21 @@ def comox_shutdown(gateway: Gateway) -> None:
 
 
 @hookspec
+def comox_request_start(request: GatewayRequest) -> None:
+    """Observe a request as it arrives, before any other per-request hook:
+    start a timer or a trace span.
+
+    May be ``async def``. All implementations are called, in the request's
+    own task, for every request ``comox_request_done`` sees (every request to
+    an API path), and ``comox_request_done`` always follows. Exceptions are
+    logged, not raised.
+
+    :param request: the request before authentication: ``id``, ``method``,
+        ``path``, ``endpoint`` and the headers are set; the body is not read.
+    """
+
+
+@hookspec
 def comox_authenticate(request: GatewayRequest) -> Principal | None:
     """Decide who is calling.
 
@@ -196,6 +214,52 @@ def comox_cache_lookup(request: GatewayRequest) -> BackendResponse | None:
     :param request: the parsed, admitted request.
     :return: a :class:`comox.backends.BackendResponse` (JSON body, or a
         ``stream`` of SSE bytes), or ``None`` for a miss.
+    """
+
+
+@hookspec
+def comox_attempt_start(request: GatewayRequest, backend: str | None, kind: str) -> None:
+    """Observe an attempt to answer the request beginning: a backend about to
+    be sent it, or the failover stage about to be asked.
+
+    May be ``async def``. All implementations are called, in the request's own
+    task right before the backend call, so what an implementation makes
+    current there (an OpenTelemetry span) is the context of that call, until
+    ``comox_attempt_done`` for the same attempt, which always follows.
+    Exceptions are logged, not raised. No implementation: no cost.
+
+    :param request: the request (for ``"resume"``, the continuation sent to
+        the next node: it shares ``id`` and ``state`` with the client's).
+    :param backend: the backend's name; ``None`` for ``"failover"``.
+    :param kind: ``"first"``; ``"retry"`` (another backend, after one failed
+        or answered busy before its first byte); ``"resume"`` (another node
+        continues a stream that broke off, ``resume_streams``); or
+        ``"failover"`` (``comox_failover`` is asked).
+    """
+
+
+@hookspec
+def comox_attempt_done(
+    request: GatewayRequest, backend: str | None, kind: str, response: BackendResponse | None, error: str | None
+) -> None:
+    """Observe an attempt ending: its answer came (its status, headers and JSON
+    body, or a stream's first chunk), or it failed.
+
+    May be ``async def``. All implementations are called, in the request's own
+    task, after each ``comox_attempt_start`` (same ``request``, ``backend`` and
+    ``kind``). Exceptions are logged, not raised.
+
+    :param response: the answer (``status``, ``headers``, ``body`` or
+        ``stream`` with its first chunk in ``head``), also one the core then
+        retries elsewhere (429, 5xx); ``None`` when there was none. Read it;
+        do not consume its stream (wrapping ``response.stream`` to watch the
+        chunks pass is allowed).
+    :param error: ``None`` when it answered; else ``"unreachable"`` (could not
+        connect, or broke before its answer), ``"timeout"`` (no first byte
+        within ``first_byte_timeout_s``), ``"moved"`` (the backend left
+        rotation while the request waited), ``"cancelled"`` (the client went
+        away), ``"declined"`` (failover: no implementation answered, or one
+        refused with a ``ComoxError``) or ``"failed"`` (any other exception).
     """
 
 

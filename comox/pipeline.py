@@ -2,6 +2,7 @@
 
 ::
 
+    start        comox_request_start (telemetry: a timer, a trace span)
     route        endpoint and method from the path
     authenticate comox_authenticate → Principal, from the headers (401 when the
                  config requires keys and no plugin vouched for the caller)
@@ -9,7 +10,8 @@
     admit        comox_admit (rate limits, budgets, policy)
     cache        comox_cache_lookup → a cached answer, or on to a backend
     route        Gateway.dispatch: a backend of the group by its policy, retries
-                 before the first byte, comox_failover when local capacity is exhausted
+                 before the first byte, comox_failover when local capacity is exhausted;
+                 comox_attempt_start / comox_attempt_done around each try
     respond      the answer sent through unbuffered (asgi_io.Responder)
     measure      usage and timings recorded on the backend, after the client has its answer
     store        comox_cache_store
@@ -90,6 +92,8 @@ async def serve_api(gateway: Gateway, scope: MutableMapping[str, Any], receive: 
     rid = request.id.encode()
     if not gateway.started:
         await gateway.startup()
+    if gateway.hooks.comox_request_start:
+        await HookChain.each_logged(gateway.hooks.comox_request_start, request=request)
     responder = Responder(send, request)  # times the response, adds x-comox-overhead-ms
     state: BackendState | None = None
     error: Exception | None = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from importlib.metadata import Distribution, entry_points
 from typing import Any
 
@@ -160,22 +160,28 @@ class HookChain:
     """Each per-request hook's implementations, in pluggy's call order, resolved
     once at startup. An empty tuple means the stage is skipped at no cost; an
     implementation is called with keyword arguments, only those it declares
-    (so specs can grow new arguments without breaking plugins)."""
+    (so specs can grow new arguments without breaking plugins). The plugins
+    named in ``skip`` (those whose settings say they are off) are left out."""
 
+    comox_request_start: tuple[_Impl, ...]
     comox_authenticate: tuple[_Impl, ...]
     comox_admit: tuple[_Impl, ...]
     comox_cache_lookup: tuple[_Impl, ...]
+    comox_attempt_start: tuple[_Impl, ...]
+    comox_attempt_done: tuple[_Impl, ...]
     comox_failover: tuple[_Impl, ...]
     comox_cache_store: tuple[_Impl, ...]
     comox_request_done: tuple[_Impl, ...]
 
-    def __init__(self, pm: pluggy.PluginManager):
+    def __init__(self, pm: pluggy.PluginManager, skip: Collection[str] = ()):
         for name in hookspecs.PER_REQUEST_HOOKS:
             caller = getattr(pm.hook, name)
             spec_args = tuple(caller.spec.argnames)
             chain = []
             # pluggy calls the last registered first (tryfirst/trylast already sorted).
             for impl in reversed(caller.get_hookimpls()):
+                if impl.plugin_name in skip:
+                    continue
                 if impl.hookwrapper or impl.wrapper:
                     raise ConfigError(f"plugin {impl.plugin_name!r}: {name} cannot be a wrapper (per-request hooks are awaited by Comox)")
                 chain.append(_Impl(impl.function, tuple(impl.argnames), spec_args, impl.plugin_name))

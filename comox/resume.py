@@ -41,7 +41,7 @@ import orjson
 
 from .asgi_io import SentStream
 from .backends import BackendResponse, SupportsContinuation
-from .dispatch import _attempt, _Moved
+from .dispatch import _attempt, _Moved, _observed, observed
 from .errors import BackendUnavailable
 from .events import emit
 from .request import GatewayRequest
@@ -358,7 +358,10 @@ class Splice:
         state.acquire()
         started = time.perf_counter()
         try:
-            response = await _attempt(state, request, state.settings.first_byte_timeout_s)
+            if observed(self.gateway):
+                response = await _observed(self.gateway, state, request, "resume")
+            else:
+                response = await _attempt(state, request, state.settings.first_byte_timeout_s)
         except (BackendUnavailable, _Moved) as failure:
             state.release()
             state.record_failure(failure.message if isinstance(failure, BackendUnavailable) else str(failure))
