@@ -21,6 +21,8 @@ import openai
 import orjson
 import pytest
 from anthropic.types import ThinkingBlock, Usage
+from comox_anthropic import MessagesAPI
+from comox_anthropic.translate import anthropic_to_openai_request
 
 import comox
 from comox.testing import StandInUpstream, wait_for_http
@@ -342,6 +344,44 @@ def test_a_group_is_reached_by_its_anthropic_alias(setup):
     with pytest.raises(anthropic.NotFoundError) as exc:
         setup.client().messages.create(model="claude-opus-4-1", max_tokens=10, messages=HI)
     assert exc.value.body["error"]["type"] == "not_found_error"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_the_response_cache_serves_anthropic_clients_in_their_format(setup, stream):
+    # temperature 0: deterministic, so the cache plugin keeps the (internal, OpenAI-shaped) answer
+    body = {"model": "chat", "max_tokens": 10, "temperature": 0, "messages": HI, "stream": stream}
+    first, second = setup.post(body), setup.post(body)
+    assert (first.headers["x-comox-cache"], second.headers["x-comox-cache"]) == ("miss", "hit")
+    assert len(setup.upstream.requests) == 1
+    if stream:
+        assert [name for name, _ in events_of(second.text)] == [name for name, _ in events_of(first.text)]
+        assert events_of(second.text)[-1] == ("message_stop", {"type": "message_stop"})
+    else:
+        assert second.json() == first.json() and second.json()["content"] == [{"type": "text", "text": "Hello there."}]
+    # The same request from an OpenAI client is the same entry, in its own format.
+    chat = httpx.post(f"{setup.url}/v1/chat/completions", json=anthropic_to_openai_request(body), timeout=30)
+    assert chat.headers["x-comox-cache"] == "hit" and len(setup.upstream.requests) == 1
+
+
+async def _read(stream) -> bytes:
+    return b"".join([piece async for piece in stream])
+
+
+def test_a_json_answer_to_a_stream_request_becomes_its_events():
+    api = MessagesAPI()
+    request = comox.GatewayRequest(id="r", endpoint="", path="/v1/messages", headers=[])
+    endpoint, chat = api.parse("messages", request, orjson.dumps({"model": "chat", "max_tokens": 5, "messages": HI, "stream": True}))
+    request.set_body(orjson.dumps(chat), chat)
+    completion = {"id": "chatcmpl-1", "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": "Hi", "reasoning_content": "Hmm",
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}], "usage": USAGE}
+    answer = asyncio.run(api.translate_response(endpoint, request, comox.BackendResponse(200, body=orjson.dumps(completion))))
+    events = events_of(asyncio.run(_read(answer.stream)).decode())
+    assert [name for name, _ in events] == [
+        "message_start", "content_block_start", "ping", "content_block_delta", "content_block_stop", "content_block_start",
+        "content_block_delta", "content_block_stop", "content_block_start", "content_block_delta", "content_block_stop",
+        "message_delta", "message_stop"]
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use" and events[-2][1]["usage"]["output_tokens"] == 4
 
 
 # -- count_tokens ---------------------------------------------------------------------------
