@@ -529,6 +529,20 @@ def test_keys_come_as_x_api_key_or_bearer_and_a_missing_one_is_401(keyed):
     assert len(keyed.upstream.requests) == 3
 
 
+def test_the_keys_limits_hold_for_messages_requests(comox_serve, upstreams):
+    upstream = upstreams("local", kind=ScriptedChat)
+    alice = {"id": "alice", "key_sha256": hashlib.sha256(ALICE.encode()).hexdigest(), "rpm": 2}
+    server = comox_serve(comox.Settings(auth="keys", models=[group(upstream.url)], sections={"keys": [alice]}))
+    client = anthropic.Anthropic(base_url=server.url, api_key=ALICE, max_retries=0)
+    for _ in range(2):
+        reply = client.messages.with_raw_response.create(model="chat", max_tokens=5, messages=HI)
+        assert reply.headers["x-ratelimit-limit-requests"] == "2"
+    with pytest.raises(anthropic.RateLimitError) as exc:
+        client.messages.create(model="chat", max_tokens=5, messages=HI)
+    assert exc.value.body["error"]["type"] == "rate_limit_error" and int(exc.value.response.headers["retry-after"]) > 0
+    assert len(upstream.requests) == 2
+
+
 def test_a_stream_that_breaks_off_ends_with_an_error_event(setup):
     setup.upstream.answers.append(Answer(content="one two three four", drop_after=3))
     response = setup.post({"model": "chat", "max_tokens": 10, "stream": True, "messages": HI})
