@@ -14,6 +14,7 @@ starts is stopped on exit; every load run is bounded in time (and count).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import asyncio
 import atexit
 import json
@@ -291,8 +292,18 @@ def available_policies() -> set[str]:
     return names
 
 
+BENCH_KEY = "sk-bench"  # what bench/post.lua and the TTFB clients send
+
+
 def comox_config(nginx: Nginx, policy: str, path: Path, backends: int = 1) -> Path:
-    lines = ["[server]", "retries = 1", ""]
+    """Comox as a production gateway runs it: a key with limits (high enough
+    never to refuse: they are counted, not hit), the in-memory response cache
+    (the benchmark's requests sample, so they are looked up and skipped),
+    and the default plugins."""
+    digest = hashlib.sha256(BENCH_KEY.encode()).hexdigest()
+    lines = ["[server]", "retries = 1", "",
+             "[[keys]]", 'id = "bench"', f'key_sha256 = "{digest}"',
+             "rpm = 1000000000", "tpm = 1000000000000", "max_concurrency = 100000", ""]
     for model, port in (("bench", nginx.port_json), ("bench-stream", nginx.port_sse)):
         lines += ["[[models]]", f'name = "{model}"', f'policy = "{policy}"', ""]
         for i in range(backends):

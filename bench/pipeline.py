@@ -69,7 +69,7 @@ class MemoryTransport:
 
 
 async def run(n: int, stream: bool, policy: str, plugins: tuple = ()) -> float:
-    settings = {"models": [{"name": "bench", "policy": policy, "backends": [
+    settings = {"auth": "none", "models": [{"name": "bench", "policy": policy, "backends": [
         {"name": "a", "url": "http://127.0.0.1:9"}, {"name": "b", "url": "http://127.0.0.1:10"}]}]}
     from comox.settings import Settings
 

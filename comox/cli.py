@@ -8,6 +8,7 @@ listened on (one line on stderr, no traceback).
 from __future__ import annotations
 
 import argparse
+import logging
 import asyncio
 import contextlib
 import functools
@@ -131,6 +132,9 @@ def _check(args: argparse.Namespace) -> int:
     from .app import build_gateway
 
     gateway = build_gateway(args.config)
+    # The report below says what each backend answered; the fleet events the
+    # same checks log would only say it twice.
+    logging.getLogger("comox.events").disabled = True
     try:
         results = asyncio.run(_probe(gateway))
     except ConfigError:

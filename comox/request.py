@@ -116,6 +116,11 @@ class GatewayRequest:
     * ``response_headers`` — headers a plugin adds to the answer, whatever it
       is (``x-ratelimit-*`` on a success and on a 429 alike): append
       ``(name, value)`` byte pairs with lower-case names.
+    * ``keep_stream`` — set by a plugin (a response cache, on a miss) to the
+      most bytes of a streamed answer it wants: the core then keeps the
+      stream's bytes as it forwards them and, once it completed with 200,
+      passes them to ``comox_cache_store`` as the response's ``body``.
+      0 (the default): streams are not kept, and cost nothing more.
     * ``received_at``, ``first_byte_at``, ``last_byte_at`` — times
       (``time.perf_counter()``) the request reached the gateway, its response
       started (status and headers sent; a stream's first chunk follows at
