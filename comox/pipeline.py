@@ -34,7 +34,7 @@ import orjson
 from .asgi_io import SSE_HEADERS, Receive, Responder, Send, read_body
 from .backends import BackendResponse
 from .errors import AuthenticationFailed, ComoxError, MethodNotAllowed, ModelNotFound, NotFound
-from .fleet import BackendState
+from .fleet import BackendState, ModelGroup
 from .gateway import Gateway
 from .plugins import HookChain
 from .request import ANONYMOUS, ENDPOINTS, GatewayRequest, Principal, parse_body, request_id_from

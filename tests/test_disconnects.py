@@ -83,3 +83,38 @@ def test_one_watch_per_event_loop():
 
     assert run(same_loop_twice())
     assert run(mine()) is not run(mine())  # each asyncio.run has its own loop
+
+
+def test_a_client_that_leaves_before_its_answer_starts_cancels_the_upstream_call(comox_serve, upstreams):
+    """Non-streaming, or a stream still waiting for its first byte: the
+    client leaves, and the upstream call is closed and its slot freed at once
+    instead of running to the end of the generation."""
+    import socket
+    import time
+
+    from comox.testing import Fault, wait_until
+
+    slow = upstreams("slow")
+    slow.faults.append(Fault(delay=4))  # short, so the stand-in's own handler ends soon after
+    done = []
+
+    import comox
+
+    class Done:
+        @comox.hookimpl
+        def comox_request_done(self, status):
+            done.append(status)
+
+    server = comox_serve({"models": [{"name": "m", "backends": [{"name": "slow", "url": slow.url, "health_check": {"enabled": False}}]}]},
+                         plugins=[Done()])
+    state = server.app.gateway.backend("slow")
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        wait_until(lambda: state.inflight == 1)
+    started = time.monotonic()
+    wait_until(lambda: state.inflight == 0, timeout=3)  # freed when the client left, not when the answer came
+    assert time.monotonic() - started < 2
+    wait_until(lambda: done == [499])
