@@ -346,3 +346,31 @@ def test_the_keys_plugin_gives_each_key_its_budget_and_its_local_only(comox_serv
     rows = spend(server)
     assert rows["key", "team-a"]["limit_usd"] == 0.002 and rows["key", "team-a"]["spent_usd"] == ONE_ANSWER
     assert ("key", "vault") not in rows
+
+
+def test_no_budgeted_failover_while_the_shared_state_is_degraded(comox_serve, clouds, request):
+    """Hard budgets cannot be counted while the replicas' shared counters are
+    out of reach: failover is refused (insufficient_budget) until Redis is back."""
+    redis_server = request.getfixturevalue("redis_server")
+    cloud = clouds()
+    settings = gateway_settings([dead_backend()], [cloud_backend(cloud)], trigger="error", budgets={"cloud_usd_per_day": 10.0})
+    settings["sections"]["state"] = {"redis_url": redis_server.url, "timeout_ms": 200}
+    server = comox_serve(settings, plugins=[Keys()])
+    chat(server, max_tokens=10)
+    assert len(cloud.requests) == 1
+    redis_server.kill()
+    wait_until(lambda: server.app.gateway.readiness().get("state") == "degraded" or _degrade(server), timeout=10)
+    before = len(cloud.requests)
+    with pytest.raises(openai.InternalServerError) as refused:
+        chat(server, max_tokens=10)
+    assert refused.value.body["type"] == "insufficient_budget"
+    assert len(cloud.requests) == before
+
+
+def _degrade(server):
+    """Nudge the store into noticing Redis is gone: one request through it."""
+    try:
+        chat(server, max_tokens=10)
+    except Exception:
+        pass
+    return server.app.gateway.readiness().get("state") == "degraded"

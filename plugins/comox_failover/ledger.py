@@ -93,6 +93,12 @@ class Ledger:
     async def reserve(self, budgets: list[Budget], amount: int) -> Hold | Budget:
         """Reserve ``amount`` on every one of ``budgets``, all or none: the
         :class:`Hold`, or the first budget it does not fit."""
+        capped = [budget for budget in budgets if budget.cap is not None]
+        if capped and self.state.readiness().get("state") == "degraded":
+            # The shared counters are out of reach: each replica would count
+            # from zero, and hard budgets could be overspent. Refuse instead.
+            log.warning("cloud failover refused: budgets are set and the shared state is degraded")
+            return capped[0]
         taken: list[Budget] = []
         for budget in budgets:
             added, _ = await self.state.add(budget.counter, amount, cap=budget.cap, ttl_s=budget.ttl_s)
