@@ -200,6 +200,22 @@ def test_keys_prefix_and_expiry_in_redis(redis_server):
     assert 9_000 < redis.pttl("team-a:v:cache:1") <= 10_000
 
 
+def test_closing_stops_the_watcher_for_good(redis_server):
+    async def scenario():
+        state = RedisState(redis_server.url)
+        await state.start()
+        assert watchers() == 1
+        await state.aclose()
+        assert watchers() == 0
+        await state.get("late")  # a call after closing (a request finishing late) starts none
+        assert watchers() == 0
+
+    def watchers():
+        return sum(task.get_name() == "comox-redis-watch" and not task.done() for task in asyncio.all_tasks())
+
+    run(scenario())
+
+
 def test_replicas_count_each_other_and_leave(redis_server):
     async def scenario():
         a = RedisState(redis_server.url, heartbeat_s=0.05)

@@ -52,7 +52,8 @@ UNAVAILABLE = (RedisError, OSError, TimeoutError)
 _FMT = "local function fmt(x) return string.format('%.17g', x) end\n"
 
 # KEYS[1] bucket; ARGV amount, capacity, per_s, force ("1"/"0"). A bucket that
-# is full again is deleted (absent = full), so idle keys cost nothing.
+# is full again is deleted (absent = full), so idle keys cost nothing. Returns
+# the fields of a comox.Bucket: allowed, remaining, reset_s, retry_after_s.
 TAKE = _FMT + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -77,7 +78,12 @@ else
     redis.call('PERSIST', KEYS[1])
   end
 end
-return {allowed, fmt(tokens)}
+local reset, retry = math.huge, 0
+if per_s > 0 then reset = math.max(0, (capacity - tokens) / per_s) end
+if allowed == 0 then
+  if amount > capacity or per_s <= 0 then retry = math.huge else retry = (amount - tokens) / per_s end
+end
+return {allowed, fmt(math.max(0, math.floor(tokens))), fmt(reset), fmt(retry)}
 """
 
 # KEYS[1] counter; ARGV amount, cap ("" for none), ttl in ms ("" for none).
@@ -114,18 +120,6 @@ class SharedStateUnavailable(comox.ComoxError):
     status = 503
     type = "service_unavailable"
     code = "shared_state_unavailable"
-
-
-def bucket(tokens: float, amount: float, capacity: float, per_s: float, allowed: bool) -> comox.Bucket:
-    """The :class:`comox.Bucket` for ``tokens`` left after a take of ``amount``."""
-    reset = (capacity - tokens) / per_s if per_s > 0 else math.inf
-    if allowed:
-        retry = 0.0
-    elif amount > capacity:
-        retry = math.inf
-    else:
-        retry = (amount - tokens) / per_s if per_s > 0 else math.inf
-    return comox.Bucket(allowed, max(0.0, math.floor(tokens)), max(0.0, reset), retry)
 
 
 def share(total: float, amount: float, replicas: int) -> float:
@@ -174,15 +168,16 @@ class RedisState:
         """Why Redis is not used right now; ``None`` while it is."""
         self.fallback = comox.MemoryState(clock=clock)
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
         self._wake: asyncio.Event | None = None
 
     # -- the SharedState operations -------------------------------------------
 
     async def take(self, key: str, amount: float, *, capacity: float, per_s: float, force: bool = False) -> comox.Bucket:
         async def shared() -> comox.Bucket:
-            allowed, tokens = await self._take(keys=[self.prefix + "t:" + key],
-                                               args=[amount, capacity, per_s, "1" if force else "0"])
-            return bucket(float(tokens), amount, capacity, per_s, bool(allowed))
+            allowed, remaining, reset, retry = await self._take(
+                keys=[self.prefix + "t:" + key], args=[amount, capacity, per_s, "1" if force else "0"])
+            return comox.Bucket(bool(allowed), float(remaining), float(reset), float(retry))
 
         async def local() -> comox.Bucket:
             n = self.replicas
@@ -232,7 +227,7 @@ class RedisState:
     # -- up, down and back ----------------------------------------------------
 
     async def _call(self, shared: Callable[[], Awaitable[T]], local: Callable[[], Awaitable[T]]) -> T:
-        if self._task is None:
+        if self._task is None and not self._closed:  # (a call after aclose() starts no watcher to leak)
             self._start()
         if self.down_reason is None:
             try:
@@ -282,7 +277,7 @@ class RedisState:
     async def start(self) -> None:
         """First heartbeat (so readiness and the replica count are right from
         the start), then the watcher in the background. Idempotent."""
-        if self._task is None:
+        if self._task is None and not self._closed:
             self._start(beat_first=False)
             await self.beat()
 
@@ -304,12 +299,10 @@ class RedisState:
             await self.beat()
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait({self._task})  # (a cancel of aclose() itself still goes through)
             self._task = None
         if self.down_reason is None:
             try:  # leave the count at once, not three heartbeats later
