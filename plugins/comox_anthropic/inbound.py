@@ -35,6 +35,7 @@ import comox
 from comox import BackendResponse, ComoxError, GatewayRequest, InvalidRequest, MethodNotAllowed, ModelNotFound
 
 from .checks import check_request, estimate_input_tokens
+from .openapi import fragment
 from .translate import (
     OpenAIStreamTranslator,
     SSEDecoder,
@@ -73,6 +74,13 @@ class MessagesAPI:
     for Anthropic clients."""
 
     name = "anthropic"
+
+    def __init__(self, *, auth_required: bool = True):
+        self.auth_required = auth_required
+
+    def openapi(self) -> Json:
+        """Its paths in ``GET /openapi.json`` (:mod:`.openapi`)."""
+        return fragment(auth_required=self.auth_required)
 
     # -- paths ---------------------------------------------------------------------
 
