@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import orjson
 
 __all__ = [
@@ -77,7 +79,9 @@ class ComoxError(Exception):
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         headers = [(b"content-type", b"application/json")]
-        if self.retry_after is not None:
+        # A wait that would never end (more than a limit ever holds) is no
+        # wait worth announcing: no header, rather than a crash on round(inf).
+        if self.retry_after is not None and math.isfinite(self.retry_after):
             headers.append((b"retry-after", str(max(1, round(self.retry_after))).encode()))
         return headers
 

@@ -86,3 +86,8 @@ def test_error_hierarchy_maps_to_openai_statuses():
     error = comox.RateLimited("slow down", retry_after=2.4)
     assert error.body() == {"error": {"message": "slow down", "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded"}}
     assert (b"retry-after", b"2") in error.headers()
+
+
+def test_an_endless_retry_after_is_left_out_not_a_crash():
+    assert not any(name == b"retry-after" for name, _ in comox.RateLimited("never", retry_after=float("inf")).headers())
+    assert (b"retry-after", b"1") in comox.RateLimited("soon", retry_after=0.2).headers()
