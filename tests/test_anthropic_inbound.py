@@ -617,6 +617,30 @@ def test_the_anthropic_sdk_through_a_native_backend(native):
     assert all(request["path"] == "/v1/messages" for request in native.upstream.requests)
 
 
+def test_an_anthropic_backend_gets_an_anthropic_clients_bytes(comox_serve, monkeypatch):
+    """Not translated twice: Claude (the stand-in, checking keys and versions as
+    the API does) gets the client's request, only its model named for it."""
+    claude = AnthropicStandIn(api_key="sk-ant-backend").start()
+    try:
+        monkeypatch.setenv("COMOX_TEST_CLAUDE_KEY", "sk-ant-backend")
+        backend = {"name": "claude", "type": "anthropic", "url": claude.url, "model": "claude-sonnet-4-5",
+                   "api_key_env": "COMOX_TEST_CLAUDE_KEY"}
+        server = comox_serve({"models": [{"name": "chat", "backends": [backend]}]})
+        claude.replies.extend([thinking_reply(), thinking_reply()])
+        raw = b'{"model": "chat", "max_tokens": 20, "thinking": {"type": "enabled", "budget_tokens": 1024}, "messages": [{"role": "user", "content": "hi"}]}'
+        reply = httpx.post(f"{server.url}/v1/messages", content=raw, headers={"x-api-key": "client-key", "anthropic-version": "2023-06-01"})
+        assert reply.status_code == 200 and reply.content == bytes(claude.sent[-1])
+        received = claude.requests[-1]
+        assert orjson.loads(received["raw"]) == {**orjson.loads(raw), "model": "claude-sonnet-4-5"}
+        assert received["headers"]["x-api-key"] == "sk-ant-backend" and "client-key" not in str(received["headers"])
+        client = anthropic.Anthropic(base_url=server.url, api_key="client-key", max_retries=0)
+        with client.messages.stream(model="chat", max_tokens=20, messages=HI) as stream:
+            message = stream.get_final_message()
+        assert message.content[0].signature == "sig-abc" and claude.requests[-1]["body"]["stream"] is True
+    finally:
+        claude.stop()
+
+
 # -- a real llama_cpp.server fleet ------------------------------------------------------------
 
 

@@ -15,6 +15,10 @@ The backend type:
   ``error`` event later ends the stream with an OpenAI error event and no
   ``[DONE]``. The last chunk always carries ``usage`` (the gateway counts it).
 * Errors keep their status (529 overloaded becomes 503) and ``retry-after``.
+* A request to Comox's own ``/v1/messages`` (an Anthropic client) is not
+  translated twice: it goes to Claude as the client's bytes (``native_apis``,
+  ``["messages"]`` by default), only ``model`` replaced, and the answer comes
+  back as Claude gave it.
 * No active health check by default: a cloud API is not a node of ours to
   probe. Enabled (``health_check.enabled = true``), it is ``GET /v1/models``
   with the key, which costs no tokens.
@@ -54,6 +58,10 @@ class AnthropicSettings(comox.HTTPBackendSettings):
     prompt_cache: bool = False
     """Ask Anthropic to cache each prompt (top-level ``cache_control``):
     cache writes cost more than input, reads far less."""
+    native_apis: list[str] = ["messages"]
+    """A request to Comox's own ``/v1/messages`` is sent as the client's
+    bytes (only ``model`` replaced by ``model``), not translated twice: its
+    thinking blocks, cache breakpoints and fields reach Claude as sent."""
 
 
 class AnthropicBackend:
@@ -82,12 +90,15 @@ class AnthropicBackend:
             if not key:
                 raise comox.ConfigError(f"api_key_env: the environment variable {settings.api_key_env!r} is not set")
             self.headers["x-api-key"] = key
+        self.native_apis = frozenset(settings.native_apis)
         self.transport = transport or comox.AiohttpTransport(
             timeout_s=settings.timeout_s, connect_timeout_s=settings.connect_timeout_s,
             max_connections=settings.max_concurrency or 1024, default_headers=self.headers,
         )
 
     async def handle(self, request: comox.GatewayRequest) -> comox.BackendResponse:
+        if request.api is not None and request.api_endpoint in self.native_apis:
+            return await self._native(request)
         if request.endpoint != "chat/completions":
             return _error(comox.InvalidRequest(
                 f"the anthropic backend {self.name!r} serves chat completions only: the Anthropic API has no "
@@ -99,11 +110,7 @@ class AnthropicBackend:
             return _error(exc)
         if self.settings.prompt_cache:
             body["cache_control"] = {"type": "ephemeral"}
-        try:
-            upstream = await self.transport.post(self.messages_url, orjson.dumps(body), {"x-request-id": request.id})
-        except comox.UpstreamUnreachable as exc:
-            raise comox.BackendUnavailable(f"backend {self.name!r} unreachable ({exc.during}): "
-                                           f"{type(exc.cause).__name__}") from exc.cause
+        upstream = await self._post(orjson.dumps(body), request)
         if upstream.status != 200:
             return await _upstream_error(upstream)
         if request.stream and upstream.stream is not None:
@@ -121,6 +128,22 @@ class AnthropicBackend:
             return _error(comox.UpstreamError(f"backend {self.name!r}: the Anthropic API answered invalid JSON"))
         answer = anthropic_to_openai_response(message, json_tool=json_tool, prefill_space=space)
         return comox.BackendResponse(200, [JSON], body=orjson.dumps(answer))
+
+    async def _native(self, request: comox.GatewayRequest) -> comox.BackendResponse:
+        """A Messages request as the client sent it, and Anthropic's answer as it comes."""
+        body = request.inbound_raw or b""
+        if self.settings.model is not None:
+            body = orjson.dumps({**orjson.loads(body), "model": self.settings.model})
+        upstream = await self._post(body, request)
+        upstream.native = True
+        return upstream
+
+    async def _post(self, body: bytes, request: comox.GatewayRequest) -> comox.BackendResponse:
+        try:
+            return await self.transport.post(self.messages_url, body, {"x-request-id": request.id})
+        except comox.UpstreamUnreachable as exc:
+            raise comox.BackendUnavailable(f"backend {self.name!r} unreachable ({exc.during}): "
+                                           f"{type(exc.cause).__name__}") from exc.cause
 
     async def _stream(self, upstream: comox.BackendResponse, translator: AnthropicStreamTranslator) -> comox.BackendResponse:
         assert upstream.stream is not None
