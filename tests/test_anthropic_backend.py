@@ -17,21 +17,11 @@ from pydantic import BaseModel
 import comox
 from comox.testing import free_port
 from tests.anthropic_standin import AnthropicStandIn, Reply, text, tool_use
+from tests.plugins.usage_seen import UsageSeen
 
 KEY = "sk-ant-test-key"
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-
-
-class UsageSeen:
-    """Records the status and ``request.usage`` of every finished request."""
-
-    def __init__(self):
-        self.done = []
-
-    @comox.hookimpl
-    def comox_request_done(self, request, status):
-        self.done.append((status, request.usage))
 
 
 class Setup:

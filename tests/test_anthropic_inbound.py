@@ -27,6 +27,7 @@ from comox_anthropic.translate import anthropic_to_openai_request
 import comox
 from comox.testing import StandInUpstream, wait_for_http
 from tests.anthropic_standin import AnthropicStandIn, Reply, text
+from tests.plugins.usage_seen import UsageSeen
 
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 WEATHER = {"name": "get_weather", "description": "Weather in a city",
@@ -121,17 +122,6 @@ class ScriptedChat(StandInUpstream):
 
 
 # -- plugins the tests use ---------------------------------------------------------------
-
-
-class UsageSeen:
-    """``request.usage`` and the status of every finished request."""
-
-    def __init__(self):
-        self.done = []
-
-    @comox.hookimpl
-    def comox_request_done(self, request, status):
-        self.done.append((status, request.usage))
 
 
 class Refuse:

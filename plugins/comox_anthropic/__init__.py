@@ -36,6 +36,7 @@ from pydantic import Field
 
 import comox
 
+from .answers import error_json
 from .inbound import MessagesAPI
 from .translate import AnthropicStreamTranslator, SSEDecoder, anthropic_to_openai_error, anthropic_to_openai_response
 from .translate import openai_sse, openai_to_anthropic_request
@@ -202,18 +203,7 @@ def _error(exc: comox.ComoxError) -> comox.BackendResponse:
 
 async def _upstream_error(upstream: comox.BackendResponse) -> comox.BackendResponse:
     """An Anthropic error answer as an OpenAI one, with the upstream's ``retry-after``."""
-    raw = upstream.body
-    if raw is None:  # an error with an event-stream content type: read it whole
-        assert upstream.stream is not None
-        try:
-            raw = b"".join([piece async for piece in upstream.stream])
-        finally:
-            await upstream.aclose()
-    try:
-        parsed: Any = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        parsed = None
-    status, body = anthropic_to_openai_error(upstream.status, parsed)
+    status, body = anthropic_to_openai_error(upstream.status, await error_json(upstream))
     headers = [JSON] + [(name, value) for name, value in upstream.headers if name == b"retry-after"]
     if status == 503 and len(headers) == 1:
         headers.append((b"retry-after", str(OVERLOADED_RETRY_AFTER_S).encode()))

@@ -34,6 +34,7 @@ import orjson
 import comox
 from comox import BackendResponse, ComoxError, GatewayRequest, InvalidRequest, MethodNotAllowed, ModelNotFound
 
+from .answers import error_json
 from .checks import check_request, estimate_input_tokens
 from .openapi import fragment
 from .translate import (
@@ -228,16 +229,7 @@ def _model_info(name: str, created: int) -> Json:
 async def _error_answer(response: BackendResponse, headers: list[tuple[bytes, bytes]]) -> BackendResponse:
     """A backend's OpenAI error answer in Anthropic's format, its status and
     ``retry-after`` kept (503: 529 ``overloaded_error``)."""
-    raw = response.body
-    if raw is None:  # an error with an event-stream content type: read it whole
-        assert response.stream is not None
-        raw = (response.head or b"") + b"".join([piece async for piece in response.stream])
-    await response.aclose()
-    try:
-        parsed: Any = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        parsed = None
-    status, body = openai_to_anthropic_error(response.status, parsed)
+    status, body = openai_to_anthropic_error(response.status, await error_json(response))
     return BackendResponse(status, [JSON, *headers], body=orjson.dumps(body))
 
 
