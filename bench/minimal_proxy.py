@@ -7,6 +7,8 @@ can be written, under uvicorn, forwarding to a fixed upstream.
   Python gateway can reach on this stack;
 * ``httpx``: one stock ``httpx.AsyncClient``;
 * ``httpx-aiohttp``: httpx's API over the aiohttp transport (``httpx-aiohttp``);
+* ``pyreqwest``: one shared ``pyreqwest`` client (Rust's reqwest and hyper),
+  the limit for a gateway whose client is not Python;
 * ``memory``: no upstream at all, uvicorn answering from memory;
 * ``comox-transport``: Comox's own ``AiohttpTransport`` (``comox_openai.transport``),
   to tell its cost apart from the rest of the gateway.
@@ -47,6 +49,13 @@ def _make_client():
         from comox_openai.transport import AiohttpTransport
 
         return AiohttpTransport(default_headers={"content-type": "application/json"})
+    if CLIENT == "pyreqwest":
+        from datetime import timedelta
+
+        from pyreqwest.client import ClientBuilder
+
+        return (ClientBuilder().max_connections(1024).pool_idle_timeout(timedelta(seconds=30)).no_proxy()
+                .gzip(False).brotli(False).zstd(False).deflate(False).follow_redirects(False).build())
     if CLIENT == "aiohttp":
         import aiohttp
 
@@ -92,7 +101,7 @@ async def app(scope, receive, send):
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if _client is not None:
-                    await _client.close() if CLIENT == "aiohttp" else await _client.aclose()
+                    await _client.close() if CLIENT in ("aiohttp", "pyreqwest") else await _client.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     if scope["type"] != "http":
@@ -118,6 +127,22 @@ async def app(scope, receive, send):
                 payload = await response.read()
                 await send({"type": "http.response.start", "status": response.status, "headers": [(b"content-type", ctype), (b"content-length", str(len(payload)).encode())]})
                 await send({"type": "http.response.body", "body": payload})
+    elif CLIENT == "pyreqwest":
+        builder = _client.post(url).headers(headers).body_bytes(body)
+        if stream:
+            async with builder.build_streamed() as response:
+                ctype = (response.headers.get("content-type") or "text/event-stream").encode()
+                await send({"type": "http.response.start", "status": response.status, "headers": [(b"content-type", ctype)]})
+                reader = response.body_reader
+                while (chunk := await reader.read_chunk()) is not None:
+                    await send({"type": "http.response.body", "body": bytes(chunk), "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+        else:
+            response = await builder.build().send()
+            payload = bytes(await response.bytes())
+            ctype = (response.headers.get("content-type") or "application/json").encode()
+            await send({"type": "http.response.start", "status": response.status, "headers": [(b"content-type", ctype), (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload})
     elif CLIENT == "comox-transport":
         response = await _client.post(url, body, {})
         try:

@@ -264,13 +264,14 @@ class MinimalProxy(Proxy):
         "memory": "uvicorn answering from memory",
         "comox-transport": "minimal ASGI proxy, Comox's AiohttpTransport",
         "aiohttp-gc": "minimal ASGI proxy, aiohttp, GC tuned as comox serve",
+        "limit-pyreqwest": "minimal ASGI proxy, one pyreqwest client",
     }
 
     def __init__(self, client: str, nginx: Nginx, workdir: Path, cores: str | None, workers: int = 1):
         self.name = self.LABELS[client] + (f" ({workers} workers)" if workers > 1 else "")
         self.port = free_port()
         env = {
-            "MINPROXY_CLIENT": "aiohttp" if client == "aiohttp-gc" else client,
+            "MINPROXY_CLIENT": {"aiohttp-gc": "aiohttp", "limit-pyreqwest": "pyreqwest"}.get(client, client),
             "MINPROXY_TUNE_GC": "1" if client == "aiohttp-gc" else "",
             "MINPROXY_UPSTREAM": f"http://127.0.0.1:{nginx.port_json}",
             "MINPROXY_UPSTREAM_SSE": f"http://127.0.0.1:{nginx.port_sse}",
@@ -314,7 +315,7 @@ def comox_config(nginx: Nginx, policy: str, path: Path, backends: int = 1) -> Pa
 
 
 class Comox(Proxy):
-    VARIANTS = {"comox-httpx": "httpx", "comox-httpx-aiohttp": "httpx-aiohttp"}
+    VARIANTS = {"comox-httpx": "httpx", "comox-httpx-aiohttp": "httpx-aiohttp", "comox-pyreqwest": "pyreqwest"}
 
     def __init__(self, nginx: Nginx, workdir: Path, cores: str | None, policy: str, workers: int = 1,
                  label: str | None = None, client: str | None = None):
@@ -322,6 +323,10 @@ class Comox(Proxy):
         self.port = free_port()
         config = comox_config(nginx, policy, workdir / f"comox-{self.port}.toml")
         env = None
+        if client == "pyreqwest":  # comox serve, every backend with transport = "pyreqwest"
+            self.name = f"Comox ({policy}) over pyreqwest"
+            config.write_text(config.read_text().replace('type = "openai"', 'type = "openai"\ntransport = "pyreqwest"'))
+            client = None
         if client is None:
             argv = [sys.executable, "-m", "comox.cli", "serve", "-c", str(config), "--host", "127.0.0.1",
                     "--port", str(self.port), "--log-level", "warning", "--workers", str(workers)]
@@ -488,7 +493,7 @@ def versions() -> dict:
         "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30),
         "kernel": platform.release(), "python": platform.python_version(), "comox": f"{ver('comox')} ({rev})",
         "uvicorn": ver("uvicorn"), "uvloop": ver("uvloop"), "httptools": ver("httptools"), "aiohttp": ver("aiohttp"),
-        "httpx": ver("httpx"), "httpx-aiohttp": ver("httpx-aiohttp"), "orjson": ver("orjson"),
+        "httpx": ver("httpx"), "httpx-aiohttp": ver("httpx-aiohttp"), "pyreqwest": ver("pyreqwest"), "orjson": ver("orjson"),
         "nginx": nginx, "wrk": (wrk_v[0] if wrk_v else "?"),
     }
 
@@ -496,7 +501,7 @@ def versions() -> dict:
 def print_versions(v: dict) -> None:
     print(f"\nMachine: {v['cpu']}, {v['cores']} cores, {v['memory_gb']} GiB, Linux {v['kernel']}")
     print("Versions: " + ", ".join(f"{k} {v[k]}" for k in (
-        "python", "comox", "uvicorn", "uvloop", "httptools", "aiohttp", "httpx", "httpx-aiohttp", "orjson", "nginx", "wrk")))
+        "python", "comox", "uvicorn", "uvloop", "httptools", "aiohttp", "httpx", "httpx-aiohttp", "pyreqwest", "orjson", "nginx", "wrk")))
 
 
 # -- the main run ----------------------------------------------------------------
@@ -832,8 +837,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sse-concurrency", type=int, default=16)
     parser.add_argument("--ttfb-client", choices=["c", "python", "both"], default="c",
                         help="what times streaming TTFB: bench/ttfb.c (default; needs cc), the Python aiohttp client, or both")
-    parser.add_argument("--extra", default="", help="extra targets, any of: memory,httpx,httpx-aiohttp,comox-transport,aiohttp-gc (minimal proxy "
-                        "variants), comox-httpx,comox-httpx-aiohttp (Comox with an httpx transport)")
+    parser.add_argument("--extra", default="", help="extra targets, any of: memory,httpx,httpx-aiohttp,comox-transport,aiohttp-gc,limit-pyreqwest (minimal proxy "
+                        "variants), comox-httpx,comox-httpx-aiohttp,comox-pyreqwest (Comox over another transport)")
     parser.add_argument("--policy", default="auto", help="Comox routing policy (default: p2c_ewma if installed, else round_robin)")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin processes to cores")
     parser.add_argument("--soak", type=int, metavar="N", help="memory soak: RSS growth over N requests after warm-up")

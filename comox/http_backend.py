@@ -5,7 +5,8 @@ base class of the types that add what an engine tells about itself
 
 One shared connection pool per backend, behind a one-method transport
 (:mod:`comox.transport`). By default that is an ``aiohttp`` pool, the fastest
-Python client measured (``docs/benchmarks.md``). The pool is the seam: pass
+Python client measured (``docs/benchmarks.md``); ``transport = "pyreqwest"``
+picks Rust's reqwest/hyper instead (:mod:`comox.transport_reqwest`). The pool is the seam: pass
 your own ``httpx.AsyncClient`` (any httpx transport) as ``client=``, or any
 object with the transport's ``post()``/``aclose()``, to swap how bytes move
 without touching the rest.
@@ -14,7 +15,7 @@ without touching the rest.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import orjson
@@ -43,6 +44,18 @@ class HTTPBackendSettings(BackendSettings):
     timeout_s: float = Field(600.0, gt=0)
     """Longest wait for any read from the upstream."""
     connect_timeout_s: float = Field(5.0, gt=0)
+    transport: Literal["aiohttp", "pyreqwest"] = Field(
+        default_factory=lambda: os.environ.get("COMOX_TEST_TRANSPORT", "aiohttp"))  # type: ignore[arg-type]
+    """How bytes move upstream: ``aiohttp`` (the default) or ``pyreqwest``
+    (Rust's reqwest/hyper; ``pip install 'comox[reqwest]'``). An httpx client
+    passed as ``client=`` is used whatever this says. ``COMOX_TEST_TRANSPORT``
+    changes the default (for running the test suite against a transport)."""
+    ca_file: str | None = None
+    """A PEM file of CA certificates trusted (besides the system's) for an
+    ``https://`` url: a fleet behind a private CA."""
+    trust_env: bool = False
+    """Use ``HTTP_PROXY``/``HTTPS_PROXY``/``NO_PROXY`` from the environment
+    (off by default: a gateway's fleet is reached directly)."""
     native_apis: list[str] = []
     """Endpoints of inbound APIs the server speaks itself (``["messages"]``
     for llama.cpp's server, vLLM or Ollama: Anthropic's Messages API), sent
@@ -89,12 +102,22 @@ class HTTPBackend:
             self._headers["authorization"] = f"Bearer {key}"
         self.transport: Transport
         if client is None:
-            self.transport = AiohttpTransport(
+            options: dict[str, Any] = dict(
                 timeout_s=settings.timeout_s,
                 connect_timeout_s=settings.connect_timeout_s,
                 max_connections=settings.max_concurrency or 1024,
                 default_headers=self._headers,
+                ca_file=settings.ca_file,
+                trust_env=settings.trust_env,
             )
+            if settings.transport == "pyreqwest":
+                try:
+                    from .transport_reqwest import PyreqwestTransport
+                except ImportError as exc:
+                    raise ConfigError("transport = \"pyreqwest\" needs pyreqwest: pip install 'comox[reqwest]'") from exc
+                self.transport = PyreqwestTransport(**options)
+            else:
+                self.transport = AiohttpTransport(**options)
         elif isinstance(client, httpx.AsyncClient):
             self.transport = HttpxTransport(client, default_headers=self._headers)
         elif isinstance(client, Transport):

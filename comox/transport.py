@@ -9,24 +9,29 @@ upstream sees a client that went away). It raises :class:`UpstreamUnreachable`
 when the upstream could not be reached or broke before its answer was complete.
 Headers come back lower-cased and free of hop-by-hop ones.
 
-Two transports ship:
+Three transports ship:
 
 * :class:`AiohttpTransport` (the default): one ``aiohttp`` connection pool. On a
   2-core box it proxies 2-4× more requests per second than stock httpx 0.28,
   whose pool and pure-Python parser collapse under concurrency; the figures that
   decided it are in ``docs/benchmarks.md``.
+* :class:`comox.transport_reqwest.PyreqwestTransport` (``transport =
+  "pyreqwest"``, ``comox[reqwest]``): Rust's reqwest and hyper, with the same
+  behaviour; not the default while it measures no faster through the whole
+  gateway (``docs/benchmarks.md``).
 * :class:`HttpxTransport`: any ``httpx.AsyncClient`` (any httpx transport, mocks,
   instrumentation), used when one is passed as ``OpenAIBackend(client=...)``.
 
 OpenTelemetry's aiohttp-client and httpx instrumentations both see every
-backend call, so either transport gives one client span per call
-(docs/deployment.md). Wrappers compose by wrapping: an object with the same
+backend call, and the pyreqwest transport makes its own span, so each
+transport gives one client span per call (docs/deployment.md). Wrappers compose by wrapping: an object with the same
 ``post``/``aclose`` that delegates.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
@@ -78,12 +83,19 @@ def _is_sse(content_type: str | None) -> bool:
     return content_type is not None and content_type.startswith("text/event-stream")
 
 
-class AiohttpTransport:
-    """One ``aiohttp.ClientSession`` (connection pool), opened lazily inside the
-    running event loop on first use. ``default_headers`` go with every request."""
+def _ssl_context(ca_file: str) -> ssl.SSLContext:
+    """The system's trusted CAs and those in ``ca_file`` (PEM)."""
+    context = ssl.create_default_context()
+    context.load_verify_locations(cafile=ca_file)
+    return context
+
+
+class PoolTransport:
+    """What a transport with its own connection pool is configured with."""
 
     def __init__(self, *, timeout_s: float = 600.0, connect_timeout_s: float = 5.0, max_connections: int = 1024,
-                 keepalive_s: float = 4.0, default_headers: Mapping[str, str] | None = None):
+                 keepalive_s: float = 4.0, default_headers: Mapping[str, str] | None = None,
+                 ca_file: str | None = None, trust_env: bool = False):
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.max_connections = max_connections
@@ -91,12 +103,22 @@ class AiohttpTransport:
         # server, so we close an idle connection before they do.
         self.keepalive_s = keepalive_s
         self.default_headers = dict(default_headers or {})
-        self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[str, URL] = {}
+        self.ca_file = ca_file  # extra trusted CAs (PEM) for https:// upstreams
+        self.trust_env = trust_env  # HTTP(S)_PROXY / NO_PROXY from the environment
+
+
+class AiohttpTransport(PoolTransport):
+    """One ``aiohttp.ClientSession`` (connection pool), opened lazily inside the
+    running event loop on first use. ``default_headers`` go with every request."""
+
+    _session: aiohttp.ClientSession | None = None
+    _urls: dict[str, URL]
 
     def _open(self) -> aiohttp.ClientSession:
+        self._urls = {}
         connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0,
-                                         keepalive_timeout=self.keepalive_s, enable_cleanup_closed=False)
+                                         keepalive_timeout=self.keepalive_s, enable_cleanup_closed=False,
+                                         ssl=_ssl_context(self.ca_file) if self.ca_file else True)
         self._session = aiohttp.ClientSession(
             connector=connector,
             headers=self.default_headers,
@@ -104,7 +126,7 @@ class AiohttpTransport:
             auto_decompress=False,  # bytes go through as the upstream sent them
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
             cookie_jar=aiohttp.DummyCookieJar(),  # one upstream's cookies must not follow other requests
-            trust_env=False,  # a gateway must not pick up HTTP_PROXY for its fleet
+            trust_env=self.trust_env,  # off by default: a gateway must not pick up HTTP_PROXY for its fleet
         )
         return self._session
 

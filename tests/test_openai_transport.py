@@ -1,8 +1,12 @@
-"""The openai backend's transports: the default aiohttp pool and an injected
-httpx client behave the same against a real stand-in upstream."""
+"""The openai backend's transports: the default aiohttp pool, the pyreqwest
+one (``transport = "pyreqwest"``) and an injected httpx client behave the same
+against a real stand-in upstream."""
 
 import asyncio
+import datetime
+import ipaddress
 import socket
+import ssl
 import time
 
 import httpx
@@ -11,7 +15,7 @@ import pytest
 
 from comox.errors import BackendUnavailable
 from comox.request import GatewayRequest
-from comox.testing import Fault, StandInUpstream
+from comox.testing import Fault, ServerThread, StandInUpstream
 from comox_openai import OpenAIBackend, OpenAIBackendSettings
 from comox import AiohttpTransport, HttpxTransport, Transport
 
@@ -22,9 +26,15 @@ def make_request(stream: bool = False, request_id: str = "rid-1") -> GatewayRequ
                           headers=[], raw=orjson.dumps(body), json=body)
 
 
-def make_backend(kind: str, url: str) -> OpenAIBackend:
-    settings = OpenAIBackendSettings(name="u", url=url)
-    return OpenAIBackend(settings, client=httpx.AsyncClient() if kind == "httpx" else None)
+TRANSPORTS = ["aiohttp", "pyreqwest", "httpx"]
+
+
+def make_backend(kind: str, url: str, **settings) -> OpenAIBackend:
+    if kind != "httpx":
+        settings["transport"] = kind
+    return OpenAIBackend(OpenAIBackendSettings(name="u", url=url, **settings),
+                         client=httpx.AsyncClient(verify=ssl.create_default_context(cafile=settings["ca_file"]) if "ca_file" in settings else True)
+                         if kind == "httpx" else None)
 
 
 @pytest.fixture
@@ -34,13 +44,20 @@ def upstream():
     up.stop()
 
 
-@pytest.fixture(params=["aiohttp", "httpx"])
+@pytest.fixture(params=TRANSPORTS)
 def kind(request):
     return request.param
 
 
-def test_default_is_aiohttp_and_httpx_client_is_wrapped(upstream):
-    assert isinstance(make_backend("aiohttp", upstream.url).transport, AiohttpTransport)
+def test_default_is_aiohttp_and_httpx_client_is_wrapped(upstream, monkeypatch):
+    from comox.transport_reqwest import PyreqwestTransport
+
+    monkeypatch.delenv("COMOX_TEST_TRANSPORT", raising=False)
+    assert isinstance(OpenAIBackend(OpenAIBackendSettings(name="u", url=upstream.url)).transport, AiohttpTransport)
+    assert isinstance(make_backend("pyreqwest", upstream.url).transport, PyreqwestTransport)
+    assert isinstance(make_backend("pyreqwest", upstream.url).transport, Transport)
+    monkeypatch.setenv("COMOX_TEST_TRANSPORT", "pyreqwest")  # the suite run against another transport
+    assert isinstance(OpenAIBackend(OpenAIBackendSettings(name="u", url=upstream.url)).transport, PyreqwestTransport)
     backend = make_backend("httpx", upstream.url)
     assert isinstance(backend.transport, HttpxTransport) and isinstance(backend.client, httpx.AsyncClient)
     assert isinstance(backend.transport, Transport)
@@ -71,8 +88,9 @@ def test_json_and_stream(upstream, kind):
             text = b"".join([chunk async for chunk in stream.stream])
             await stream.aclose()
             assert text.endswith(b"data: [DONE]\n\n") and b"tok2" in text
-            if kind == "aiohttp":  # no cookie jar: one upstream's cookies never follow other requests
+            if kind != "httpx":  # no cookie jar: one upstream's cookies never follow other requests
                 assert "cookie" not in upstream.requests[-1]["headers"]
+                assert "referer" not in upstream.requests[-1]["headers"]
         finally:
             await backend.aclose()
 
@@ -135,13 +153,126 @@ def test_5xx_is_returned_not_raised(upstream, kind):
     asyncio.run(go())
 
 
+def test_read_timeout_is_backend_unavailable(upstream, kind):
+    async def go():
+        backend = make_backend(kind, upstream.url, timeout_s=0.3)
+        if kind == "httpx":
+            backend = OpenAIBackend(OpenAIBackendSettings(name="u", url=upstream.url), client=httpx.AsyncClient(timeout=0.3))
+        try:
+            upstream.faults.append(Fault(delay=2.0))
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable):
+                await backend.handle(make_request())
+            assert time.monotonic() - started < 1.5
+        finally:
+            await backend.aclose()
+
+    asyncio.run(go())
+
+
+def test_connect_timeout_is_backend_unavailable(kind):
+    # A listening socket whose accept queue is full: the handshake never completes.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(0)
+        port = sock.getsockname()[1]
+        fillers = []
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+
+        async def go():
+            backend = make_backend(kind, f"http://127.0.0.1:{port}", connect_timeout_s=0.3, timeout_s=0.5)
+            if kind == "httpx":
+                backend = OpenAIBackend(OpenAIBackendSettings(name="u", url=f"http://127.0.0.1:{port}"),
+                                        client=httpx.AsyncClient(timeout=httpx.Timeout(0.5, connect=0.3)))
+            try:
+                started = time.monotonic()
+                with pytest.raises(BackendUnavailable):
+                    await backend.handle(make_request())
+                assert time.monotonic() - started < 3
+            finally:
+                await backend.aclose()
+
+        try:
+            asyncio.run(go())
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+@pytest.fixture(scope="module")
+def tls_upstream(tmp_path_factory):
+    """The stand-in over TLS with a certificate for 127.0.0.1 from a
+    self-signed CA: (upstream, https url, the CA's PEM file)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject: str, key, issuer: str, signer, ca: bool):
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    # A private CA and a server certificate it signed (rustls refuses a CA
+    # certificate presented as the server's own).
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("comox-test-ca", ca_key, "comox-test-ca", ca_key, True)
+    cert = certificate("127.0.0.1", key, "comox-test-ca", ca_key, False)
+    folder = tmp_path_factory.mktemp("tls")
+    ca_file, cert_file, key_file = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    up = StandInUpstream("tls")
+    up.server = ServerThread(up, lifespan="off", ssl_certfile=str(cert_file), ssl_keyfile=str(key_file)).start()
+    yield up, f"https://127.0.0.1:{up.server.port}", str(ca_file)
+    up.stop()
+
+
+def test_tls_with_a_custom_ca_file(tls_upstream, kind):
+    up, url, ca_file = tls_upstream
+
+    async def go():
+        untrusted = make_backend(kind, url)
+        try:  # verification is on: a private CA's certificate is refused without ca_file
+            with pytest.raises(BackendUnavailable):
+                await untrusted.handle(make_request())
+        finally:
+            await untrusted.aclose()
+        backend = make_backend(kind, url, ca_file=ca_file)
+        try:
+            response = await backend.handle(make_request())
+            assert response.status == 200 and b"hello from tls" in response.body
+            stream = await backend.handle(make_request(stream=True))
+            assert b"[DONE]" in b"".join([chunk async for chunk in stream.stream])
+            await stream.aclose()
+        finally:
+            await backend.aclose()
+
+    asyncio.run(go())
+
+
 # -- OpenTelemetry: one client span per backend call, whichever transport ------
 
 
 @pytest.fixture
 def tracing():
-    """An SDK tracer provider exporting to memory, with both HTTP client
-    instrumentations on (each covers its own client); off again afterwards."""
+    """An SDK tracer provider exporting to memory, with the HTTP client
+    instrumentations on (aiohttp's, httpx's and the pyreqwest transport's own,
+    each covering its own client); off again afterwards."""
     from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
     from opentelemetry.sdk.trace import TracerProvider
@@ -151,7 +282,9 @@ def tracing():
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    instrumentors = [AioHttpClientInstrumentor(), HTTPXClientInstrumentor()]
+    from comox import transport_reqwest
+
+    instrumentors = [AioHttpClientInstrumentor(), HTTPXClientInstrumentor(), transport_reqwest]
     for instrumentor in instrumentors:
         instrumentor.instrument(tracer_provider=provider)
     yield exporter
