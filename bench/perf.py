@@ -6,8 +6,10 @@ proxy (the limit), in one interleaved run. See docs/benchmarks.md.
     python bench/perf.py --duration 3 --rounds 1   # a quick look
     python bench/perf.py --soak 200000         # RSS growth over N requests
     python bench/perf.py --workers-compare     # comox serve --workers 1 vs 2
+    python bench/perf.py --peers portkey,litellm   # add Portkey's and LiteLLM's gateways
 
-Needs nginx (Debian ``nginx-light``) and ``wrk`` on PATH. Every process it
+Needs nginx (Debian ``nginx-light``) and ``wrk`` on PATH (and, for the
+peers, Node with npm); ``pip install -e '.[bench]'`` for the Python side. Every process it
 starts is stopped on exit; every load run is bounded in time (and count).
 """
 
@@ -112,10 +114,13 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(5)
 
 
-def wait_http(port: int, body: bytes, timeout: float = 30.0, path: str = "/v1/chat/completions") -> None:
+def wait_http(port: int, body: bytes, timeout: float = 30.0, path: str = "/v1/chat/completions",
+              headers: dict[str, str] | None = None) -> None:
     """Wait until a POST to the port answers 200."""
     deadline = time.monotonic() + timeout
-    request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    headers = {"Authorization": f"Bearer {BENCH_KEY}", **(headers or {})}  # as bench/post.lua
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{extra}"
                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
     last = None
     while time.monotonic() < deadline:
@@ -225,6 +230,11 @@ class Target:
     name: str
     port: int
     proc: subprocess.Popen | None = None
+    streams = True  # serves the SSE request (see Portkey)
+
+    def headers(self, stream: bool) -> dict[str, str]:
+        """Request headers this target needs besides bench/post.lua's."""
+        return {}
 
     def rss(self) -> int:
         return tree_rss(self.proc.pid) if self.proc else 0
@@ -340,13 +350,121 @@ class Comox(Proxy):
         wait_http(self.port, REQUEST_SSE)
 
 
+# -- peers: gateways a user would pick instead ------------------------------------
+#
+# Installed on first use into a cache directory (never into this environment),
+# each pointed at the same nginx upstream as an OpenAI-compatible provider.
+
+CACHE = Path(os.environ.get("COMOX_BENCH_CACHE") or Path.home() / ".cache" / "comox-bench")
+PORTKEY_VERSION = "1.15.2"  # npm @portkey-ai/gateway
+LITELLM_SPEC = "litellm[proxy]"
+
+
+def install_portkey() -> Path:
+    """Portkey's gateway from npm into ``CACHE/portkey``; its Node entry point."""
+    home = CACHE / "portkey"
+    entry = home / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
+    if not entry.exists():
+        for tool in ("node", "npm"):
+            if not shutil.which(tool):
+                raise SystemExit(f"--peers portkey: {tool} is not installed (Portkey's gateway runs on Node)")
+        home.mkdir(parents=True, exist_ok=True)
+        if not (home / "package.json").exists():
+            (home / "package.json").write_text('{"private": true}\n')
+        print(f"installing @portkey-ai/gateway@{PORTKEY_VERSION} into {home} ...", flush=True)
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", f"@portkey-ai/gateway@{PORTKEY_VERSION}"],
+                       cwd=home, check=True, timeout=1200, stdout=subprocess.DEVNULL)
+    return entry
+
+
+def install_litellm() -> Path:
+    """LiteLLM's proxy into its own venv, ``CACHE/litellm``; its ``litellm`` command."""
+    venv = CACHE / "litellm"
+    exe = venv / "bin" / "litellm"
+    if not exe.exists():
+        print(f"installing {LITELLM_SPEC} into {venv} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", LITELLM_SPEC], check=True, timeout=1800)
+    return exe
+
+
+def peer_versions(peers: list[str]) -> dict:
+    found = {}
+    if "portkey" in peers:
+        node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+        found["portkey"] = f"@portkey-ai/gateway {PORTKEY_VERSION} on Node {node}"
+    if "litellm" in peers:
+        python = CACHE / "litellm" / "bin" / "python"
+        out = subprocess.run([str(python), "-c", "import importlib.metadata as m, platform; "
+                              "print(m.version('litellm'), 'on Python', platform.python_version())"],
+                             capture_output=True, text=True)
+        found["litellm"] = f"litellm {out.stdout.strip()}"
+    return found
+
+
+class Portkey(Proxy):
+    """Portkey's open-source gateway (Node, Hono) in one process; the upstream
+    is chosen per request with its x-portkey-provider / custom-host headers."""
+
+    def __init__(self, nginx: Nginx, workdir: Path, cores: str | None):
+        self.name = f"Portkey gateway {PORTKEY_VERSION} (Node)"
+        self.nginx = nginx
+        self.port = free_port()
+        entry = install_portkey()
+        env = {"NODE_ENV": "production"}  # no UI, no log stream to the browser
+        self.proc = start(taskset(cores, ["node", str(entry), f"--port={self.port}", "--headless"]), env=env,
+                          log=workdir / f"portkey-{self.port}.log")
+        wait_http(self.port, REQUEST_JSON, headers=self.headers(False))
+
+    # 1.15.2 on Node 20 answers every streamed chat completion 500 "Something
+    # went wrong" (its log: "tryTargetsRecursively error: immutable TypeError:
+    # immutable", from ResponseService.updateHeaders appending to a fetch()
+    # response's immutable headers): no SSE or TTFB row for it.
+    streams = False
+
+    def headers(self, stream: bool) -> dict[str, str]:
+        port = self.nginx.port_sse if stream else self.nginx.port_json
+        return {"x-portkey-provider": "openai", "x-portkey-custom-host": f"http://127.0.0.1:{port}/v1"}
+
+
+class LiteLLM(Proxy):
+    """LiteLLM's proxy (one uvicorn worker, its default), a model per nginx port."""
+
+    def __init__(self, nginx: Nginx, workdir: Path, cores: str | None):
+        self.name = "LiteLLM proxy (1 worker)"
+        self.port = free_port()
+        exe = install_litellm()
+        config = workdir / f"litellm-{self.port}.yaml"
+        lines = ["model_list:"]
+        for model, port in (("bench", nginx.port_json), ("bench-stream", nginx.port_sse)):
+            lines += [f"  - model_name: {model}", "    litellm_params:", f"      model: openai/{model}",
+                      f"      api_base: http://127.0.0.1:{port}/v1", "      api_key: sk-upstream"]
+        # Its master key is the bench's key, so every request is authenticated as
+        # Comox's are (LiteLLM calls a 8-character key weak and wants a permit for it).
+        lines += ["litellm_settings:", "  telemetry: false", "  drop_params: true",
+                  "general_settings:", f"  master_key: {BENCH_KEY}", "  dangerously_permit_weak_or_unset_master_key: true"]
+        config.write_text("\n".join(lines) + "\n")
+        # The local model cost map: no download at start.
+        env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
+        argv = [str(exe), "--config", str(config), "--host", "127.0.0.1", "--port", str(self.port),
+                "--num_workers", "1"]
+        self.proc = start(taskset(cores, argv), env=env, log=workdir / f"litellm-{self.port}.log")
+        wait_http(self.port, REQUEST_JSON, timeout=180)
+        wait_http(self.port, REQUEST_SSE, timeout=60)
+
+
+PEERS = {"portkey": Portkey, "litellm": LiteLLM}
+
+
 # -- load ------------------------------------------------------------------------
 
 
 def wrk(url: str, body_file: Path, connections: int, duration: float, *, cores: str | None,
-        script: str = "post.lua", extra: list[str] = (), timeout: float | None = None) -> dict:
+        script: str = "post.lua", extra: list[str] = (), timeout: float | None = None,
+        headers: dict[str, str] | None = None) -> dict:
+    flags = [arg for k, v in (headers or {}).items() for arg in ("-H", f"{k}: {v}")]
     argv = taskset(cores, ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "5s",
-                           "-s", str(HERE / script), url, "--", str(body_file), *extra])
+                           *flags, "-s", str(HERE / script), url, "--", str(body_file), *extra])
     out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout or duration + 60)
     for line in out.stdout.splitlines():
         if line.startswith("WRKJSON "):
@@ -364,7 +482,7 @@ async def _ttfb(url: str, body: bytes, concurrency: int, duration: float, max_re
 
     samples: list[float] = []
     deadline = time.perf_counter() + duration
-    headers = {"content-type": "application/json"}
+    headers = {"content-type": "application/json", "authorization": f"Bearer {BENCH_KEY}"}
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
         async def worker() -> None:
@@ -520,6 +638,8 @@ def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
             targets.append(Comox(nginx, workdir, pcore, policy, client=Comox.VARIANTS[client]))
         else:
             targets.append(MinimalProxy(client, nginx, workdir, pcore))
+    for peer in args.peers:
+        targets.append(PEERS[peer](nginx, workdir, pcore))
     targets.append(MinimalProxy("aiohttp", nginx, workdir, pcore))
     targets.append(Comox(nginx, workdir, pcore, policy))
     limit = next(t for t in targets if isinstance(t, MinimalProxy) and t.name == MinimalProxy.LABELS["aiohttp"])
@@ -538,8 +658,9 @@ def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
         ttfb_clients = ["c", "python"] if args.ttfb_client == "both" else ["c"]
     print(f"warming up {len(targets)} targets ...", flush=True)
     for t in targets:
-        wrk(t.url(False), bodies[False], 16, 2, cores=load)
-        wrk(t.url(True), bodies[True], 16, 1, cores=load)
+        wrk(t.url(False), bodies[False], 16, 2, cores=load, headers=t.headers(False))
+        if t.streams:
+            wrk(t.url(True), bodies[True], 16, 1, cores=load, headers=t.headers(True))
 
     tests = [(f"rps c={c}", False, c) for c in args.concurrency] + [(f"SSE streams/s c={args.sse_concurrency}", True, args.sse_concurrency)]
     results: dict[str, dict[str, list]] = {t.name: {} for t in targets}
@@ -553,8 +674,10 @@ def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
         print(f"round {r + 1}/{args.rounds}", flush=True)
         for label, stream, c in tests:
             for t in order:
+                if stream and not t.streams:
+                    continue
                 cpu0 = t.cpu()
-                res = wrk(t.url(stream), bodies[stream], c, args.duration, cores=load)
+                res = wrk(t.url(stream), bodies[stream], c, args.duration, cores=load, headers=t.headers(stream))
                 if t.proc is not None and res["requests"]:
                     add(t, label + " cpu", (t.cpu() - cpu0) / res["requests"] * 1e6)
                 add(t, label, res["rps"])
@@ -564,6 +687,8 @@ def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
                 print(f"  {t.name:<48} {label:<22} {res['rps']:>9,.0f}/s  p50 {res['p50_us'] / 1000:6.2f} ms  "
                       f"p99 {res['p99_us'] / 1000:6.2f} ms  errors {res['errors']}", flush=True)
         for t in order:
+            if t.headers(True) or not t.streams:  # the TTFB clients send no extra headers: no TTFB row
+                continue
             for client in ttfb_clients:
                 if client == "c":
                     res = ttfb_c(ttfb_binary, t.url(True), bodies[True], args.sse_concurrency, min(args.duration, 4.0), cores=load)
@@ -710,6 +835,38 @@ def soak(args, workdir: Path, nginx: Nginx, policy: str) -> None:
         comox.stop()
 
 
+def connection_split(proc: subprocess.Popen, port: int) -> list[int]:
+    """How many established connections to ``port`` each process of ``proc``'s
+    tree holds (the kernel's view: whichever process accepted them), most first.
+    Read from outside, so the servers carry no counting code."""
+    counts = []
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    for p in procs:
+        try:
+            n = sum(1 for c in p.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if n:
+            counts.append(n)
+    return sorted(counts, reverse=True)
+
+
+def wrk_split(target: Proxy, body: Path, connections: int, duration: float) -> tuple[dict, list[int]]:
+    """wrk, and the connection split sampled half-way through its run."""
+    import threading
+
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(wrk(target.url(False), body, connections, duration, cores=None)))
+    thread.start()
+    time.sleep(min(duration / 2, duration - 0.5))
+    split = connection_split(target.proc, target.port) if target.proc else []
+    thread.join()
+    return out, split
+
+
 def workers_compare(args, workdir: Path, nginx: Nginx, policy: str) -> None:
     """Comox and the minimal proxy with 1 and 2 worker processes, in interleaved
     rounds. Nothing is pinned (this script neither: pinned, it would confine the
@@ -719,6 +876,7 @@ def workers_compare(args, workdir: Path, nginx: Nginx, policy: str) -> None:
     body.write_bytes(REQUEST_JSON)
     agg = mean if args.aggregate == "mean" else med
     rows = []
+    others: list[float] = []
     for make in (lambda w: MinimalProxy("aiohttp", nginx, workdir, None, workers=w),
                  lambda w: Comox(nginx, workdir, None, policy, workers=w)):
         targets = {}
@@ -728,27 +886,36 @@ def workers_compare(args, workdir: Path, nginx: Nginx, policy: str) -> None:
                 wrk(targets[w].url(False), body, 64, 2, cores=None)
             rates = {1: [], 2: []}
             costs = {1: [], 2: []}
+            splits: list[str] = []
+            contention = Contention(list(targets.values()), nginx)
             for r in range(args.rounds):
                 for w in ((1, 2) if r % 2 == 0 else (2, 1)):
                     t = targets[w]
                     cpu0 = t.cpu()
-                    res = wrk(t.url(False), body, 64, args.duration, cores=None)
+                    res, split = wrk_split(t, body, 64, args.duration)
                     rates[w].append(res["rps"])
                     costs[w].append((t.cpu() - cpu0) / max(res["requests"], 1) * 1e6)
-                    print(f"  {t.name:<48} rps c=64 {res['rps']:>9,.0f}  CPU {costs[w][-1]:.0f} µs/request", flush=True)
+                    if w == 2:
+                        splits.append("/".join(map(str, split)) or "?")
+                    print(f"  {t.name:<48} rps c=64 {res['rps']:>9,.0f}  CPU {costs[w][-1]:.0f} µs/request  "
+                          f"connections per process {'/'.join(map(str, split))}", flush=True)
             ratios = [two / one for one, two in zip(rates[1], rates[2])]
+            others.append(contention.other_cores())
             rows.append((targets[1].name.split(" (")[0], agg(rates[1]), agg(rates[2]), agg(costs[1]), agg(costs[2]),
-                         med(ratios), min(ratios), max(ratios)))
+                         med(ratios), min(ratios), max(ratios), ", ".join(splits)))
         finally:
             for t in targets.values():
                 t.stop()
     print("\n| target | rps c=64, 1 worker | rps c=64, 2 workers | 2 / 1 | per round: median (range) "
-          "| CPU µs/request, 1 worker | 2 workers |\n|---|---:|---:|---:|---:|---:|---:|")
-    for name, one, two, c1, c2, mid, low, high in rows:
-        print(f"| {name} | {one:,.0f} | {two:,.0f} | {two / one:.2f}× | {mid:.2f}× ({low:.2f}–{high:.2f}×) | {c1:.0f} | {c2:.0f} |")
+          "| CPU µs/request, 1 worker | 2 workers | wrk's 64 connections per worker, each round |"
+          "\n|---|---:|---:|---:|---:|---:|---:|---|")
+    for name, one, two, c1, c2, mid, low, high, split in rows:
+        print(f"| {name} | {one:,.0f} | {two:,.0f} | {two / one:.2f}× | {mid:.2f}× ({low:.2f}–{high:.2f}×) | {c1:.0f} | {c2:.0f} "
+              f"| {split} |")
     print(f"\nUnpinned; nginx and wrk share the {os.cpu_count()} cores. {args.aggregate.capitalize()}s of {args.rounds} "
           f"interleaved rounds of {args.duration:g} s. CPU µs/request is the workers' CPU time (all processes) over"
-          "\nrequests served: when it stays the same with more workers, nothing in the server serialises them.")
+          "\nrequests served: when it stays the same with more workers, nothing in the server serialises them."
+          f"\nOther processes used {mean(others):.2f} cores on average during the run (contention).")
 
 
 def profile(args, workdir: Path, nginx: Nginx, policy: str) -> None:
@@ -812,7 +979,7 @@ def routing_bench(policy: str, n: int = 1000, calls: int = 20000) -> float:
     from comox.settings import Settings
 
     backends = [{"name": f"b{i}", "url": f"http://127.0.0.1:{10000 + i}"} for i in range(n)]
-    gateway = Gateway(Settings(models=[{"name": "bench", "policy": policy, "backends": backends}]))
+    gateway = Gateway(Settings(auth="none", models=[{"name": "bench", "policy": policy, "backends": backends}]))
     group = gateway.groups["bench"]
     request = GatewayRequest(id="x", endpoint="chat/completions", path="/v1/chat/completions", headers=[],
                              raw=REQUEST_JSON, json=json.loads(REQUEST_JSON))
@@ -841,6 +1008,8 @@ def main(argv: list[str] | None = None) -> int:
                         "variants), comox-httpx,comox-httpx-aiohttp,comox-pyreqwest (Comox over another transport)")
     parser.add_argument("--policy", default="auto", help="Comox routing policy (default: p2c_ewma if installed, else round_robin)")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin processes to cores")
+    parser.add_argument("--peers", default="", help="peer gateways to add, any of: portkey,litellm (installed on first "
+                        "use into ~/.cache/comox-bench, or $COMOX_BENCH_CACHE)")
     parser.add_argument("--soak", type=int, metavar="N", help="memory soak: RSS growth over N requests after warm-up")
     parser.add_argument("--workers-compare", action="store_true", help="comox serve --workers 1 vs 2")
     parser.add_argument("--routing", action="store_true", help="only the routing micro-benchmark (1,000 backends)")
@@ -852,6 +1021,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     args.extra = [c for c in args.extra.split(",") if c]
+    args.peers = [p for p in args.peers.split(",") if p]
+    for p in args.peers:
+        if p not in PEERS:
+            parser.error(f"--peers: unknown {p!r} (have: {', '.join(PEERS)})")
     for c in args.extra:
         if (c not in MinimalProxy.LABELS and c not in Comox.VARIANTS) or c == "aiohttp":
             parser.error(f"--extra: unknown {c!r}")
@@ -863,6 +1036,10 @@ def main(argv: list[str] | None = None) -> int:
     if policy not in policies:
         parser.error(f"routing policy {policy!r} is not installed (have: {', '.join(sorted(policies))})")
     print_versions(versions())
+    for peer in args.peers:  # installed now, before any timing
+        {"portkey": install_portkey, "litellm": install_litellm}[peer]()
+    if args.peers:
+        print("Peers: " + "; ".join(peer_versions(args.peers).values()))
     us = routing_bench(policy)
     print(f"Routing: one {policy} decision among 1,000 backends: {us:.1f} µs (goal < 20 µs) — {'met' if us < 20 else 'MISSED'}")
     if args.routing:

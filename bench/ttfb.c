@@ -109,7 +109,8 @@ int main(int argc, char **argv) {
     fclose(f);
     request = malloc(body_len + 512);
     request_len = snprintf(request, 512,
-        "POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n\r\n",
+        "POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+        "Authorization: Bearer sk-bench\r\nContent-Length: %zu\r\n\r\n",  /* bench/perf.py's BENCH_KEY */
         path, host, port, body_len);
     memcpy(request + request_len, body, body_len);
     request_len += body_len;

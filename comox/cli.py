@@ -1,7 +1,7 @@
 """``comox serve``, ``comox check``, ``comox plugins`` and ``comox keys new``.
 
 Exit status: 0 on success, 1 when ``comox check`` finds a model group with no
-backend that answers, 2 on a bad configuration or a port that cannot be
+backend that answers (or ``comox serve --workers N``'s workers keep dying), 2 on a bad configuration or a port that cannot be
 listened on (one line on stderr, no traceback).
 """
 
@@ -49,34 +49,37 @@ def _serve(args: argparse.Namespace) -> int:
     if serving_default(gateway.settings) and gateway.settings.auth == "none" and not _loopback(args.host):
         raise CommandError(f"the embedded default model has no API keys, so it serves this machine only and will "
                            f"not listen on {args.host}: pass a config with [[keys]] (-c comox.toml) to serve others")
+    if args.workers > 1:
+        return _serve_workers(args, gateway)
     sock = _listen_socket(args.host, args.port)
     host, port = args.host, sock.getsockname()[1]
     # --access-log is Comox's access log (logger comox.access), not uvicorn's.
-    options = dict(host=host, port=port, log_level=args.log_level, access_log=False)
-    if args.workers == 1:
-        server = uvicorn.Server(uvicorn.Config(ComoxApp(gateway, tune_gc=gateway.settings.server.tune_gc), **options))
-        _announce(gateway, host, port)
-        with contextlib.suppress(KeyboardInterrupt):
-            server.run(sockets=[sock])
-        return 0
-    # Each worker is a spawned process that builds its own gateway. uvicorn
-    # pickles its Config into every worker, so this factory takes the config
-    # path along with it: nothing is written into the environment.
-    import inspect
-
-    from uvicorn.supervisors import Multiprocess
-
-    factory = functools.partial(serve_app, os.path.abspath(args.config) if args.config else None, args.log_format,
-                                args.log_level, args.access_log)
-    config = uvicorn.Config(factory, factory=True, workers=args.workers, **options)
-    if "target" in inspect.signature(Multiprocess).parameters:  # older uvicorn
-        supervisor = Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock])  # type: ignore[call-arg]  # typed by the newer uvicorn installed
-    else:
-        supervisor = Multiprocess(config, sockets=[sock])
+    server = uvicorn.Server(uvicorn.Config(ComoxApp(gateway, tune_gc=gateway.settings.server.tune_gc), host=host,
+                                           port=port, log_level=args.log_level, access_log=False))
     _announce(gateway, host, port)
     with contextlib.suppress(KeyboardInterrupt):
-        supervisor.run()
+        server.run(sockets=[sock])
     return 0
+
+
+def _serve_workers(args: argparse.Namespace, gateway: Gateway) -> int:
+    """N spawned worker processes (comox/workers.py), each building its own
+    gateway from a pickled factory that takes the config path along: nothing
+    is written into the environment. Each listens on its own SO_REUSEPORT
+    socket where the kernel balances them (Linux), else on a shared one."""
+    from .workers import PortBusy, Supervisor, reserve_port, reuseport_supported
+
+    reuseport = reuseport_supported()
+    try:
+        sock = reserve_port(args.host, args.port, reuseport=reuseport)
+    except PortBusy as exc:
+        raise CommandError(str(exc)) from None
+    factory = functools.partial(serve_app, os.path.abspath(args.config) if args.config else None, args.log_format,
+                                args.log_level, args.access_log)
+    supervisor = Supervisor(factory, args.host, sock, args.workers, reuseport=reuseport,
+                            options=dict(log_level=args.log_level, access_log=False))
+    _announce(gateway, args.host, supervisor.port)
+    return supervisor.run()
 
 
 def _listen_socket(host: str, port: int) -> socket.socket:
