@@ -18,7 +18,8 @@ pickled app factory and runs :class:`uvicorn.Server`. SIGINT and SIGTERM stop
 every worker (SIGTERM to each, SIGKILL after a grace period); a worker that
 dies on its own is started again, up to :data:`MAX_RESTARTS` in
 :data:`RESTART_WINDOW` seconds, after which the supervisor stops the rest and
-exits 1.
+exits 1. A worker whose supervisor is killed outright gets SIGTERM (Linux's
+``PR_SET_PDEATHSIG``), so none is left serving.
 
 A connection already queued on a dying worker's socket is reset with it (the
 known cost of ``SO_REUSEPORT``); new connections go to the workers alive.
@@ -103,10 +104,25 @@ def _worker(factory: Callable[[], Any], host: str, port: int, options: dict[str,
     one), uvicorn serving the app the factory builds."""
     import uvicorn
 
+    _stop_with_parent()
     sock = shared if shared is not None else _socket(host, port, reuseport=True)
     server = uvicorn.Server(uvicorn.Config(factory, factory=True, host=host, port=port, **options))
     with contextlib.suppress(KeyboardInterrupt):
         server.run(sockets=[sock])
+
+
+def _stop_with_parent() -> None:
+    """On Linux, SIGTERM this worker when the supervisor dies, even by
+    SIGKILL, so no orphan keeps serving on the port."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = multiprocessing.parent_process()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if parent is not None and parent.pid is not None and os.getppid() != parent.pid:
+        sys.exit(0)  # the supervisor died before the line above
 
 
 class Supervisor:

@@ -119,6 +119,15 @@ def test_sigterm_stops_every_child(serve):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
+def test_workers_stop_when_the_supervisor_is_killed(serve):
+    proc, url, port = serve(2)
+    children = workers(proc)
+    proc.kill()  # no chance to stop them itself
+    proc.wait(10)
+    gone, alive = psutil.wait_procs(children, timeout=20)
+    assert alive == []
+
+
 def test_a_busy_port_is_one_line_and_exit_2(tmp_path, comox_upstream):
     config = tmp_path / "comox.toml"
     config.write_text(f'auth = "none"\n[[models]]\nname = "chat"\n[[models.backends]]\nurl = "{comox_upstream.url}"\n')
