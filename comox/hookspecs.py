@@ -137,6 +137,24 @@ def comox_routes(gateway: Gateway) -> list[Any] | None:
 
 
 @hookspec
+def comox_openapi(gateway: Gateway) -> dict[str, Any] | None:
+    """Describe the routes the plugin adds (``comox_routes``) in the app's
+    ``GET /openapi.json``.
+
+    Called once, when the app is created, after ``comox_routes``.
+
+    :param gateway: the gateway being served.
+    :return: an OpenAPI 3.1 fragment, ``{"paths": {...}, "components":
+        {...}, "tags": [...]}`` (every key optional), or ``None``. Fragments
+        are merged into the document; an operation described twice, or a
+        component defined twice differently, is a configuration error. A
+        fragment may refer to the core's components
+        (``#/components/schemas/Error``, ``#/components/responses/Error``).
+        Routes no fragment describes are listed with their methods only.
+    """
+
+
+@hookspec
 def comox_startup(gateway: Gateway) -> None:
     """Run once when the gateway starts, before the first request is served.
 

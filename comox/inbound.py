@@ -29,6 +29,10 @@ class InboundAPI(Protocol):
 
     ``name`` names the API (``"anthropic"``, ``"responses"``); endpoint names
     are its own (``"messages"``, ``"messages/count_tokens"``).
+
+    Optional: ``openapi() -> dict``, the API's paths in ``GET /openapi.json``
+    — an OpenAPI 3.1 fragment ``{"paths": {...}, "components": {...},
+    "tags": [...]}`` (:mod:`comox.openapi`), its errors in its own format.
     """
 
     name: str

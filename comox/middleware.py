@@ -10,9 +10,10 @@ import os
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
-from .app import build_gateway
-from .asgi_io import Message, Receive, Send, route_path
+from .app import build_gateway, framing_error
+from .asgi_io import Message, Receive, Responder, Send, route_path
 from .pipeline import serve_api
+from .request import request_id_from
 from .settings import Settings
 
 __all__ = ["ComoxMiddleware"]
@@ -27,7 +28,11 @@ class ComoxMiddleware:
         if scope["type"] == "http":
             path = route_path(scope)
             if path.startswith("/v1/"):
-                await serve_api(self.gateway, scope, receive, send, path)
+                refused = framing_error(scope["headers"])
+                if refused is not None:
+                    await Responder(send).error(refused, request_id_from(None).encode(), [(b"connection", b"close")])
+                else:
+                    await serve_api(self.gateway, scope, receive, send, path)
                 return
         elif scope["type"] == "lifespan":
             receive = self._lifespan_receive(receive)

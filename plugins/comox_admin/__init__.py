@@ -101,3 +101,36 @@ def comox_routes(gateway: Gateway) -> list[Route] | None:
     if not key:
         return None
     return admin_routes(gateway, key)
+
+
+ADMIN_KEY_SCHEME = {"type": "http", "scheme": "bearer", "description": "The admin key (the variable [plugins.admin] key_env names)."}
+
+
+def admin_openapi() -> dict[str, Any]:
+    """The admin API in ``GET /openapi.json``."""
+    secured: list[dict[str, list[str]]] = [{"AdminKey": []}]
+    name = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    errors = {"4XX": {"$ref": "#/components/responses/Error"}}
+    backend = {"description": "The backend's snapshot", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["name", "state"], "properties": {"name": {"type": "string"}, "state": {"type": "string"}}}}}}
+    setter = {"tags": ["Admin"], "security": secured, "parameters": name, "responses": {"200": backend, **errors}}
+    return {
+        "paths": {
+            "/admin/backends": {"get": {
+                "tags": ["Admin"], "summary": "Every backend and model group, as of now", "security": secured,
+                "responses": {"200": {"description": "The fleet", "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["data", "groups"],
+                    "properties": {"data": {"type": "array"}, "groups": {"type": "object"}}}}}}, **errors},
+            }},
+            "/admin/backends/{name}/drain": {"post": {**setter, "summary": "No new requests; in-flight ones finish"}},
+            "/admin/backends/{name}/undrain": {"post": {**setter, "summary": "Back in rotation"}},
+        },
+        "components": {"securitySchemes": {"AdminKey": ADMIN_KEY_SCHEME}},
+        "tags": [{"name": "Admin", "description": "The admin API: only with the admin key"}],
+    }
+
+
+@comox.hookimpl
+def comox_openapi(gateway: Gateway) -> dict[str, Any] | None:
+    settings: AdminSettings = gateway.plugin_settings("admin")
+    return admin_openapi() if os.environ.get(settings.key_env) else None

@@ -86,8 +86,11 @@ SCHEMAS["AnthropicMessagesRequest"] = MESSAGES_REQUEST
 EVENTS: Json = {
     "description": "Each server-sent event: ``event: <type>`` and its ``data:`` — message_start, content_block_start, "
                    "ping, content_block_delta (text_delta, thinking_delta, input_json_delta), content_block_stop, "
-                   "message_delta (stop_reason, usage), message_stop; an ``error`` event ends a stream that fails.",
-    "type": "string",
+                   "message_delta (stop_reason, usage), message_stop; an ``error`` event ends a stream that fails. "
+                   "(Before OpenAPI 3.2, ``schema`` of an event stream describes one event.)",
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {"event": STRING, "data": STRING},
 }
 VERSION: Json = {"name": "anthropic-version", "in": "header", "required": False, "schema": STRING,
                  "description": "Accepted whatever its value, and not required."}

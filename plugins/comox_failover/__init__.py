@@ -32,7 +32,7 @@ from comox import BackendResponse, ComoxError, Gateway, GatewayRequest
 
 from .config import BudgetSettings, Cloud, GroupFailover, build_groups, close_groups
 from .ledger import Budget, Hold, Ledger, usd
-from .spend import spend_routes
+from .spend import spend_openapi, spend_routes
 from .stream import Tokens, UsageTap, tapped, usage_of_body
 
 __all__ = ["InsufficientBudget", "IMAGE_TOKENS", "REQUEST_FAULTS"]
@@ -98,6 +98,11 @@ def comox_plugin_settings() -> type[BaseModel]:
 @comox.hookimpl
 def comox_routes(gateway: Gateway) -> list[Route] | None:
     return spend_routes(gateway, lambda: _of(gateway).ledger)
+
+
+@comox.hookimpl
+def comox_openapi(gateway: Gateway) -> dict[str, Any] | None:
+    return spend_openapi(gateway)
 
 
 @comox.hookimpl

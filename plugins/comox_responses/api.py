@@ -15,6 +15,7 @@ import orjson
 import comox
 from comox import BackendResponse, ComoxError, GatewayRequest, InvalidRequest, MethodNotAllowed, NotFound, UpstreamError
 
+from .openapi import responses_openapi
 from .output import from_chat
 from .store import Store
 from .stream import translate_stream
@@ -51,6 +52,11 @@ class ResponsesAPI:
     def __init__(self, gateway: comox.Gateway, *, ttl_s: float, max_entry_bytes: int):
         self.store = Store(lambda: gateway.shared_state, ttl_s=ttl_s, max_entry_bytes=max_entry_bytes)
         self.native = native_models(gateway.settings)
+        self.secured = gateway.settings.auth != "none"
+
+    def openapi(self) -> dict[str, Any]:
+        """These paths in ``GET /openapi.json``."""
+        return responses_openapi(secured=self.secured)
 
     # -- paths ---------------------------------------------------------------------
 
