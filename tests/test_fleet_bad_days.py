@@ -265,7 +265,7 @@ def test_panic_is_logged_when_it_starts_and_ends(caplog):
 
 def test_serve_warns_about_a_group_with_no_reachable_backend_in_json(tmp_path):
     config = tmp_path / "comox.toml"
-    config.write_text(f'[[models]]\nname = "chat"\n[[models.backends]]\nname = "gone"\nurl = "http://127.0.0.1:{free_port()}"\n')
+    config.write_text(f'auth = "none"\n[[models]]\nname = "chat"\n[[models.backends]]\nname = "gone"\nurl = "http://127.0.0.1:{free_port()}"\n')
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "comox.cli", "serve", "-c", str(config), "--port", str(port),
                              "--log-format", "json"], stderr=subprocess.PIPE, text=True, env={**os.environ})

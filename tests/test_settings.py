@@ -84,10 +84,10 @@ def test_missing_file():
 )
 def test_backend_config_errors(backend, message):
     with pytest.raises(ConfigError) as info:
-        Gateway(Settings(models=[{"name": "m", "backends": [backend]}]))
+        Gateway(Settings(auth="none", models=[{"name": "m", "backends": [backend]}]))
     assert message in str(info.value)
 
 
 def test_unknown_policy():
     with pytest.raises(ConfigError, match=r"models\[0\].policy: unknown routing policy 'fastest'"):
-        Gateway(Settings(models=[{"name": "m", "policy": "fastest", "backends": [{"url": "http://x"}]}]))
+        Gateway(Settings(auth="none", models=[{"name": "m", "policy": "fastest", "backends": [{"url": "http://x"}]}]))
