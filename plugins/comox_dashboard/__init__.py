@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import weakref
+from typing import Any
 
 from starlette.routing import Route
 
@@ -32,6 +33,7 @@ import comox
 from comox import Gateway, GatewayRequest
 
 from .history import EventRing, Samples
+from .openapi import dashboard_openapi
 from .routes import Dashboard
 
 __all__ = ["Dashboard"]
@@ -64,6 +66,11 @@ def comox_routes(gateway: Gateway) -> list[Route] | None:
         return None
     running = _gateways[gateway] = _Running(gateway, key)
     return running.dashboard.routes()
+
+
+@comox.hookimpl
+def comox_openapi(gateway: Gateway) -> dict[str, Any] | None:
+    return dashboard_openapi() if admin_key(gateway) is not None else None
 
 
 @comox.hookimpl

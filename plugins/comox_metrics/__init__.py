@@ -25,6 +25,7 @@ import os
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -167,6 +168,29 @@ def comox_routes(gateway: Gateway) -> list[Route]:
         return Response(body, headers={"content-type": content_type})
 
     return [Route(settings.path, metrics, methods=["GET"])]
+
+
+@comox.hookimpl
+def comox_openapi(gateway: Gateway) -> dict[str, Any] | None:
+    """``GET /metrics`` in ``GET /openapi.json``, when it is served."""
+    settings = _settings(gateway)
+    secured = settings.require_admin_key
+    if secured and not os.environ.get(getattr(gateway.plugin_settings("admin"), "key_env", None) or "COMOX_ADMIN_KEY"):
+        return None
+    text = {"schema": {"type": "string"}}
+    operation: dict[str, Any] = {
+        "tags": ["Metrics"], "summary": "Prometheus metrics (OpenMetrics when the scraper asks for it)",
+        "responses": {"200": {"description": "The metrics",
+                              "content": {"text/plain": text, "application/openmetrics-text": text}}},
+    }
+    if secured:
+        operation["security"] = [{"AdminKey": []}]
+        operation["responses"]["401"] = {"$ref": "#/components/responses/Error"}
+    return {"paths": {settings.path: {"get": operation}},
+            "components": {"securitySchemes": {"AdminKey": {
+                "type": "http", "scheme": "bearer",
+                "description": "The admin key (the variable [plugins.admin] key_env names)."}}} if secured else {},
+            "tags": [{"name": "Metrics", "description": "Prometheus metrics (the metrics plugin)"}]}
 
 
 async def exposition(gateway: Gateway, accept: str | None = None) -> tuple[bytes, str]:
