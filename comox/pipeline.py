@@ -31,6 +31,7 @@ from typing import Any
 
 import orjson
 
+from .disconnects import watch_for
 from .asgi_io import SSE_HEADERS, Receive, Responder, Send, read_body
 from .backends import BackendResponse
 from .errors import AuthenticationFailed, ComoxError, MethodNotAllowed, ModelNotFound, NotFound
@@ -102,6 +103,8 @@ async def serve_api(gateway: Gateway, scope: MutableMapping[str, Any], receive: 
     except ComoxError as exc:
         error = exc
         await responder.error(exc, rid, request.response_headers, request.api.render_error if request.api else None)
+    except ClientGone:
+        pass  # left before its answer started: nothing to send, the upstream call is cancelled
     except asyncio.CancelledError:
         raise  # the client went away
     except Exception as exc:
@@ -177,6 +180,29 @@ async def _serve_inbound(gateway: Gateway, request: GatewayRequest, receive: Rec
     return await _route_and_answer(gateway, request, receive, responder, rid)
 
 
+class ClientGone(Exception):
+    """The client left while its request waited for a backend."""
+
+
+async def _dispatch_watched(gateway: Gateway, request: GatewayRequest, group: ModelGroup,
+                            receive: Receive) -> tuple[BackendResponse, BackendState | None]:
+    """:meth:`Gateway.dispatch`, watching for the client leaving meanwhile (a
+    long generation, the first-byte wait, the queue): the wait is cancelled,
+    so the upstream call is closed and its slot freed at once."""
+    task = asyncio.current_task()
+    assert task is not None
+    watched = watch_for(asyncio.get_running_loop()).add(task, receive)
+    try:
+        return await gateway.dispatch(request, group)
+    except asyncio.CancelledError:
+        if watched.disconnected:
+            task.uncancel()
+            raise ClientGone() from None
+        raise
+    finally:
+        watched.close()
+
+
 async def _route_and_answer(gateway: Gateway, request: GatewayRequest, receive: Receive, responder: Responder,
                             rid: bytes) -> tuple[BackendState | None, Exception | None]:
     hooks = gateway.hooks
@@ -196,7 +222,7 @@ async def _route_and_answer(gateway: Gateway, request: GatewayRequest, receive: 
     cached = response is not None
     state: BackendState | None = None
     if response is None:
-        response, state = await gateway.dispatch(request, group)
+        response, state = await _dispatch_watched(gateway, request, group, receive)
     request.route = "cache" if cached else "local" if state is not None else "failover"
     # A stream another node may continue if its node dies (resume_streams).
     splice = resumable(gateway, request, group, state, response) if group.settings.resume_streams else None
