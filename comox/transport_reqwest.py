@@ -11,6 +11,12 @@ redirects, no decompression (bytes go through as the upstream sent them), and
 a stream whose ``aclose()`` drops the response, so hyper closes the upstream
 connection when the client leaves.
 
+Known gap (why it is not the default): a request cancelled before its response
+headers arrive (the core's first-byte timeout, a client that left while a node
+hangs) does not close its upstream connection; pyreqwest 0.15 keeps the Rust
+request running when the Python await is cancelled. The hung node never sees
+the gateway go (``docs/benchmarks.md``, the pyreqwest transport).
+
 OpenTelemetry: no instrumentation exists for pyreqwest, so this transport
 makes its own client span (``POST``, kind CLIENT, ``http.request.method``,
 ``url.full``, ``server.address``/``server.port``,
