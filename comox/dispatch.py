@@ -67,6 +67,10 @@ async def _attempt(state: BackendState, request: GatewayRequest, timeout_s: floa
                 response.head = await anext(aiter(response.stream))
             except StopAsyncIteration:
                 response.head = b""
+            except Exception as exc:  # it broke off before its first chunk: nothing was sent, the request moves
+                await response.aclose()
+                raise BackendUnavailable(f"backend {state.name!r} broke off before its first chunk: "
+                                         f"{type(exc).__name__}") from exc
         return response
     except asyncio.CancelledError:
         if not waiting.get(task):
@@ -76,7 +80,9 @@ async def _attempt(state: BackendState, request: GatewayRequest, timeout_s: floa
             await response.aclose()
         if task.cancelling():
             raise  # the client went away too
-        reason = "no first byte within %g s" % timeout_s if state.routable and timeout_s else f"backend {state.state}"
+        # Moved because the backend left rotation, or the timer ran out (``routable`` lags: not it).
+        left = state.state in ("ejected", "unhealthy", "draining")
+        reason = f"backend {state.state}" if left or not timeout_s else f"no first byte within {timeout_s:g} s"
         raise _Moved(reason) from None
     finally:
         waiting.pop(task, None)
