@@ -27,6 +27,7 @@ from .fleet.load import FAIL, OK, HealthReport
 from .request import GatewayRequest
 from .settings import BackendSettings
 from .transport import AiohttpTransport, HttpxTransport, Transport, UpstreamUnreachable
+from .usage import WHOLE_PARSE_MAX
 from .version import __version__
 
 __all__ = ["HTTPBackend", "HTTPBackendSettings"]
@@ -68,6 +69,19 @@ class HTTPBackendSettings(BackendSettings):
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
         return value
+
+
+def _is_json(body: bytes) -> bool:
+    """Whether a 200 answer is JSON: parsed when small (as most are, and as
+    :func:`comox.usage.usage_of_body` parses them anyway); of a larger one
+    (embeddings) only the first and last bytes are looked at."""
+    if len(body) <= WHOLE_PARSE_MAX:
+        try:
+            orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return False
+        return True
+    return (body[:64].lstrip()[:1], body[-64:].rstrip()[-1:]) in ((b"{", b"}"), (b"[", b"]"))
 
 
 class HTTPBackend:
@@ -150,13 +164,18 @@ class HTTPBackend:
         """Send ``body`` to ``url``; an unreachable upstream raises
         :class:`~comox.BackendUnavailable` (so the request moves elsewhere)."""
         try:
-            return await self.transport.post(url, body, {"x-request-id": request.id})
+            response = await self.transport.post(url, body, {"x-request-id": request.id})
         except UpstreamUnreachable as exc:
             if exc.during == "connect":
                 raise BackendUnavailable(f"backend {self.name!r} unreachable: {type(exc.cause).__name__}") from exc.cause
             raise BackendUnavailable(
                 f"backend {self.name!r} failed while sending its body: {type(exc.cause).__name__}"
             ) from exc.cause
+        if response.status == 200 and response.body is not None and not _is_json(response.body):
+            # Garbage (a proxy's HTML page, a cut body) is the node's failure, not an answer:
+            # the request moves, and nothing caches it.
+            raise BackendUnavailable(f"backend {self.name!r} answered 200 with a body that is not JSON")
+        return response
 
     async def health_check(self, http: httpx.AsyncClient) -> HealthReport:
         """``GET <url>/v1/models``: any OpenAI-compatible server answers it."""
