@@ -176,10 +176,13 @@ class Responder:
                     events += chunk.count(b"data:")
                     prev, tail = tail, chunk
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            end = prev + tail
+            if not end.endswith((b"\n\n", b"\r\r", b"\r\n\r\n")):  # a clean close in the middle of an event
+                raise EOFError("the stream ended in the middle of an event")
             watched.finished = True
             await send({"type": "http.response.body", "body": b""})
             self.finished = True
-            return SentStream(True, None, first, last, events, prev + tail)
+            return SentStream(True, None, first, last, events, end)
         except asyncio.CancelledError:
             if watched.disconnected:
                 task.uncancel()
