@@ -5,8 +5,9 @@ tells about itself:
 * ``GET /health`` for the active health check: 200 ready; 503 (``"Loading
   model"``) means loading — not ready, not broken; a server that has never
   answered yet and refuses connections is counted as starting, not failed.
-  Servers without ``/health`` (llama-cpp-python) are checked with
-  ``/v1/models``.
+  A server without ``/health`` (llama-cpp-python, whose 404 answers it) is
+  ready: it listens only once its model is loaded. (Its ``/v1/models`` would
+  wait for the model's lock, behind every generation in progress.)
 * ``GET /slots`` (when the server exposes it): total and idle slots. Busy slots
   that are not the gateway's own requests count as load that policies see.
 * ``GET /metrics`` (``metrics = true``, the server run with ``--metrics``):
@@ -52,7 +53,6 @@ class LlamaCppBackend(comox.HTTPBackend):
         self.settings: LlamaCppSettings = settings
         self.pins_slots = settings.pin_slots
         self._slots = settings.slots
-        self._health_path: str | None = "/health"
         self._seen_up = False
 
     async def health_check(self, http: httpx.AsyncClient) -> HealthReport:
@@ -88,25 +88,26 @@ class LlamaCppBackend(comox.HTTPBackend):
                                                   total_slots=total, kv_cache_usage=kv))
 
     async def _health(self, http: httpx.AsyncClient) -> HealthReport:
-        if self._health_path == "/health":
-            response = await http.get(f"{self.root}/health")
-            if response.status_code == 200:
-                # llama-server (llama-cpp-python has no /health): it continues a
-                # final assistant message too (comox.SupportsContinuation).
-                self.continues = CONTINUES_CHAT
-                return HealthReport(OK, "ok")
-            if response.status_code == 503:
-                try:
-                    body = response.json()
-                    error = body.get("error") if isinstance(body, dict) else None
-                    message = (error or {}).get("message") if isinstance(error, dict) else body.get("status")
-                except ValueError:
-                    message = response.text[:100]
-                return HealthReport(LOADING, str(message or "503 from /health"))
-            if response.status_code != 404:
-                return HealthReport(FAIL, f"GET /health: HTTP {response.status_code}")
-            self._health_path = "/v1/models"  # llama-cpp-python has no /health
-        return await super().health_check(http)
+        response = await http.get(f"{self.root}/health")
+        if response.status_code == 200:
+            # llama-server (llama-cpp-python has no /health): it continues a
+            # final assistant message too (comox.SupportsContinuation).
+            self.continues = CONTINUES_CHAT
+            return HealthReport(OK, "ok")
+        if response.status_code == 503:
+            try:
+                body = response.json()
+                error = body.get("error") if isinstance(body, dict) else None
+                message = (error or {}).get("message") if isinstance(error, dict) else body.get("status")
+            except ValueError:
+                message = response.text[:100]
+            return HealthReport(LOADING, str(message or "503 from /health"))
+        if response.status_code != 404:
+            return HealthReport(FAIL, f"GET /health: HTTP {response.status_code}")
+        # llama-cpp-python's server: up means loaded. Not /v1/models, which takes
+        # the model's lock: a check would wait behind every generation (and a
+        # busy node fail it), or with --interrupt_requests abort the one running.
+        return HealthReport(OK, "ok")
 
     async def handle(self, request: GatewayRequest) -> comox.BackendResponse:
         pin = request.slot
