@@ -271,6 +271,10 @@ class RedisState:
             self._went_down(exc)
             return False
         self.replicas = max(1, int(count))
+        if self.down_reason is not None:
+            # Connections pooled before the outage are dead: drop them now, or the first
+            # calls after recovery fail on them and start another outage (full local shares).
+            await self.redis.connection_pool.disconnect(inuse_connections=False)
         self._came_back()
         return True
 
