@@ -65,6 +65,7 @@ def stand_in():
 @pytest.fixture(scope="module")
 def server(model_path, stand_in):
     settings = Settings(
+        auth="none",  # in-process inference, not keys (tests/test_keys.py)
         server={"expose_backend_header": True},
         models=[
             {"name": "gemma", "backends": [in_process(model_path, name="pair", instances=2)]},
@@ -322,6 +323,7 @@ def llama_server(model_path, tmp_path_factory):
 
 def test_mixed_group_in_process_and_llama_cpp_server(model_path, llama_server):
     settings = Settings(
+        auth="none",
         server={"expose_backend_header": True},
         models=[{
             "name": "gemma-mixed",
@@ -352,7 +354,7 @@ def test_mixed_group_in_process_and_llama_cpp_server(model_path, llama_server):
 
 
 def gateway_with(**backend) -> Gateway:
-    return Gateway(Settings(models=[{"name": "m", "backends": [{"type": "llama-cpp-python", **backend}]}]))
+    return Gateway(Settings(auth="none", models=[{"name": "m", "backends": [{"type": "llama-cpp-python", **backend}]}]))
 
 
 def test_missing_model_file_names_it(tmp_path):
