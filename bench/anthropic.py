@@ -19,11 +19,12 @@ per chunk of turning a chat stream into Anthropic's events.
 from __future__ import annotations
 
 import asyncio
+import functools
 import statistics
 import time
 
 import orjson
-from cache_hit import BLOCK, Connection, arguments, running, status
+from cache_hit import Connection, arguments, interleaved, running
 
 SYSTEM = "You are a helpful assistant."
 CHAT = {"model": "bench", "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Say hello."}],
@@ -53,21 +54,7 @@ def measure(port: int, count: int, max_seconds: float) -> dict[str, list[float]]
     def send(streamed: bool, path: str, body: bytes, headers: bytes) -> bytes:
         return read_stream(connection, path, body, headers) if streamed else connection.post(path, body, headers)[0]
 
-    times: dict[str, list[float]] = {kind: [] for kind in kinds}
-    for request in kinds.values():  # warm every path up
-        for _ in range(50):
-            head = send(*request)
-            assert status(head) == b"200", head
-    deadline = time.monotonic() + max_seconds
-    clock = time.perf_counter
-    while min(len(t) for t in times.values()) < count and time.monotonic() < deadline:
-        for kind, request in kinds.items():
-            for _ in range(min(BLOCK, count - len(times[kind]))):
-                start = clock()
-                head = send(*request)
-                times[kind].append(clock() - start)
-            assert status(head) == b"200", head
-    return times
+    return interleaved({kind: functools.partial(send, *request) for kind, request in kinds.items()}, count, max_seconds)
 
 
 def stream_cost(chunks: int = 200, runs: int = 200) -> float:

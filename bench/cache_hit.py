@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,20 +134,32 @@ def measure(gateway_port: int, upstream_port: int, count: int, max_seconds: floa
     assert status(head) == b"200", head
     kinds = {"hit": (gateway, b"", b"hit"), "proxied": (gateway, b"x-comox-cache: skip\r\n", b"skip"),
              "stand-in": (upstream, b"", b"")}
-    times: dict[str, list[float]] = {kind: [] for kind in kinds}
-    for connection, headers, expected in kinds.values():  # warm every path up
+    sends = {kind: functools.partial(lambda c, h: c.post(path, BODY, h)[0], connection, headers)
+             for kind, (connection, headers, _) in kinds.items()}
+    return interleaved(sends, count, max_seconds,
+                       ok=lambda kind, head: status(head) == b"200" and cache_header(head) == kinds[kind][2])
+
+
+def interleaved(sends: dict[str, Callable[[], bytes]], count: int, max_seconds: float,
+                ok: Callable[[str, bytes], bool] = lambda kind, head: status(head) == b"200") -> dict[str, list[float]]:
+    """Seconds per request of each kind (``sends[kind]()`` sends one and
+    returns its response head), after 50 of each to warm up, in alternating
+    blocks of ``BLOCK``: at most ``count`` of each, for at most ``max_seconds``.
+    Every block's last answer must be ``ok``."""
+    times: dict[str, list[float]] = {kind: [] for kind in sends}
+    for kind, send in sends.items():  # warm every path up
         for _ in range(50):
-            head, _ = connection.post(path, BODY, headers)
-            assert status(head) == b"200" and cache_header(head) == expected, head
+            head = send()
+            assert ok(kind, head), head
     deadline = time.monotonic() + max_seconds
     clock = time.perf_counter
     while min(len(t) for t in times.values()) < count and time.monotonic() < deadline:
-        for kind, (connection, headers, expected) in kinds.items():
+        for kind, send in sends.items():
             for _ in range(min(BLOCK, count - len(times[kind]))):
                 start = clock()
-                head, _ = connection.post(path, BODY, headers)
+                head = send()
                 times[kind].append(clock() - start)
-            assert status(head) == b"200" and cache_header(head) == expected, head
+            assert ok(kind, head), head
     return times
 
 

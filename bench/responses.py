@@ -21,11 +21,12 @@ Responses API's events.
 from __future__ import annotations
 
 import asyncio
+import functools
 import statistics
 import time
 
 import orjson
-from cache_hit import BLOCK, Connection, arguments, running, status
+from cache_hit import Connection, arguments, interleaved, running, status
 
 SYSTEM = "You are a helpful assistant."
 CHAT = orjson.dumps({"model": "bench", "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Say hello."}],
@@ -42,21 +43,8 @@ def measure(port: int, count: int, max_seconds: float) -> dict[str, list[float]]
              "responses store=false": ("/v1/responses", orjson.dumps({**RESPONSES, "store": False})),
              "responses stored": ("/v1/responses", orjson.dumps(RESPONSES)),
              "responses follow-up": ("/v1/responses", follow_up)}
-    times: dict[str, list[float]] = {kind: [] for kind in kinds}
-    for path, request in kinds.values():  # warm every path up
-        for _ in range(50):
-            head, _ = connection.post(path, request)
-            assert status(head) == b"200", head
-    deadline = time.monotonic() + max_seconds
-    clock = time.perf_counter
-    while min(len(t) for t in times.values()) < count and time.monotonic() < deadline:
-        for kind, (path, request) in kinds.items():
-            for _ in range(min(BLOCK, count - len(times[kind]))):
-                start = clock()
-                head, _ = connection.post(path, request)
-                times[kind].append(clock() - start)
-            assert status(head) == b"200", head
-    return times
+    sends = {kind: functools.partial(lambda p, r: connection.post(p, r)[0], path, request) for kind, (path, request) in kinds.items()}
+    return interleaved(sends, count, max_seconds)
 
 
 def stream_cost(chunks: int = 200, runs: int = 200) -> float:
