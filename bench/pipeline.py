@@ -9,6 +9,7 @@ HTTP server (uvicorn) and the upstream client (aiohttp).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import asyncio
 import sys
 import time
@@ -28,6 +29,7 @@ REQUEST = (
 )
 REQUEST_SSE = REQUEST[:-1] + b',"stream":true}'
 HEADERS = [(b"content-type", b"application/json")]
+NO_AUTH = False  # --no-auth
 
 
 class NoopPlugin:
@@ -68,9 +70,15 @@ class MemoryTransport:
         pass
 
 
+# As bench/perf.py runs Comox: a key with limits that are counted, never hit.
+KEYS = [{"id": "bench", "key_sha256": hashlib.sha256(b"sk-bench").hexdigest(), "rpm": 1_000_000_000,
+         "tpm": 1_000_000_000_000, "max_concurrency": 100_000}]
+
+
 async def run(n: int, stream: bool, policy: str, plugins: tuple = ()) -> float:
-    settings = {"auth": "none", "models": [{"name": "bench", "policy": policy, "backends": [
+    settings: dict = {"models": [{"name": "bench", "policy": policy, "backends": [
         {"name": "a", "url": "http://127.0.0.1:9"}, {"name": "b", "url": "http://127.0.0.1:10"}]}]}
+    settings.update({"auth": "none"} if NO_AUTH else {"sections": {"keys": KEYS}})
     from comox.settings import Settings
 
     app = create_app(Settings(**settings), plugins=list(plugins))
@@ -117,7 +125,10 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5, help="runs; the fastest is reported")
     parser.add_argument("--profile", action="store_true", help="cProfile the JSON run")
     parser.add_argument("--noop-plugin", action="store_true", help="also run with a plugin whose per-request hooks do nothing")
+    parser.add_argument("--no-auth", action="store_true", help='auth = "none" instead of a key with limits')
     args = parser.parse_args()
+    global NO_AUTH
+    NO_AUTH = args.no_auth
     for stream in (False, True):
         kind = "SSE" if stream else "JSON"
         asyncio.run(run(2000, stream, args.policy))

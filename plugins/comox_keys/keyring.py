@@ -121,6 +121,9 @@ def digest_of(key: bytes) -> bytes:
     return hashlib.sha256(key).digest()
 
 
+_VISIBLE = bytes(range(0x21, 0x7F))
+
+
 class Malformed(Exception):
     """The credentials of a request cannot be a key."""
 
@@ -151,7 +154,7 @@ def credential(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
     key = found[0]
     if len(found) == 2 and not hmac.compare_digest(found[1], key):
         raise Malformed("Authorization and x-api-key disagree")
-    if not key or len(key) > MAX_KEY_BYTES or any(byte <= 0x20 or byte >= 0x7F for byte in key):
+    if not key or len(key) > MAX_KEY_BYTES or key.translate(None, _VISIBLE):  # anything left is not visible ASCII
         raise Malformed("not a key")
     return key
 
@@ -172,7 +175,7 @@ class KeyRing:
         self.keys_file = keys_file
         self.forbidden = dict(forbidden or {})
         self.signature: tuple[int, ...] | None = None
-        self.table: tuple[tuple[bytes, comox.Principal], ...] = ()
+        self.table: dict[bytes, tuple[bytes, comox.Principal]] = {}
         self.entries: tuple[KeyEntry, ...] = ()
         self.install(self.inline + (self._read_file() if keys_file else ()))
 
@@ -189,17 +192,19 @@ class KeyRing:
             if name is not None:
                 raise ValueError(f"keys: the key {entry.id!r} is the {name}: a client key must be a different key")
         self.entries = entries
-        self.table = tuple((bytes.fromhex(entry.key_sha256), entry.principal()) for entry in entries)
+        self.table = {digest: (digest, entry.principal())
+                      for digest, entry in ((bytes.fromhex(entry.key_sha256), entry) for entry in entries)}
 
     def lookup(self, key: bytes) -> comox.Principal | None:
-        """The principal of ``key``, comparing its digest with every stored
-        one in constant time."""
+        """The principal of ``key``: its SHA-256 digest found among the stored
+        ones (a hash table: as fast with 10,000 keys as with one) and confirmed
+        with a constant-time comparison. The time taken depends only on the
+        digest of what was presented, never on how much of a key it matches."""
         digest = digest_of(key)
-        found = None
-        for stored, principal in self.table:
-            if hmac.compare_digest(stored, digest):
-                found = principal
-        return found
+        found = self.table.get(digest)
+        if found is None or not hmac.compare_digest(found[0], digest):
+            return None
+        return found[1]
 
     # -- the keys file ---------------------------------------------------------
 

@@ -56,22 +56,63 @@ class LimitSettings(BaseModel):
 DEFAULTS = LimitSettings()
 
 
-class Held:
-    """What one request took, for :func:`comox_request_done` to settle."""
-
-    __slots__ = ("key_id", "tpm", "tokens", "prompt", "slot")
-
-    def __init__(self, key_id: str, tpm: int | None):
-        self.key_id = key_id
-        self.tpm = tpm
-        self.tokens = 0  # taken from the tpm bucket
-        self.prompt = 0  # of which the prompt's estimate
-        self.slot = False  # holds a concurrency slot
-
-
 @comox.hookimpl
 def comox_plugin_settings() -> type[BaseModel]:
     return LimitSettings
+
+
+class Plan:
+    """One key's limits, worked out once per ``principal.limits`` (its
+    buckets' names, refill rates and header values), not on every request."""
+
+    __slots__ = ("limits", "key_id", "rpm", "tpm", "concurrency", "zero", "rpm_key", "tpm_key", "conc_key",
+                 "rpm_per_s", "tpm_per_s", "rpm_header", "tpm_header")
+
+    def __init__(self, limits: dict[str, Any], key_id: str):
+        self.limits = limits  # kept, so that its id() is not reused while planned
+        self.key_id = key_id
+        self.rpm, self.tpm, self.concurrency = _limit(limits, "rpm"), _limit(limits, "tpm"), _limit(limits, "max_concurrency")
+        self.zero = next((name for name, value in (("rpm", self.rpm), ("tpm", self.tpm),
+                                                   ("max_concurrency", self.concurrency)) if value == 0), None)
+        self.rpm_key, self.tpm_key, self.conc_key = f"limits:rpm:{key_id}", f"limits:tpm:{key_id}", f"limits:conc:{key_id}"
+        self.rpm_per_s = (self.rpm or 0) / 60
+        self.tpm_per_s = (self.tpm or 0) / 60
+        self.rpm_header = (b"x-ratelimit-limit-requests", b"%d" % (self.rpm or 0))
+        self.tpm_header = (b"x-ratelimit-limit-tokens", b"%d" % (self.tpm or 0))
+
+    @property
+    def idle(self) -> bool:
+        return self.rpm is None and self.tpm is None and self.concurrency is None
+
+
+_plans: dict[tuple[int, str], Plan] = {}
+MAX_PLANS = 100_000  # more keys than that: planned again after a clear
+
+
+def plan_for(limits: dict[str, Any], key_id: str) -> Plan:
+    """The :class:`Plan` of these limits (a key's ``limits`` dict lives as long
+    as its keys set; a reloaded set gets new plans)."""
+    plan = _plans.get((id(limits), key_id))
+    if plan is None or plan.limits is not limits:
+        if len(_plans) >= MAX_PLANS:
+            _plans.clear()
+        plan = _plans[(id(limits), key_id)] = Plan(limits, key_id)
+    return plan
+
+
+class Held:
+    """What one request took, for :func:`comox_request_done` to settle."""
+
+    __slots__ = ("plan", "key_id", "tpm", "tokens", "prompt", "slot", "ttl_s")
+
+    def __init__(self, plan: Plan, ttl_s: float):
+        self.plan = plan
+        self.key_id = plan.key_id
+        self.tpm = plan.tpm
+        self.tokens = 0  # taken from the tpm bucket
+        self.prompt = 0  # of which the prompt's estimate
+        self.slot = False  # holds a concurrency slot
+        self.ttl_s = ttl_s
 
 
 @comox.hookimpl
@@ -81,43 +122,46 @@ async def comox_admit(request: GatewayRequest, principal: Principal) -> None:
     gateway = request.gateway
     if not limits or key_id is None or gateway is None:
         return
-    rpm, tpm, concurrency = _limit(limits, "rpm"), _limit(limits, "tpm"), _limit(limits, "max_concurrency")
-    if rpm is None and tpm is None and concurrency is None:
+    plan = plan_for(limits, key_id)
+    if plan.idle:
         return
-    for name, value in (("rpm", rpm), ("tpm", tpm), ("max_concurrency", concurrency)):
-        if value == 0:
-            raise RateLimited(f"Key {key_id!r} is allowed no requests ({name} is 0).")
+    if plan.zero is not None:
+        raise RateLimited(f"Key {key_id!r} is allowed no requests ({plan.zero} is 0).")
     settings: LimitSettings = gateway.plugin_settings("limits") or DEFAULTS
     shared = gateway.shared_state
-    held = request.state["limits"] = Held(key_id, tpm)
+    held = request.state["limits"] = Held(plan, settings.concurrency_ttl_s)
     refusal: RateLimited | None = None
+    rpm, tpm = plan.rpm, plan.tpm
     if rpm is not None:
-        requests = await shared.take(f"limits:rpm:{key_id}", 1, capacity=rpm, per_s=rpm / 60)
-        _headers(request, b"requests", rpm, requests)
+        requests = await shared.take(plan.rpm_key, 1, capacity=rpm, per_s=plan.rpm_per_s)
+        _headers(request, plan.rpm_header, REQUESTS, requests)
         if not requests.allowed:
             refusal = RateLimited(
                 f"Rate limit reached for key {key_id!r} on requests per min (RPM): Limit {rpm}. "
                 f"Please try again in {duration(requests.retry_after_s)}.", retry_after=_seconds(requests.retry_after_s))
     if tpm is not None:
-        tpm_key = f"limits:tpm:{key_id}"
         if refusal is None:
-            refusal = await _take_tokens(request, shared, held, tpm, settings)
+            refusal = await _take_tokens(request, shared, held, plan, settings)
         if not held.tokens:  # nothing taken: the headers show the bucket as it is
-            _headers(request, b"tokens", tpm, await shared.take(tpm_key, 0, capacity=tpm, per_s=tpm / 60))
+            _headers(request, plan.tpm_header, TOKENS,
+                     await shared.take(plan.tpm_key, 0, capacity=tpm, per_s=plan.tpm_per_s))
     if refusal is not None:
         raise refusal
-    if concurrency is not None:
-        added, now = await shared.add(f"limits:conc:{key_id}", 1, cap=concurrency, ttl_s=settings.concurrency_ttl_s)
+    if plan.concurrency is not None:
+        added, now = await shared.add(plan.conc_key, 1, cap=plan.concurrency, ttl_s=held.ttl_s)
         if not added:
             raise RateLimited(f"Concurrency limit reached for key {key_id!r}: {int(now)} requests in flight, "
-                              f"max_concurrency {concurrency}. Please try again when one has finished.", retry_after=1)
+                              f"max_concurrency {plan.concurrency}. Please try again when one has finished.",
+                              retry_after=1)
         held.slot = True
 
 
-async def _take_tokens(request: GatewayRequest, shared: SharedState, held: Held, tpm: int,
+async def _take_tokens(request: GatewayRequest, shared: SharedState, held: Held, plan: Plan,
                        settings: LimitSettings) -> RateLimited | None:
     """Take the request's estimate from the tpm bucket, recording it in
     ``held`` and the headers; the refusal if it does not fit (nothing taken)."""
+    tpm = plan.tpm
+    assert tpm is not None
     prompt, completion, bounded = estimate(request, settings)
     amount = prompt + completion
     if amount > tpm and (bounded or prompt > tpm):
@@ -125,14 +169,14 @@ async def _take_tokens(request: GatewayRequest, shared: SharedState, held: Held,
             f"Request too large for key {held.key_id!r} on tokens per min (TPM): Limit {tpm}, Requested {amount}. "
             "The input or output tokens must be reduced in order to run successfully.")
     amount = max(1, min(amount, tpm))  # a guessed completion never makes a request too large
-    tokens = await shared.take(f"limits:tpm:{held.key_id}", amount, capacity=tpm, per_s=tpm / 60)
+    tokens = await shared.take(plan.tpm_key, amount, capacity=tpm, per_s=plan.tpm_per_s)
     if not tokens.allowed:
         return RateLimited(
             f"Rate limit reached for key {held.key_id!r} on tokens per min (TPM): Limit {tpm}, "
             f"Remaining {int(tokens.remaining)}, Requested {amount}. Please try again in {duration(tokens.retry_after_s)}.",
             retry_after=_seconds(tokens.retry_after_s))
     held.tokens, held.prompt = amount, prompt
-    _headers(request, b"tokens", tpm, tokens)
+    _headers(request, plan.tpm_header, TOKENS, tokens)
     return None
 
 
@@ -144,8 +188,7 @@ async def comox_request_done(request: GatewayRequest, status: int) -> None:
     shared = request.gateway.shared_state
     try:
         if held.slot:
-            key = f"limits:conc:{held.key_id}"
-            ttl = (request.gateway.plugin_settings("limits") or DEFAULTS).concurrency_ttl_s
+            key, ttl = held.plan.conc_key, held.ttl_s
             _, now = await shared.add(key, -1, ttl_s=ttl)
             if now < 0:  # the count expired while this request ran: back to zero, not below
                 await shared.add(key, -now, ttl_s=ttl)
@@ -159,8 +202,8 @@ async def comox_request_done(request: GatewayRequest, status: int) -> None:
             else:  # refused, failed, or the client left before the answer started
                 used = 0
             if used != held.tokens:
-                await shared.take(f"limits:tpm:{held.key_id}", used - held.tokens, capacity=held.tpm,
-                                  per_s=held.tpm / 60, force=True)
+                await shared.take(held.plan.tpm_key, used - held.tokens, capacity=held.tpm,
+                                  per_s=held.plan.tpm_per_s, force=True)
 
 
 def estimate(request: GatewayRequest, settings: LimitSettings = DEFAULTS) -> tuple[int, int, bool]:
@@ -174,16 +217,26 @@ def estimate(request: GatewayRequest, settings: LimitSettings = DEFAULTS) -> tup
     body = request.json
     chars = ids = 0
     stack: list[Any] = [body[name] for name in PROMPT_FIELDS if name in body]
+    pop, push, extend = stack.pop, stack.append, stack.extend
+    # Exact types (what JSON parsing gives): bool is not counted as an id.
     while stack:
-        value = stack.pop()
-        if isinstance(value, str):
+        value = pop()
+        kind = type(value)
+        if kind is str:
             chars += len(value)
-        elif isinstance(value, dict):
-            stack.extend(item for key, item in value.items() if key not in BINARY_PARTS)
-        elif isinstance(value, list):
-            stack.extend(value)
-        elif isinstance(value, int) and not isinstance(value, bool):
+        elif kind is dict:
+            for key, item in value.items():
+                if type(item) is str:  # most of a chat: inline, not through the stack
+                    if key not in BINARY_PARTS:
+                        chars += len(item)
+                elif key not in BINARY_PARTS:
+                    push(item)
+        elif kind is list:
+            extend(value)
+        elif kind is int:
             ids += 1
+        elif isinstance(value, str):
+            chars += len(value)
     prompt = math.ceil(chars / settings.chars_per_token) + ids
     if request.endpoint in NO_COMPLETION:
         return prompt, 0, True
@@ -215,11 +268,13 @@ def duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-def _headers(request: GatewayRequest, kind: bytes, limit: int, bucket: Bucket) -> None:
+REQUESTS = (b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
+TOKENS = (b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
+
+
+def _headers(request: GatewayRequest, limit: tuple[bytes, bytes], names: tuple[bytes, bytes], bucket: Bucket) -> None:
     request.response_headers += [
-        (b"x-ratelimit-limit-" + kind, b"%d" % limit),
-        (b"x-ratelimit-remaining-" + kind, b"%d" % bucket.remaining),
-        (b"x-ratelimit-reset-" + kind, duration(bucket.reset_s).encode()),
+        limit, (names[0], b"%d" % bucket.remaining), (names[1], duration(bucket.reset_s).encode()),
     ]
 
 
