@@ -11,11 +11,23 @@ redirects, no decompression (bytes go through as the upstream sent them), and
 a stream whose ``aclose()`` drops the response, so hyper closes the upstream
 connection when the client leaves.
 
-Known gap (why it is not the default): a request cancelled before its response
-headers arrive (the core's first-byte timeout, a client that left while a node
-hangs) does not close its upstream connection; pyreqwest 0.15 keeps the Rust
-request running when the Python await is cancelled. The hung node never sees
-the gateway go (``docs/benchmarks.md``, the pyreqwest transport).
+A request cancelled before pyreqwest handed back its response (before the
+headers, or a stream's first chunk, or a JSON answer's end: the core's
+first-byte timeout, a client that left while a node hangs) needs a workaround:
+pyreqwest 0.15 runs each request in a tokio task and, when the Python await is
+cancelled, drops only the task's JoinHandle, which in tokio detaches the task
+rather than aborting it; no API (``Client.close()`` included) reaches it. It
+would keep the connection open until the answer came or ``timeout_s`` passed.
+So such a call is counted as orphaned, and once no call of this process to
+that upstream is in progress any more, :func:`_reap` shuts down (``shutdown(2)``
+on a duplicate of the descriptor) the sockets the Rust runtime holds to it:
+hyper sees the connection end, the task fails, the upstream sees the gateway
+go. While other calls to the same upstream are in progress it waits (their
+sockets cannot be told from the orphan's): an orphan then lasts until its
+answer's head comes (then it is dropped and closes), or until the traffic to
+that node stops (a hung node's does: each call times out, the node is
+ejected). Linux only (``/proc``); not through an HTTP proxy (the socket's peer
+is the proxy).
 
 OpenTelemetry: no instrumentation exists for pyreqwest, so this transport
 makes its own client span (``POST``, kind CLIENT, ``http.request.method``,
@@ -33,6 +45,11 @@ the trace under Comox's client span of the attempt.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import os
+import socket
+import threading
 from collections.abc import AsyncIterator, Mapping
 from datetime import timedelta
 from typing import Any
@@ -45,7 +62,7 @@ from pyreqwest.response import Response
 from .backends import BackendResponse
 from .transport import PoolTransport, UpstreamUnreachable, _is_sse, response_headers
 
-__all__ = ["PyreqwestTransport", "instrument", "uninstrument"]
+__all__ = ["PyreqwestTransport", "instrument", "uninstrument", "is_instrumented"]
 
 try:  # optional: spans only when OpenTelemetry is installed
     from opentelemetry import propagate as _propagate
@@ -70,12 +87,20 @@ def uninstrument() -> None:
     _instrumented, _provider = False, None
 
 
+def is_instrumented() -> bool:
+    return _instrumented
+
+
 class PyreqwestTransport(PoolTransport):
     """One ``pyreqwest.Client`` (hyper connection pool), built lazily inside
     the running event loop on first use. ``default_headers`` go with every request."""
 
     _client: Client | None = None
+    _keys: dict[str, tuple[str, int]]
 
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self._keys = {}  # url -> (host, port), for _Lease
 
     def _open(self) -> Client:
         builder = (
@@ -105,9 +130,11 @@ class PyreqwestTransport(PoolTransport):
             span, headers = _start_span(url, headers)
         client = self._client or self._open()
         builder = client.post(url).headers(dict(headers)).body_bytes(body)
+        held = _Lease(self._key(url))
+        lease: _Lease | None = held  # None once a stream took it over
         try:
             if b'"stream":true' not in body and b'"stream": true' not in body:
-                return await self._whole(builder, span)
+                return await self._whole(builder, span, held)
             # One chunk read ahead at most: with pyreqwest's default 64 KiB buffer
             # the body keeps being drained after the response is dropped, so a
             # client that left would not close the upstream connection.
@@ -116,17 +143,24 @@ class PyreqwestTransport(PoolTransport):
                 response = await request.__aenter__()
             except PyreqwestError as exc:
                 raise UpstreamUnreachable("connect", exc) from exc
+            except asyncio.CancelledError:
+                held.orphaned()
+                raise
             headers_out = _head(response, span)
             if _is_sse(response.headers.get("content-type")):
                 done = span
                 span = None  # ended when the stream closes
+                lease = None  # released when the stream ends or closes
 
                 async def close() -> None:
-                    await request.__aexit__(None, None, None)
+                    try:
+                        await request.__aexit__(None, None, None)
+                    finally:
+                        held.release()
                     if done is not None:
                         done.end()
 
-                return BackendResponse(response.status, headers_out, stream=_chunks(response), close=close)
+                return BackendResponse(response.status, headers_out, stream=_chunks(response, held), close=close)
             try:
                 data = bytes(await response.bytes())
             except PyreqwestError as exc:
@@ -140,16 +174,28 @@ class PyreqwestTransport(PoolTransport):
                 span.set_status(_trace.StatusCode.ERROR)
             raise
         finally:
+            if lease is not None:
+                lease.release()
             if span is not None:
                 span.end()
 
-    async def _whole(self, builder: Any, span: Any) -> BackendResponse:
+    def _key(self, url: str) -> tuple[str, int]:
+        key = self._keys.get(url)
+        if key is None:
+            parts = urlsplit(url)
+            key = self._keys[url] = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+        return key
+
+    async def _whole(self, builder: Any, span: Any, lease: _Lease) -> BackendResponse:
         """A request that asked for no stream: its answer read whole, in Rust
         (a stream all the same, as one chunk, if the upstream sent one)."""
         try:
             response = await builder.build().send()
         except PyreqwestError as exc:
             raise UpstreamUnreachable("connect", exc) from exc
+        except asyncio.CancelledError:
+            lease.orphaned()
+            raise
         try:
             data = bytes(await response.bytes())
         except PyreqwestError as exc:
@@ -178,13 +224,15 @@ async def _one(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-async def _chunks(response: Response) -> AsyncIterator[bytes]:
+async def _chunks(response: Response, lease: _Lease) -> AsyncIterator[bytes]:
     reader = response.body_reader
     try:
         while (chunk := await reader.read_chunk()) is not None:
             yield bytes(chunk)
     except PyreqwestError as exc:  # the stream broke midway: as aiohttp's reader raises
         raise ConnectionError(f"upstream stream broke: {type(exc).__name__}") from exc
+    finally:
+        lease.release()
 
 
 def _start_span(url: str, headers: Mapping[str, str]) -> tuple[Any, Mapping[str, str]]:
@@ -198,3 +246,101 @@ def _start_span(url: str, headers: Mapping[str, str]) -> tuple[Any, Mapping[str,
     _propagate.inject(carrier, context=_trace.set_span_in_context(span))
     return span, carrier
 
+
+
+# -- closing what a cancelled call left open (the module's docstring says why) --
+
+_lock = threading.Lock()
+_live: dict[tuple[str, int], int] = {}  # (host, port) -> calls in progress, in every transport of the process
+_orphans: dict[tuple[str, int], int] = {}  # (host, port) -> calls cancelled while pyreqwest still ran them
+
+
+class _Lease:
+    """One call to an upstream, from its start until the gateway is done with
+    it (a stream: until it ended or was closed)."""
+
+    __slots__ = ("key", "_held")
+
+    def __init__(self, key: tuple[str, int]):
+        self.key = key
+        self._held = True
+        with _lock:
+            _live[key] = _live.get(key, 0) + 1
+
+    def orphaned(self) -> None:
+        """Cancelled while pyreqwest still ran it: its socket is shut down
+        once no other call to the upstream is in progress."""
+        with _lock:
+            _orphans[self.key] = _orphans.get(self.key, 0) + 1
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        key = self.key
+        with _lock:
+            live = _live[key] = _live[key] - 1
+            reap = live == 0 and _orphans.pop(key, 0) > 0
+        if reap:  # in a thread: it may resolve the host name
+            threading.Thread(target=_reap, args=(key,), name="comox-reqwest-reap", daemon=True).start()
+
+
+def _reap(key: tuple[str, int]) -> None:
+    """Shut down the Rust runtime's sockets to ``key``'s upstream (orphans'
+    and idle pooled ones: no call to it is in progress), unless a call to it
+    started meanwhile."""
+    host, port = key
+    try:
+        addresses = {ipaddress.ip_address(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except (OSError, ValueError):
+        return
+    for fd in _runtime_sockets():
+        try:
+            sock = socket.socket(fileno=os.dup(fd))  # a duplicate: the runtime keeps (and closes) its own
+        except OSError:
+            continue
+        try:
+            peer = sock.getpeername()
+            if not isinstance(peer, tuple) or peer[1] != port:
+                continue
+            address = ipaddress.ip_address(peer[0].split("%")[0])
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+                address = address.ipv4_mapped
+            if address in addresses:
+                with _lock:
+                    if _live.get(key):
+                        return
+                    sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, ValueError):
+            pass
+        finally:
+            sock.close()
+
+
+def _runtime_sockets() -> set[int]:
+    """The sockets registered with a tokio (mio) runtime of this process: those
+    of each epoll instance that also has an eventfd (mio's waker; asyncio's
+    loops wake through a socket pair), so no asyncio socket (the aiohttp
+    transport's, the health checks') is ever shut down. Empty without /proc."""
+    targets: dict[int, str] = {}
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return set()
+    for name in names:
+        try:
+            targets[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except (OSError, ValueError):
+            pass
+    found: set[int] = set()
+    for fd, target in targets.items():
+        if target != "anon_inode:[eventpoll]":
+            continue
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                registered = [int(line.split()[1]) for line in f if line.startswith("tfd:")]
+        except (OSError, ValueError, IndexError):
+            continue
+        if any(targets.get(t) == "anon_inode:[eventfd]" for t in registered):
+            found.update(t for t in registered if targets.get(t, "").startswith("socket:"))
+    return found

@@ -339,3 +339,139 @@ def test_gateway_backend_calls_are_spans_retries_included(comox_serve, upstreams
     assert sorted(spans) == sorted([(f"{bad.url}/v1/chat/completions", 502)] * 3 + [(f"{bad.url}/v1/chat/completions", 200)] * (len(bad.requests) - 3)
                                    + [(f"{good.url}/v1/chat/completions", 200)] * len(good.requests))
     assert len(spans) == 4 + 3  # every request once, plus a retry for each 502
+
+
+# -- cancellation closes the upstream connection, whatever the phase ------------------
+
+
+class Hanging:
+    """An upstream that answers a POST as far as ``phase`` and then sends
+    nothing until the client leaves (counted in ``disconnects``): ``"none"``
+    (not even the headers), ``"body"`` (the headers and part of a JSON body),
+    ``"headers"`` (a stream's headers), ``"chunk"`` (a stream's headers and
+    first event). A stream request with ``"chunk"`` in ``stream_phase`` gets
+    that phase instead. With ``hang = False`` it answers in full."""
+
+    def __init__(self, phase: str, stream_phase: str | None = None):
+        self.phase, self.stream_phase = phase, stream_phase
+        self.hang = True
+        self.requests: list[bytes] = []
+        self.disconnects = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        self.requests.append(body)
+        if not self.hang:
+            answer = orjson.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}]})
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": answer})
+            return
+        phase = self.stream_phase if self.stream_phase and orjson.loads(body).get("stream") else self.phase
+        if phase == "body":
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")]})
+            await send({"type": "http.response.body", "body": b'{"id": "', "more_body": True})
+        elif phase in ("headers", "chunk"):
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+            if phase == "chunk":
+                await send({"type": "http.response.body", "body": b'data: {"choices": []}\n\n', "more_body": True})
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.disconnects += 1
+
+
+async def until(condition, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
+async def read_through(backend, stream: bool) -> None:
+    """A client of the gateway: the answer read to its end, the stream closed
+    however that ends (as the core does when its client leaves)."""
+    response = await backend.handle(make_request(stream=stream))
+    try:
+        if response.stream is not None:
+            async for _ in response.stream:
+                pass
+    finally:
+        await response.aclose()
+
+
+@pytest.mark.parametrize("phase,stream", [("none", False), ("none", True), ("body", False), ("headers", True), ("chunk", True)])
+def test_a_cancelled_call_closes_its_upstream_connection_in_every_phase(kind, phase, stream):
+    """The client left (or the first-byte timeout struck) before the headers,
+    mid-body, after a stream's headers or mid-stream: the upstream sees the
+    connection close, and the pool still serves the next call. (pyreqwest
+    cannot abort a request before it hands back its response: the transport
+    shuts the orphan's socket down, comox/transport_reqwest.py.)"""
+    up = Hanging(phase)
+    server = ServerThread(up, lifespan="off").start()
+
+    async def go():
+        backend = make_backend(kind, server.url)
+        try:
+            call = asyncio.ensure_future(read_through(backend, stream))
+            await until(lambda: len(up.requests) == 1)
+            await asyncio.sleep(0.2)  # the answer's start (if any) reached the transport
+            assert not call.done()
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            await until(lambda: up.disconnects == 1)
+            assert up.disconnects == 1
+            up.hang = False
+            again = await backend.handle(make_request())
+            assert again.status == 200
+        finally:
+            await backend.aclose()
+
+    try:
+        asyncio.run(go())
+    finally:
+        server.stop()
+
+
+def test_a_cancelled_call_never_closes_another_call_to_the_same_upstream(kind):
+    """A call cancelled before its answer came while a stream from the same
+    upstream is being read: the stream goes on, and both connections are
+    closed once the stream is (with pyreqwest the orphan's socket cannot be
+    told from the stream's, so it is shut down only when no call is left)."""
+    up = Hanging("none", stream_phase="chunk")
+    server = ServerThread(up, lifespan="off").start()
+
+    async def go():
+        backend = make_backend(kind, server.url)
+        try:
+            live = await backend.handle(make_request(stream=True))
+            assert live.stream is not None
+            first = await live.stream.__anext__()
+            assert b"choices" in first
+            orphan = asyncio.ensure_future(read_through(backend, False))
+            await until(lambda: len(up.requests) == 2)
+            await asyncio.sleep(0.1)
+            orphan.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await orphan
+            await asyncio.sleep(0.5)
+            assert up.disconnects <= 1  # the stream's connection was left alone ...
+            pending = asyncio.ensure_future(live.stream.__anext__())
+            await asyncio.sleep(0.2)
+            assert not pending.done()  # ... and still waits for its next event
+            pending.cancel()
+            await live.aclose()
+            await until(lambda: up.disconnects == 2)
+            assert up.disconnects == 2
+        finally:
+            await backend.aclose()
+
+    try:
+        asyncio.run(go())
+    finally:
+        server.stop()
