@@ -253,10 +253,11 @@ def test_a_resumed_stream_is_a_broken_attempt_and_a_resume_attempt(spans, comox_
     assert broken.name == resumed.name == "text_completion m"
 
 
-@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("transport", ["aiohttp", "pyreqwest", "httpx"])
 def test_the_clients_traceparent_is_continued_and_sent_upstream_on_either_transport(spans, comox_serve, upstreams, transport):
     up = upstreams("up")
-    server = comox_serve(settings({"name": "gpu-1", "url": up.url}), plugins=[Fixtures()])
+    server = comox_serve(settings({"name": "gpu-1", "url": up.url, "transport": "pyreqwest" if transport == "pyreqwest" else "aiohttp"}),
+                         plugins=[Fixtures()])
     if transport == "httpx":
         server.app.gateway.backend("gpu-1").backend.transport = comox.HttpxTransport(httpx.AsyncClient())
     trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
@@ -372,12 +373,16 @@ def value_of(any_value):
     return getattr(any_value, any_value.WhichOneof("value"))
 
 
+@pytest.mark.parametrize("transport", ["aiohttp", "pyreqwest"])
 @pytest.mark.parametrize("configured_by", ["config", "environment"])
-def test_spans_are_exported_with_otlp_http_to_a_collector(comox_serve, upstreams, monkeypatch, configured_by):
+def test_spans_are_exported_with_otlp_http_to_a_collector(comox_serve, upstreams, monkeypatch, configured_by, transport):
+    """With the plugin's own tracer provider (not the global one), each
+    transport's HTTP client span is exported under the attempt's, and is the
+    parent the upstream got in its ``traceparent``."""
     collector = ServerThread(Collector(), lifespan="off").start()
     try:
         up = upstreams("up")
-        checked = {"name": "gpu-1", "url": up.url, "health_check": {"enabled": True, "interval_s": 0.05}}
+        checked = {"name": "gpu-1", "url": up.url, "transport": transport, "health_check": {"enabled": True, "interval_s": 0.05}}
         if configured_by == "config":
             telemetry = {"otlp_endpoint": collector.url}
         else:
@@ -401,6 +406,8 @@ def test_spans_are_exported_with_otlp_http_to_a_collector(comox_serve, upstreams
         assert {kv.key: value_of(kv.value) for kv in attempt.attributes}["comox.attempt.outcome"] == "ok"
         [call] = [s for _, s in exported if s.parent_span_id == attempt.span_id]
         assert call.kind == call.SPAN_KIND_CLIENT
+        _, trace_id, parent_id, _ = up.requests[-1]["headers"]["traceparent"].split("-")
+        assert (bytes.fromhex(trace_id), bytes.fromhex(parent_id)) == (request.trace_id, call.span_id)
         # Health checks are not requests: no trace of their own.
         assert all(span.parent_span_id or span.kind == span.SPAN_KIND_SERVER for _, span in exported)
         assert len({span.trace_id for _, span in exported}) == 1

@@ -4,8 +4,9 @@
   client's W3C ``traceparent`` and made current for the whole request, and a
   client span per attempt — every backend tried, retries, the failover stage,
   a node continuing a broken stream — made current around the backend call,
-  so the aiohttp and httpx instrumentations (turned on here) nest their HTTP
-  spans under it and send its ``traceparent`` upstream. Attributes follow the
+  so the aiohttp and httpx instrumentations and the pyreqwest transport's own
+  spans (turned on here) nest their HTTP spans under it and send its
+  ``traceparent`` upstream. Attributes follow the
   OpenTelemetry GenAI conventions, plus Comox's own ``comox.*``.
 * ``[telemetry]``: ``otlp_endpoint`` exports over OTLP/HTTP; without it, the
   standard ``OTEL_EXPORTER_OTLP_*`` variables, or a tracer provider the host

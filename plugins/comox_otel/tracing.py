@@ -1,5 +1,6 @@
 """The spans of one gateway: imported only when it traces (the OpenTelemetry
-SDK, the OTLP/HTTP exporter and the aiohttp and httpx instrumentations).
+SDK, the OTLP/HTTP exporter, the aiohttp and httpx instrumentations and the
+pyreqwest transport's own client spans).
 
 Per API request, in the request's own task:
 
@@ -20,7 +21,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -30,7 +31,6 @@ from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]  # untyped re-export
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider, sampling
@@ -149,7 +149,7 @@ def own_provider(otlp_endpoint: str | None) -> TracerProvider:
 # The HTTP client instrumentations are process-wide: turned on by the first
 # gateway that traces (unless something else already did), off after the last.
 _users = 0
-_ours: list[BaseInstrumentor] = []
+_ours: list[Callable[[], object]] = []  # how to turn off each we turned on
 
 
 def _instrument(provider: TracerProvider | None) -> None:
@@ -159,7 +159,14 @@ def _instrument(provider: TracerProvider | None) -> None:
         for instrumentor in (AioHttpClientInstrumentor(), HTTPXClientInstrumentor()):
             if not instrumentor.is_instrumented_by_opentelemetry:
                 instrumentor.instrument(tracer_provider=provider)
-                _ours.append(instrumentor)
+                _ours.append(instrumentor.uninstrument)
+        try:  # the pyreqwest transport makes its own client spans (comox[reqwest] is optional)
+            from comox import transport_reqwest
+        except ImportError:
+            return
+        if not transport_reqwest.is_instrumented():
+            transport_reqwest.instrument(tracer_provider=provider)
+            _ours.append(transport_reqwest.uninstrument)
 
 
 def _uninstrument() -> None:
@@ -167,7 +174,7 @@ def _uninstrument() -> None:
     _users -= 1
     if _users == 0:
         while _ours:
-            _ours.pop().uninstrument()
+            _ours.pop()()
 
 
 class Tracing:
