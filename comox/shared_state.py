@@ -63,6 +63,9 @@ class SharedState(Protocol):
     async def aclose(self) -> None: ...
 
 
+_new_bucket = tuple.__new__
+
+
 class MemoryState:
     """:class:`SharedState` kept in this process (one replica, or the
     fallback of a shared store that is unreachable). ``clock`` is any
@@ -83,26 +86,30 @@ class MemoryState:
     def take_now(self, key: str, amount: float, *, capacity: float, per_s: float, force: bool = False) -> Bucket:
         """:meth:`take` without awaiting (for callers outside the event loop)."""
         now = self.clock()
-        tokens, at = self._buckets.get(key, (capacity, now))
-        tokens = min(capacity, tokens + (now - at) * per_s)
+        held = self._buckets.get(key)
+        if held is None:
+            tokens = capacity
+        else:
+            tokens = held[0] + (now - held[1]) * per_s
+            if tokens > capacity:
+                tokens = capacity
         allowed = force or amount <= tokens
         if allowed:
             tokens -= amount
-        self._buckets[key] = (tokens, now)
-        reset = (capacity - tokens) / per_s if per_s > 0 else math.inf
-        if allowed:
             retry = 0.0
-        elif amount > capacity:
+        elif amount > capacity or per_s <= 0:
             retry = math.inf
         else:
-            retry = (amount - tokens) / per_s if per_s > 0 else math.inf
-        return Bucket(allowed, max(0.0, math.floor(tokens)), max(0.0, reset), retry)
+            retry = (amount - tokens) / per_s
+        self._buckets[key] = (tokens, now)
+        reset = (capacity - tokens) / per_s if per_s > 0 else math.inf
+        # tuple.__new__: the NamedTuple's own __new__ is a Python call, on every request.
+        return _new_bucket(Bucket, (allowed, math.floor(tokens) if tokens > 0 else 0.0, reset if reset > 0 else 0.0, retry))
 
     async def add(self, key: str, amount: float, *, cap: float | None = None, ttl_s: float | None = None) -> tuple[bool, float]:
         now = self.clock()
-        value, expires = self._counters.get(key, (0.0, math.inf))
-        if expires <= now:
-            value = 0.0
+        held = self._counters.get(key)
+        value = held[0] if held is not None and held[1] > now else 0.0
         new = value + amount
         if cap is not None and amount > 0 and new > cap:
             return False, value

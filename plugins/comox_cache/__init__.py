@@ -40,6 +40,7 @@ __all__ = ["CacheSettings", "cache_key", "cacheable", "HEADER"]
 log = logging.getLogger("comox.cache")
 
 HEADER = b"x-comox-cache"
+SKIP = (HEADER, b"skip")
 ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings"})
 NOT_IN_KEY = frozenset({"stream", "stream_options", "user"})
 """Body fields that do not change the answer: ``stream`` (either shape is
@@ -80,7 +81,7 @@ class Plan:
     __slots__ = ("mode", "at", "key", "hit")
 
     def __init__(self, mode: str, at: int):
-        self.mode = mode  # "use" (read and write), "refresh" (write only) or "skip"
+        self.mode = mode  # "use" (read and write) or "refresh" (write only); a skipped request has no plan
         self.at = at  # where the x-comox-cache header is in request.response_headers
         self.key: str | None = None  # the shared-state key, when the answer may be stored
         self.hit = False
@@ -169,7 +170,8 @@ def comox_plugin_settings() -> type[BaseModel]:
 def comox_admit(request: GatewayRequest) -> None:
     """Read ``x-comox-cache`` and say ``skip`` until the lookup decides: an
     answer refused by a later admission check was not served from the cache."""
-    if _settings(request) is None:
+    settings = _settings(request)
+    if settings is None:
         return
     asked = request.header(HEADER)
     mode = "use"
@@ -177,8 +179,10 @@ def comox_admit(request: GatewayRequest) -> None:
         mode = asked.strip().lower().decode("latin-1")
         if mode not in ("skip", "refresh"):
             raise InvalidRequest("the x-comox-cache header must be 'skip' or 'refresh'", code="invalid_header")
-    request.response_headers.append((HEADER, b"skip"))
-    request.state["cache"] = Plan(mode, len(request.response_headers) - 1)
+    request.response_headers.append(SKIP)
+    if mode != "skip" and cacheable(request, settings.deterministic_only):
+        request.state["cache"] = Plan(mode, len(request.response_headers) - 1)
+    # else: no plan, so the lookup and the store pass at once (most requests sample)
 
 
 def _say(request: GatewayRequest, plan: Plan, value: bytes) -> None:
@@ -194,11 +198,10 @@ def _keep_stream(request: GatewayRequest, settings: CacheSettings) -> None:
 @comox.hookimpl
 async def comox_cache_lookup(request: GatewayRequest) -> BackendResponse | None:
     plan = request.state.get("cache")
-    settings = _settings(request)
-    if not isinstance(plan, Plan) or settings is None or plan.mode == "skip":
+    if not isinstance(plan, Plan):
         return None
-    if not cacheable(request, settings.deterministic_only):
-        plan.mode = "skip"
+    settings = _settings(request)
+    if settings is None:
         return None
     plan.key = key = cache_key(request)
     _say(request, plan, b"miss")
@@ -267,10 +270,11 @@ async def comox_cache_store(request: GatewayRequest, response: BackendResponse) 
     """Store a 200 answer the cache may serve: a JSON body, or the SSE bytes of
     a stream that ran to its ``[DONE]``."""
     plan = request.state.get("cache")
+    if not isinstance(plan, Plan):
+        return
     settings = _settings(request)
     body = response.body
-    if (not isinstance(plan, Plan) or plan.key is None or plan.hit or settings is None or body is None
-            or response.status != 200 or request.gateway is None):
+    if plan.key is None or plan.hit or settings is None or body is None or response.status != 200 or request.gateway is None:
         return
     if len(body) > settings.max_entry_bytes:
         return
