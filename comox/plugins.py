@@ -144,9 +144,11 @@ def plugin_info(pm: PluginManager) -> list[dict[str, Any]]:
 
 class _Impl:
     """One implementation of a per-request hook: the function, the hook
-    arguments it declares, and whether it is a coroutine function."""
+    arguments it declares, whether it is a coroutine function, and ``call``:
+    the function applied to the hook's keyword arguments, passing only those
+    it declares (an adapter compiled once, so a call builds no dict)."""
 
-    __slots__ = ("function", "argnames", "takes_all", "is_async", "plugin")
+    __slots__ = ("function", "argnames", "takes_all", "is_async", "plugin", "call")
 
     def __init__(self, function: Callable[..., Any], argnames: tuple[str, ...], spec_args: tuple[str, ...], plugin: str):
         self.function = function
@@ -154,6 +156,18 @@ class _Impl:
         self.takes_all = set(argnames) == set(spec_args)
         self.is_async = inspect.iscoroutinefunction(function)
         self.plugin = plugin
+        self.call: Callable[[dict[str, Any]], Any] = _adapter(function, argnames, spec_args)
+
+
+def _adapter(function: Callable[..., Any], argnames: tuple[str, ...], spec_args: tuple[str, ...]) -> Callable[[dict[str, Any]], Any]:
+    if set(argnames) == set(spec_args):
+        return lambda kwargs: function(**kwargs)
+    unknown = [name for name in argnames if name not in spec_args]
+    if unknown:  # pluggy refuses these at registration; never compile a name we did not check
+        raise ConfigError(f"hook implementation {function!r} takes arguments the hook does not have: {unknown}")
+    source = "lambda kwargs: function(" + ", ".join(f"{name}=kwargs[{name!r}]" for name in argnames) + ")"
+    adapter: Callable[[dict[str, Any]], Any] = eval(source, {"function": function})  # names checked above
+    return adapter
 
 
 class HookChain:
@@ -191,7 +205,9 @@ class HookChain:
     async def first(impls: tuple[_Impl, ...], **kwargs: Any) -> Any:
         """The first non-None result."""
         for impl in impls:
-            result = await _call(impl, kwargs)
+            result = impl.call(kwargs)
+            if impl.is_async or (result is not None and inspect.isawaitable(result)):
+                result = await result
             if result is not None:
                 return result
         return None
@@ -200,7 +216,9 @@ class HookChain:
     async def each(impls: tuple[_Impl, ...], **kwargs: Any) -> None:
         """Call every implementation; the first exception stops the rest."""
         for impl in impls:
-            await _call(impl, kwargs)
+            result = impl.call(kwargs)
+            if impl.is_async or (result is not None and inspect.isawaitable(result)):
+                await result
 
     @staticmethod
     async def each_logged(impls: tuple[_Impl, ...], **kwargs: Any) -> None:
@@ -208,19 +226,11 @@ class HookChain:
         others still run (observers: cache stores, telemetry)."""
         for impl in impls:
             try:
-                await _call(impl, kwargs)
+                result = impl.call(kwargs)
+                if impl.is_async or (result is not None and inspect.isawaitable(result)):
+                    await result
             except Exception:
                 log.exception("plugin %r failed in a hook whose failures are only logged", impl.plugin)
-
-
-async def _call(impl: _Impl, kwargs: dict[str, Any]) -> Any:
-    if impl.takes_all:
-        result = impl.function(**kwargs)
-    else:
-        result = impl.function(**{name: kwargs[name] for name in impl.argnames})
-    if impl.is_async or (result is not None and inspect.isawaitable(result)):
-        result = await result
-    return result
 
 
 async def call_startup_hook(hook: pluggy.HookCaller, **kwargs: Any) -> None:
