@@ -27,7 +27,7 @@ class BackendResponse:
     is called once the response was sent or abandoned.
     """
 
-    __slots__ = ("status", "headers", "body", "stream", "head", "native", "_close")
+    __slots__ = ("status", "headers", "body", "stream", "head", "native", "parsed", "_close")
 
     def __init__(
         self,
@@ -50,6 +50,9 @@ class BackendResponse:
         # In an inbound API's own format (a native backend answered it), not
         # OpenAI's: passed through untranslated.
         self.native = False
+        # ``body`` parsed, when the backend already parsed it (to check it is
+        # JSON): the core reads its usage from this instead of parsing again.
+        self.parsed: object = None
         self._close = close
 
     async def aclose(self) -> None:

@@ -71,17 +71,17 @@ class HTTPBackendSettings(BackendSettings):
         return value
 
 
-def _is_json(body: bytes) -> bool:
-    """Whether a 200 answer is JSON: parsed when small (as most are, and as
-    :func:`comox.usage.usage_of_body` parses them anyway); of a larger one
-    (embeddings) only the first and last bytes are looked at."""
+def _parsed_json(body: bytes) -> tuple[bool, object]:
+    """Whether a 200 answer is JSON, and the parsed object when it was small
+    enough to parse whole (as most are; :func:`comox.usage.record_body` then
+    reads its usage from it); of a larger one (embeddings) only the first and
+    last bytes are looked at."""
     if len(body) <= WHOLE_PARSE_MAX:
         try:
-            orjson.loads(body)
+            return True, orjson.loads(body)
         except orjson.JSONDecodeError:
-            return False
-        return True
-    return (body[:64].lstrip()[:1], body[-64:].rstrip()[-1:]) in ((b"{", b"}"), (b"[", b"]"))
+            return False, None
+    return (body[:64].lstrip()[:1], body[-64:].rstrip()[-1:]) in ((b"{", b"}"), (b"[", b"]")), None
 
 
 class HTTPBackend:
@@ -171,10 +171,12 @@ class HTTPBackend:
             raise BackendUnavailable(
                 f"backend {self.name!r} failed while sending its body: {type(exc.cause).__name__}"
             ) from exc.cause
-        if response.status == 200 and response.body is not None and not _is_json(response.body):
-            # Garbage (a proxy's HTML page, a cut body) is the node's failure, not an answer:
-            # the request moves, and nothing caches it.
-            raise BackendUnavailable(f"backend {self.name!r} answered 200 with a body that is not JSON")
+        if response.status == 200 and response.body is not None:
+            ok, response.parsed = _parsed_json(response.body)
+            if not ok:
+                # Garbage (a proxy's HTML page, a cut body) is the node's failure, not an answer:
+                # the request moves, and nothing caches it.
+                raise BackendUnavailable(f"backend {self.name!r} answered 200 with a body that is not JSON")
         return response
 
     async def health_check(self, http: httpx.AsyncClient) -> HealthReport:

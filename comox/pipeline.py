@@ -264,7 +264,7 @@ async def _route_and_answer(gateway: Gateway, request: GatewayRequest, receive: 
         # Usage and the cache from the internal (OpenAI-shaped) answer, also
         # when the client was sent a translation of it.
         assert internal.body is not None
-        record_body(request, state, internal.body)
+        record_body(request, state, internal.body, internal.parsed)
         if hooks.comox_cache_store and not cached and not internal.native:
             await HookChain.each_logged(hooks.comox_cache_store, request=request, response=internal)
     return state, None

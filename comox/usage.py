@@ -39,6 +39,9 @@ class Usage(NamedTuple):
     prefill_tps: float | None = None
     decode_tps: float | None = None
 
+
+_new_usage = tuple.__new__  # a NamedTuple's own __new__ is a Python call: this is the C one
+
 log = logging.getLogger("comox")
 
 _KEYS = (b'"usage"', b'"timings"')
@@ -55,36 +58,40 @@ def parse_usage(obj: dict[str, Any]) -> Usage | None:
     timings = obj.get("timings")
     if not isinstance(usage, dict) and not isinstance(timings, dict):
         return None
-    out: dict[str, Any] = {"prompt": None, "completion": None, "cached": None, "prefill_tps": None, "decode_tps": None}
+    prompt: int | None = None
+    completion: int | None = None
+    cached: int | None = None
+    prefill_tps: float | None = None
+    decode_tps: float | None = None
     if isinstance(usage, dict):
         # OpenAI's chat names, else its Responses API's (input/output tokens).
-        out["prompt"] = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
-        out["completion"] = _int(usage.get("completion_tokens", usage.get("output_tokens")))
+        prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
+        completion = _int(usage.get("completion_tokens", usage.get("output_tokens")))
         details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
         if isinstance(details, dict):
-            out["cached"] = _int(details.get("cached_tokens"))
-        elif out["prompt"] is not None and "prompt_tokens" not in usage:
+            cached = _int(details.get("cached_tokens"))
+        elif prompt is not None and "prompt_tokens" not in usage:
             # Anthropic's Messages API counts cache reads and writes beside input_tokens.
             read = _int(usage.get("cache_read_input_tokens"))
-            out["prompt"] += (read or 0) + (_int(usage.get("cache_creation_input_tokens")) or 0)
+            prompt += (read or 0) + (_int(usage.get("cache_creation_input_tokens")) or 0)
             if read is not None:
-                out["cached"] = read
+                cached = read
     if isinstance(timings, dict):
         cache_n = _int(timings.get("cache_n"))
         if cache_n is not None:
-            out["cached"] = cache_n
+            cached = cache_n
             prompt_n = _int(timings.get("prompt_n"))
-            if out["prompt"] is None and prompt_n is not None:
-                out["prompt"] = prompt_n + cache_n
-        if out["completion"] is None:
-            out["completion"] = _int(timings.get("predicted_n"))
+            if prompt is None and prompt_n is not None:
+                prompt = prompt_n + cache_n
+        if completion is None:
+            completion = _int(timings.get("predicted_n"))
         pps = timings.get("prompt_per_second")
         dps = timings.get("predicted_per_second")
         if isinstance(pps, (int, float)) and pps > 0 and (_int(timings.get("prompt_n")) or 0) > 1:
-            out["prefill_tps"] = float(pps)
+            prefill_tps = float(pps)
         if isinstance(dps, (int, float)) and dps > 0 and (_int(timings.get("predicted_n")) or 0) > 1:
-            out["decode_tps"] = float(dps)
-    return Usage(**out)
+            decode_tps = float(dps)
+    return _new_usage(Usage, (prompt, completion, cached, prefill_tps, decode_tps))
 
 
 def _int(value: Any) -> int | None:
@@ -165,12 +172,13 @@ def usage_of_events(end: bytes) -> Usage | None:
     return usage
 
 
-def record_body(request: GatewayRequest, state: BackendState | None, body: bytes) -> None:
+def record_body(request: GatewayRequest, state: BackendState | None, body: bytes, parsed: object = None) -> None:
     """Read the usage of a JSON answer into ``request.usage``, and record its
     tokens on ``state``, the backend that answered in ``request.answered_at -
-    request.sent_at`` (prefill and decode together), if one did."""
+    request.sent_at`` (prefill and decode together), if one did. ``parsed``:
+    the body already parsed, if it was."""
     try:
-        usage = request.usage = usage_of_body(body)
+        usage = request.usage = parse_usage(parsed) if isinstance(parsed, dict) else usage_of_body(body)
         if usage is None or state is None:
             return
         elapsed = request.answered_at - request.sent_at
