@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .backends import BackendResponse
+from .deadlines import deadlines_for
 from .errors import BackendUnavailable, ComoxError, InvalidRequest, NoBackendAvailable
 from .events import emit
 from .plugins import HookChain
@@ -58,7 +59,7 @@ async def _attempt(state: BackendState, request: GatewayRequest, timeout_s: floa
     assert task is not None
     waiting = state.waiting
     waiting[task] = False
-    timer = asyncio.get_running_loop().call_later(timeout_s, _time_out, state, task) if timeout_s else None
+    timer = deadlines_for(asyncio.get_running_loop()).add(timeout_s, _time_out, state, task) if timeout_s else None
     response = None
     try:
         response = await state.backend.handle(request)
