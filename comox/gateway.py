@@ -41,10 +41,9 @@ class Gateway:
         self.pm = pm if pm is not None else make_plugin_manager(plugins)
         self.pm.check_failures()
         self._plugin_settings = self._validate_plugin_settings()
-        # A plugin whose settings say it is off for this config (``active``
-        # false) is left out of the per-request hooks: installed, unused, free.
-        self.hooks = HookChain(self.pm, skip={name for name, model in self._plugin_settings.items()
-                                              if getattr(model, "active", True) is False})
+        # A plugin whose settings or ``comox_active`` say it is off for this
+        # config is left out of the per-request hooks: installed, unused, free.
+        self.hooks = HookChain(self.pm, skip=self._inactive_plugins())
         self.shared_state: SharedState = self.pm.hook.comox_shared_state(gateway=self) or MemoryState()
         self.inbound = InboundAPIs(api for apis in self.pm.hook.comox_inbound_apis(gateway=self) for api in (apis or ()))
         self.backend_types: dict[str, type] = self._registry(self.pm.hook.comox_backend_types(), "backend type")
@@ -83,6 +82,17 @@ class Gateway:
         """The validated settings of plugin ``name`` (an instance of the model
         its ``comox_plugin_settings`` returned), or None if it declares none."""
         return self._plugin_settings.get(name)
+
+    def _inactive_plugins(self) -> set[str]:
+        inactive = {name for name, model in self._plugin_settings.items() if getattr(model, "active", True) is False}
+        for impl in self.pm.hook.comox_active.get_hookimpls():
+            try:
+                active = impl.function(**({"gateway": self} if "gateway" in impl.argnames else {}))
+            except Exception as exc:
+                raise ConfigError(f"plugin {impl.plugin_name!r}: comox_active failed: {exc!r}") from exc
+            if active is False:
+                inactive.add(impl.plugin_name)
+        return inactive
 
     def _validate_plugin_settings(self) -> dict[str, BaseModel]:
         tables = dict(self.settings.plugins)

@@ -98,6 +98,24 @@ def comox_plugin_settings() -> type[BaseModel]:  # type: ignore[empty-body]  # a
 
 
 @hookspec
+def comox_active(gateway: Gateway) -> bool | None:
+    """Whether the plugin has work to do on this gateway's requests.
+
+    Called once per plugin while the gateway is built, when
+    ``gateway.settings`` and :meth:`comox.Gateway.plugin_settings` are ready
+    (not yet its fleet or its routes). Return ``False`` when the config leaves
+    the plugin nothing to do on requests (no group it would serve, no page
+    that would show what it records): its per-request hooks are then left out
+    of this gateway, and cost nothing. ``None`` or ``True``: they run. The
+    declarative form of the same is an ``active`` attribute of the plugin's
+    settings. Its other hooks (``comox_startup``, ``comox_routes``, …) run
+    either way.
+
+    :param gateway: the gateway being built.
+    """
+
+
+@hookspec
 def comox_inbound_apis(gateway: Gateway) -> list[InboundAPI] | None:
     """Serve APIs besides OpenAI's (Anthropic's Messages, OpenAI's Responses,
     rerank …) through the same stages as the OpenAI endpoints.

@@ -195,3 +195,65 @@ def test_cache_store_failing_after_the_answer_went_out_changes_nothing(comox_ser
     assert response.json()["choices"][0]["message"]["content"] == "hello from upstream"
     wait_until(lambda: plugin.done)  # runs after the last byte went out
     assert plugin.done == [(200, None)]
+
+
+class Quiet:
+    """A plugin that says (comox_active) whether it has work on this gateway."""
+
+    def __init__(self, active):
+        self.active = active
+        self.seen = []
+
+    @comox.hookimpl
+    def comox_active(self, gateway):
+        if isinstance(self.active, Exception):
+            raise self.active
+        return self.active
+
+    @comox.hookimpl
+    def comox_startup(self, gateway):
+        self.seen.append("startup")
+
+    @comox.hookimpl
+    def comox_admit(self, request):
+        self.seen.append("admit")
+
+    @comox.hookimpl
+    def comox_request_done(self, status):
+        self.seen.append(("done", status))
+
+
+@pytest.mark.parametrize("active", [False, None, True])
+def test_a_plugin_that_says_it_is_inactive_is_left_out_of_every_request(comox_serve, comox_upstream, active):
+    plugin, control = Quiet(active), Quiet(None)
+    server = comox_serve({"models": [{"name": "m", "backends": [{"url": comox_upstream.url}]}]},
+                         plugins=[plugin, control])
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=CHAT).status_code == 200
+    wait_until(lambda: ("done", 200) in control.seen)  # the request is over for every plugin
+    if active is False:
+        assert plugin.seen == ["startup"]  # its startup hook ran; no per-request one did
+    else:
+        assert plugin.seen == ["startup", "admit", ("done", 200)]
+
+
+def test_a_failing_comox_active_is_a_configuration_error_naming_the_plugin():
+    with pytest.raises(ConfigError, match="comox_active failed.*no config"):
+        comox.build_gateway(comox.Settings(auth="none", models=[{"name": "m", "backends": [{"url": "http://127.0.0.1:9"}]}]),
+                            plugins=[Quiet(RuntimeError("no config"))])
+
+
+def test_failover_and_dashboard_leave_the_requests_of_a_config_that_does_not_use_them(monkeypatch):
+    def chains(**group):
+        gateway = comox.build_gateway(comox.Settings(auth="none", models=[
+            {"name": "m", "backends": [{"url": "http://127.0.0.1:9"}], **group}]))
+        return {impl.plugin for impl in gateway.hooks.comox_request_done} | {
+            impl.plugin for impl in gateway.hooks.comox_failover}
+
+    monkeypatch.delenv("COMOX_ADMIN_KEY", raising=False)
+    idle = chains()
+    assert "failover" not in idle and "dashboard" not in idle
+    monkeypatch.setenv("COMOX_ADMIN_KEY", "an-admin-key-for-this-test-only")
+    cloud = {"failover": {"backends": [{"name": "cloud", "type": "openai", "url": "http://127.0.0.1:9", "model": "x",
+                                        "price_input_per_mtok": 1.0, "price_output_per_mtok": 1.0}]}}
+    busy = chains(**cloud)
+    assert {"failover", "dashboard"} <= busy

@@ -60,6 +60,12 @@ def admin_key(gateway: Gateway) -> str | None:
 
 
 @comox.hookimpl
+def comox_active(gateway: Gateway) -> bool:
+    """Without an admin key the page does not exist: nothing to record."""
+    return admin_key(gateway) is not None
+
+
+@comox.hookimpl
 def comox_routes(gateway: Gateway) -> list[Route] | None:
     key = admin_key(gateway)
     if key is None:

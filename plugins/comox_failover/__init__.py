@@ -96,6 +96,13 @@ def comox_plugin_settings() -> type[BaseModel]:
 
 
 @comox.hookimpl
+def comox_active(gateway: Gateway) -> bool:
+    """Off for requests (its hooks left out) when no model group has a
+    ``[models.failover]``: nothing could ever fail over or be settled."""
+    return any(group.failover for group in gateway.settings.models)
+
+
+@comox.hookimpl
 def comox_routes(gateway: Gateway) -> list[Route] | None:
     return spend_routes(gateway, lambda: _of(gateway).ledger)
 
