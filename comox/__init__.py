@@ -43,7 +43,7 @@ from .prometheus import parse_prometheus
 from .request import ANONYMOUS, GatewayRequest, Principal, check_number
 from .settings import BackendSettings, Settings
 from .shared_state import Bucket, MemoryState, SharedState
-from .transport import AiohttpTransport, HttpxTransport, Transport, UpstreamUnreachable
+from .transport import AiohttpTransport, HttpxTransport, Transport, UpstreamUnreachable, instrument_pyreqwest
 from .usage import Usage
 from .version import __version__
 from .views import BackendView, GroupView, ObservesUsage, ReportsStats, RoutingPolicy
@@ -79,6 +79,7 @@ __all__ = [
     "Transport",
     "AiohttpTransport",
     "HttpxTransport",
+    "instrument_pyreqwest",
     "UpstreamUnreachable",
     # routing policies
     "RoutingPolicy",

@@ -160,13 +160,9 @@ def _instrument(provider: TracerProvider | None) -> None:
             if not instrumentor.is_instrumented_by_opentelemetry:
                 instrumentor.instrument(tracer_provider=provider)
                 _ours.append(instrumentor.uninstrument)
-        try:  # the pyreqwest transport makes its own client spans (comox[reqwest] is optional)
-            from comox import transport_reqwest
-        except ImportError:
-            return
-        if not transport_reqwest.is_instrumented():
-            transport_reqwest.instrument(tracer_provider=provider)
-            _ours.append(transport_reqwest.uninstrument)
+        undo = comox.instrument_pyreqwest(provider)  # that transport makes its own client spans
+        if undo is not None:
+            _ours.append(undo)
 
 
 def _uninstrument() -> None:
