@@ -193,8 +193,11 @@ def test_a_node_that_breaks_off_while_continuing_is_replaced_too(comox_serve, no
     assert resumed(comments)["nodes"] == [{"backend": "a", "tokens": 2}, {"backend": "b", "tokens": 1},
                                           {"backend": "c", "tokens": 2}]
     gateway = server.app.gateway
+    # The first node's failure is recorded once the stream's last byte went out, which the
+    # client may see first.
+    wait_until(lambda: [gateway.backend(n).failures for n in "abc"] == [1, 1, 0])
     assert [gateway.backend(n).failures for n in "abc"] == [1, 1, 0]
-    assert [gateway.backend(n).inflight for n in "abc"] == [0, 0, 0]
+    wait_until(lambda: [gateway.backend(n).inflight for n in "abc"] == [0, 0, 0])
 
 
 def test_a_continuation_that_ends_before_the_answer_did_is_replaced_too(comox_serve, nodes):
