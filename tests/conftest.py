@@ -1,3 +1,5 @@
+import os
+
 import openai
 import pytest
 
@@ -88,3 +90,31 @@ def redis_server():
     server = RedisServer().start()
     yield server
     server.stop()
+
+
+# -- the upstream transports --------------------------------------------------------
+
+# Transport-sensitive tests (what happens to the upstream connection when a call
+# is cancelled, a node hangs or a client leaves) run once per transport; the rest
+# of the suite runs on the default, or on COMOX_TEST_TRANSPORT's when it is set.
+UPSTREAM_TRANSPORTS = ("aiohttp", "pyreqwest")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "transports: run once per upstream transport (aiohttp, pyreqwest) "
+                                       "unless COMOX_TEST_TRANSPORT picks one")
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("transports") and not os.environ.get("COMOX_TEST_TRANSPORT"):
+        metafunc.parametrize("upstream_transport", UPSTREAM_TRANSPORTS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def upstream_transport(request):
+    """The transport every HTTP backend of a ``transports`` test uses by
+    default (through COMOX_TEST_TRANSPORT); ``None`` elsewhere."""
+    transport = getattr(request, "param", None)
+    if transport is not None:
+        request.getfixturevalue("monkeypatch").setenv("COMOX_TEST_TRANSPORT", transport)
+    return transport

@@ -1,5 +1,7 @@
 import asyncio
 
+import pytest
+
 from comox.disconnects import DisconnectWatch, watch_for
 
 
@@ -85,6 +87,7 @@ def test_one_watch_per_event_loop():
     assert run(mine()) is not run(mine())  # each asyncio.run has its own loop
 
 
+@pytest.mark.transports
 def test_a_client_that_leaves_before_its_answer_starts_cancels_the_upstream_call(comox_serve, upstreams):
     """Non-streaming, or a stream still waiting for its first byte: the
     client leaves, and the upstream call is closed and its slot freed at once

@@ -207,6 +207,7 @@ def chat_load(server, group="m", **extra):
     return request
 
 
+@pytest.mark.transports
 def test_a_node_that_hangs_before_its_first_byte_is_left_within_first_byte_timeout(comox_serve, upstreams):
     stuck, good = upstreams("stuck", kind=Stuck), upstreams("good")
     timeout = 0.5
@@ -231,6 +232,7 @@ def test_a_node_that_hangs_before_its_first_byte_is_left_within_first_byte_timeo
     assert all(s.inflight == 0 for s in gateway.backends())
 
 
+@pytest.mark.transports
 def test_when_every_node_hangs_the_client_gets_a_503_after_the_timeouts_not_a_hang(comox_serve, upstreams):
     a, b = upstreams("a", kind=Stuck), upstreams("b", kind=Stuck)
     off = {"enabled": False}
@@ -248,6 +250,7 @@ def test_when_every_node_hangs_the_client_gets_a_503_after_the_timeouts_not_a_ha
     assert len(a.requests) + len(b.requests) <= 16
 
 
+@pytest.mark.transports
 def test_a_node_that_hangs_mid_stream_ends_it_within_its_read_timeout(comox_serve, upstreams):
     from comox.testing import Fault
 

@@ -16,6 +16,7 @@ import time
 
 import httpx
 import orjson
+import pytest
 
 from comox.testing import Fault, StandInUpstream, wait_until
 
@@ -101,6 +102,7 @@ def all_slots_free(server, upstream) -> bool:
         return list(pool.map(one, range(CONCURRENCY))) == [200] * CONCURRENCY
 
 
+@pytest.mark.transports
 def test_slow_clients_hold_back_their_streams_without_buffering_them_and_leave_nothing_behind(comox_serve, upstreams):
     hose = upstreams("hose", kind=Firehose, stream_chunks=4000)  # 64 MB a stream, if anyone read it
     server = serve(comox_serve, hose)
@@ -137,6 +139,7 @@ def test_slow_clients_hold_back_their_streams_without_buffering_them_and_leave_n
     wait_until(lambda: open_fds() <= fds + 2, timeout=15)  # idle pooled connections close after 4 s
 
 
+@pytest.mark.transports
 def test_clients_that_vanish_mid_stream_release_the_upstream_call_and_every_slot(comox_serve, upstreams):
     streamer = upstreams("streamer", stream_chunks=100, chunk_delay=0.05)  # a 5 s stream
     waiter = upstreams("waiter")

@@ -53,6 +53,7 @@ def test_requests_on_a_node_that_hangs_move_when_it_turns_unhealthy(comox_serve,
     assert gateway.backend("hung").inflight == 0
 
 
+@pytest.mark.transports
 def test_first_byte_timeout_moves_a_stream_stalled_after_its_headers(comox_serve, upstreams):
     stalled, good = upstreams("stalled"), upstreams("good")
     off = {"enabled": False}
@@ -71,6 +72,7 @@ def test_first_byte_timeout_moves_a_stream_stalled_after_its_headers(comox_serve
     wait_until(lambda: stalled.disconnects == 1)  # the stalled upstream call was closed
 
 
+@pytest.mark.transports
 def test_first_byte_timeout_moves_a_non_streaming_request_whose_headers_never_come(comox_serve, upstreams):
     slow, good = upstreams("slow"), upstreams("good")
     off = {"enabled": False}
