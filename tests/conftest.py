@@ -5,13 +5,17 @@ import pytest
 
 from comox.testing import StandInUpstream, free_port
 
+pytest_plugins = ["tests.secrets_check", "pytester"]  # docs/reliability.md, Secrets
+
 
 @pytest.fixture
 def client_for():
     """``client_for(server, prefix="")``: the official OpenAI SDK pointed at a gateway."""
 
+    from tests.secrets_check import secret
+
     def make(server, prefix: str = "") -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{server.url}{prefix}/v1", api_key="sk-client-secret", max_retries=0, timeout=30)
+        return openai.OpenAI(base_url=f"{server.url}{prefix}/v1", api_key=secret("sk-client-secret"), max_retries=0, timeout=30)
 
     return make
 

@@ -7,8 +7,9 @@ import httpx
 import pytest
 
 from comox.testing import Fault, StandInUpstream, wait_until
+from tests.secrets_check import secret
 
-KEY = "admin-secret-key"
+KEY = secret("admin-secret-key", "admin key")
 
 
 @pytest.fixture

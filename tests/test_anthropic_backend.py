@@ -18,8 +18,9 @@ import comox
 from comox.testing import free_port
 from tests.anthropic_standin import AnthropicStandIn, Reply, text, tool_use
 from tests.plugins.usage_seen import UsageSeen
+from tests.secrets_check import secret
 
-KEY = "sk-ant-test-key"
+KEY = secret("sk-ant-test-key", "upstream key")
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 

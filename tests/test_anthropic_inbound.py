@@ -28,13 +28,14 @@ import comox
 from comox.testing import StandInUpstream, wait_for_http
 from tests.anthropic_standin import AnthropicStandIn, Reply, text
 from tests.plugins.usage_seen import UsageSeen
+from tests.secrets_check import secret
 
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 WEATHER = {"name": "get_weather", "description": "Weather in a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 HI = [{"role": "user", "content": "hi"}]
 USAGE = {"prompt_tokens": 30, "completion_tokens": 4, "total_tokens": 34, "prompt_tokens_details": {"cached_tokens": 20}}
-ALICE = "cmx-alice-anthropic-0123456789abcdef"
+ALICE = secret("cmx-alice-anthropic-0123456789abcdef")
 
 
 # -- an OpenAI-format server that answers what the test scripts ---------------------

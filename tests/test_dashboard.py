@@ -21,8 +21,9 @@ import orjson
 import pytest
 
 from comox.testing import Fault, ServerThread, StandInUpstream
+from tests.secrets_check import secret
 
-KEY = "dash-admin-key-0123456789"
+KEY = secret("dash-admin-key-0123456789", "admin key")
 CANARY = "PROMPT-CANARY-7f3a"
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM = shutil.which("chromium")

@@ -15,9 +15,10 @@ from openai.types.completion_usage import PromptTokensDetails
 
 import comox
 from comox.testing import Fault, ServerThread, StandInUpstream, free_port, wait_until
+from tests.secrets_check import secret
 
-ADMIN = {"authorization": "Bearer admin-secret"}
-CLOUD_KEY = "sk-cloud-secret"
+ADMIN = {"authorization": f"Bearer {secret('admin-secret', 'admin key')}"}
+CLOUD_KEY = secret("sk-cloud-secret", "upstream key")
 HI = [{"role": "user", "content": "hi"}]
 
 

@@ -10,12 +10,13 @@ from anthropic.types import Usage
 
 from comox.testing import Fault
 from tests.anthropic_standin import AnthropicStandIn, Reply
+from tests.secrets_check import secret
 from tests.test_failover import HI, Keys, chat, client, clouds, cloud_backend, dead_backend, gateway_settings
 from tests.test_failover_budgets import spend
 
 __all__ = ["clouds"]  # the fixture, imported for these tests
 
-KEY = "sk-ant-failover"
+KEY = secret("sk-ant-failover", "upstream key")
 # The example prices for claude-sonnet-4-5 (examples only), and a cache write price.
 PRICES = {"price_input_per_mtok": 3.0, "price_output_per_mtok": 15.0, "price_cached_input_per_mtok": 0.3,
           "price_cache_write_per_mtok": 3.75}

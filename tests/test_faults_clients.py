@@ -21,8 +21,9 @@ import pytest
 from comox.testing import Fault, StandInUpstream, wait_until
 
 from tests.faults import open_fds
+from tests.secrets_check import secret
 
-KEY = "sk-client-faults"
+KEY = secret("sk-client-faults")
 CONCURRENCY = 6
 
 

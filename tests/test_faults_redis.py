@@ -22,10 +22,11 @@ import pytest
 from comox.testing import free_port, stop_process, wait_for_http, wait_until
 
 from tests.faults import Load, call
+from tests.secrets_check import secret
 
 RPM = 30
 REFILL = RPM / 60  # tokens a second
-STEADY, CAPPED = "sk-steady-faults", "sk-capped-faults"
+STEADY, CAPPED = secret("sk-steady-faults"), secret("sk-capped-faults")
 
 
 def sha(key: str) -> str:

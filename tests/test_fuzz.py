@@ -38,12 +38,13 @@ from schemathesis.checks import load_all_checks  # noqa: E402
 
 from comox import Settings, create_app  # noqa: E402
 from comox.testing import ServerThread, StandInUpstream  # noqa: E402
+from tests.secrets_check import secret  # noqa: E402
 
 CASES = int(os.environ.get("COMOX_FUZZ_CASES", "1000"))
 """Generated requests per operation, at least."""
 
-API_KEY = "sk-fuzz-client-key"
-ADMIN_KEY = "sk-fuzz-admin-key"
+API_KEY = secret("sk-fuzz-client-key")
+ADMIN_KEY = secret("sk-fuzz-admin-key", "admin key")
 MODEL = "test-model"
 SPARE = "spare-node"  # the backend the admin API may drain: never the one the API uses
 ADMIN_ENV = "COMOX_FUZZ_ADMIN_KEY"

