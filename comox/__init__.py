@@ -36,14 +36,14 @@ from .errors import (
 from .fleet import FAIL, LOADING, OK, HealthReport, LoadReport, cheaper, power_of_two, request_size
 from .gateway import Gateway
 from .hookspecs import hookimpl
-from .http_backend import HTTPBackend, HTTPBackendSettings
+from .http_backend import HTTPBackend, HTTPBackendSettings, instrument_pyreqwest
 from .inbound import InboundAPI
 from .middleware import ComoxMiddleware
 from .prometheus import parse_prometheus
 from .request import ANONYMOUS, GatewayRequest, Principal, check_number
 from .settings import BackendSettings, Settings
 from .shared_state import Bucket, MemoryState, SharedState
-from .transport import AiohttpTransport, HttpxTransport, Transport, UpstreamUnreachable, instrument_pyreqwest
+from .transport import AiohttpTransport, HttpxTransport, Transport, UpstreamUnreachable
 from .usage import Usage
 from .version import __version__
 from .views import BackendView, GroupView, ObservesUsage, ReportsStats, RoutingPolicy

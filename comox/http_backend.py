@@ -15,6 +15,7 @@ without touching the rest.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, Literal
 
 import httpx
@@ -30,7 +31,7 @@ from .transport import AiohttpTransport, HttpxTransport, Transport, UpstreamUnre
 from .usage import WHOLE_PARSE_MAX
 from .version import __version__
 
-__all__ = ["HTTPBackend", "HTTPBackendSettings"]
+__all__ = ["HTTPBackend", "HTTPBackendSettings", "instrument_pyreqwest"]
 
 
 class HTTPBackendSettings(BackendSettings):
@@ -188,3 +189,18 @@ class HTTPBackend:
 
     async def aclose(self) -> None:
         await self.transport.aclose()
+
+
+def instrument_pyreqwest(tracer_provider: Any = None) -> Callable[[], None] | None:
+    """Turn on the pyreqwest transport's own HTTP client spans, with
+    ``tracer_provider`` (``None``: the global one), as an OpenTelemetry
+    instrumentor does for aiohttp. Returns what turns them off again, or
+    ``None`` if pyreqwest is not installed or they were on already."""
+    try:
+        from . import transport_reqwest  # here, not in .transport, which it imports
+    except ImportError:  # comox[reqwest] not installed
+        return None
+    if transport_reqwest.is_instrumented():
+        return None
+    transport_reqwest.instrument(tracer_provider)
+    return transport_reqwest.uninstrument

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Iterable, Mapping
+from typing import Protocol, runtime_checkable
 
 import aiohttp
 import httpx
@@ -41,8 +41,7 @@ from yarl import URL
 
 from .backends import BackendResponse
 
-__all__ = ["Transport", "AiohttpTransport", "HttpxTransport", "UpstreamUnreachable", "instrument_pyreqwest",
-           "response_headers"]
+__all__ = ["Transport", "AiohttpTransport", "HttpxTransport", "UpstreamUnreachable", "response_headers"]
 
 # Never forwarded from an upstream response: hop-by-hop headers, and those the
 # ASGI server or the gateway sets itself.
@@ -196,17 +195,3 @@ class HttpxTransport:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-
-def instrument_pyreqwest(tracer_provider: Any = None) -> Callable[[], None] | None:
-    """Turn on the pyreqwest transport's own HTTP client spans, with
-    ``tracer_provider`` (``None``: the global one), as an OpenTelemetry
-    instrumentor does for aiohttp. Returns what turns them off again, or
-    ``None`` if pyreqwest is not installed or they were on already."""
-    try:
-        from . import transport_reqwest
-    except ImportError:  # comox[reqwest] not installed
-        return None
-    if transport_reqwest.is_instrumented():
-        return None
-    transport_reqwest.instrument(tracer_provider)
-    return transport_reqwest.uninstrument
