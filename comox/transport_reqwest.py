@@ -35,12 +35,11 @@ makes its own client span (``POST``, kind CLIENT, ``http.request.method``,
 ``http.response.status_code``, ``error.type``; a stream's span ends when it
 closes) and sends its W3C ``traceparent`` upstream. It does so after
 :func:`instrument` (the counterpart of the aiohttp/httpx instrumentors, with
-their ``tracer_provider``), or whenever the caller's current span is recording
-(the otel plugin's attempt span is current around every backend call): then
-with the global tracer provider, and if that is not the one recording (the
-plugin's own ``otlp_endpoint`` provider), the HTTP span is not recorded but the
-attempt span's ``traceparent`` still goes upstream, so the backend's spans join
-the trace under Comox's client span of the attempt.
+their ``tracer_provider``; the otel plugin calls it through
+``comox.instrument_pyreqwest`` with its own provider), or whenever the
+caller's current span is recording: then with the global tracer provider, and
+if that is not the one recording, the HTTP span is not recorded but the
+caller's ``traceparent`` still goes upstream.
 """
 
 from __future__ import annotations
@@ -247,7 +246,6 @@ def _start_span(url: str, headers: Mapping[str, str]) -> tuple[Any, Mapping[str,
     return span, carrier
 
 
-
 # -- closing what a cancelled call left open (the module's docstring says why) --
 
 _lock = threading.Lock()
@@ -296,8 +294,13 @@ def _reap(key: tuple[str, int]) -> None:
         return
     for fd in _runtime_sockets():
         try:
-            sock = socket.socket(fileno=os.dup(fd))  # a duplicate: the runtime keeps (and closes) its own
+            dup = os.dup(fd)  # a duplicate: the runtime keeps (and closes) its own
         except OSError:
+            continue
+        try:
+            sock = socket.socket(fileno=dup)
+        except OSError:  # closed and reused meanwhile, by something that is no socket
+            os.close(dup)
             continue
         try:
             peer = sock.getpeername()
@@ -308,7 +311,8 @@ def _reap(key: tuple[str, int]) -> None:
                 address = address.ipv4_mapped
             if address in addresses:
                 with _lock:
-                    if _live.get(key):
+                    if _live.get(key):  # a call started meanwhile: the next to end reaps again
+                        _orphans[key] = _orphans.get(key, 0) + 1
                         return
                     sock.shutdown(socket.SHUT_RDWR)
         except (OSError, ValueError):

@@ -475,3 +475,42 @@ def test_a_cancelled_call_never_closes_another_call_to_the_same_upstream(kind):
         asyncio.run(go())
     finally:
         server.stop()
+
+
+def test_closing_pyreqwest_orphans_leaves_other_clients_sockets_alone():
+    """A pyreqwest call cancelled before its answer, while an aiohttp backend
+    streams from the same upstream: the orphan's connection is shut down at
+    once (no pyreqwest call is left), the aiohttp stream's is not (only the
+    Rust runtime's sockets are ever shut down)."""
+    up = Hanging("none", stream_phase="chunk")
+    server = ServerThread(up, lifespan="off").start()
+
+    async def go():
+        other, backend = make_backend("aiohttp", server.url), make_backend("pyreqwest", server.url)
+        try:
+            live = await other.handle(make_request(stream=True))
+            assert live.stream is not None and b"choices" in await live.stream.__anext__()
+            orphan = asyncio.ensure_future(read_through(backend, False))
+            await until(lambda: len(up.requests) == 2)
+            await asyncio.sleep(0.1)
+            orphan.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await orphan
+            await until(lambda: up.disconnects == 1)
+            await asyncio.sleep(0.3)
+            assert up.disconnects == 1
+            pending = asyncio.ensure_future(live.stream.__anext__())
+            await asyncio.sleep(0.2)
+            assert not pending.done()  # the aiohttp stream still waits for its next event
+            pending.cancel()
+            await live.aclose()
+            await until(lambda: up.disconnects == 2)
+            assert up.disconnects == 2
+        finally:
+            await other.aclose()
+            await backend.aclose()
+
+    try:
+        asyncio.run(go())
+    finally:
+        server.stop()
