@@ -207,13 +207,16 @@ def harvest_settings(settings: Any) -> None:
     walk(data)
 
 
-def harvest_prompts(body: bytes) -> None:
+def harvest_prompts(body: bytes) -> str | None:
+    """Register the prompt text of a request body; return its ``model``."""
     if not body.startswith(b"{"):
-        return
+        return None
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return
+        return None
+    model = payload.get("model") if isinstance(payload, dict) else None
+    model = model if isinstance(model, str) else None
     texts: list[str] = []
 
     def text_of(node: Any, depth: int = 0) -> None:
@@ -235,11 +238,16 @@ def harvest_prompts(body: bytes) -> None:
                 text_of(payload[name])
     for text in texts:
         text = text.strip()
+        if text == model:
+            continue  # a fuzzer's string sent as the model too, which a 404 names back
         if len(text) >= MIN_PROMPT and len(REGISTRY.test) < MAX_PROMPTS_PER_TEST and not text.isspace():
             REGISTRY.add(text, PROMPT, "a request's prompt", per_test=True)
+    return model
 
 
-def harvest_credential(headers: list[tuple[bytes, bytes]]) -> None:
+def harvest_credential(headers: list[tuple[bytes, bytes]], asked: str) -> None:
+    """Register the credential a request presented, unless it is also what the
+    request asked for (its path or model: a fuzzer's string everywhere)."""
     for name, value in headers:
         if name in CREDENTIAL_HEADERS:
             text = value.decode("latin-1").strip()
@@ -248,7 +256,7 @@ def harvest_credential(headers: list[tuple[bytes, bytes]]) -> None:
                 if scheme.lower() != "bearer":
                     continue
                 text = text.strip()
-            if len(text) >= MIN_SEEN_KEY:
+            if len(text) >= MIN_SEEN_KEY and text not in asked:
                 REGISTRY.add_key(text, CLIENT_KEY, f"a request's {name.decode()} header")
 
 
@@ -267,19 +275,19 @@ class Watch:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        harvest_credential(scope.get("headers") or [])
         body: list[bytes] = []
         size = 0
+        model: str | None = None
 
         async def watched_receive() -> Any:
-            nonlocal size
+            nonlocal size, model
             message = await receive()
             chunk = message.get("body")
             if chunk and size < 1 << 20:
                 body.append(chunk)
                 size += len(chunk)
                 if not message.get("more_body"):
-                    harvest_prompts(b"".join(body))
+                    model = harvest_prompts(b"".join(body))
             return message
 
         status = 0
@@ -306,7 +314,10 @@ class Watch:
                     STATE.capture("error bodies", f"error event in a stream {path}", chunk.decode("utf-8", "replace"))
             await send(message)
 
-        await self.app(scope, watched_receive, watched_send)
+        try:
+            await self.app(scope, watched_receive, watched_send)
+        finally:
+            harvest_credential(scope.get("headers") or [], f"{path} {scope.get('query_string', b'')!r} {model or ''}")
 
 
 def _watch_server_thread() -> None:
