@@ -13,6 +13,7 @@ import pytest
 
 import comox
 from comox.testing import Fault, wait_until
+from tests.secrets_check import secret
 from tests.test_failover import ADMIN, CLOUD_KEY, HI, CloudStandIn, Keys, chat, client, clouds, cloud_backend, dead_backend, gateway_settings
 
 __all__ = ["clouds"]  # the fixture, imported for these tests
@@ -332,8 +333,8 @@ def test_the_keys_plugin_gives_each_key_its_budget_and_its_local_only(comox_serv
     settings = gateway_settings([dead_backend()], [cloud_backend(cloud)], trigger="error", budgets={})
     settings["auth"] = "keys"
     settings["sections"]["keys"] = [
-        {"id": "team-a", "key_sha256": hashlib.sha256(b"sk-team-a").hexdigest(), "cloud_usd_per_day": 0.002},
-        {"id": "vault", "key_sha256": hashlib.sha256(b"sk-vault").hexdigest(), "local_only": True},
+        {"id": "team-a", "key_sha256": hashlib.sha256(secret("sk-team-a").encode()).hexdigest(), "cloud_usd_per_day": 0.002},
+        {"id": "vault", "key_sha256": hashlib.sha256(secret("sk-vault").encode()).hexdigest(), "local_only": True},
     ]
     server = comox_serve(settings)
     chat(server, "sk-team-a", max_tokens=50)

@@ -16,6 +16,7 @@ from comox.fleet import EJECT_AFTER
 from comox.testing import StandInUpstream, wait_until
 
 from tests.faults import Load, NodeProcess, Outcome, call
+from tests.secrets_check import secret
 
 OUT_OF_ROTATION = ("ejected", "unhealthy")
 
@@ -293,7 +294,8 @@ def test_a_node_that_hangs_mid_stream_ends_it_within_its_read_timeout(comox_serv
 
 
 def sha(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    """The hash of a client key, which is registered with the secrets check."""
+    return hashlib.sha256(secret(key).encode()).hexdigest()
 
 
 def test_the_whole_local_fleet_gone_fails_over_or_503s_and_sovereign_traffic_never_leaves(

@@ -30,7 +30,8 @@ STEADY, CAPPED = secret("sk-steady-faults"), secret("sk-capped-faults")
 
 
 def sha(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    """The hash of a client key, which is registered with the secrets check."""
+    return hashlib.sha256(secret(key).encode()).hexdigest()
 
 
 def config(upstream: str, redis_url: str) -> str:

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import comox
 from comox.testing import Fault, free_port, stop_process, wait_for_http, wait_until
+from tests.secrets_check import secret as register_secret
 
 ROOT = Path(__file__).parent.parent
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
@@ -253,7 +254,7 @@ def test_cloud_spend_and_reservations_are_what_admin_spend_reports(comox_serve, 
 
 def test_labels_hold_no_request_id_key_or_content_and_stay_bounded(comox_serve, upstreams):
     a, b = upstreams("a"), upstreams("b")
-    key = "cmx-metrics-test-secret-key"
+    key = register_secret("cmx-metrics-test-secret-key")
     settings = {"auth": "keys", **two_backends(a, b),
                 "sections": {"keys": [{"id": "team-a", "key_sha256": hashlib.sha256(key.encode()).hexdigest()}]}}
     server = comox_serve(settings)
@@ -310,7 +311,7 @@ def timed(send):
 
 def test_every_api_answer_says_the_overhead_and_it_excludes_the_backend(comox_serve, upstreams):
     a = upstreams("a")
-    key = "cmx-overhead-key"
+    key = register_secret("cmx-overhead-key")
     server = comox_serve({"auth": "keys", "models": [{"name": "chat", "backends": [{"name": "a", "url": a.url}]}],
                           "sections": {"keys": [{"id": "k", "key_sha256": hashlib.sha256(key.encode()).hexdigest()}]}},
                          plugins=[Limited()])

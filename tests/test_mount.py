@@ -9,10 +9,11 @@ import pytest
 
 import comox
 from comox.testing import ServerThread
+from tests.secrets_check import secret
 
 CHAT = [{"role": "user", "content": "hi"}]
 # the key client_for's SDK sends (tests/conftest.py): keys work mounted and as middleware too
-KEY_SHA256 = hashlib.sha256(b"sk-client-secret").hexdigest()
+KEY_SHA256 = hashlib.sha256(secret("sk-client-secret").encode()).hexdigest()
 
 
 @pytest.fixture
