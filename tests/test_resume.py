@@ -138,6 +138,7 @@ def test_a_completion_is_continued_from_the_text_sent(comox_serve, nodes, client
     assert b.requests[0]["body"]["max_tokens"] == 8
     # A's failure is recorded as any broken stream's; B answered.
     gateway = server.app.gateway
+    wait_until(lambda: gateway.backend("a").failures == 1)  # recorded after the last byte went out
     assert gateway.backend("a").failures == 1 and gateway.backend("a").last_error.startswith("stream broke off")
     assert gateway.backend("b").failures == 0
     assert gateway.backend("a").inflight == gateway.backend("b").inflight == 0
@@ -249,7 +250,8 @@ def test_a_client_that_leaves_is_not_resumed_and_leaves_no_node_held(comox_serve
     read(4)
     wait_until(lambda: b.disconnects == 1)
     wait_until(lambda: gateway.backend("a").inflight == gateway.backend("b").inflight == 0)
-    assert len(b.requests) == 1 and gateway.backend("a").failures == 1 and gateway.backend("b").failures == 0
+    wait_until(lambda: gateway.backend("a").failures == 1)  # recorded after the last byte went out
+    assert len(b.requests) == 1 and gateway.backend("b").failures == 0
 
 
 # -- when a stream is not resumed -------------------------------------------------------
@@ -267,7 +269,7 @@ def test_only_groups_that_ask_resume_their_streams(comox_serve, nodes):
     # As before: an error event, never a clean [DONE]; nobody else asked.
     assert done == 0 and objects[-1]["error"]["code"] == "stream_interrupted" and not comments
     assert text_of(objects[:-1]) == "tok0 tok1 " and len(b.requests) == 1
-    assert server.app.gateway.backend("a-plain").failures == 1
+    wait_until(lambda: server.app.gateway.backend("a-plain").failures == 1)  # recorded after the last byte went out
 
 
 def test_no_resume_where_no_other_node_can_continue(comox_serve, nodes):
@@ -279,7 +281,7 @@ def test_no_resume_where_no_other_node_can_continue(comox_serve, nodes):
     assert done == 0 and objects[-1]["error"]["code"] == "stream_interrupted" and b.requests == []
     objects, _, done = events(httpx.post(f"{server.url}/v1/completions", json=PROMPT, timeout=10).text)
     assert done == 1 and len(b.requests) == 1  # the same node continues a completion
-    assert server.app.gateway.backend("a").failures == 2
+    wait_until(lambda: server.app.gateway.backend("a").failures == 2)  # recorded after the last byte went out
 
 
 def test_no_resume_when_the_other_nodes_are_gone(comox_serve, nodes):
