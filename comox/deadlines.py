@@ -6,17 +6,18 @@ about 4 µs of each request (bench/pipeline.py, docs/benchmarks.md). Most
 attempts are over long before their timeout, so an attempt is only noted in a
 queue; one check per event loop, re-armed while any is open, gives the few
 still running after ``PROMOTE_AFTER_S`` a timer of their own for the time
-they have left — the same deadline, to the loop's precision. The pattern of
-:mod:`comox.disconnects`.
+they have left — the same deadline, to the loop's precision
+(:class:`comox.late.LateQueue`, as for :mod:`comox.disconnects`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import weakref
-from collections import deque
 from collections.abc import Callable
 from typing import Any
+
+from .late import LateQueue
 
 __all__ = ["PROMOTE_AFTER_S", "Deadline", "Deadlines", "deadlines_for"]
 
@@ -27,67 +28,47 @@ class Deadline:
     """One pending timeout: ``callback(*args)`` at loop time ``at`` unless
     :meth:`cancel` was called first."""
 
-    __slots__ = ("callback", "args", "at", "started", "done", "handle")
+    __slots__ = ("callback", "args", "at", "started", "finished", "handle")
 
     def __init__(self, callback: Callable[..., object], args: tuple[Any, ...], at: float, started: float):
         self.callback = callback
         self.args = args
         self.at = at
         self.started = started
-        self.done = False
+        self.finished = False  # cancelled or fired
         self.handle: asyncio.TimerHandle | None = None
 
     def cancel(self) -> None:
-        self.done = True
+        self.finished = True
         if self.handle is not None:
             self.handle.cancel()
 
     def _fire(self) -> None:
-        if not self.done:
-            self.done = True
+        if not self.finished:
+            self.finished = True
             self.callback(*self.args)
 
 
-class Deadlines:
-    """The pending timeouts of one event loop, oldest first. Used from that
-    loop only; it keeps no reference to it."""
+class Deadlines(LateQueue[Deadline]):
+    """The pending timeouts of one event loop; one still pending after
+    ``after_s`` gets a loop timer at its deadline."""
 
-    def __init__(self, promote_after_s: float = PROMOTE_AFTER_S):
-        self.promote_after_s = promote_after_s
-        self.open: deque[Deadline] = deque()
-        self.armed = False
+    def __init__(self, after_s: float = PROMOTE_AFTER_S):
+        super().__init__(after_s)
 
     def add(self, delay_s: float, callback: Callable[..., object], *args: Any) -> Deadline:
         """Call ``callback(*args)`` in ``delay_s`` seconds unless cancelled."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         deadline = Deadline(callback, args, now + delay_s, now)
-        if delay_s <= self.promote_after_s:  # too short to wait for the check
+        if delay_s <= self.after_s:  # too short to wait for the check
             deadline.handle = loop.call_at(deadline.at, deadline._fire)
-            return deadline
-        self.open.append(deadline)
-        if not self.armed:
-            self.armed = True
-            loop.call_later(self.promote_after_s, self.check)
+        else:
+            self.queue(deadline, loop)
         return deadline
 
-    def check(self) -> None:
-        """Drop the cancelled; give each still pending after
-        ``promote_after_s`` a timer at its deadline; re-arm for the oldest left."""
-        loop = asyncio.get_running_loop()
-        self.armed = False
-        open_ = self.open
-        now = loop.time()
-        while open_:
-            deadline = open_[0]
-            if not deadline.done:
-                if now - deadline.started < self.promote_after_s:
-                    break
-                deadline.handle = loop.call_at(deadline.at, deadline._fire)
-            open_.popleft()
-        if open_:
-            self.armed = True
-            loop.call_later(max(open_[0].started + self.promote_after_s - now, 0.001), self.check)
+    def promote(self, entry: Deadline, loop: asyncio.AbstractEventLoop) -> None:
+        entry.handle = loop.call_at(entry.at, entry._fire)
 
 
 _deadlines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = weakref.WeakKeyDictionary()

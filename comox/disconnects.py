@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections import deque
 from typing import TYPE_CHECKING, Any
+
+from .late import LateQueue
 
 if TYPE_CHECKING:
     from .asgi_io import Receive
@@ -53,41 +54,21 @@ class WatchedStream:
                 return
 
 
-class DisconnectWatch:
-    """The open streams of one event loop, oldest first. Used from that loop
-    only; it keeps no reference to it, so a closed loop's watch goes with it."""
+class DisconnectWatch(LateQueue[WatchedStream]):
+    """The open streams of one event loop; one open for ``after_s`` gets a
+    task waiting on its ``receive()``."""
 
     def __init__(self, after_s: float = WATCH_AFTER_S):
-        self.after_s = after_s
-        self.open: deque[WatchedStream] = deque()
-        self.armed = False
+        super().__init__(after_s)
 
     def add(self, task: asyncio.Task[Any], receive: Receive) -> WatchedStream:
         loop = asyncio.get_running_loop()
         stream = WatchedStream(task, receive, loop.time())
-        self.open.append(stream)
-        if not self.armed:
-            self.armed = True
-            loop.call_later(self.after_s, self.check)
+        self.queue(stream, loop)
         return stream
 
-    def check(self) -> None:
-        """Drop finished streams; start a watcher for each that has lasted
-        ``after_s``; re-arm for the oldest one left."""
-        loop = asyncio.get_running_loop()
-        self.armed = False
-        open_ = self.open
-        now = loop.time()
-        while open_:
-            stream = open_[0]
-            if not stream.finished:
-                if now - stream.started < self.after_s:
-                    break
-                stream.watcher = loop.create_task(stream.watch())
-            open_.popleft()
-        if open_:
-            self.armed = True
-            loop.call_later(max(open_[0].started + self.after_s - now, 0.001), self.check)
+    def promote(self, entry: WatchedStream, loop: asyncio.AbstractEventLoop) -> None:
+        entry.watcher = loop.create_task(entry.watch())
 
 
 _watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DisconnectWatch] = weakref.WeakKeyDictionary()

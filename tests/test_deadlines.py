@@ -77,7 +77,7 @@ def test_only_the_outstanding_are_promoted_and_each_fires_once():
 
     calls, kept = run(main())
     assert calls == ["kept"]
-    assert kept.done
+    assert kept.finished
 
 
 def test_each_loop_has_its_own():

@@ -13,6 +13,7 @@ import httpx
 import orjson
 import pytest
 
+from comox.asgi_io import read_body
 from comox.errors import BackendUnavailable
 from comox.request import GatewayRequest
 from comox.testing import Fault, ServerThread, StandInUpstream
@@ -361,11 +362,7 @@ class Hanging:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await read_body(receive, scope["headers"], 1 << 30)
         self.requests.append(body)
         if not self.hang:
             answer = orjson.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}]})
@@ -412,28 +409,42 @@ def test_a_cancelled_call_closes_its_upstream_connection_in_every_phase(kind, ph
     cannot abort a request before it hands back its response: the transport
     shuts the orphan's socket down, comox/transport_reqwest.py.)"""
     up = Hanging(phase)
+
+    async def go(backend):
+        call = asyncio.ensure_future(read_through(backend, stream))
+        await until(lambda: len(up.requests) == 1)
+        await asyncio.sleep(0.2)  # the answer's start (if any) reached the transport
+        assert not call.done()
+        await cancelled(call)
+        await until(lambda: up.disconnects == 1)
+        assert up.disconnects == 1
+        up.hang = False
+        again = await backend.handle(make_request())
+        assert again.status == 200
+
+    against(up, kind, go)
+
+
+async def cancelled(call: asyncio.Future) -> None:
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+
+def against(up, kind: str, go) -> None:
+    """``go(backend)`` with a backend over ``kind`` to the stand-in ``up``, served
+    for the test; both closed after."""
     server = ServerThread(up, lifespan="off").start()
 
-    async def go():
+    async def main():
         backend = make_backend(kind, server.url)
         try:
-            call = asyncio.ensure_future(read_through(backend, stream))
-            await until(lambda: len(up.requests) == 1)
-            await asyncio.sleep(0.2)  # the answer's start (if any) reached the transport
-            assert not call.done()
-            call.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await call
-            await until(lambda: up.disconnects == 1)
-            assert up.disconnects == 1
-            up.hang = False
-            again = await backend.handle(make_request())
-            assert again.status == 200
+            await go(backend)
         finally:
             await backend.aclose()
 
     try:
-        asyncio.run(go())
+        asyncio.run(main())
     finally:
         server.stop()
 
@@ -444,37 +455,27 @@ def test_a_cancelled_call_never_closes_another_call_to_the_same_upstream(kind):
     closed once the stream is (with pyreqwest the orphan's socket cannot be
     told from the stream's, so it is shut down only when no call is left)."""
     up = Hanging("none", stream_phase="chunk")
-    server = ServerThread(up, lifespan="off").start()
 
-    async def go():
-        backend = make_backend(kind, server.url)
-        try:
-            live = await backend.handle(make_request(stream=True))
-            assert live.stream is not None
-            first = await live.stream.__anext__()
-            assert b"choices" in first
-            orphan = asyncio.ensure_future(read_through(backend, False))
-            await until(lambda: len(up.requests) == 2)
-            await asyncio.sleep(0.1)
-            orphan.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await orphan
-            await asyncio.sleep(0.5)
-            assert up.disconnects <= 1  # the stream's connection was left alone ...
-            pending = asyncio.ensure_future(live.stream.__anext__())
-            await asyncio.sleep(0.2)
-            assert not pending.done()  # ... and still waits for its next event
-            pending.cancel()
-            await live.aclose()
-            await until(lambda: up.disconnects == 2)
-            assert up.disconnects == 2
-        finally:
-            await backend.aclose()
+    async def go(backend):
+        live = await backend.handle(make_request(stream=True))
+        assert live.stream is not None
+        first = await live.stream.__anext__()
+        assert b"choices" in first
+        orphan = asyncio.ensure_future(read_through(backend, False))
+        await until(lambda: len(up.requests) == 2)
+        await asyncio.sleep(0.1)
+        await cancelled(orphan)
+        await asyncio.sleep(0.5)
+        assert up.disconnects <= 1  # the stream's connection was left alone ...
+        pending = asyncio.ensure_future(live.stream.__anext__())
+        await asyncio.sleep(0.2)
+        assert not pending.done()  # ... and still waits for its next event
+        pending.cancel()
+        await live.aclose()
+        await until(lambda: up.disconnects == 2)
+        assert up.disconnects == 2
 
-    try:
-        asyncio.run(go())
-    finally:
-        server.stop()
+    against(up, kind, go)
 
 
 def test_closing_pyreqwest_orphans_leaves_other_clients_sockets_alone():

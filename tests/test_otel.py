@@ -27,6 +27,7 @@ from opentelemetry.util._once import Once
 
 import comox
 from comox import hookspecs
+from comox.asgi_io import read_body
 from comox.testing import Fault, ServerThread, free_port, wait_until
 from tests.secrets_check import secret
 
@@ -344,11 +345,7 @@ class Collector:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await read_body(receive, scope["headers"], 1 << 30)
         if scope["method"] != "POST" or scope["path"] != "/v1/traces":
             await send({"type": "http.response.start", "status": 404, "headers": []})
             await send({"type": "http.response.body", "body": b""})
