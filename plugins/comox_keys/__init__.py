@@ -157,8 +157,9 @@ def comox_authenticate(request: comox.GatewayRequest) -> comox.Principal | None:
 class _Hangup:
     """SIGHUP reloads the keys file of every started gateway of the process.
     The handler is installed only from the main thread, when nothing else
-    handles SIGHUP (a host app's own handler is left alone), and the previous
-    disposition is restored when the last such gateway stops."""
+    handles SIGHUP (the default or ignored, as under ``nohup``; a host app's
+    own handler is left alone), and the previous disposition is restored when
+    the last such gateway stops."""
 
     def __init__(self) -> None:
         self.members: set[_Keys] = set()
@@ -169,7 +170,9 @@ class _Hangup:
         if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
             return
         if not self.installed:
-            if signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, None):
+            # Ignored (``nohup comox serve``) counts as unhandled: a terminal's
+            # hangup then reloads the keys, which is harmless, and kill -HUP works.
+            if signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN, None):
                 log.debug("SIGHUP already has a handler: keys are reloaded when the keys file changes")
                 return
             self.previous = signal.signal(signal.SIGHUP, self.handle)
