@@ -517,3 +517,28 @@ def test_the_documented_log_lines_are_what_is_logged(redis_server, caplog):
     port = redis_server.port
     logged[0] = logged[0].replace(f"127.0.0.1:{port}", "10.0.0.9:6379").replace(f"('127.0.0.1', {port})", "('10.0.0.9', 6379)")
     assert logged == [warning, info.replace("3 replica(s)", "1 replica(s)")]
+
+
+def test_aclose_returns_even_when_the_watcher_swallowed_a_cancel(redis_server):
+    """A watcher that lost one cancel (redis-py can swallow one around a call)
+    is cancelled again: aclose() once hung a CI run for ever on it."""
+
+    async def scenario():
+        state = RedisState(redis_server.url)
+        await state.start()
+        state._task.cancel()
+        await asyncio.wait({state._task})
+
+        async def stubborn():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass  # swallowed once
+            await asyncio.sleep(3600)
+
+        state._task = asyncio.create_task(stubborn())
+        await asyncio.sleep(0)
+        await asyncio.wait_for(state.aclose(), 5)
+        assert state._task is None
+
+    run(scenario())

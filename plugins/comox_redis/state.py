@@ -305,8 +305,15 @@ class RedisState:
     async def aclose(self) -> None:
         self._closed = True
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait({self._task})  # (a cancel of aclose() itself still goes through)
+            # Cancelled again if it swallowed a cancel (redis-py can, around a call
+            # it was in): a watcher left running would keep aclose() waiting for ever.
+            for _ in range(10):
+                self._task.cancel()
+                done, _ = await asyncio.wait({self._task}, timeout=1.0)  # (a cancel of aclose() itself still goes through)
+                if done:
+                    break
+            else:
+                log.warning("the redis watcher did not stop; left to the event loop's end")
             self._task = None
         if self.down_reason is None:
             try:  # leave the count at once, not three heartbeats later
