@@ -29,6 +29,7 @@ import comox
 from comox import hookspecs
 from comox.asgi_io import read_body
 from comox.testing import Fault, ServerThread, free_port, wait_until
+from tests.plugins.in_order import InOrderPolicy
 from tests.secrets_check import secret
 
 PROMPT = secret("the quick brown fox jumps over the lazy dog", "prompt")
@@ -58,21 +59,7 @@ def spans():
     trace._TRACER_PROVIDER = None
 
 
-class InOrder:
-    """Routing: the first candidate in config order (the second is the retry)."""
-
-    def __init__(self, group):
-        pass
-
-    def choose(self, request, candidates):
-        return candidates[0]
-
-
-class Fixtures:
-    @comox.hookimpl
-    def comox_routing_policies(self):
-        return {"in_order": InOrder}
-
+class Fixtures(InOrderPolicy):
     @comox.hookimpl
     def comox_authenticate(self, request):
         return comox.Principal(key_id="team-a")

@@ -14,6 +14,7 @@ import pytest
 
 import comox
 from comox.testing import Fault, StandInUpstream, wait_for_http, wait_until
+from tests.plugins.in_order import InOrderPolicy
 
 PROMPT = {"model": "m", "prompt": "Count:", "max_tokens": 10, "stream": True}
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "count"}], "stream": True}
@@ -66,23 +67,6 @@ class Shaped(StandInUpstream):
 def nodes(upstreams):
     """``nodes(name, **options)``: started :class:`Shaped` stand-ins."""
     return lambda name, **options: upstreams(name, kind=Shaped, **options)
-
-
-class InOrder:
-    """A routing policy: the first candidate, in config order (so a stream
-    starts on the first node, and the second continues it)."""
-
-    def __init__(self, group):
-        pass
-
-    def choose(self, request, candidates):
-        return candidates[0]
-
-
-class InOrderPolicy:
-    @comox.hookimpl
-    def comox_routing_policies(self):
-        return {"in_order": InOrder}
 
 
 def group(*backends, **options):
