@@ -74,17 +74,9 @@ class Deadlines(LateQueue[Deadline]):
 _deadlines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = weakref.WeakKeyDictionary()
 
 
-_last: tuple[weakref.ref[asyncio.AbstractEventLoop], Deadlines] | None = None
-
-
 def deadlines_for(loop: asyncio.AbstractEventLoop) -> Deadlines:
     """The :class:`Deadlines` of ``loop`` (each server thread runs its own loop)."""
-    global _last
-    last = _last
-    if last is not None and last[0]() is loop:  # the usual case: one loop, no weak dict lookup
-        return last[1]
     deadlines = _deadlines.get(loop)
     if deadlines is None:
         deadlines = _deadlines[loop] = Deadlines()
-    _last = (weakref.ref(loop), deadlines)
     return deadlines

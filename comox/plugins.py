@@ -148,12 +148,11 @@ class _Impl:
     the function applied to the hook's keyword arguments, passing only those
     it declares (an adapter compiled once, so a call builds no dict)."""
 
-    __slots__ = ("function", "argnames", "takes_all", "is_async", "plugin", "call")
+    __slots__ = ("function", "argnames", "is_async", "plugin", "call")
 
     def __init__(self, function: Callable[..., Any], argnames: tuple[str, ...], spec_args: tuple[str, ...], plugin: str):
         self.function = function
         self.argnames = argnames
-        self.takes_all = set(argnames) == set(spec_args)
         self.is_async = inspect.iscoroutinefunction(function)
         self.plugin = plugin
         self.call: Callable[[dict[str, Any]], Any] = _adapter(function, argnames, spec_args)

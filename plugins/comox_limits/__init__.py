@@ -103,12 +103,10 @@ def plan_for(limits: dict[str, Any], key_id: str) -> Plan:
 class Held:
     """What one request took, for :func:`comox_request_done` to settle."""
 
-    __slots__ = ("plan", "key_id", "tpm", "tokens", "prompt", "slot", "ttl_s")
+    __slots__ = ("plan", "tokens", "prompt", "slot", "ttl_s")
 
     def __init__(self, plan: Plan, ttl_s: float):
         self.plan = plan
-        self.key_id = plan.key_id
-        self.tpm = plan.tpm
         self.tokens = 0  # taken from the tpm bucket
         self.prompt = 0  # of which the prompt's estimate
         self.slot = False  # holds a concurrency slot
@@ -166,13 +164,13 @@ async def _take_tokens(request: GatewayRequest, shared: SharedState, held: Held,
     amount = prompt + completion
     if amount > tpm and (bounded or prompt > tpm):
         return RateLimited(  # OpenAI's answer: 429, and no retry-after (waiting cannot help)
-            f"Request too large for key {held.key_id!r} on tokens per min (TPM): Limit {tpm}, Requested {amount}. "
+            f"Request too large for key {held.plan.key_id!r} on tokens per min (TPM): Limit {tpm}, Requested {amount}. "
             "The input or output tokens must be reduced in order to run successfully.")
     amount = max(1, min(amount, tpm))  # a guessed completion never makes a request too large
     tokens = await shared.take(plan.tpm_key, amount, capacity=tpm, per_s=plan.tpm_per_s)
     if not tokens.allowed:
         return RateLimited(
-            f"Rate limit reached for key {held.key_id!r} on tokens per min (TPM): Limit {tpm}, "
+            f"Rate limit reached for key {held.plan.key_id!r} on tokens per min (TPM): Limit {tpm}, "
             f"Remaining {int(tokens.remaining)}, Requested {amount}. Please try again in {duration(tokens.retry_after_s)}.",
             retry_after=_seconds(tokens.retry_after_s))
     held.tokens, held.prompt = amount, prompt
@@ -193,7 +191,8 @@ async def comox_request_done(request: GatewayRequest, status: int) -> None:
             if now < 0:  # the count expired while this request ran: back to zero, not below
                 await shared.add(key, -now, ttl_s=ttl)
     finally:
-        if held.tokens and held.tpm is not None:
+        tpm = held.plan.tpm
+        if held.tokens and tpm is not None:
             usage = request.usage
             if usage is not None:  # an answer (from a backend or the cache): what it really cost
                 used = (usage.prompt if usage.prompt is not None else held.prompt) + (usage.completion or 0)
@@ -202,7 +201,7 @@ async def comox_request_done(request: GatewayRequest, status: int) -> None:
             else:  # refused, failed, or the client left before the answer started
                 used = 0
             if used != held.tokens:
-                await shared.take(held.plan.tpm_key, used - held.tokens, capacity=held.tpm,
+                await shared.take(held.plan.tpm_key, used - held.tokens, capacity=tpm,
                                   per_s=held.plan.tpm_per_s, force=True)
 
 
