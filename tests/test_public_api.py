@@ -18,9 +18,9 @@ PUBLIC = {
     "RoutingPolicy", "ObservesUsage", "ReportsStats", "BackendView", "GroupView", "Usage", "cheaper", "power_of_two",
     "request_size",
     # shared state
-    "SharedState", "MemoryState", "Bucket",
+    "SharedState", "MemoryState", "Bucket", "Take", "Add",
     # shared state
-    "SharedState", "MemoryState", "Bucket",
+    "SharedState", "MemoryState", "Bucket", "Take", "Add",
     # requests
     "GatewayRequest", "Principal", "ANONYMOUS", "check_number",
     # errors

@@ -160,6 +160,84 @@ def test_buckets_counters_and_values_do_not_share_keys(make_state):
     run(scenario())
 
 
+MINUTE = 1 / 60  # one token a minute: nothing refills during a test
+
+
+def test_apply_a_batch_that_fits_as_a_whole(make_state):
+    async def scenario():
+        state = make_state()
+        assert await state.apply([]) == []
+        got = await state.apply([comox.Take("rpm", 1, 5, MINUTE), comox.Take("tpm", 100, 1000, MINUTE),
+                                 comox.Add("inflight", 1, cap=2, ttl_s=60), comox.Add("spent", 0.5)])
+        assert [type(r) for r in got] == [comox.Bucket, comox.Bucket, tuple, tuple]
+        assert [r[:2] for r in got] == [(True, 4), (True, 900), (True, 1), (True, 0.5)]
+        assert got[0].retry_after_s == 0 and got[0].reset_s == pytest.approx(60, abs=1)
+        assert (await state.take("rpm", 0, capacity=5, per_s=MINUTE)).remaining == 4
+        assert (await state.take("tpm", 0, capacity=1000, per_s=MINUTE)).remaining == 900
+        assert await state.add("inflight", 0) == (True, 1)
+        assert await state.add("spent", 0) == (True, 0.5)
+        await state.aclose()
+
+    run(scenario())
+
+
+def test_apply_with_one_refused_op_applies_nothing(make_state):
+    async def scenario():
+        state = make_state()
+        await state.take("tpm", 900, capacity=1000, per_s=MINUTE)  # 100 left
+        await state.add("inflight", 2, cap=2)
+        over_tokens = await state.apply([comox.Take("rpm", 1, 5, MINUTE), comox.Add("spent", 3),
+                                         comox.Take("tpm", 200, 1000, MINUTE)])
+        assert [r[0] for r in over_tokens] == [True, True, False]  # the judged-fit ones say so
+        assert over_tokens[2].retry_after_s == pytest.approx(100 * 60, abs=60)
+        over_cap = await state.apply([comox.Take("rpm", 1, 5, MINUTE), comox.Add("inflight", 1, cap=2)])
+        assert over_cap[0].allowed and over_cap[1] == (False, 2)
+        # nothing of either batch was applied
+        assert (await state.take("rpm", 0, capacity=5, per_s=MINUTE)).remaining == 5
+        assert (await state.take("tpm", 0, capacity=1000, per_s=MINUTE)).remaining == 100
+        assert await state.add("spent", 0) == (True, 0)
+        assert await state.add("inflight", 0) == (True, 2)
+        await state.aclose()
+
+    run(scenario())
+
+
+def test_apply_never_refuses_forced_takes_and_negative_adds(make_state):
+    async def scenario():
+        state = make_state()
+        await state.add("inflight", 3, cap=3)
+        got = await state.apply([comox.Take("tpm", 50, 10, MINUTE, force=True), comox.Add("inflight", -1, cap=3),
+                                 comox.Add("inflight", -1, cap=1)])
+        assert [r[0] for r in got] == [True, True, True]
+        assert got[2] == (True, 1)  # over its cap still, but going down
+        assert not (await state.take("tpm", 1, capacity=10, per_s=MINUTE)).allowed  # 10 - 50: below zero
+        assert await state.add("inflight", 0) == (True, 1)
+        await state.aclose()
+
+    run(scenario())
+
+
+def test_apply_judges_the_same_key_on_what_the_op_before_left(make_state):
+    async def scenario():
+        state = make_state()
+        twice = await state.apply([comox.Take("rpm", 3, 5, MINUTE), comox.Take("rpm", 3, 5, MINUTE)])
+        assert [b.allowed for b in twice] == [True, False]
+        assert twice[0].remaining == 2 and twice[1].remaining == 2
+        assert twice[1].retry_after_s == pytest.approx(60, abs=1)  # from 2 up to 3
+        assert (await state.take("rpm", 0, capacity=5, per_s=MINUTE)).remaining == 5  # nothing applied
+        counted = await state.apply([comox.Add("c", 2, cap=3), comox.Add("c", 2, cap=3)])
+        assert counted == [(True, 2), (False, 2)]
+        assert await state.add("c", 0) == (True, 0)
+        fits = await state.apply([comox.Take("rpm", 3, 5, MINUTE), comox.Take("rpm", 2, 5, MINUTE),
+                                  comox.Add("c", 2, cap=3), comox.Add("c", 1, cap=3)])
+        assert [r[:2] for r in fits] == [(True, 2), (True, 0), (True, 2), (True, 3)]
+        assert not (await state.take("rpm", 1, capacity=5, per_s=MINUTE)).allowed
+        assert await state.add("c", 0) == (True, 3)
+        await state.aclose()
+
+    run(scenario())
+
+
 # -- RedisState only: atomic, keys and TTLs in Redis -----------------------------
 
 
@@ -198,6 +276,24 @@ def test_keys_prefix_and_expiry_in_redis(redis_server):
     assert 29_000 < redis.pttl("team-a:c:inflight:alice") <= 30_000
     assert redis.pttl("team-a:c:budget:alice") == -1  # no ttl_s: kept
     assert 9_000 < redis.pttl("team-a:v:cache:1") <= 10_000
+
+
+def test_apply_writes_the_keys_and_expiry_take_and_add_would(redis_server):
+    async def scenario():
+        state = RedisState(redis_server.url, prefix="team-b:")
+        refused = await state.apply([comox.Take("rpm", 1, 60, 1), comox.Add("inflight", 1, cap=0)])
+        assert [r[0] for r in refused] == [True, False]
+        assert redis_server.client().keys("team-b:[tc]:*") == []  # a refused batch writes nothing
+        await state.apply([comox.Take("rpm", 1, 60, 1), comox.Add("inflight", 1, ttl_s=30), comox.Add("budget", 1),
+                           comox.Take("full", 0, 5, 1)])
+        await state.aclose()
+
+    run(scenario())
+    redis = redis_server.client()
+    assert sorted(redis.keys("*")) == [b"team-b:c:budget", b"team-b:c:inflight", b"team-b:t:rpm"]
+    assert 0 < redis.pttl("team-b:t:rpm") <= 2000
+    assert 29_000 < redis.pttl("team-b:c:inflight") <= 30_000
+    assert redis.pttl("team-b:c:budget") == -1
 
 
 def test_closing_stops_the_watcher_for_good(redis_server):
@@ -257,6 +353,13 @@ def test_degraded_limits_count_per_replica_with_their_share(redis_server):
         clock[0] += 1  # refilling at a third of the rate: one per 30 s
         assert (await state.take("rpm:k", 1, capacity=6, per_s=6 / 60)).allowed
         assert [await state.add("inflight", 1, cap=6) for _ in range(3)] == [(True, 1), (True, 2), (False, 2)]
+        # a batch counts with the same shares, all or nothing
+        batch = [comox.Take("tpm", 2, 6, 6 / 60), comox.Add("spent", 2, cap=6)]
+        assert [r[:2] for r in await state.apply(batch)] == [(True, 0), (True, 2)]  # 2 of 6 each, here
+        refused = await state.apply(batch + [comox.Add("inflight", 1, cap=6)])
+        assert [r[0] for r in refused] == [False, False, False]
+        assert refused[0].retry_after_s == pytest.approx(60, abs=1)  # a third of the rate: 2 per minute
+        assert await state.add("spent", 0) == (True, 2)  # unchanged
         await state.set("v", b"x", ttl_s=60)  # bypassed
         assert await state.get("v") is None
         await state.aclose()
@@ -404,7 +507,7 @@ def test_closed_refuses_while_down_and_serves_when_back(redis_server):
         assert (await state.take("rpm", 1, capacity=5, per_s=1)).allowed
         redis_server.kill()
         for operation in (state.take("rpm", 1, capacity=5, per_s=1), state.add("c", 1), state.get("v"),
-                          state.set("v", b"x", ttl_s=1)):
+                          state.set("v", b"x", ttl_s=1), state.apply([comox.Take("rpm", 1, 5, 1)])):
             with pytest.raises(SharedStateUnavailable) as refused:
                 await operation
             assert refused.value.status == 503 and refused.value.retry_after is not None

@@ -1,7 +1,8 @@
 """``RedisState``: a :class:`comox.SharedState` kept in Redis (or Valkey).
 
-Every operation is one atomic server-side step: the token bucket and the
-capped counter are Lua scripts (the bucket refills by Redis' own ``TIME``, so
+Every operation is one atomic server-side step: the token bucket, the
+capped counter and ``apply`` (several of both, all or nothing, in one round
+trip) are Lua scripts (the bucket refills by Redis' own ``TIME``, so
 replicas whose clocks disagree still share one bucket); values are plain
 ``SET … PX`` / ``GET`` / ``DEL``. Each call is bounded by ``timeout_s`` as a
 whole (waiting for a pooled connection, connecting, the command): Redis never
@@ -28,7 +29,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -102,6 +103,88 @@ end
 return {1, fmt(new)}
 """
 
+# KEYS[i] the i-th op's key (prefixed: "t:" bucket, "c:" counter); ARGV five
+# per op: "t", amount, capacity, per_s, force ("1"/"0") or "a", amount, cap
+# ("" for none), ttl in ms ("" for none), "". Each op is judged as TAKE or ADD
+# would, on an overlay of what the ones before it left (same clock, so the
+# same key twice sees the first op's result); written only if none was
+# refused. Returns one TAKE or ADD result per op.
+APPLY = _FMT + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local buckets, counters, order = {}, {}, {}
+local results, refused = {}, false
+for i = 1, #KEYS do
+  local key, kind, amount = KEYS[i], ARGV[5 * i - 4], tonumber(ARGV[5 * i - 3])
+  if kind == 't' then
+    local capacity, per_s = tonumber(ARGV[5 * i - 2]), tonumber(ARGV[5 * i - 1])
+    local b = buckets[key]
+    local tokens = capacity
+    if b == nil then
+      local held = redis.call('HMGET', key, 'tokens', 'at')
+      if held[1] then
+        tokens = math.min(capacity, tonumber(held[1]) + math.max(0, now - tonumber(held[2])) * per_s)
+      end
+      order[#order + 1] = key
+    elseif not b.full then
+      tokens = math.min(capacity, b.tokens)
+    end
+    local allowed = 0
+    if ARGV[5 * i] == '1' or amount <= tokens then
+      allowed = 1
+      tokens = tokens - amount
+    else
+      refused = true
+    end
+    buckets[key] = {tokens = tokens, full = tokens >= capacity, capacity = capacity, per_s = per_s}
+    local reset, retry = math.huge, 0
+    if per_s > 0 then reset = math.max(0, (capacity - tokens) / per_s) end
+    if allowed == 0 then
+      if amount > capacity or per_s <= 0 then retry = math.huge else retry = (amount - tokens) / per_s end
+    end
+    results[i] = {allowed, fmt(math.max(0, math.floor(tokens))), fmt(reset), fmt(retry)}
+  else
+    local c = counters[key]
+    local value
+    if c == nil then value = tonumber(redis.call('GET', key) or '0') else value = c.value end
+    local new = value + amount
+    local cap = ARGV[5 * i - 2]
+    if cap ~= '' and amount > 0 and new > tonumber(cap) then
+      refused = true
+      results[i] = {0, fmt(value)}
+    else
+      if c == nil then order[#order + 1] = key end
+      counters[key] = {value = new, ttl = ARGV[5 * i - 1]}
+      results[i] = {1, fmt(new)}
+    end
+  end
+end
+if not refused then
+  for _, key in ipairs(order) do
+    local b, c = buckets[key], counters[key]  -- ("t:" and "c:" keys never meet)
+    if b ~= nil then
+      if b.full then
+        redis.call('DEL', key)
+      else
+        redis.call('HSET', key, 'tokens', fmt(b.tokens), 'at', fmt(now))
+        if b.per_s > 0 then
+          redis.call('PEXPIRE', key, math.ceil((b.capacity - b.tokens) / b.per_s * 1000) + 1000)
+        else
+          redis.call('PERSIST', key)
+        end
+      end
+    elseif c ~= nil then
+      if c.ttl ~= '' then
+        redis.call('SET', key, fmt(c.value), 'PX', c.ttl)
+      else
+        redis.call('SET', key, fmt(c.value))
+      end
+    end
+  end
+end
+return results
+"""
+
 # KEYS[1] the replicas' sorted set; ARGV this replica, window in seconds.
 HEARTBEAT = """
 local t = redis.call('TIME')
@@ -161,6 +244,7 @@ class RedisState:
         self.redis = Redis.from_pool(pool)
         self._take = self.redis.register_script(TAKE)
         self._add = self.redis.register_script(ADD)
+        self._apply = self.redis.register_script(APPLY)
         self._heartbeat = self.redis.register_script(HEARTBEAT)
         self.replicas = 1
         """Live replicas counted at the last heartbeat (1 until one answered)."""
@@ -194,6 +278,43 @@ class RedisState:
         async def local() -> tuple[bool, float]:
             part = None if cap is None else share(cap, amount, self.replicas)
             return await self.fallback.add(key, amount, cap=part, ttl_s=ttl_s)
+
+        return await self._call(shared, local)
+
+    async def apply(self, ops: Sequence[comox.Take | comox.Add]) -> list[comox.Bucket | tuple[bool, float]]:
+        if not ops:
+            return []
+
+        async def shared() -> list[comox.Bucket | tuple[bool, float]]:
+            keys: list[str] = []
+            args: list[str | float] = []
+            for op in ops:
+                if isinstance(op, comox.Take):
+                    keys.append(self.prefix + "t:" + op.key)
+                    args += ["t", op.amount, op.capacity, op.per_s, "1" if op.force else "0"]
+                else:
+                    keys.append(self.prefix + "c:" + op.key)
+                    ttl = str(max(1, math.ceil(op.ttl_s * 1000))) if op.ttl_s else ""
+                    args += ["a", op.amount, "" if op.cap is None else op.cap, ttl, ""]
+            answers = await self._apply(keys=keys, args=args)
+            results: list[comox.Bucket | tuple[bool, float]] = []
+            for op, answer in zip(ops, answers, strict=True):
+                if isinstance(op, comox.Take):
+                    allowed, remaining, reset, retry = answer
+                    results.append(comox.Bucket(bool(allowed), float(remaining), float(reset), float(retry)))
+                else:
+                    added, value = answer
+                    results.append((bool(added), float(value)))
+            return results
+
+        async def local() -> list[comox.Bucket | tuple[bool, float]]:
+            n = self.replicas
+            parts: list[comox.Take | comox.Add] = [
+                op._replace(capacity=share(op.capacity, op.amount, n), per_s=op.per_s / n)
+                if isinstance(op, comox.Take) else
+                op if op.cap is None else op._replace(cap=share(op.cap, op.amount, n))
+                for op in ops]
+            return await self.fallback.apply(parts)
 
         return await self._call(shared, local)
 
