@@ -42,7 +42,7 @@ from .middleware import ComoxMiddleware
 from .prometheus import parse_prometheus
 from .request import ANONYMOUS, GatewayRequest, Principal, check_number
 from .settings import BackendSettings, Settings
-from .shared_state import Bucket, MemoryState, SharedState
+from .shared_state import Add, Bucket, MemoryState, SharedState, Take
 from .transport import AiohttpTransport, HttpxTransport, Transport, UpstreamUnreachable
 from .usage import Usage
 from .version import __version__
@@ -97,6 +97,8 @@ __all__ = [
     "SharedState",
     "MemoryState",
     "Bucket",
+    "Take",
+    "Add",
     # requests
     "GatewayRequest",
     "Principal",

@@ -13,10 +13,10 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-__all__ = ["SharedState", "MemoryState", "Bucket"]
+__all__ = ["SharedState", "MemoryState", "Bucket", "Take", "Add"]
 
 
 class Bucket(NamedTuple):
@@ -35,6 +35,25 @@ class Bucket(NamedTuple):
     retry_after_s: float
 
 
+class Take(NamedTuple):
+    """:meth:`SharedState.take` as one step of :meth:`SharedState.apply`."""
+
+    key: str
+    amount: float
+    capacity: float
+    per_s: float
+    force: bool = False
+
+
+class Add(NamedTuple):
+    """:meth:`SharedState.add` as one step of :meth:`SharedState.apply`."""
+
+    key: str
+    amount: float
+    cap: float | None = None
+    ttl_s: float | None = None
+
+
 @runtime_checkable
 class SharedState(Protocol):
     """What limits, budgets and caches keep across replicas."""
@@ -49,6 +68,14 @@ class SharedState(Protocol):
         """Add ``amount`` (may be negative) to counter ``key`` unless the
         result would exceed ``cap``; ``(added, value now)``. ``ttl_s``: the
         counter is forgotten that long after its last change."""
+
+    async def apply(self, ops: Sequence[Take | Add]) -> list[Bucket | tuple[bool, float]]:
+        """Several takes and adds as one atomic step (one round trip to a
+        shared store), all or nothing: each is judged on the state the ones
+        before it leave, and if any is refused (a take that does not fit and
+        is not forced, an add over its cap) none is applied. One result per
+        op, as :meth:`take` or :meth:`add` gives it; in a batch that was not
+        applied, an op judged to fit says allowed (it would have been)."""
 
     async def get(self, key: str) -> bytes | None: ...
 
@@ -85,6 +112,9 @@ class MemoryState:
 
     def take_now(self, key: str, amount: float, *, capacity: float, per_s: float, force: bool = False) -> Bucket:
         """:meth:`take` without awaiting (for callers outside the event loop)."""
+        return self._take(key, amount, capacity, per_s, force)
+
+    def _take(self, key: str, amount: float, capacity: float, per_s: float, force: bool) -> Bucket:
         now = self.clock()
         held = self._buckets.get(key)
         if held is None:
@@ -107,6 +137,9 @@ class MemoryState:
         return _new_bucket(Bucket, (allowed, math.floor(tokens) if tokens > 0 else 0.0, reset if reset > 0 else 0.0, retry))
 
     async def add(self, key: str, amount: float, *, cap: float | None = None, ttl_s: float | None = None) -> tuple[bool, float]:
+        return self._add(key, amount, cap, ttl_s)
+
+    def _add(self, key: str, amount: float, cap: float | None, ttl_s: float | None) -> tuple[bool, float]:
         now = self.clock()
         held = self._counters.get(key)
         value = held[0] if held is not None and held[1] > now else 0.0
@@ -115,6 +148,36 @@ class MemoryState:
             return False, value
         self._counters[key] = (new, now + ttl_s if ttl_s else math.inf)
         return True, new
+
+    async def apply(self, ops: Sequence[Take | Add]) -> list[Bucket | tuple[bool, float]]:
+        return self.apply_now(ops)
+
+    def apply_now(self, ops: Sequence[Take | Add]) -> list[Bucket | tuple[bool, float]]:
+        """:meth:`apply` without awaiting. Nothing else runs meanwhile (one
+        process, no await): the ops are applied one by one, and what they
+        changed is put back if one was refused."""
+        results: list[Bucket | tuple[bool, float]] = []
+        saved: list[tuple[dict[str, tuple[float, float]], str, tuple[float, float] | None]] = []
+        refused = False
+        buckets, counters = self._buckets, self._counters
+        for op in ops:
+            result: Bucket | tuple[bool, float]
+            if isinstance(op, Take):
+                saved.append((buckets, op[0], buckets.get(op[0])))
+                result = self._take(*op)
+            else:
+                saved.append((counters, op[0], counters.get(op[0])))
+                result = self._add(*op)
+            if not result[0]:
+                refused = True
+            results.append(result)
+        if refused:
+            for table, key, held in reversed(saved):  # a key's first copy is put back last
+                if held is None:
+                    table.pop(key, None)
+                else:
+                    table[key] = held
+        return results
 
     async def get(self, key: str) -> bytes | None:
         item = self._values.get(key)

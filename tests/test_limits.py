@@ -231,15 +231,29 @@ def test_max_concurrency_frees_a_slot_when_a_stream_ends_and_when_its_client_lea
     wait_until(lambda: upstream.disconnects == 2)  # both streams the clients left were cut upstream too
 
 
-def test_a_refused_request_gives_its_tokens_back(comox_serve, comox_upstream):
-    gateway = Gateway(comox_serve, comox_upstream, {"tpm": 1000, "max_concurrency": 1})
+def test_a_refused_request_takes_nothing(comox_serve, comox_upstream):
+    gateway = Gateway(comox_serve, comox_upstream, {"rpm": 10, "tpm": 1000, "max_concurrency": 1})
     with contextlib.ExitStack() as stack:
         comox_upstream.faults.append(Fault(stall_after_chunks=1))
-        held = gateway.stream(stack, max_tokens=50)
-        refused = gateway.chat(max_tokens=50)  # took 61, then found no slot
-        assert refused.status_code == 429 and refused.headers["x-ratelimit-remaining-tokens"] == "878"
+        held = gateway.stream(stack, max_tokens=50)  # 1 request, 61 tokens, the slot
+        refused = gateway.chat(max_tokens=50)  # fits the rpm and the tpm, but no slot is free
+        assert refused.status_code == 429 and "Concurrency limit reached" in refused.json()["error"]["message"]
+        assert refused.headers["x-ratelimit-remaining-requests"] == "9"
+        assert refused.headers["x-ratelimit-remaining-tokens"] == "939"
         gateway.close(held)  # a stream cut short keeps its whole estimate
-    assert gateway.chat(max_tokens=50).headers["x-ratelimit-remaining-tokens"] == str(1000 - 61 - 61)
+    answered = gateway.chat(max_tokens=50)
+    assert answered.headers["x-ratelimit-remaining-requests"] == "8"
+    assert answered.headers["x-ratelimit-remaining-tokens"] == str(1000 - 61 - 61)
+
+
+def test_a_request_refused_on_tokens_takes_no_request(comox_serve, comox_upstream):
+    gateway = Gateway(comox_serve, comox_upstream, {"rpm": 2, "tpm": 100})
+    assert gateway.chat(max_tokens=85).status_code == 200  # settled at 8: 92 tokens left
+    for _ in range(3):
+        refused = gateway.chat(max_tokens=85)  # 96 tokens wanted: refused, and the request not counted
+        assert refused.status_code == 429 and refused.headers["x-ratelimit-remaining-requests"] == "1"
+    gateway.clock.now += 3
+    assert gateway.chat(max_tokens=85).status_code == 200  # the rpm still had room for it
 
 
 def test_a_concurrency_count_left_behind_expires_and_never_goes_below_zero(comox_serve, comox_upstream):

@@ -20,12 +20,12 @@ Settings: ``[plugins.limits]`` (:class:`LimitSettings`). See docs/limits.md.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
 import comox
-from comox import Bucket, GatewayRequest, Principal, RateLimited, SharedState
+from comox import Add, Bucket, GatewayRequest, Principal, RateLimited, Take
 
 __all__ = ["LimitSettings", "estimate", "duration"]
 
@@ -66,7 +66,7 @@ class Plan:
     buckets' names, refill rates and header values), not on every request."""
 
     __slots__ = ("limits", "key_id", "rpm", "tpm", "concurrency", "zero", "rpm_key", "tpm_key", "conc_key",
-                 "rpm_per_s", "tpm_per_s", "rpm_header", "tpm_header")
+                 "rpm_per_s", "tpm_per_s", "rpm_header", "tpm_header", "rpm_take", "slot_ops")
 
     def __init__(self, limits: dict[str, Any], key_id: str):
         self.limits = limits  # kept, so that its id() is not reused while planned
@@ -79,11 +79,22 @@ class Plan:
         self.tpm_per_s = (self.tpm or 0) / 60
         self.rpm_header = (b"x-ratelimit-limit-requests", b"%d" % (self.rpm or 0))
         self.tpm_header = (b"x-ratelimit-limit-tokens", b"%d" % (self.tpm or 0))
+        self.rpm_take = Take(self.rpm_key, 1, self.rpm or 0, self.rpm_per_s)
+        self.slot_ops: tuple[float, Add, Add] | None = None  # (ttl, take a slot, give it back)
+
+    def slot(self, ttl_s: float) -> tuple[Add, Add]:
+        """The ops that take and give back a concurrency slot."""
+        ops = self.slot_ops
+        if ops is None or ops[0] != ttl_s:
+            ops = self.slot_ops = (ttl_s, Add(self.conc_key, 1, self.concurrency, ttl_s), Add(self.conc_key, -1, None, ttl_s))
+        return ops[1], ops[2]
 
     @property
     def idle(self) -> bool:
         return self.rpm is None and self.tpm is None and self.concurrency is None
 
+
+_new_take = tuple.__new__  # the NamedTuple's own __new__ is a Python call, on every request
 
 _plans: dict[tuple[int, str], Plan] = {}
 MAX_PLANS = 100_000  # more keys than that: planned again after a clear
@@ -127,55 +138,64 @@ async def comox_admit(request: GatewayRequest, principal: Principal) -> None:
         raise RateLimited(f"Key {key_id!r} is allowed no requests ({plan.zero} is 0).")
     settings: LimitSettings = gateway.plugin_settings("limits") or DEFAULTS
     shared = gateway.shared_state
-    held = request.state["limits"] = Held(plan, settings.concurrency_ttl_s)
-    refusal: RateLimited | None = None
-    rpm, tpm = plan.rpm, plan.tpm
+    rpm, tpm, concurrency = plan.rpm, plan.tpm, plan.concurrency
+    # Every limit in one atomic step (one round trip to Redis), all or
+    # nothing: a refused request takes nothing.
+    ops: list[Take | Add] = []
     if rpm is not None:
-        requests = await shared.take(plan.rpm_key, 1, capacity=rpm, per_s=plan.rpm_per_s)
-        _headers(request, plan.rpm_header, REQUESTS, requests)
-        if not requests.allowed:
-            refusal = RateLimited(
-                f"Rate limit reached for key {key_id!r} on requests per min (RPM): Limit {rpm}. "
-                f"Please try again in {duration(requests.retry_after_s)}.", retry_after=_seconds(requests.retry_after_s))
+        ops.append(plan.rpm_take)
+    amount = prompt = 0
+    too_large = False
     if tpm is not None:
-        if refusal is None:
-            refusal = await _take_tokens(request, shared, held, plan, settings)
-        if not held.tokens:  # nothing taken: the headers show the bucket as it is
-            _headers(request, plan.tpm_header, TOKENS,
-                     await shared.take(plan.tpm_key, 0, capacity=tpm, per_s=plan.tpm_per_s))
-    if refusal is not None:
-        raise refusal
-    if plan.concurrency is not None:
-        added, now = await shared.add(plan.conc_key, 1, cap=plan.concurrency, ttl_s=held.ttl_s)
-        if not added:
-            raise RateLimited(f"Concurrency limit reached for key {key_id!r}: {int(now)} requests in flight, "
-                              f"max_concurrency {plan.concurrency}. Please try again when one has finished.",
-                              retry_after=1)
-        held.slot = True
-
-
-async def _take_tokens(request: GatewayRequest, shared: SharedState, held: Held, plan: Plan,
-                       settings: LimitSettings) -> RateLimited | None:
-    """Take the request's estimate from the tpm bucket, recording it in
-    ``held`` and the headers; the refusal if it does not fit (nothing taken)."""
-    tpm = plan.tpm
-    assert tpm is not None
-    prompt, completion, bounded = estimate(request, settings)
-    amount = prompt + completion
-    if amount > tpm and (bounded or prompt > tpm):
-        return RateLimited(  # OpenAI's answer: 429, and no retry-after (waiting cannot help)
-            f"Request too large for key {held.plan.key_id!r} on tokens per min (TPM): Limit {tpm}, Requested {amount}. "
+        prompt, completion, bounded = estimate(request, settings)
+        amount = prompt + completion
+        too_large = amount > tpm and (bounded or prompt > tpm)
+        if not too_large:
+            amount = max(1, min(amount, tpm))  # a guessed completion never makes a request too large
+        ops.append(_new_take(Take, (plan.tpm_key, amount, tpm, plan.tpm_per_s, False)))
+    if concurrency is not None:
+        ops.append(plan.slot(settings.concurrency_ttl_s)[0])
+    judged = None if too_large else await shared.apply(ops)
+    admitted = judged is not None
+    if judged is not None:
+        for result in judged:
+            if not result[0]:
+                admitted = False
+    # Refused, nothing was taken: the headers show the buckets as they are.
+    shown = judged if admitted else await shared.apply([op._replace(amount=0) for op in ops if isinstance(op, Take)])
+    assert shown is not None
+    if rpm is not None:
+        _headers(request, plan.rpm_header, REQUESTS, cast(Bucket, shown[0]))
+    if tpm is not None:
+        _headers(request, plan.tpm_header, TOKENS, cast(Bucket, shown[1 if rpm is not None else 0]))
+    if admitted:
+        held = request.state["limits"] = Held(plan, settings.concurrency_ttl_s)
+        held.tokens, held.prompt, held.slot = (amount, prompt, concurrency is not None) if tpm is not None else \
+            (0, 0, concurrency is not None)
+        return
+    if too_large:
+        raise RateLimited(  # OpenAI's answer: 429, and no retry-after (waiting cannot help)
+            f"Request too large for key {key_id!r} on tokens per min (TPM): Limit {tpm}, Requested {amount}. "
             "The input or output tokens must be reduced in order to run successfully.")
-    amount = max(1, min(amount, tpm))  # a guessed completion never makes a request too large
-    tokens = await shared.take(plan.tpm_key, amount, capacity=tpm, per_s=plan.tpm_per_s)
-    if not tokens.allowed:
-        return RateLimited(
-            f"Rate limit reached for key {held.plan.key_id!r} on tokens per min (TPM): Limit {tpm}, "
+    assert judged is not None
+    requests, tokens, slot = iter(judged), None, None
+    bucket = next(requests) if rpm is not None else None
+    if tpm is not None:
+        tokens = next(requests)
+    if concurrency is not None:
+        slot = next(requests)
+    if isinstance(bucket, Bucket) and not bucket.allowed:
+        raise RateLimited(
+            f"Rate limit reached for key {key_id!r} on requests per min (RPM): Limit {rpm}. "
+            f"Please try again in {duration(bucket.retry_after_s)}.", retry_after=_seconds(bucket.retry_after_s))
+    if isinstance(tokens, Bucket) and not tokens.allowed:
+        raise RateLimited(
+            f"Rate limit reached for key {key_id!r} on tokens per min (TPM): Limit {tpm}, "
             f"Remaining {int(tokens.remaining)}, Requested {amount}. Please try again in {duration(tokens.retry_after_s)}.",
             retry_after=_seconds(tokens.retry_after_s))
-    held.tokens, held.prompt = amount, prompt
-    _headers(request, plan.tpm_header, TOKENS, tokens)
-    return None
+    assert slot is not None
+    raise RateLimited(f"Concurrency limit reached for key {key_id!r}: {int(slot[1])} requests in flight, "
+                      f"max_concurrency {concurrency}. Please try again when one has finished.", retry_after=1)
 
 
 @comox.hookimpl
@@ -183,26 +203,29 @@ async def comox_request_done(request: GatewayRequest, status: int) -> None:
     held: Held | None = request.state.pop("limits", None)
     if held is None or request.gateway is None:
         return
+    plan = held.plan
+    ops: list[Take | Add] = []
+    if held.slot:
+        ops.append(plan.slot(held.ttl_s)[1])
+    tpm = plan.tpm
+    if held.tokens and tpm is not None:
+        usage = request.usage
+        if usage is not None:  # an answer (from a backend or the cache): what it really cost
+            used = (usage.prompt if usage.prompt is not None else held.prompt) + (usage.completion or 0)
+        elif status == 200:  # a stream cut short: the backend may have done it all
+            used = held.tokens
+        else:  # refused, failed, or the client left before the answer started
+            used = 0
+        if used != held.tokens:
+            ops.append(_new_take(Take, (plan.tpm_key, used - held.tokens, tpm, plan.tpm_per_s, True)))
+    if not ops:
+        return
     shared = request.gateway.shared_state
-    try:
-        if held.slot:
-            key, ttl = held.plan.conc_key, held.ttl_s
-            _, now = await shared.add(key, -1, ttl_s=ttl)
-            if now < 0:  # the count expired while this request ran: back to zero, not below
-                await shared.add(key, -now, ttl_s=ttl)
-    finally:
-        tpm = held.plan.tpm
-        if held.tokens and tpm is not None:
-            usage = request.usage
-            if usage is not None:  # an answer (from a backend or the cache): what it really cost
-                used = (usage.prompt if usage.prompt is not None else held.prompt) + (usage.completion or 0)
-            elif status == 200:  # a stream cut short: the backend may have done it all
-                used = held.tokens
-            else:  # refused, failed, or the client left before the answer started
-                used = 0
-            if used != held.tokens:
-                await shared.take(held.plan.tpm_key, used - held.tokens, capacity=tpm,
-                                  per_s=held.plan.tpm_per_s, force=True)
+    results = await shared.apply(ops)  # a release and a settlement: never refused
+    if held.slot:
+        now = results[0][1]
+        if now < 0:  # the count expired while this request ran: back to zero, not below
+            await shared.add(plan.conc_key, -now, ttl_s=held.ttl_s)
 
 
 def estimate(request: GatewayRequest, settings: LimitSettings = DEFAULTS) -> tuple[int, int, bool]:
