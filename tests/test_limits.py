@@ -231,29 +231,30 @@ def test_max_concurrency_frees_a_slot_when_a_stream_ends_and_when_its_client_lea
     wait_until(lambda: upstream.disconnects == 2)  # both streams the clients left were cut upstream too
 
 
-def test_a_refused_request_takes_nothing(comox_serve, comox_upstream):
+def test_a_refused_request_takes_no_tokens_and_counts_as_a_request(comox_serve, comox_upstream):
     gateway = Gateway(comox_serve, comox_upstream, {"rpm": 10, "tpm": 1000, "max_concurrency": 1})
     with contextlib.ExitStack() as stack:
         comox_upstream.faults.append(Fault(stall_after_chunks=1))
         held = gateway.stream(stack, max_tokens=50)  # 1 request, 61 tokens, the slot
         refused = gateway.chat(max_tokens=50)  # fits the rpm and the tpm, but no slot is free
         assert refused.status_code == 429 and "Concurrency limit reached" in refused.json()["error"]["message"]
-        assert refused.headers["x-ratelimit-remaining-requests"] == "9"
-        assert refused.headers["x-ratelimit-remaining-tokens"] == "939"
+        assert refused.headers["x-ratelimit-remaining-requests"] == "8"  # as OpenAI counts unsuccessful requests
+        assert refused.headers["x-ratelimit-remaining-tokens"] == "939"  # its 61 were never taken
         gateway.close(held)  # a stream cut short keeps its whole estimate
     answered = gateway.chat(max_tokens=50)
-    assert answered.headers["x-ratelimit-remaining-requests"] == "8"
+    assert answered.headers["x-ratelimit-remaining-requests"] == "7"
     assert answered.headers["x-ratelimit-remaining-tokens"] == str(1000 - 61 - 61)
 
 
-def test_a_request_refused_on_tokens_takes_no_request(comox_serve, comox_upstream):
-    gateway = Gateway(comox_serve, comox_upstream, {"rpm": 2, "tpm": 100})
+def test_a_request_refused_on_tokens_takes_none_and_counts_as_a_request(comox_serve, comox_upstream):
+    gateway = Gateway(comox_serve, comox_upstream, {"rpm": 3, "tpm": 100})
     assert gateway.chat(max_tokens=85).status_code == 200  # settled at 8: 92 tokens left
-    for _ in range(3):
-        refused = gateway.chat(max_tokens=85)  # 96 tokens wanted: refused, and the request not counted
-        assert refused.status_code == 429 and refused.headers["x-ratelimit-remaining-requests"] == "1"
-    gateway.clock.now += 3
-    assert gateway.chat(max_tokens=85).status_code == 200  # the rpm still had room for it
+    for left in ("1", "0"):
+        refused = gateway.chat(max_tokens=85)  # 96 tokens wanted: refused
+        assert refused.status_code == 429 and "tokens per min" in refused.json()["error"]["message"]
+        assert refused.headers["x-ratelimit-remaining-requests"] == left
+        assert refused.headers["x-ratelimit-remaining-tokens"] == "92"
+    assert "requests per min" in gateway.chat(max_tokens=85).json()["error"]["message"]
 
 
 def test_a_concurrency_count_left_behind_expires_and_never_goes_below_zero(comox_serve, comox_upstream):

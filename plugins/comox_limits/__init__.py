@@ -139,8 +139,7 @@ async def comox_admit(request: GatewayRequest, principal: Principal) -> None:
     settings: LimitSettings = gateway.plugin_settings("limits") or DEFAULTS
     shared = gateway.shared_state
     rpm, tpm, concurrency = plan.rpm, plan.tpm, plan.concurrency
-    # Every limit in one atomic step (one round trip to Redis), all or
-    # nothing: a refused request takes nothing.
+    # Every limit in one atomic step (one round trip to Redis), all or nothing.
     ops: list[Take | Add] = []
     if rpm is not None:
         ops.append(plan.rpm_take)
@@ -161,8 +160,11 @@ async def comox_admit(request: GatewayRequest, principal: Principal) -> None:
         for result in judged:
             if not result[0]:
                 admitted = False
-    # Refused, nothing was taken: the headers show the buckets as they are.
-    shown = judged if admitted else await shared.apply([op._replace(amount=0) for op in ops if isinstance(op, Take)])
+    # Refused, nothing was taken. A request refused for tokens or concurrency
+    # still counts against the rpm, as OpenAI counts unsuccessful requests;
+    # the headers show the buckets as they are then.
+    shown = judged if admitted else await shared.apply(
+        [op if op is plan.rpm_take else op._replace(amount=0) for op in ops if isinstance(op, Take)])
     assert shown is not None
     if rpm is not None:
         _headers(request, plan.rpm_header, REQUESTS, cast(Bucket, shown[0]))
