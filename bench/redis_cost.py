@@ -50,10 +50,16 @@ import comox  # noqa: E402
 ROUNDS = 4  # turns taken between the two gateways
 
 
+# --limits: what every caller is held to (never reached), passed on to the gateway processes.
+LIMITS = {"rpm": {"rpm": 10**9},
+          "all": {"rpm": 10**9, "tpm": 10**12, "max_concurrency": 10**5}}[os.environ.get("COMOX_BENCH_LIMITS", "rpm")]
+
+
 @comox.hookimpl
 def comox_authenticate() -> comox.Principal:
-    """Every caller has an rpm (never reached): each request takes from its bucket."""
-    return comox.Principal(key_id="bench", limits={"rpm": 10**9})
+    """Every caller has an rpm (never reached; with ``--limits all`` a tpm and
+    a max_concurrency too, as a production key): each request takes from its bucket."""
+    return comox.Principal(key_id="bench", limits=LIMITS)
 
 
 def create_app() -> comox.ComoxApp:
@@ -189,11 +195,16 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=5000, help="operations of each kind in process (default 5000)")
     parser.add_argument("--requests", type=int, default=2000, help="requests of each kind end to end (default 2000)")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="bound on each part (default 60)")
+    parser.add_argument("--limits", choices=["rpm", "all"], default="rpm",
+                        help="the callers' limits end to end: an rpm (default), or rpm, tpm and max_concurrency")
+    parser.add_argument("--end-to-end-only", action="store_true", help="skip the in-process part")
     args = parser.parse_args()
+    os.environ["COMOX_BENCH_LIMITS"] = args.limits
     with tempfile.TemporaryDirectory() as tmp:
         redis_proc, url = start_redis(tmp)
         try:
-            asyncio.run(in_process(url, args.n, args.max_seconds))
+            if not args.end_to_end_only:
+                asyncio.run(in_process(url, args.n, args.max_seconds))
             end_to_end(url, tmp, args.requests, args.max_seconds)
         finally:
             stop(redis_proc)
