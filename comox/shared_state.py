@@ -161,13 +161,14 @@ class MemoryState:
         refused = False
         buckets, counters = self._buckets, self._counters
         for op in ops:
+            key = op[0]
             result: Bucket | tuple[bool, float]
             if isinstance(op, Take):
-                saved.append((buckets, op[0], buckets.get(op[0])))
-                result = self._take(*op)
+                saved.append((buckets, key, buckets.get(key)))
+                result = self._take(key, op[1], op[2], op[3], op[4])
             else:
-                saved.append((counters, op[0], counters.get(op[0])))
-                result = self._add(*op)
+                saved.append((counters, key, counters.get(key)))
+                result = self._add(key, op[1], op[2], op[3])
             if not result[0]:
                 refused = True
             results.append(result)

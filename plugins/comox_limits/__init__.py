@@ -25,7 +25,7 @@ from typing import Any, cast
 from pydantic import BaseModel, ConfigDict, Field
 
 import comox
-from comox import Add, Bucket, GatewayRequest, Principal, RateLimited, Take
+from comox import Add, Bucket, GatewayRequest, Principal, RateLimited, SharedState, Take
 
 __all__ = ["LimitSettings", "estimate", "duration"]
 
@@ -154,50 +154,57 @@ async def comox_admit(request: GatewayRequest, principal: Principal) -> None:
         ops.append(_new_take(Take, (plan.tpm_key, amount, tpm, plan.tpm_per_s, False)))
     if concurrency is not None:
         ops.append(plan.slot(settings.concurrency_ttl_s)[0])
-    judged = None if too_large else await shared.apply(ops)
-    admitted = judged is not None
-    if judged is not None:
-        for result in judged:
+    if not too_large:
+        results = await shared.apply(ops)
+        for result in results:
             if not result[0]:
-                admitted = False
-    # Refused, nothing was taken. A request refused for tokens or concurrency
-    # still counts against the rpm, as OpenAI counts unsuccessful requests;
-    # the headers show the buckets as they are then.
-    shown = judged if admitted else await shared.apply(
-        [op if op is plan.rpm_take else op._replace(amount=0) for op in ops if isinstance(op, Take)])
-    assert shown is not None
+                break
+        else:  # admitted
+            if rpm is not None:
+                _headers(request, plan.rpm_header, REQUESTS, results[0])  # type: ignore[arg-type]
+            if tpm is not None:
+                _headers(request, plan.tpm_header, TOKENS, results[1 if rpm is not None else 0])  # type: ignore[arg-type]
+            held = request.state["limits"] = Held(plan, settings.concurrency_ttl_s)
+            if tpm is not None:
+                held.tokens, held.prompt = amount, prompt
+            held.slot = concurrency is not None
+            return
+    raise await _refusal(request, shared, plan, ops, None if too_large else results, amount)
+
+
+async def _refusal(request: GatewayRequest, shared: SharedState, plan: Plan, ops: list[Take | Add],
+                   judged: list[Bucket | tuple[bool, float]] | None, amount: int) -> RateLimited:
+    """Why the request is refused (``judged``: the refused batch's results;
+    None: too large for the tpm), with the headers of the buckets as they are
+    then. Nothing was taken, but a request refused for tokens or concurrency
+    still counts against the rpm, as OpenAI counts unsuccessful requests."""
+    rpm, tpm, key_id = plan.rpm, plan.tpm, plan.key_id
+    shown = await shared.apply([op if op is plan.rpm_take else op._replace(amount=0) for op in ops if isinstance(op, Take)])
     if rpm is not None:
         _headers(request, plan.rpm_header, REQUESTS, cast(Bucket, shown[0]))
     if tpm is not None:
         _headers(request, plan.tpm_header, TOKENS, cast(Bucket, shown[1 if rpm is not None else 0]))
-    if admitted:
-        held = request.state["limits"] = Held(plan, settings.concurrency_ttl_s)
-        held.tokens, held.prompt, held.slot = (amount, prompt, concurrency is not None) if tpm is not None else \
-            (0, 0, concurrency is not None)
-        return
-    if too_large:
-        raise RateLimited(  # OpenAI's answer: 429, and no retry-after (waiting cannot help)
+    if judged is None:
+        return RateLimited(  # OpenAI's answer: 429, and no retry-after (waiting cannot help)
             f"Request too large for key {key_id!r} on tokens per min (TPM): Limit {tpm}, Requested {amount}. "
             "The input or output tokens must be reduced in order to run successfully.")
-    assert judged is not None
-    requests, tokens, slot = iter(judged), None, None
-    bucket = next(requests) if rpm is not None else None
+    results = iter(judged)
+    if rpm is not None:
+        bucket = cast(Bucket, next(results))
+        if not bucket.allowed:
+            return RateLimited(
+                f"Rate limit reached for key {key_id!r} on requests per min (RPM): Limit {rpm}. "
+                f"Please try again in {duration(bucket.retry_after_s)}.", retry_after=_seconds(bucket.retry_after_s))
     if tpm is not None:
-        tokens = next(requests)
-    if concurrency is not None:
-        slot = next(requests)
-    if isinstance(bucket, Bucket) and not bucket.allowed:
-        raise RateLimited(
-            f"Rate limit reached for key {key_id!r} on requests per min (RPM): Limit {rpm}. "
-            f"Please try again in {duration(bucket.retry_after_s)}.", retry_after=_seconds(bucket.retry_after_s))
-    if isinstance(tokens, Bucket) and not tokens.allowed:
-        raise RateLimited(
-            f"Rate limit reached for key {key_id!r} on tokens per min (TPM): Limit {tpm}, "
-            f"Remaining {int(tokens.remaining)}, Requested {amount}. Please try again in {duration(tokens.retry_after_s)}.",
-            retry_after=_seconds(tokens.retry_after_s))
-    assert slot is not None
-    raise RateLimited(f"Concurrency limit reached for key {key_id!r}: {int(slot[1])} requests in flight, "
-                      f"max_concurrency {concurrency}. Please try again when one has finished.", retry_after=1)
+        tokens = cast(Bucket, next(results))
+        if not tokens.allowed:
+            return RateLimited(
+                f"Rate limit reached for key {key_id!r} on tokens per min (TPM): Limit {tpm}, "
+                f"Remaining {int(tokens.remaining)}, Requested {amount}. Please try again in {duration(tokens.retry_after_s)}.",
+                retry_after=_seconds(tokens.retry_after_s))
+    slot = next(results)
+    return RateLimited(f"Concurrency limit reached for key {key_id!r}: {int(slot[1])} requests in flight, "
+                       f"max_concurrency {plan.concurrency}. Please try again when one has finished.", retry_after=1)
 
 
 @comox.hookimpl
