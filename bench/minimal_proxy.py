@@ -10,7 +10,7 @@ can be written, under uvicorn, forwarding to a fixed upstream.
 * ``pyreqwest``: one shared ``pyreqwest`` client (Rust's reqwest and hyper),
   the limit for a gateway whose client is not Python;
 * ``memory``: no upstream at all, uvicorn answering from memory;
-* ``comox-transport``: Comox's own ``AiohttpTransport`` (``comox_openai.transport``),
+* ``comox-transport``: Comox's own ``AiohttpTransport`` (``comox.transport``),
   to tell its cost apart from the rest of the gateway.
 
 ``MINPROXY_TUNE_GC=1`` tunes the garbage collector after startup as ``comox serve``
@@ -46,7 +46,7 @@ _client = None
 
 def _make_client():
     if CLIENT == "comox-transport":
-        from comox_openai.transport import AiohttpTransport
+        from comox.transport import AiohttpTransport
 
         return AiohttpTransport(default_headers={"content-type": "application/json"})
     if CLIENT == "pyreqwest":

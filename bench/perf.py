@@ -928,10 +928,10 @@ def profile(args, workdir: Path, nginx: Nginx, policy: str) -> None:
     body = workdir / "request.json"
     body.write_bytes(REQUEST_SSE if stream else REQUEST_JSON)
     cores = str(PROXY_CORE) if args.pin else None
-    if args.profile_target == "comox":
-        comox = Comox(nginx, workdir, cores, policy)
+    if args.profile_target.startswith("comox"):
+        comox = Comox(nginx, workdir, cores, policy, client=Comox.VARIANTS.get(args.profile_target))
     else:
-        comox = MinimalProxy("aiohttp", nginx, workdir, cores)
+        comox = MinimalProxy(args.profile_target.replace("minimal", "aiohttp"), nginx, workdir, cores)
     raw = Path(args.profile_out or workdir / "profile.txt")
     try:
         wrk(comox.url(stream), body, 16, 2, cores=load)
@@ -1014,7 +1014,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers-compare", action="store_true", help="comox serve --workers 1 vs 2")
     parser.add_argument("--routing", action="store_true", help="only the routing micro-benchmark (1,000 backends)")
     parser.add_argument("--profile", choices=["json", "sse"], help="py-spy profile of Comox under c=16 load")
-    parser.add_argument("--profile-target", choices=["comox", "minimal"], default="comox")
+    parser.add_argument("--profile-target", choices=["comox", "minimal", *Comox.VARIANTS, "limit-pyreqwest"],
+                        default="comox")
     parser.add_argument("--profile-out", help="where --profile writes py-spy's raw (collapsed) stacks")
     parser.add_argument("--top", type=int, default=30, help="rows of the --profile summary")
     parser.add_argument("--json", help="also write the raw results to this file")
