@@ -127,9 +127,10 @@ class Responder:
 
     async def error(self, exc: ComoxError, request_id: bytes, extra: Headers | None = None,
                     render: Callable[[ComoxError], tuple[int, Headers, bytes]] | None = None) -> None:
-        """Send ``exc`` as an OpenAI-format error, or, when the response has
-        already started, end it the only way left: an SSE error event for a
-        stream, else by raising so the server drops the connection."""
+        """Send ``exc`` as an OpenAI-format error (``render``: in another
+        API's format), or, when the response has already started, end it the
+        only way left: an SSE error event for a stream (:meth:`stream_error`),
+        else by raising so the server drops the connection."""
         if not self.started:
             status, headers, body = render(exc) if render is not None else (exc.status, exc.headers(), exc.to_bytes())
             headers = headers + [(b"x-request-id", request_id)]
@@ -137,15 +138,29 @@ class Responder:
         elif self.finished:
             pass  # the client has its whole answer; the error is only logged
         elif self.streaming:
-            await self.send({"type": "http.response.body", "body": b"\n\ndata: " + exc.to_bytes() + b"\n\n"})
+            await self.send({"type": "http.response.body", "body": b"\n\n" + self.stream_error(exc)})
             self.finished = True
         else:
             raise RuntimeError("error after the response started; dropping the connection") from exc
 
+    def stream_error(self, exc: ComoxError) -> bytes:
+        """The event(s) that end a started stream with ``exc``: in the
+        request's inbound API's format (:meth:`comox.InboundAPI.render_stream_error`),
+        else OpenAI's ``data: {"error": …}``."""
+        request = self.request
+        if request is not None and request.api is not None:
+            try:
+                return request.api.render_stream_error(request, exc)
+            except Exception:  # a plugin's bug: the stream still ends with an error
+                log.exception("%s's render_stream_error failed", request.api.name)
+        return b"data: " + exc.to_bytes() + b"\n\n"
+
     async def stream(self, receive: Receive, response: BackendResponse, headers: Headers) -> SentStream:
         """Forward ``response.stream`` chunk by chunk. A client that goes away
         cancels the upstream read (:mod:`comox.disconnects`); an upstream that
-        fails midway ends the stream with an error event, never a clean
+        fails midway ends the stream with an error event (:meth:`stream_error`:
+        the inbound API's, with the failure's own :class:`ComoxError` if it
+        raised one), never a clean
         ``[DONE]``. Returns what was sent, for the fleet's measurements
         (measured in the loop itself: a wrapping generator per stream would
         cost more than the measuring)."""
@@ -191,8 +206,12 @@ class Responder:
         except Exception as exc:
             watched.finished = True
             log.warning("stream from backend failed after the first byte: %r", exc)
-            error = UpstreamError("the backend failed in the middle of the response", code="stream_interrupted")
-            event = b"data: " + error.to_bytes() + b"\n\n"
+            api = self.request.api if self.request is not None else None
+            if api is not None and isinstance(exc, ComoxError):
+                error = exc  # the backend's or the translation's own account of it
+            else:
+                error = UpstreamError("the backend failed in the middle of the response", code="stream_interrupted")
+            event = self.stream_error(error)
             if not tail.endswith(b"\n\n"):
                 event = b"\n\n" + event  # close the partial event first
             await send({"type": "http.response.body", "body": event})

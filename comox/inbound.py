@@ -5,7 +5,7 @@ endpoints (keys, limits, cache, routing, failover).
 
 An inbound API translates its request to the internal, OpenAI-shaped one
 (``request.endpoint`` and ``request.json``), and the answer back; errors are
-rendered in its own format. A backend that speaks the API natively
+rendered in its own format, also one that ends a stream already started. A backend that speaks the API natively
 (:class:`comox.SupportsNativeAPI`) gets the client's bytes unchanged and
 answers in the API's own format, which is passed through untranslated.
 """
@@ -69,6 +69,16 @@ class InboundAPI(Protocol):
 
     def render_error(self, exc: ComoxError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """An error as this API's clients expect it: status, headers, body."""
+
+    def render_stream_error(self, request: GatewayRequest, exc: ComoxError) -> bytes:
+        """The SSE event(s) that end one of this API's streams, already
+        started, with ``exc``: a stream that broke off midway (``exc`` the
+        backend's :class:`comox.ComoxError`, else a 502 ``stream_interrupted``
+        :class:`comox.UpstreamError`) or an error after its start. Whole
+        events, each ending in a blank line; the core closes a partial event
+        first. Called for translated and natively passed-through streams
+        alike, so a translation that fails raises and sends no error of its
+        own (it may keep what it needs in ``request.state``)."""
 
 
 class InboundAPIs:

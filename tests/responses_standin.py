@@ -53,7 +53,7 @@ class ScriptedUpstream(StandInUpstream):
             raw += message.get("body", b"")
         self.requests.append({"path": scope["path"], "headers": {k.decode(): v.decode() for k, v in scope["headers"]},
                               "body": orjson.loads(raw), "raw": raw})
-        await self._native(send, orjson.loads(raw))
+        await self._native(send, orjson.loads(raw), self.faults.popleft() if self.faults else Fault())
 
     def _completion(self, payload: dict[str, Any], chat: bool) -> dict[str, Any]:
         if not chat:
@@ -105,8 +105,9 @@ class ScriptedUpstream(StandInUpstream):
                            "model": body.get("model"), "choices": [], "usage": answer.usage})
         return chunks
 
-    async def _native(self, send, body: dict[str, Any]) -> None:
-        """``/v1/responses`` as a server that speaks it answers."""
+    async def _native(self, send, body: dict[str, Any], fault: Fault) -> None:
+        """``/v1/responses`` as a server that speaks it answers (a stream
+        dropped after ``fault.close_after_chunks`` events)."""
         text = f"hello natively from {self.name}"
         message = {"type": "message", "id": "msg_native", "status": "completed", "role": "assistant",
                    "content": [{"type": "output_text", "text": text, "annotations": []}]}
@@ -122,6 +123,8 @@ class ScriptedUpstream(StandInUpstream):
                   ("response.completed", {"response": response})]
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         for n, (kind, data) in enumerate(events):
+            if fault.close_after_chunks is not None and n >= fault.close_after_chunks:
+                raise ConnectionAbortedError("stand-in drops the connection mid-stream")
             event = b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, "sequence_number": n, **data}) + b"\n\n"
             await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b""})

@@ -541,6 +541,10 @@ def test_a_stream_that_breaks_off_ends_with_an_error_event(setup):
     assert [name for name, _ in named][:3] == ["message_start", "content_block_start", "ping"]
     assert named[-1] == ("error", {"type": "error", "error": {"type": "api_error", "message": "the backend failed in the middle of the response"}})
     assert "message_stop" not in response.text
+    # One error, Anthropic's: no OpenAI-format `data: {"error": …}` line after it (no event is nameless).
+    events = events_of(response.text)
+    assert [name for name, _ in events].count("error") == 1 and all(name for name, _ in events)
+    assert 'data: {"error"' not in response.text and response.text.endswith("\n\n")
     setup.upstream.answers.append(Answer(content="one two three four", drop_after=3))
     with pytest.raises(anthropic.APIStatusError) as exc:
         with setup.client().messages.stream(model="chat", max_tokens=10, messages=HI) as stream:
@@ -606,6 +610,21 @@ def test_the_anthropic_sdk_through_a_native_backend(native):
     kinds = [event.type for event in client.messages.create(model="chat", max_tokens=20, messages=HI, stream=True)]
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and len(native.upstream.requests) == 3
     assert all(request["path"] == "/v1/messages" for request in native.upstream.requests)
+
+
+def test_a_native_stream_that_breaks_off_ends_with_an_anthropic_error_event(native):
+    native.upstream.replies.append(Reply(content=[text("one two three")], drop_after_events=3))
+    response = native.post({"model": "chat", "max_tokens": 10, "stream": True, "messages": HI})
+    events = events_of(response.text)
+    assert events[0][0] == "message_start" and "content_block_start" in [name for name, _ in events]
+    assert events[-1] == ("error", {"type": "error", "error": {"type": "api_error", "message": "the backend failed in the middle of the response"}})
+    assert [name for name, _ in events].count("error") == 1 and all(name for name, _ in events)
+    assert 'data: {"error"' not in response.text and "message_stop" not in response.text
+    native.upstream.replies.append(Reply(content=[text("one two three")], drop_after_events=3))
+    with pytest.raises(anthropic.APIStatusError) as exc:
+        with native.client().messages.stream(model="chat", max_tokens=10, messages=HI) as stream:
+            stream.get_final_message()
+    assert exc.value.body["error"]["type"] == "api_error"
 
 
 def test_an_anthropic_backend_gets_an_anthropic_clients_bytes(comox_serve, monkeypatch):

@@ -211,6 +211,10 @@ def test_failure_after_first_byte_ends_with_error_event(comox_gateway, comox_ups
     assert b"[DONE]" not in text
     events = [line for line in text.split(b"\n\n") if line.startswith(b"data: ")]
     assert orjson.loads(events[-1][6:])["error"]["code"] == "stream_interrupted"
+    # OpenAI's format, byte for byte: one nameless `data:` event ends the stream.
+    assert text.endswith(b'\n\ndata: {"error":{"message":"the backend failed in the middle of the response",'
+                         b'"type":"upstream_error","param":null,"code":"stream_interrupted"}}\n\n')
+    assert b"event:" not in text and text.count(b'data: {"error"') == 1
 
     comox_upstream.faults.append(Fault(close_after_chunks=2))
     stream = client_for(comox_gateway).chat.completions.create(model="test-model", messages=CHAT, stream=True)

@@ -267,6 +267,9 @@ class MessagesAPI:
     def render_error(self, exc):
         return exc.status, [(b"content-type", b"application/json")], exc.to_bytes()
 
+    def render_stream_error(self, request, exc):
+        return b"data: " + exc.to_bytes() + b"\n\n"
+
     @comox.hookimpl
     def comox_inbound_apis(self, gateway):
         return [self]

@@ -35,6 +35,9 @@ class EchoAPI:
     def render_error(self, exc):
         return exc.status, [(b"content-type", b"application/json")], orjson.dumps({"echo_error": exc.message})
 
+    def render_stream_error(self, request, exc):
+        return b"event: echo_error\ndata: " + orjson.dumps({"echo_error": exc.message}) + b"\n\n"
+
 
 class Plugin:
     @comox.hookimpl
@@ -113,6 +116,9 @@ class HeaderAPI:
     def render_error(self, exc):
         return exc.status, [(b"content-type", b"application/json")], orjson.dumps({"header_error": exc.message})
 
+    def render_stream_error(self, request, exc):
+        return b"event: header_error\ndata: " + orjson.dumps({"header_error": exc.message}) + b"\n\n"
+
 
 def test_an_api_may_claim_a_shared_path_by_the_requests_headers_and_answer_from_the_body(comox_serve, upstreams):
     class Plugin:
@@ -124,3 +130,29 @@ def test_an_api_may_claim_a_shared_path_by_the_requests_headers_and_answer_from_
     assert httpx.get(f"{server.url}/v1/models", headers={"x-echo-version": "1"}).json() == {"echo_models": True}
     assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"] == "m"  # everyone else: the core's list
     assert httpx.post(f"{server.url}/v1/echo/count", content=b"12345").json() == {"bytes": 5}
+
+
+def test_an_error_in_a_started_stream_is_an_event_in_the_apis_format():
+    """Responder.error once a stream has started: the request's API renders the
+    event (render_stream_error); an OpenAI request gets OpenAI's ``data:`` line."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from comox.asgi_io import Responder
+
+    def ended(request):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        responder = Responder(send, request)
+        responder.started = responder.streaming = True
+        asyncio.run(responder.error(comox.UpstreamError("it broke"), b"rid"))
+        assert responder.finished and len(sent) == 1
+        return sent[0]["body"]
+
+    assert ended(SimpleNamespace(api=EchoAPI())) == b'\n\nevent: echo_error\ndata: {"echo_error":"it broke"}\n\n'
+    assert ended(SimpleNamespace(api=None)) == (b'\n\ndata: {"error":{"message":"it broke","type":"upstream_error",'
+                                                b'"param":null,"code":"bad_gateway"}}\n\n')
+    assert ended(None) == ended(SimpleNamespace(api=None))

@@ -93,6 +93,25 @@ def events_of(server, body):
     return events
 
 
+def raw_stream(server, body):
+    """The bytes of a streamed create."""
+    with httpx.stream("POST", f"{server.url}/v1/responses", json={**body, "stream": True}, timeout=30) as reply:
+        assert reply.status_code == 200 and reply.headers["content-type"] == "text/event-stream"
+        return b"".join(reply.iter_bytes())
+
+
+def events_of_raw(raw):
+    """The ``data`` of each SSE event in ``raw``, each named by its ``event:`` line."""
+    events = []
+    for block in raw.decode().split("\n\n"):
+        if block.strip():
+            name, data = block.split("\n")
+            event = orjson.loads(data.removeprefix("data: "))
+            assert name == f"event: {event['type']}"
+            events.append(event)
+    return events
+
+
 # -- create, translated ---------------------------------------------------------------
 
 
@@ -393,12 +412,42 @@ def test_a_stream_that_breaks_off_ends_failed_and_is_not_stored(comox_serve, scr
     server = serve(comox_serve, upstream, observed)
     upstream.answers.append(Answer(content="one two three four"))
     upstream.faults.append(Fault(close_after_chunks=3))
-    seen = []
-    with pytest.raises(openai.APIError):
-        for event in client(server).responses.create(model="m", input="count", stream=True):
-            seen.append(event.type)
-    assert seen[-1] == "response.failed" and "response.completed" not in seen
+    # As from OpenAI: events the SDK yields, the error's and then the failed response.
+    events = list(client(server).responses.create(model="m", input="count", stream=True))
+    seen = [event.type for event in events]
+    assert seen[:2] == ["response.created", "response.in_progress"] and "response.output_text.delta" in seen
+    assert seen[-2:] == ["error", "response.failed"] and "response.completed" not in seen
+    assert events[-2].code == "stream_interrupted" and events[-2].message == "the backend failed in the middle of the response"
+    assert events[-1].response.status == "failed" and events[-1].response.error.message == events[-2].message
     assert observed.sets == []
+    # On the wire: typed events only, numbered on without a gap; no OpenAI `data: {"error": …}` line.
+    upstream.answers.append(Answer(content="one two three four"))
+    upstream.faults.append(Fault(close_after_chunks=3))
+    raw = raw_stream(server, {"model": "m", "input": "count"})
+    assert b'data: {"error"' not in raw
+    typed = events_of_raw(raw)
+    adapter = pydantic.TypeAdapter(ResponseStreamEvent)
+    for event in typed:
+        adapter.validate_python(event)  # the SDK's own (strict) event models
+    assert [event["sequence_number"] for event in typed] == list(range(len(typed)))
+    assert [event["type"] for event in typed][-2:] == ["error", "response.failed"]
+    assert [event["type"] for event in typed].count("error") == 1
+    assert observed.sets == []
+
+
+def test_a_native_stream_that_breaks_off_ends_with_a_responses_error_event(comox_serve, scripted):
+    upstream = scripted("native")
+    server = serve(comox_serve, upstream, native_apis=["responses"])
+    upstream.faults.append(Fault(close_after_chunks=2))
+    raw = raw_stream(server, {"model": "m", "input": "hi"})
+    assert b'data: {"error"' not in raw
+    events = events_of_raw(raw)
+    assert [event["type"] for event in events] == ["response.created", "response.output_text.delta", "error"]
+    assert events[-1] == {"type": "error", "code": "stream_interrupted", "param": None,
+                          "message": "the backend failed in the middle of the response"}
+    upstream.faults.append(Fault(close_after_chunks=2))
+    seen = [event.type for event in client(server).responses.create(model="m", input="hi", stream=True)]
+    assert seen == ["response.created", "response.output_text.delta", "error"]
 
 
 BAD = [

@@ -201,6 +201,12 @@ class MessagesAPI:
         status, body = openai_to_anthropic_error(exc.status, exc.body())
         return status, exc.headers(), orjson.dumps(body)
 
+    def render_stream_error(self, request: GatewayRequest, exc: ComoxError) -> bytes:
+        """The ``error`` event that ends a stream, translated or passed
+        through, its type following the status as in :meth:`render_error`."""
+        _, body = openai_to_anthropic_error(exc.status, exc.body())
+        return _stream_error(body["error"]["message"], body["error"]["type"])
+
 
 def _json(obj: Json) -> BackendResponse:
     return BackendResponse(200, [JSON], body=orjson.dumps(obj))
@@ -251,8 +257,9 @@ async def translate_stream(response: BackendResponse, pending: Pending) -> Async
     """An OpenAI chunk stream (its first chunk in ``response.head``) as
     Anthropic's events, a batch per chunk read. The backend's own error event
     becomes an ``error`` event that ends the stream; a stream that breaks off,
-    or ends before its ``[DONE]`` without a finish reason, ends with an
-    ``error`` event and raises, so the gateway counts the failure."""
+    or ends before its ``[DONE]`` without a finish reason, raises, so the
+    gateway counts the failure and ends the stream with the one ``error``
+    event (:meth:`MessagesAPI.render_stream_error`)."""
     assert response.stream is not None
     translator = OpenAIStreamTranslator(model=pending.model, message_id="", input_tokens=pending.input_tokens,
                                         stop_sequences=pending.stop_sequences)
@@ -266,36 +273,31 @@ async def translate_stream(response: BackendResponse, pending: Pending) -> Async
         async for piece in response.stream:  # type: ignore[union-attr]
             yield piece
 
-    try:
-        async for data in reads():
-            events: list[Json] = []
-            for _, text in decoder.feed(data):
-                if text.strip() == "[DONE]":
-                    done = True
-                    break
-                try:
-                    chunk = orjson.loads(text)
-                except orjson.JSONDecodeError:
-                    continue
-                if not isinstance(chunk, dict):
-                    continue
-                if not translator.started:
-                    translator.id = str(chunk.get("id") or "msg_comox")
-                events += translator.feed(chunk)
-                if events and events[-1]["type"] == "error":
-                    yield anthropic_sse(events)
-                    return  # the backend's error ends the stream
-            if events:
-                events, pinged = _with_ping(events, pinged)
-                yield anthropic_sse(events)
-            if done:
+    async for data in reads():
+        events: list[Json] = []
+        for _, text in decoder.feed(data):
+            if text.strip() == "[DONE]":
+                done = True
                 break
-    except Exception:
-        yield _stream_error("the backend failed in the middle of the response")
-        raise
+            try:
+                chunk = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(chunk, dict):
+                continue
+            if not translator.started:
+                translator.id = str(chunk.get("id") or "msg_comox")
+            events += translator.feed(chunk)
+            if events and events[-1]["type"] == "error":
+                yield anthropic_sse(events)
+                return  # the backend's error ends the stream
+        if events:
+            events, pinged = _with_ping(events, pinged)
+            yield anthropic_sse(events)
+        if done:
+            break
     if not done and not translator.finished:
-        yield _stream_error("the backend's stream ended before its answer did")
-        raise comox.UpstreamError("the backend's stream ended before [DONE]", code="stream_interrupted")
+        raise comox.UpstreamError("the backend's stream ended before its answer did", code="stream_interrupted")
     events, pinged = _with_ping(translator.finish(), pinged)
     yield anthropic_sse(events)
 

@@ -18,7 +18,7 @@ from comox import BackendResponse, ComoxError, GatewayRequest, InvalidRequest, M
 from .openapi import responses_openapi
 from .output import from_chat
 from .store import Store
-from .stream import translate_stream
+from .stream import Translation, translate_stream
 from .translate import Pending, chat_messages, parse_request
 
 __all__ = ["ResponsesAPI", "native_models"]
@@ -31,6 +31,7 @@ JSON = [(b"content-type", b"application/json")]
 SSE = [(b"content-type", b"text/event-stream")]
 # Upstream headers a translated answer does not keep: it has a body of its own.
 NOT_KEPT = frozenset({b"content-type", b"content-length", b"content-encoding", b"etag"})
+TRANSLATION = "responses.translation"  # request.state: a translated stream's Translation
 
 
 def native_models(settings: comox.Settings) -> dict[str, bool]:
@@ -136,7 +137,9 @@ class ResponsesAPI:
             await self.store.save(principal, answer, items)
 
         if response.stream is not None:
-            stream = translate_stream(pending, response.head, response.stream, save if pending.store else None)
+            # Kept for render_stream_error, should the stream break off.
+            translation = request.state[TRANSLATION] = Translation(pending)
+            stream = translate_stream(translation, response.head, response.stream, save if pending.store else None)
             return BackendResponse(200, SSE + headers, stream=stream, close=response.aclose)
         return self._answer(pending, response, headers, save)
 
@@ -160,6 +163,18 @@ class ResponsesAPI:
     def render_error(self, exc: ComoxError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         # The Responses API answers errors as chat completions do.
         return exc.status, exc.headers(), exc.to_bytes()
+
+    def render_stream_error(self, request: GatewayRequest, exc: ComoxError) -> bytes:
+        """A translated stream ends with ``error`` and ``response.failed``,
+        numbered on from its last event; a passed-through one (whose numbers
+        Comox does not follow) with an ``error`` event without a number."""
+        translation = request.state.get(TRANSLATION)
+        if isinstance(translation, Translation):
+            if translation.failed:  # (its response.failed already sent)
+                return translation.event("error", code=exc.code, message=exc.message, param=exc.param)
+            return b"".join(translation.fail({"code": exc.code, "message": exc.message, "param": exc.param}))
+        error = {"type": "error", "code": exc.code, "message": exc.message, "param": exc.param}
+        return b"event: error\ndata: " + orjson.dumps(error) + b"\n\n"
 
 
 def _json(obj: dict[str, Any]) -> BackendResponse:

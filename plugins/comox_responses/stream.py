@@ -9,8 +9,8 @@ their ``.done`` events and ``response.output_item.done``; and last
 ``response.completed`` (``response.incomplete`` when the answer was cut short)
 with the whole response. An item is done when the next one starts. A stream
 the backend ends with an error event ends with ``error`` and
-``response.failed``; one that breaks off sends ``response.failed`` before the
-gateway's own error event.
+``response.failed``, and so does one that breaks off (the gateway asks for
+them: ``ResponsesAPI.render_stream_error``), their sequence numbers going on.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import orjson
 from .output import call_item, obj, message_item, reasoning_item, reasoning_of, response_object, status_of, usage_of
 from .translate import Pending, new_id
 
-__all__ = ["translate_stream", "sse_data"]
+__all__ = ["Translation", "translate_stream", "sse_data"]
 
 log = logging.getLogger("comox.responses")
 
@@ -201,41 +201,39 @@ class Translation:
         return out
 
 
-async def translate_stream(pending: Pending, head: bytes | None, stream: AsyncIterator[bytes],
+async def translate_stream(translation: Translation, head: bytes | None, stream: AsyncIterator[bytes],
                            save: Callable[[dict[str, Any]], Awaitable[None]] | None) -> AsyncIterator[bytes]:
     """The Responses API's events for a chat completion stream (``head``: its
-    first chunk, already read by the core). The finished response is passed
-    to ``save`` before its last event is sent, so a client that has it can
-    continue it at once, on any replica."""
-    translation = Translation(pending)
+    first chunk, already read by the core), made by ``translation``. The
+    finished response is passed to ``save`` before its last event is sent, so
+    a client that has it can continue it at once, on any replica. A stream
+    that breaks off raises, sending nothing more: the gateway ends it with
+    ``translation.fail(…)`` (:meth:`ResponsesAPI.render_stream_error`)."""
+    pending = translation.pending
     buffer = b""
     first = True
-    try:
-        async for chunk in _chunks(head, stream):
-            out = translation.start() if first else []
-            first = False
-            datas, buffer = sse_data(buffer + chunk)
-            ended = False
-            for data in datas:
-                if data == b"[DONE]":
-                    ended = True
-                    break
-                try:
-                    parsed = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    log.debug("not JSON in the stream answering %s: %r", pending.id, data[:200])
-                    continue
-                if isinstance(parsed, dict):
-                    out += translation.data(parsed)
-                if translation.failed:
-                    break
-            if out:
-                yield b"".join(out)
-            if ended or translation.failed:
+    async for chunk in _chunks(head, stream):
+        out = translation.start() if first else []
+        first = False
+        datas, buffer = sse_data(buffer + chunk)
+        ended = False
+        for data in datas:
+            if data == b"[DONE]":
+                ended = True
                 break
-    except Exception:
-        yield b"".join(translation.fail())
-        raise
+            try:
+                parsed = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                log.debug("not JSON in the stream answering %s: %r", pending.id, data[:200])
+                continue
+            if isinstance(parsed, dict):
+                out += translation.data(parsed)
+            if translation.failed:
+                break
+        if out:
+            yield b"".join(out)
+        if ended or translation.failed:
+            break
     if translation.failed:
         return
     out = translation.start() if first else []  # an empty stream: still a whole response
