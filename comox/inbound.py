@@ -5,9 +5,10 @@ endpoints (keys, limits, cache, routing, failover).
 
 An inbound API translates its request to the internal, OpenAI-shaped one
 (``request.endpoint`` and ``request.json``), and the answer back; errors are
-rendered in its own format, also one that ends a stream already started. A backend that speaks the API natively
-(:class:`comox.SupportsNativeAPI`) gets the client's bytes unchanged and
-answers in the API's own format, which is passed through untranslated.
+rendered in its own format, also one that ends a stream already started. A
+backend that speaks the API natively (:class:`comox.SupportsNativeAPI`) gets
+the client's bytes unchanged and answers in the API's own format, which is
+passed through untranslated.
 """
 
 from __future__ import annotations
