@@ -79,17 +79,9 @@ def events_of(server, body):
     """The SSE events of a streamed create, each checked against the SDK's own
     (strict) event models."""
     adapter = pydantic.TypeAdapter(ResponseStreamEvent)
-    with httpx.stream("POST", f"{server.url}/v1/responses", json={**body, "stream": True}, timeout=30) as reply:
-        assert reply.status_code == 200 and reply.headers["content-type"] == "text/event-stream"
-        text = b"".join(reply.iter_bytes())
-    events = []
-    for block in text.decode().split("\n\n"):
-        if block.strip():
-            name, data = block.split("\n")
-            event = orjson.loads(data.removeprefix("data: "))
-            assert name == f"event: {event['type']}"
-            adapter.validate_python(event)
-            events.append(event)
+    events = events_of_raw(raw_stream(server, body))
+    for event in events:
+        adapter.validate_python(event)
     return events
 
 
