@@ -49,9 +49,16 @@ def serve(tmp_path, comox_upstream):
 
 
 def workers(proc: subprocess.Popen) -> list[psutil.Process]:
-    """The supervisor's worker processes (not multiprocessing's resource tracker)."""
-    return [child for child in psutil.Process(proc.pid).children()
-            if any("spawn_main" in part for part in child.cmdline())]
+    """The supervisor's live worker processes (not multiprocessing's resource
+    tracker; not a killed one the supervisor has yet to reap, a zombie)."""
+    found = []
+    for child in psutil.Process(proc.pid).children():
+        try:
+            if any("spawn_main" in part for part in child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:  # gone, or a zombie (ZombieProcess is one)
+            pass
+    return found
 
 
 def listening(proc: subprocess.Popen, port: int) -> set[int]:
