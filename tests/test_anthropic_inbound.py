@@ -58,6 +58,8 @@ class Answer:
     """For a stream: an OpenAI error event after this many chunks, then the end."""
     drop_after: int | None = None
     """For a stream: drop the connection after this many chunks."""
+    end_after: int | None = None
+    """For a stream: end it cleanly, without ``[DONE]``, after this many chunks."""
     garbage: Any = None
     """For JSON: answer this instead of a chat completion."""
 
@@ -113,6 +115,9 @@ class ScriptedChat(StandInUpstream):
         for i, data in enumerate(chunks):
             if i == answer.drop_after:
                 raise ConnectionAbortedError("the stand-in drops the stream")
+            if i == answer.end_after:
+                await send({"type": "http.response.body", "body": b""})
+                return
             if i == answer.error_after:
                 error = {"error": {"message": "the engine ran out of memory", "type": "server_error", "param": None, "code": None}}
                 await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(error) + b"\n\n"})
@@ -550,6 +555,16 @@ def test_a_stream_that_breaks_off_ends_with_an_error_event(setup):
         with setup.client().messages.stream(model="chat", max_tokens=10, messages=HI) as stream:
             stream.get_final_message()
     assert exc.value.body["error"]["type"] == "api_error"
+
+
+def test_a_stream_that_ends_before_its_answer_ends_with_an_error_event(setup):
+    setup.upstream.answers.append(Answer(content="one two three four", end_after=3))  # no finish, no [DONE]
+    response = setup.post({"model": "chat", "max_tokens": 10, "stream": True, "messages": HI})
+    events = events_of(response.text)
+    assert events[-1] == ("error", {"type": "error", "error": {
+        "type": "api_error", "message": "the backend's stream ended before its answer did"}})
+    assert [name for name, _ in events].count("error") == 1 and all(name for name, _ in events)
+    assert "message_stop" not in response.text and 'data: {"error"' not in response.text
 
 
 def test_the_backends_error_event_becomes_an_error_event(setup):
