@@ -70,6 +70,13 @@ def llama_processes():
     started: list[LlamaProcess] = []
 
     def start(port=None):
+        # free_port() can hand out the same port again before a server loading
+        # its model has bound the first: never give two servers of a test one port.
+        if port is None:
+            taken = {process.port for process in started}
+            port = free_port()
+            while port in taken:
+                port = free_port()
         process = LlamaProcess(model, port)
         started.append(process)
         return process
