@@ -1,9 +1,10 @@
 """``RedisState``: a :class:`comox.SharedState` kept in Redis (or Valkey).
 
-Every operation is one atomic server-side step: the token bucket, the
-capped counter and ``apply`` (several of both, all or nothing, in one round
-trip) are Lua scripts (the bucket refills by Redis' own ``TIME``, so
-replicas whose clocks disagree still share one bucket); values are plain
+Every operation is one atomic server-side step: token buckets and capped
+counters are one Lua script, for ``apply`` (several of both, all or nothing,
+in one round trip) and for ``take`` and ``add`` (one op each); buckets refill
+by Redis' own ``TIME``, so replicas whose clocks disagree still share one
+bucket; values are plain
 ``SET … PX`` / ``GET`` / ``DEL``. Each call is bounded by ``timeout_s`` as a
 whole (waiting for a pooled connection, connecting, the command): Redis never
 holds a request for longer.
@@ -52,63 +53,15 @@ UNAVAILABLE = (RedisError, OSError, TimeoutError)
 
 _FMT = "local function fmt(x) return string.format('%.17g', x) end\n"
 
-# KEYS[1] bucket; ARGV amount, capacity, per_s, force ("1"/"0"). A bucket that
-# is full again is deleted (absent = full), so idle keys cost nothing. Returns
-# the fields of a comox.Bucket: allowed, remaining, reset_s, retry_after_s.
-TAKE = _FMT + """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local amount, capacity, per_s = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local tokens = capacity
-local held = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-if held[1] then
-  tokens = math.min(capacity, tonumber(held[1]) + math.max(0, now - tonumber(held[2])) * per_s)
-end
-local allowed = 0
-if ARGV[4] == '1' or amount <= tokens then
-  allowed = 1
-  tokens = tokens - amount
-end
-if tokens >= capacity then
-  redis.call('DEL', KEYS[1])
-else
-  redis.call('HSET', KEYS[1], 'tokens', fmt(tokens), 'at', fmt(now))
-  if per_s > 0 then
-    redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - tokens) / per_s * 1000) + 1000)
-  else
-    redis.call('PERSIST', KEYS[1])
-  end
-end
-local reset, retry = math.huge, 0
-if per_s > 0 then reset = math.max(0, (capacity - tokens) / per_s) end
-if allowed == 0 then
-  if amount > capacity or per_s <= 0 then retry = math.huge else retry = (amount - tokens) / per_s end
-end
-return {allowed, fmt(math.max(0, math.floor(tokens))), fmt(reset), fmt(retry)}
-"""
-
-# KEYS[1] counter; ARGV amount, cap ("" for none), ttl in ms ("" for none).
-ADD = _FMT + """
-local amount = tonumber(ARGV[1])
-local value = tonumber(redis.call('GET', KEYS[1]) or '0')
-local new = value + amount
-if ARGV[2] ~= '' and amount > 0 and new > tonumber(ARGV[2]) then
-  return {0, fmt(value)}
-end
-if ARGV[3] ~= '' then
-  redis.call('SET', KEYS[1], fmt(new), 'PX', ARGV[3])
-else
-  redis.call('SET', KEYS[1], fmt(new))
-end
-return {1, fmt(new)}
-"""
-
-# KEYS[i] the i-th op's key (prefixed: "t:" bucket, "c:" counter); ARGV five
-# per op: "t", amount, capacity, per_s, force ("1"/"0") or "a", amount, cap
-# ("" for none), ttl in ms ("" for none), "". Each op is judged as TAKE or ADD
-# would, on an overlay of what the ones before it left (same clock, so the
-# same key twice sees the first op's result); written only if none was
-# refused. Returns one TAKE or ADD result per op.
+# Every take and add, one op or several (``take`` and ``add`` are one-op
+# batches). KEYS[i] the i-th op's key (prefixed: "t:" bucket, "c:" counter);
+# ARGV five per op: "t", amount, capacity, per_s, force ("1"/"0") or "a",
+# amount, cap ("" for none), ttl in ms ("" for none), "". A bucket refills by
+# Redis' TIME; one that is full again is deleted (absent = full), so idle keys
+# cost nothing. Each op is judged on an overlay of what the ones before it left
+# (same clock, so the same key twice sees the first op's result); written only
+# if none was refused. Returns per op a comox.Bucket's fields (allowed,
+# remaining, reset_s, retry_after_s) or a counter's (added, value).
 APPLY = _FMT + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -242,8 +195,6 @@ class RedisState:
             socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0),  # a retry would only double the wait
         )
         self.redis = Redis.from_pool(pool)
-        self._take = self.redis.register_script(TAKE)
-        self._add = self.redis.register_script(ADD)
         self._apply = self.redis.register_script(APPLY)
         self._heartbeat = self.redis.register_script(HEARTBEAT)
         self.replicas = 1
@@ -258,28 +209,14 @@ class RedisState:
     # -- the SharedState operations -------------------------------------------
 
     async def take(self, key: str, amount: float, *, capacity: float, per_s: float, force: bool = False) -> comox.Bucket:
-        async def shared() -> comox.Bucket:
-            allowed, remaining, reset, retry = await self._take(
-                keys=[self.prefix + "t:" + key], args=[amount, capacity, per_s, "1" if force else "0"])
-            return comox.Bucket(bool(allowed), float(remaining), float(reset), float(retry))
-
-        async def local() -> comox.Bucket:
-            n = self.replicas
-            return await self.fallback.take(key, amount, capacity=share(capacity, amount, n), per_s=per_s / n, force=force)
-
-        return await self._call(shared, local)
+        result = (await self.apply([comox.Take(key, amount, capacity, per_s, force)]))[0]
+        assert isinstance(result, comox.Bucket)
+        return result
 
     async def add(self, key: str, amount: float, *, cap: float | None = None, ttl_s: float | None = None) -> tuple[bool, float]:
-        async def shared() -> tuple[bool, float]:
-            ttl = str(max(1, math.ceil(ttl_s * 1000))) if ttl_s else ""
-            added, value = await self._add(keys=[self.prefix + "c:" + key], args=[amount, "" if cap is None else cap, ttl])
-            return bool(added), float(value)
-
-        async def local() -> tuple[bool, float]:
-            part = None if cap is None else share(cap, amount, self.replicas)
-            return await self.fallback.add(key, amount, cap=part, ttl_s=ttl_s)
-
-        return await self._call(shared, local)
+        result = (await self.apply([comox.Add(key, amount, cap, ttl_s)]))[0]
+        assert not isinstance(result, comox.Bucket)
+        return result
 
     async def apply(self, ops: Sequence[comox.Take | comox.Add]) -> list[comox.Bucket | tuple[bool, float]]:
         if not ops:
