@@ -160,10 +160,7 @@ async def comox_admit(request: GatewayRequest, principal: Principal) -> None:
             if not result[0]:
                 break
         else:  # admitted
-            if rpm is not None:
-                _headers(request, plan.rpm_header, REQUESTS, results[0])  # type: ignore[arg-type]
-            if tpm is not None:
-                _headers(request, plan.tpm_header, TOKENS, results[1 if rpm is not None else 0])  # type: ignore[arg-type]
+            _bucket_headers(request, plan, results)
             held = request.state["limits"] = Held(plan, settings.concurrency_ttl_s)
             if tpm is not None:
                 held.tokens, held.prompt = amount, prompt
@@ -179,11 +176,8 @@ async def _refusal(request: GatewayRequest, shared: SharedState, plan: Plan, ops
     then. Nothing was taken, but a request refused for tokens or concurrency
     still counts against the rpm, as OpenAI counts unsuccessful requests."""
     rpm, tpm, key_id = plan.rpm, plan.tpm, plan.key_id
-    shown = await shared.apply([op if op is plan.rpm_take else op._replace(amount=0) for op in ops if isinstance(op, Take)])
-    if rpm is not None:
-        _headers(request, plan.rpm_header, REQUESTS, cast(Bucket, shown[0]))
-    if tpm is not None:
-        _headers(request, plan.tpm_header, TOKENS, cast(Bucket, shown[1 if rpm is not None else 0]))
+    _bucket_headers(request, plan, await shared.apply(
+        [op if op is plan.rpm_take else op._replace(amount=0) for op in ops if isinstance(op, Take)]))
     if judged is None:
         return RateLimited(  # OpenAI's answer: 429, and no retry-after (waiting cannot help)
             f"Request too large for key {key_id!r} on tokens per min (TPM): Limit {tpm}, Requested {amount}. "
@@ -301,6 +295,15 @@ def duration(seconds: float) -> str:
 
 REQUESTS = (b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
 TOKENS = (b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
+
+
+def _bucket_headers(request: GatewayRequest, plan: Plan, results: list[Bucket | tuple[bool, float]]) -> None:
+    """The ``x-ratelimit-*`` headers from a batch's results: the rpm bucket's
+    first, then the tpm bucket's (as ``comox_admit`` orders its ops)."""
+    if plan.rpm is not None:
+        _headers(request, plan.rpm_header, REQUESTS, cast(Bucket, results[0]))
+    if plan.tpm is not None:
+        _headers(request, plan.tpm_header, TOKENS, cast(Bucket, results[1 if plan.rpm is not None else 0]))
 
 
 def _headers(request: GatewayRequest, limit: tuple[bytes, bytes], names: tuple[bytes, bytes], bucket: Bucket) -> None:
