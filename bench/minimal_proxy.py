@@ -49,6 +49,10 @@ def _make_client():
         from comox.transport import AiohttpTransport
 
         return AiohttpTransport(default_headers={"content-type": "application/json"})
+    if CLIENT == "comox-httptools":
+        from comox.transport_httptools import HttptoolsTransport
+
+        return HttptoolsTransport(default_headers={"content-type": "application/json"})
     if CLIENT == "pyreqwest":
         from datetime import timedelta
 
@@ -143,7 +147,7 @@ async def app(scope, receive, send):
             ctype = (response.headers.get("content-type") or "application/json").encode()
             await send({"type": "http.response.start", "status": response.status, "headers": [(b"content-type", ctype), (b"content-length", str(len(payload)).encode())]})
             await send({"type": "http.response.body", "body": payload})
-    elif CLIENT == "comox-transport":
+    elif CLIENT in ("comox-transport", "comox-httptools"):
         response = await _client.post(url, body, {})
         try:
             if stream:

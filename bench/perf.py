@@ -273,6 +273,7 @@ class MinimalProxy(Proxy):
         "httpx-aiohttp": "minimal ASGI proxy, httpx over aiohttp transport",
         "memory": "uvicorn answering from memory",
         "comox-transport": "minimal ASGI proxy, Comox's AiohttpTransport",
+        "limit-httptools": "minimal ASGI proxy, Comox's HttptoolsTransport",
         "aiohttp-gc": "minimal ASGI proxy, aiohttp, GC tuned as comox serve",
         "limit-pyreqwest": "minimal ASGI proxy, one pyreqwest client",
     }
@@ -281,7 +282,7 @@ class MinimalProxy(Proxy):
         self.name = self.LABELS[client] + (f" ({workers} workers)" if workers > 1 else "")
         self.port = free_port()
         env = {
-            "MINPROXY_CLIENT": {"aiohttp-gc": "aiohttp", "limit-pyreqwest": "pyreqwest"}.get(client, client),
+            "MINPROXY_CLIENT": {"aiohttp-gc": "aiohttp", "limit-pyreqwest": "pyreqwest", "limit-httptools": "comox-httptools"}.get(client, client),
             "MINPROXY_TUNE_GC": "1" if client == "aiohttp-gc" else "",
             "MINPROXY_UPSTREAM": f"http://127.0.0.1:{nginx.port_json}",
             "MINPROXY_UPSTREAM_SSE": f"http://127.0.0.1:{nginx.port_sse}",
@@ -325,7 +326,8 @@ def comox_config(nginx: Nginx, policy: str, path: Path, backends: int = 1) -> Pa
 
 
 class Comox(Proxy):
-    VARIANTS = {"comox-httpx": "httpx", "comox-httpx-aiohttp": "httpx-aiohttp", "comox-pyreqwest": "pyreqwest"}
+    VARIANTS = {"comox-httpx": "httpx", "comox-httpx-aiohttp": "httpx-aiohttp", "comox-pyreqwest": "pyreqwest",
+                "comox-aiohttp": "aiohttp", "comox-httptools": "httptools"}
 
     def __init__(self, nginx: Nginx, workdir: Path, cores: str | None, policy: str, workers: int = 1,
                  label: str | None = None, client: str | None = None):
@@ -333,9 +335,9 @@ class Comox(Proxy):
         self.port = free_port()
         config = comox_config(nginx, policy, workdir / f"comox-{self.port}.toml")
         env = None
-        if client == "pyreqwest":  # comox serve, every backend with transport = "pyreqwest"
-            self.name = f"Comox ({policy}) over pyreqwest"
-            config.write_text(config.read_text().replace('type = "openai"', 'type = "openai"\ntransport = "pyreqwest"'))
+        if client in ("pyreqwest", "httptools", "aiohttp"):  # comox serve, every backend with that transport
+            self.name = f"Comox ({policy}) over {client}"
+            config.write_text(config.read_text().replace('type = "openai"', f'type = "openai"\ntransport = "{client}"'))
             client = None
         if client is None:
             argv = [sys.executable, "-m", "comox.cli", "serve", "-c", str(config), "--host", "127.0.0.1",

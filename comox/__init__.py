@@ -36,7 +36,7 @@ from .errors import (
 from .fleet import FAIL, LOADING, OK, HealthReport, LoadReport, cheaper, power_of_two, request_size
 from .gateway import Gateway
 from .hookspecs import hookimpl
-from .http_backend import HTTPBackend, HTTPBackendSettings, instrument_pyreqwest
+from .http_backend import HTTPBackend, HTTPBackendSettings, instrument_pyreqwest, instrument_transports
 from .inbound import InboundAPI
 from .middleware import ComoxMiddleware
 from .prometheus import parse_prometheus
@@ -80,6 +80,7 @@ __all__ = [
     "AiohttpTransport",
     "HttpxTransport",
     "instrument_pyreqwest",
+    "instrument_transports",
     "UpstreamUnreachable",
     # routing policies
     "RoutingPolicy",

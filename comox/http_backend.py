@@ -4,9 +4,11 @@ base class of the types that add what an engine tells about itself
 (``llamacpp``, ``vllm``, a third party's).
 
 One shared connection pool per backend, behind a one-method transport
-(:mod:`comox.transport`). By default that is an ``aiohttp`` pool, the fastest
-Python client measured (``docs/benchmarks.md``); ``transport = "pyreqwest"``
-picks Rust's reqwest/hyper instead (:mod:`comox.transport_reqwest`). The pool is the seam: pass
+(:mod:`comox.transport`). By default that is Comox's own HTTP/1.1 client on
+httptools' C parser (:mod:`comox.transport_httptools`), the fastest measured
+through the whole gateway (``docs/benchmarks.md``); ``transport = "aiohttp"``
+picks an aiohttp pool and ``transport = "pyreqwest"`` Rust's reqwest/hyper
+(:mod:`comox.transport_reqwest`). The pool is the seam: pass
 your own ``httpx.AsyncClient`` (any httpx transport) as ``client=``, or any
 object with the transport's ``post()``/``aclose()``, to swap how bytes move
 without touching the rest.
@@ -27,11 +29,12 @@ from .errors import BackendUnavailable, ConfigError
 from .fleet.load import FAIL, OK, HealthReport
 from .request import GatewayRequest
 from .settings import BackendSettings
+from . import client_spans
 from .transport import AiohttpTransport, HttpxTransport, Transport, UpstreamUnreachable
 from .usage import WHOLE_PARSE_MAX
 from .version import __version__
 
-__all__ = ["HTTPBackend", "HTTPBackendSettings", "instrument_pyreqwest"]
+__all__ = ["HTTPBackend", "HTTPBackendSettings", "instrument_transports", "instrument_pyreqwest"]
 
 
 class HTTPBackendSettings(BackendSettings):
@@ -46,11 +49,12 @@ class HTTPBackendSettings(BackendSettings):
     timeout_s: float = Field(600.0, gt=0)
     """Longest wait for any read from the upstream."""
     connect_timeout_s: float = Field(5.0, gt=0)
-    transport: Literal["aiohttp", "pyreqwest"] = Field(
-        default_factory=lambda: os.environ.get("COMOX_TEST_TRANSPORT", "aiohttp"))  # type: ignore[arg-type]
-    """How bytes move upstream: ``aiohttp`` (the default) or ``pyreqwest``
-    (Rust's reqwest/hyper; ``pip install 'comox[reqwest]'``). An httpx client
-    passed as ``client=`` is used whatever this says. ``COMOX_TEST_TRANSPORT``
+    transport: Literal["aiohttp", "httptools", "pyreqwest"] = Field(
+        default_factory=lambda: os.environ.get("COMOX_TEST_TRANSPORT", "httptools"))  # type: ignore[arg-type]
+    """How bytes move upstream: ``httptools`` (the default: Comox's HTTP/1.1
+    client on httptools' C parser), ``aiohttp`` or ``pyreqwest`` (Rust's
+    reqwest/hyper; ``pip install 'comox[reqwest]'``). An httpx client passed
+    as ``client=`` is used whatever this says. ``COMOX_TEST_TRANSPORT``
     changes the default (for running the test suite against a transport)."""
     ca_file: str | None = None
     """A PEM file of CA certificates trusted (besides the system's) for an
@@ -131,6 +135,10 @@ class HTTPBackend:
                 except ImportError as exc:
                     raise ConfigError("transport = \"pyreqwest\" needs pyreqwest: pip install 'comox[reqwest]'") from exc
                 self.transport = PyreqwestTransport(**options)
+            elif settings.transport == "httptools":
+                from .transport_httptools import HttptoolsTransport
+
+                self.transport = HttptoolsTransport(**options)
             else:
                 self.transport = AiohttpTransport(**options)
         elif isinstance(client, httpx.AsyncClient):
@@ -191,16 +199,16 @@ class HTTPBackend:
         await self.transport.aclose()
 
 
-def instrument_pyreqwest(tracer_provider: Any = None) -> Callable[[], None] | None:
-    """Turn on the pyreqwest transport's own HTTP client spans, with
-    ``tracer_provider`` (``None``: the global one), as an OpenTelemetry
+def instrument_transports(tracer_provider: Any = None) -> Callable[[], None] | None:
+    """Turn on the HTTP client spans of the transports that make their own
+    (httptools and pyreqwest: OpenTelemetry has no instrumentation for them),
+    with ``tracer_provider`` (``None``: the global one), as an OpenTelemetry
     instrumentor does for aiohttp. Returns what turns them off again, or
-    ``None`` if pyreqwest is not installed or they were on already."""
-    try:
-        from . import transport_reqwest  # here, not in .transport, which it imports
-    except ImportError:  # comox[reqwest] not installed
+    ``None`` if they were on already."""
+    if client_spans.is_instrumented():
         return None
-    if transport_reqwest.is_instrumented():
-        return None
-    transport_reqwest.instrument(tracer_provider)
-    return transport_reqwest.uninstrument
+    client_spans.instrument(tracer_provider)
+    return client_spans.uninstrument
+
+
+instrument_pyreqwest = instrument_transports  # its name before the httptools transport shared it

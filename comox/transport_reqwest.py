@@ -30,16 +30,8 @@ ejected). Linux only (``/proc``); not through an HTTP proxy (the socket's peer
 is the proxy).
 
 OpenTelemetry: no instrumentation exists for pyreqwest, so this transport
-makes its own client span (``POST``, kind CLIENT, ``http.request.method``,
-``url.full``, ``server.address``/``server.port``,
-``http.response.status_code``, ``error.type``; a stream's span ends when it
-closes) and sends its W3C ``traceparent`` upstream. It does so after
-:func:`instrument` (the counterpart of the aiohttp/httpx instrumentors, with
-their ``tracer_provider``; the otel plugin calls it through
-``comox.instrument_pyreqwest`` with its own provider), or whenever the
-caller's current span is recording: then with the global tracer provider, and
-if that is not the one recording, the HTTP span is not recorded but the
-caller's ``traceparent`` still goes upstream.
+makes its own client span (a stream's ends when it closes), as
+:mod:`comox.client_spans` describes.
 """
 
 from __future__ import annotations
@@ -58,36 +50,17 @@ from pyreqwest.client import Client, ClientBuilder
 from pyreqwest.exceptions import PyreqwestError
 from pyreqwest.response import Response
 
+from . import client_spans
 from .backends import BackendResponse
 from .transport import PoolTransport, UpstreamUnreachable, _is_sse, response_headers
 
 __all__ = ["PyreqwestTransport", "instrument", "uninstrument", "is_instrumented"]
 
-try:  # optional: spans only when OpenTelemetry is installed
-    from opentelemetry import propagate as _propagate
-    from opentelemetry import trace as _trace
-except ImportError:  # pragma: no cover - comox[otel] not installed
-    _trace = None  # type: ignore[assignment]
-    _propagate = None  # type: ignore[assignment]
-
-_instrumented = False
-_provider: Any = None
-
-
-def instrument(tracer_provider: Any = None) -> None:
-    """Client spans for every call, with ``tracer_provider`` (``None``: the
-    global one), as ``AioHttpClientInstrumentor().instrument()`` does for aiohttp."""
-    global _instrumented, _provider
-    _instrumented, _provider = True, tracer_provider
-
-
-def uninstrument() -> None:
-    global _instrumented, _provider
-    _instrumented, _provider = False, None
-
-
-def is_instrumented() -> bool:
-    return _instrumented
+# The client spans' switch lives in comox.client_spans, shared with the
+# httptools transport; these names stay for callers that used them.
+instrument = client_spans.instrument
+uninstrument = client_spans.uninstrument
+is_instrumented = client_spans.is_instrumented
 
 
 class PyreqwestTransport(PoolTransport):
@@ -124,9 +97,7 @@ class PyreqwestTransport(PoolTransport):
         return self._client
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> BackendResponse:
-        span = None
-        if _trace is not None and (_instrumented or _trace.get_current_span().is_recording()):
-            span, headers = _start_span(url, headers)
+        span, headers = client_spans.start(url, headers, "comox.transport_reqwest")
         client = self._client or self._open()
         builder = client.post(url).headers(dict(headers)).body_bytes(body)
         held = _Lease(self._key(url))
@@ -169,8 +140,7 @@ class PyreqwestTransport(PoolTransport):
             return BackendResponse(response.status, headers_out, body=data)
         except UpstreamUnreachable as exc:
             if span is not None:
-                span.set_attribute("error.type", type(exc.cause).__name__)
-                span.set_status(_trace.StatusCode.ERROR)
+                client_spans.failed(span, exc.cause)
             raise
         finally:
             if lease is not None:
@@ -213,9 +183,7 @@ class PyreqwestTransport(PoolTransport):
 def _head(response: Response, span: Any) -> list[tuple[bytes, bytes]]:
     """The response's headers for the gateway; its status on the span."""
     if span is not None:
-        span.set_attribute("http.response.status_code", response.status)
-        if response.status >= 500:
-            span.set_attribute("error.type", str(response.status))
+        client_spans.answered(span, response.status)
     return response_headers((name.encode(), value.encode()) for name, value in response.headers.items())
 
 
@@ -232,18 +200,6 @@ async def _chunks(response: Response, lease: _Lease) -> AsyncIterator[bytes]:
         raise ConnectionError(f"upstream stream broke: {type(exc).__name__}") from exc
     finally:
         lease.release()
-
-
-def _start_span(url: str, headers: Mapping[str, str]) -> tuple[Any, Mapping[str, str]]:
-    parts = urlsplit(url)
-    tracer = _trace.get_tracer("comox.transport_reqwest", tracer_provider=_provider)
-    span = tracer.start_span("POST", kind=_trace.SpanKind.CLIENT, attributes={
-        "http.request.method": "POST", "url.full": url, "server.address": parts.hostname or "",
-        "server.port": parts.port or (443 if parts.scheme == "https" else 80),
-    })
-    carrier = dict(headers)
-    _propagate.inject(carrier, context=_trace.set_span_in_context(span))
-    return span, carrier
 
 
 # -- closing what a cancelled call left open (the module's docstring says why) --

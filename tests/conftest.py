@@ -108,11 +108,11 @@ def redis_server():
 # Transport-sensitive tests (what happens to the upstream connection when a call
 # is cancelled, a node hangs or a client leaves) run once per transport; the rest
 # of the suite runs on the default, or on COMOX_TEST_TRANSPORT's when it is set.
-UPSTREAM_TRANSPORTS = ("aiohttp", "pyreqwest")
+UPSTREAM_TRANSPORTS = ("httptools", "aiohttp", "pyreqwest")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "transports: run once per upstream transport (aiohttp, pyreqwest) "
+    config.addinivalue_line("markers", "transports: run once per upstream transport (httptools, aiohttp, pyreqwest) "
                                        "unless COMOX_TEST_TRANSPORT picks one")
 
 

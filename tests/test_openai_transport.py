@@ -1,6 +1,7 @@
-"""The openai backend's transports: the default aiohttp pool, the pyreqwest
-one (``transport = "pyreqwest"``) and an injected httpx client behave the same
-against a real stand-in upstream."""
+"""The openai backend's transports: the default httptools client, the aiohttp
+pool (``transport = "aiohttp"``), the pyreqwest one (``transport =
+"pyreqwest"``) and an injected httpx client behave the same against a real
+stand-in upstream."""
 
 import asyncio
 import datetime
@@ -27,7 +28,7 @@ def make_request(stream: bool = False, request_id: str = "rid-1") -> GatewayRequ
                           headers=[], raw=orjson.dumps(body), json=body)
 
 
-TRANSPORTS = ["aiohttp", "pyreqwest", "httpx"]
+TRANSPORTS = ["httptools", "aiohttp", "pyreqwest", "httpx"]
 
 
 def make_backend(kind: str, url: str, **settings) -> OpenAIBackend:
@@ -50,11 +51,13 @@ def kind(request):
     return request.param
 
 
-def test_default_is_aiohttp_and_httpx_client_is_wrapped(upstream, monkeypatch):
+def test_default_is_httptools_and_httpx_client_is_wrapped(upstream, monkeypatch):
+    from comox.transport_httptools import HttptoolsTransport
     from comox.transport_reqwest import PyreqwestTransport
 
     monkeypatch.delenv("COMOX_TEST_TRANSPORT", raising=False)
-    assert isinstance(OpenAIBackend(OpenAIBackendSettings(name="u", url=upstream.url)).transport, AiohttpTransport)
+    assert isinstance(OpenAIBackend(OpenAIBackendSettings(name="u", url=upstream.url)).transport, HttptoolsTransport)
+    assert isinstance(make_backend("aiohttp", upstream.url).transport, AiohttpTransport)
     assert isinstance(make_backend("pyreqwest", upstream.url).transport, PyreqwestTransport)
     assert isinstance(make_backend("pyreqwest", upstream.url).transport, Transport)
     monkeypatch.setenv("COMOX_TEST_TRANSPORT", "pyreqwest")  # the suite run against another transport

@@ -13,7 +13,7 @@ PUBLIC = {
     # plugins and backends
     "hookimpl", "Backend", "BackendResponse", "BackendSettings", "SupportsStartup", "SupportsHealthCheck",
     "SupportsSlotPinning", "SupportsNativeAPI", "SupportsContinuation", "InboundAPI", "HealthReport", "LoadReport", "OK", "LOADING", "FAIL", "HTTPBackend", "HTTPBackendSettings",
-    "Transport", "AiohttpTransport", "HttpxTransport", "UpstreamUnreachable", "instrument_pyreqwest",
+    "Transport", "AiohttpTransport", "HttpxTransport", "UpstreamUnreachable", "instrument_pyreqwest", "instrument_transports",
     # routing policies
     "RoutingPolicy", "ObservesUsage", "ReportsStats", "BackendView", "GroupView", "Usage", "cheaper", "power_of_two",
     "request_size",

@@ -160,7 +160,7 @@ def _instrument(provider: TracerProvider | None) -> None:
             if not instrumentor.is_instrumented_by_opentelemetry:
                 instrumentor.instrument(tracer_provider=provider)
                 _ours.append(instrumentor.uninstrument)
-        undo = comox.instrument_pyreqwest(provider)  # that transport makes its own client spans
+        undo = comox.instrument_transports(provider)  # httptools and pyreqwest make their own client spans
         if undo is not None:
             _ours.append(undo)
 

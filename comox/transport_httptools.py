@@ -1,0 +1,492 @@
+"""An HTTP/1.1 client on the event loop's own transports and httptools' C
+parser (llhttp, the parser uvicorn reads requests with): ``transport =
+"httptools"``, behind the same seam as :class:`comox.transport.AiohttpTransport`.
+
+A gateway's upstream calls are one shape: a ``POST`` with a body in memory to a
+few fixed origins, answered with a JSON body or an SSE stream. aiohttp builds a
+request object, a header multidict, a response object, a stream reader and
+timer contexts for each; this client writes the request line and headers it
+prepared once per URL, feeds what comes back to llhttp from the protocol's
+``data_received``, and wakes the caller once per answer. The figures that
+decided the default are in ``docs/benchmarks.md``.
+
+It keeps what the aiohttp transport does: a connect timeout, a read timeout
+(the longest wait for the next bytes), a pool of at most ``max_connections``
+with idle connections closed after ``keepalive_s``, TLS verified against the
+system's CAs and ``ca_file``, no cookies, no decompression, and a stream that
+closes its upstream connection when the gateway closes it early (a client that
+left). A cancelled call aborts its connection, so the upstream sees the client
+go. Requests to an upstream that an HTTP proxy from the environment applies to
+(``trust_env``) go through aiohttp, which speaks to proxies. With
+OpenTelemetry tracing on, each call has its own client span.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import urllib.request
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import httptools
+
+from . import client_spans
+from .backends import BackendResponse
+from .late import LateQueue
+from .transport import (DROPPED_RESPONSE_HEADERS, AiohttpTransport, PoolTransport, UpstreamUnreachable, _is_sse,
+                        _ssl_context)
+
+__all__ = ["HttptoolsTransport"]
+
+# A stream's unread chunks past which the connection stops reading (the
+# client reads slower than the upstream writes), and below which it resumes.
+_HIGH_WATER = 64
+_LOW_WATER = 16
+
+
+class _Origin:
+    """Where one URL's requests go, and the start of each request to it."""
+
+    __slots__ = ("key", "host", "port", "tls", "prefix", "idle", "proxy")
+
+    def __init__(self, url: str, default_headers: Mapping[str, str], trust_env: bool,
+                 pools: dict[tuple[str, str, int], deque[_Connection]]):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname
+        self.port = parts.port or (443 if self.tls else 80)
+        self.key = (parts.scheme, self.host, self.port)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        host = parts.netloc.rpartition("@")[2]
+        lines = [f"POST {target} HTTP/1.1", f"host: {host}"]
+        lines += [f"{name}: {_checked(value)}" for name, value in default_headers.items()]
+        self.prefix = ("\r\n".join(lines) + "\r\n").encode()
+        # Idle connections, shared by every URL of one scheme, host and port.
+        self.idle = pools.setdefault(self.key, deque())
+        self.proxy = trust_env and _proxied(url)
+
+
+def _proxied(url: str) -> bool:
+    """Whether the environment's HTTP(S)_PROXY / NO_PROXY route ``url`` through a proxy."""
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies()
+    return parts.scheme in proxies and not urllib.request.proxy_bypass(parts.netloc)
+
+
+def _checked(value: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise ValueError("a header value may not contain CR or LF")
+    return value
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection and the answer it is reading."""
+
+    def __init__(self, owner: HttptoolsTransport, origin: _Origin, loop: asyncio.AbstractEventLoop):
+        self.owner = owner
+        self.origin = origin
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.open = True
+        self.idle_since = 0.0
+        self.paused = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.informational = False
+        self.status = 0
+        self.head_done = False
+        self.sse = False
+        self.delimited = False  # the body's end is known (a length, chunks, or no body)
+        self.chunks: deque[bytes] = deque()
+        self.complete = False
+        self.keep_alive = False
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.received = False
+        self.last_read = 0.0  # loop time
+        self.call: _Call | None = None
+
+    # -- asyncio.Protocol --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.received = True
+        self.last_read = self.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.fail(exc)
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open = False
+        self.owner._lost(self)
+        if self.head_done and not self.complete and not self.delimited:
+            self.on_message_complete()  # a body that ends when the connection does
+        elif not self.complete:
+            self._wake(exc or ConnectionResetError("the upstream closed the connection"))
+
+    # -- httptools callbacks --
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:  # informational (103 Early Hints): the answer follows
+            self.informational = True
+            self.headers = []
+            return
+        self.status = status
+        self.head_done = True
+        for name, value in self.headers:
+            if name == b"content-type":
+                self.sse = _is_sse(value.decode("latin-1"))
+            elif name == b"content-length" or name == b"transfer-encoding":
+                self.delimited = True
+        if status in (204, 304):
+            self.delimited = True
+        if self.sse:
+            self._wake(None)  # the caller returns a stream; chunks follow
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        if self.sse:
+            if len(self.chunks) >= _HIGH_WATER and not self.paused and self.transport is not None:
+                self.paused = True
+                self.transport.pause_reading()
+            self._wake(None)
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+            return
+        self.complete = True
+        if self.call is not None:
+            self.call.finished = True
+        self.keep_alive = self.open and self.parser.should_keep_alive()
+        self._wake(None)
+
+    # -- the caller's side --
+
+    def _wake(self, error: BaseException | None) -> None:
+        if error is not None and self.error is None:
+            self.error = error
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def fail(self, error: BaseException) -> None:
+        """Give up on this connection: the caller sees ``error``."""
+        self._wake(error)
+        self.abort()
+
+    def abort(self) -> None:
+        if self.call is not None:
+            self.call.finished = True
+        if self.open:
+            self.open = False
+            if self.transport is not None:
+                self.transport.abort()
+
+    async def wait(self) -> None:
+        """Until something new arrived (or the connection broke)."""
+        waiter = self.waiter = self.loop.create_future()
+        await waiter
+
+    def take(self) -> bytes:
+        chunks = self.chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        if self.paused and self.open and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return data
+
+
+class _Call:
+    """One request on a connection, as the read-timeout queue tracks it."""
+
+    __slots__ = ("conn", "started", "finished")
+
+    def __init__(self, conn: _Connection, started: float):
+        self.conn = conn
+        self.started = started
+        self.finished = False
+
+
+class _ReadTimeouts(LateQueue[_Call]):
+    """Connections whose answer is taking a while get a timer that aborts them
+    once nothing arrived for ``timeout_s``; the quick rest never get one."""
+
+    def __init__(self, timeout_s: float):
+        super().__init__(after_s=min(1.0, timeout_s))
+        self.timeout_s = timeout_s
+
+    def promote(self, entry: _Call, loop: asyncio.AbstractEventLoop) -> None:
+        self._check(entry, loop)
+
+    def _check(self, call: _Call, loop: asyncio.AbstractEventLoop) -> None:
+        if call.finished:
+            return
+        conn = call.conn
+        quiet = loop.time() - conn.last_read
+        if quiet >= self.timeout_s:
+            conn.fail(TimeoutError(f"no bytes from the upstream for {self.timeout_s:g} s"))
+        else:
+            loop.call_later(self.timeout_s - quiet, self._check, call, loop)
+
+
+class HttptoolsTransport(PoolTransport):
+    """A pool of HTTP/1.1 connections per origin, opened lazily inside the
+    running event loop; ``default_headers`` go with every request."""
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self._origins: dict[str, _Origin] = {}
+        self._pools: dict[tuple[str, str, int], deque[_Connection]] = {}
+        self._count = 0  # open connections, idle or busy
+        self._slots: deque[asyncio.Future[None]] = deque()  # callers waiting for a free connection
+        self._ssl: ssl.SSLContext | None = None
+        self._timeouts = _ReadTimeouts(self.timeout_s)
+        self._sweeping = False
+        self._fallback: AiohttpTransport | None = None
+        self._closed = False
+
+    def _origin(self, url: str) -> _Origin:
+        origin = self._origins.get(url)
+        if origin is None:
+            origin = self._origins[url] = _Origin(url, self.default_headers, self.trust_env, self._pools)
+        return origin
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> BackendResponse:
+        origin = self._origins.get(url) or self._origin(url)
+        if origin.proxy:
+            return await self._proxied(url, body, headers)  # aiohttp's instrumentation makes its span
+        span, headers = client_spans.start(url, headers, __name__)
+        if span is None:
+            return await self._post(origin, body, headers, None)
+        try:
+            response = await self._post(origin, body, headers, span)
+        except UpstreamUnreachable as exc:
+            client_spans.failed(span, exc.cause)
+            span.end()
+            raise
+        except BaseException:
+            span.end()
+            raise
+        client_spans.answered(span, response.status)
+        if response.stream is None:
+            span.end()  # a stream's ends when it closes
+        return response
+
+    async def _post(self, origin: _Origin, body: bytes, headers: Mapping[str, str], span: Any) -> BackendResponse:
+        head = origin.prefix
+        for name, value in headers.items():
+            head += f"{name}: {_checked(value)}\r\n".encode()
+        head += b"content-length: %d\r\n\r\n" % len(body)
+        loop = asyncio.get_running_loop()
+        for attempt in (0, 1):
+            idle = self._idle(origin, loop)
+            reused = idle is not None
+            conn = idle if idle is not None else await self._connect(origin, loop)
+            now = conn.last_read = loop.time()
+            call = conn.call = _Call(conn, now)
+            transport = conn.transport
+            assert transport is not None
+            try:
+                transport.write(head + body)
+            except (RuntimeError, OSError) as exc:  # closed before connection_lost reached us
+                conn.fail(exc)
+            self._timeouts.queue(call, loop)
+            try:
+                while not conn.head_done and conn.error is None:
+                    await conn.wait()
+            except BaseException:  # cancelled: the upstream sees its client leave
+                self._drop(conn)
+                raise
+            if conn.head_done:
+                break
+            self._drop(conn)
+            # An idle connection the upstream closed as we reused it: once more on a new one.
+            if not (reused and not conn.received and attempt == 0):
+                raise UpstreamUnreachable("connect", conn.error or ConnectionResetError())
+        headers_out = [(n, v) for n, v in conn.headers if n not in DROPPED_RESPONSE_HEADERS]
+        if conn.sse:
+            return BackendResponse(conn.status, headers_out, stream=self._stream(conn, call), close=self._closer(conn, call, span))
+        try:
+            while not conn.complete and conn.error is None:
+                await conn.wait()
+        except BaseException:
+            self._drop(conn)
+            raise
+        if not conn.complete:
+            self._drop(conn)
+            raise UpstreamUnreachable("body", conn.error or ConnectionResetError())
+        status, data = conn.status, conn.take()
+        self._release(conn)  # resets conn
+        return BackendResponse(status, headers_out, body=data)
+
+    async def _stream(self, conn: _Connection, call: _Call) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                if conn.chunks:
+                    yield conn.take()
+                elif conn.complete:
+                    break
+                elif conn.error is not None:
+                    raise ConnectionError(f"upstream stream broke: {type(conn.error).__name__}") from conn.error
+                else:
+                    await conn.wait()
+        finally:
+            self._done_with(conn, call)
+
+    def _closer(self, conn: _Connection, call: _Call, span: Any) -> Any:
+        async def close() -> None:
+            self._done_with(conn, call)
+            if span is not None:
+                span.end()
+        return close
+
+    def _done_with(self, conn: _Connection, call: _Call) -> None:
+        """A stream's end or close: the connection back to the pool if its
+        answer was read whole, else closed (the upstream sees its client
+        leave). Once per call, whichever comes first."""
+        if conn.call is not call or conn.owner is not self:
+            return  # released or dropped already
+        if conn.complete and not conn.chunks:
+            self._release(conn)
+        else:
+            self._drop(conn)
+
+    # -- the pool --
+
+    def _idle(self, origin: _Origin, loop: asyncio.AbstractEventLoop) -> _Connection | None:
+        idle = origin.idle
+        while idle:
+            conn = idle.pop()  # the most recently used: the least likely to have been closed
+            if conn.open and not conn.transport.is_closing() and loop.time() - conn.idle_since < self.keepalive_s:  # type: ignore[union-attr]
+                return conn
+            self._drop(conn)
+        return None
+
+    async def _connect(self, origin: _Origin, loop: asyncio.AbstractEventLoop) -> _Connection:
+        while self._count >= self.max_connections:
+            spare = next((idle[0] for idle in self._pools.values() if idle), None)
+            if spare is not None:  # idle, to another host: closed to make room
+                self._drop(spare)
+                continue
+            slot = loop.create_future()
+            self._slots.append(slot)
+            await slot
+            idle = self._idle(origin, loop)
+            if idle is not None:
+                return idle
+        self._count += 1
+        try:
+            if origin.tls and self._ssl is None:
+                self._ssl = _ssl_context(self.ca_file) if self.ca_file else ssl.create_default_context()
+            _, conn = await asyncio.wait_for(loop.create_connection(
+                lambda: _Connection(self, origin, loop), origin.host, origin.port,
+                ssl=self._ssl if origin.tls else None), self.connect_timeout_s)
+        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            self._count -= 1
+            self._free_slot()
+            raise UpstreamUnreachable("connect", exc) from exc
+        except BaseException:
+            self._count -= 1
+            self._free_slot()
+            raise
+        return conn
+
+    def _release(self, conn: _Connection) -> None:
+        """Back to the pool after a complete answer, or closed if the upstream
+        will not keep it open."""
+        if not (conn.keep_alive and conn.open) or self._closed:
+            self._drop(conn)
+            return
+        conn.reset()
+        loop = conn.loop
+        conn.idle_since = loop.time()
+        conn.origin.idle.append(conn)
+        if self._slots:
+            self._free_slot()
+        if not self._sweeping:
+            self._sweeping = True
+            loop.call_later(self.keepalive_s, self._sweep)
+
+    def _drop(self, conn: _Connection) -> None:
+        conn.abort()
+        self._lost(conn)
+
+    def _lost(self, conn: _Connection) -> None:
+        """``conn`` is closed: it leaves the pool (once)."""
+        if conn.owner is not self:
+            return
+        conn.owner = _GONE  # type: ignore[assignment]
+        self._count -= 1
+        try:
+            conn.origin.idle.remove(conn)
+        except ValueError:
+            pass
+        self._free_slot()
+
+    def _free_slot(self) -> None:
+        while self._slots:
+            slot = self._slots.popleft()
+            if not slot.done():
+                slot.set_result(None)
+                return
+
+    def _sweep(self) -> None:
+        """Close connections idle for ``keepalive_s``, oldest first."""
+        self._sweeping = False
+        now = asyncio.get_running_loop().time()
+        left = False
+        for idle in self._pools.values():
+            while idle and now - idle[0].idle_since >= self.keepalive_s:
+                self._drop(idle[0])
+            left = left or bool(idle)
+        if left and not self._closed:
+            self._sweeping = True
+            asyncio.get_running_loop().call_later(self.keepalive_s, self._sweep)
+
+    async def _proxied(self, url: str, body: bytes, headers: Mapping[str, str]) -> BackendResponse:
+        if self._fallback is None:
+            self._fallback = AiohttpTransport(
+                timeout_s=self.timeout_s, connect_timeout_s=self.connect_timeout_s,
+                max_connections=self.max_connections, keepalive_s=self.keepalive_s,
+                default_headers=self.default_headers, ca_file=self.ca_file, trust_env=True)
+        return await self._fallback.post(url, body, headers)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for idle in self._pools.values():
+            while idle:
+                self._drop(idle[0])
+        if self._fallback is not None:
+            await self._fallback.aclose()
+
+
+class _Gone:
+    """The owner of a connection that already left its pool."""
+
+    def _lost(self, conn: _Connection) -> None:
+        pass
+
+
+_GONE = _Gone()
