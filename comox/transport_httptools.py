@@ -120,6 +120,9 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.call is None:  # bytes nobody asked for, on an idle connection: not to be trusted
+            self.abort()
+            return
         self.received = True
         self.last_read = self.loop.time()
         try:
