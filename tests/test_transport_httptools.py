@@ -1019,8 +1019,6 @@ def test_an_upstream_answering_garbage_is_unreachable_and_the_pool_recovers(run,
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: bytes an idle connection receives (an answer no request asked for) "
-                                       "are parsed as the next call's answer: responses desynchronise")
 def test_an_unsolicited_answer_on_an_idle_connection_is_not_the_next_calls_answer(run):
     async def main():
         async def answers_twice(conn):
