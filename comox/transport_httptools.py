@@ -64,7 +64,7 @@ class _Origin:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         host = parts.netloc.rpartition("@")[2]
         lines = [f"POST {target} HTTP/1.1", f"host: {host}"]
-        lines += [f"{name}: {_checked(value)}" for name, value in default_headers.items()]
+        lines += [f"{_checked(name)}: {_checked(value)}" for name, value in default_headers.items()]
         self.prefix = ("\r\n".join(lines) + "\r\n").encode()
         # Idle connections, shared by every URL of one scheme, host and port.
         self.idle = pools.setdefault(self.key, deque())
@@ -80,7 +80,7 @@ def _proxied(url: str) -> bool:
 
 def _checked(value: str) -> str:
     if "\r" in value or "\n" in value:
-        raise ValueError("a header value may not contain CR or LF")
+        raise ValueError("a header name or value may not contain CR or LF")
     return value
 
 
@@ -127,7 +127,7 @@ class _Connection(asyncio.Protocol):
         self.last_read = self.loop.time()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except Exception as exc:  # garbage (HttpParserError) or an answer nobody asked for
             self.fail(exc)
 
     def eof_received(self) -> bool:
@@ -143,7 +143,13 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks --
 
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second answer after this one, in the same read: the connection is out of step
+            raise ConnectionError("an answer no request asked for")
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:
+            return  # a chunked body's trailer fields
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
@@ -217,6 +223,7 @@ class _Connection(asyncio.Protocol):
         chunks.clear()
         if self.paused and self.open and self.transport is not None:
             self.paused = False
+            self.last_read = self.loop.time()  # the quiet clock starts again when reading does
             self.transport.resume_reading()
         return data
 
@@ -247,6 +254,8 @@ class _ReadTimeouts(LateQueue[_Call]):
         if call.finished:
             return
         conn = call.conn
+        if conn.paused:  # held back for a slow reader: not the upstream's silence
+            conn.last_read = loop.time()
         quiet = loop.time() - conn.last_read
         if quiet >= self.timeout_s:
             conn.fail(TimeoutError(f"no bytes from the upstream for {self.timeout_s:g} s"))
@@ -300,13 +309,12 @@ class HttptoolsTransport(PoolTransport):
     async def _post(self, origin: _Origin, body: bytes, headers: Mapping[str, str], span: Any) -> BackendResponse:
         head = origin.prefix
         for name, value in headers.items():
-            head += f"{name}: {_checked(value)}\r\n".encode()
+            head += f"{_checked(name)}: {_checked(value)}\r\n".encode()
         head += b"content-length: %d\r\n\r\n" % len(body)
         loop = asyncio.get_running_loop()
         for attempt in (0, 1):
-            idle = self._idle(origin, loop)
-            reused = idle is not None
-            conn = idle if idle is not None else await self._connect(origin, loop)
+            conn = self._idle(origin, loop) or await self._connect(origin, loop)
+            reused = conn.idle_since > 0.0  # it answered before: fresh connections were never idle
             now = conn.last_read = loop.time()
             call = conn.call = _Call(conn, now)
             transport = conn.transport
@@ -395,7 +403,12 @@ class HttptoolsTransport(PoolTransport):
                 continue
             slot = loop.create_future()
             self._slots.append(slot)
-            await slot
+            try:
+                await slot
+            except asyncio.CancelledError:
+                if not slot.cancelled():  # woken, then cancelled: the free connection goes to the next waiter
+                    self._free_slot()
+                raise
             idle = self._idle(origin, loop)
             if idle is not None:
                 return idle

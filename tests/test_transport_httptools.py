@@ -554,8 +554,6 @@ def test_a_waiting_call_gets_the_slot_of_a_connection_that_broke(run):
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a waiting call whose slot was handed over as it was cancelled takes "
-                                       "the wake-up with it: the next waiter sleeps until the idle connection expires")
 def test_a_waiter_cancelled_as_it_is_woken_passes_the_free_connection_on(run):
     async def main():
         go = asyncio.Event()
@@ -589,8 +587,6 @@ def test_a_waiter_cancelled_as_it_is_woken_passes_the_free_connection_on(run):
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an idle connection handed to a call that waited for the pool is not "
-                                       "counted as reused, so its stale close is not retried")
 def test_an_idle_connection_handed_to_a_waiting_call_is_retried_if_stale(run):
     async def main():
         go = asyncio.Event()
@@ -885,8 +881,6 @@ def test_a_stream_nobody_reads_pauses_the_upstream_and_resumes_when_read(run):
     run(main, timeout=40)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the read timeout counts the time a stream is paused for its slow reader "
-                                       "(no bytes arrive because the transport stopped reading), and cuts a healthy upstream")
 def test_a_stream_paused_for_its_slow_reader_is_not_cut_by_the_read_timeout(run):
     async def main():
         state = {"written": 0, "done": False}
@@ -931,8 +925,6 @@ def test_a_header_value_with_cr_or_lf_raises_and_sends_nothing(run):
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: only header values are checked for CR/LF; a header name with CR/LF "
-                                       "is written as is and injects a header")
 def test_a_header_name_with_cr_or_lf_raises_and_sends_nothing(run):
     async def main():
         async with Upstream(keep_answering) as up:
@@ -968,8 +960,6 @@ def test_response_headers_are_lower_cased_without_hop_by_hop_ones(run):
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: llhttp reports a chunked body's trailer fields through on_header, "
-                                       "which appends them to the answer's headers")
 def test_trailer_fields_of_a_chunked_body_are_not_response_headers(run):
     async def main():
         async def with_trailer(conn):
@@ -1041,8 +1031,6 @@ def test_an_unsolicited_answer_on_an_idle_connection_is_not_the_next_calls_answe
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: bytes after a complete answer in the same read are parsed into it "
-                                       "(their headers and body join the answer's)")
 def test_bytes_after_a_complete_answer_do_not_join_it(run):
     async def main():
         async def extra_after(conn):
