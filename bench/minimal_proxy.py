@@ -18,7 +18,9 @@ does (``comox.app.tune_gc``), to tell that gain apart from the rest.
 
 ``MINPROXY_UPSTREAM`` is the JSON upstream's base URL and ``MINPROXY_UPSTREAM_SSE``
 the streaming one's; a body containing ``"stream":true`` goes to the latter
-(a byte search, so the proxy parses nothing).
+(a byte search, so the proxy parses nothing), at the request's own path
+(``/v1/chat/completions``; ``/v1/messages`` or ``/v1/responses`` for perf.py's
+native pass-through rows).
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ async def app(scope, receive, send):
         return
     body = await _read_body(receive)
     stream = b'"stream":true' in body or b'"stream": true' in body
-    url = (UPSTREAM_SSE if stream else UPSTREAM) + "/v1/chat/completions"
+    url = (UPSTREAM_SSE if stream else UPSTREAM) + scope["path"]
     headers = {"content-type": "application/json"}
     if CLIENT == "memory":
         payload = SSE_BODY if stream else JSON_BODY

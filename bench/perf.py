@@ -7,6 +7,7 @@ proxy (the limit), in one interleaved run. See docs/benchmarks.md.
     python bench/perf.py --soak 200000         # RSS growth over N requests
     python bench/perf.py --workers-compare     # comox serve --workers 1 vs 2
     python bench/perf.py --peers portkey,litellm   # add Portkey's and LiteLLM's gateways
+    python bench/perf.py --extra comox-messages-native,comox-responses-native   # native pass-through
 
 Needs nginx (Debian ``nginx-light``) and ``wrk`` on PATH (and, for the
 peers, Node with npm); ``pip install -e '.[bench]'`` for the Python side. Every process it
@@ -52,6 +53,88 @@ REQUEST_SSE = (
     b'{"model":"bench-stream","messages":[{"role":"system","content":"You are a helpful assistant."},'
     b'{"role":"user","content":"Say hello."}],"max_tokens":16,"temperature":0.7,"stream":true}'
 )
+
+
+# -- native pass-through (--extra comox-messages-native,comox-responses-native) ---
+#
+# A Messages request to /v1/messages and a Responses request to /v1/responses,
+# passed through by Comox to a backend with native_apis = [...]: nginx answers
+# those paths with the API's own JSON and SSE event sequence, and every target
+# of that API (nginx direct, the minimal proxy, Comox) is sent them on that path.
+# Native pass-through stores nothing in Comox (a native backend keeps its own
+# responses; the response cache skips native answers), so the Responses request
+# leaves ``store`` at its default, as the OpenAI SDK does.
+
+
+def _compact(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _events(events: list[dict], sequence: bool = False) -> bytes:
+    """An SSE body: ``event: <type>`` and ``data: <json>`` per event."""
+    return b"".join(b"event: " + e["type"].encode() + b"\ndata: "
+                    + _compact({**e, "sequence_number": n} if sequence else e) + b"\n\n"
+                    for n, e in enumerate(events))
+
+
+SYSTEM = "You are a helpful assistant."
+ANSWER = "Hello! How can I help you today?"
+PIECES = [f"tok{i} " for i in range(8)]  # as SSE_BODY's 8 chat chunks
+
+MESSAGES_REQUEST = {"model": "bench", "system": SYSTEM, "messages": [{"role": "user", "content": "Say hello."}],
+                    "max_tokens": 16, "temperature": 0.7}
+_MESSAGE = {"id": "msg_bench", "type": "message", "role": "assistant", "model": "bench",
+            "content": [{"type": "text", "text": ANSWER}], "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": 9, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 9}}
+MESSAGES_SSE = _events([
+    {"type": "message_start", "message": {**_MESSAGE, "content": [], "stop_reason": None,
+                                          "usage": {**_MESSAGE["usage"], "output_tokens": 1}}},
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    {"type": "ping"},
+    *({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}} for p in PIECES),
+    {"type": "content_block_stop", "index": 0},
+    {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 8}},
+    {"type": "message_stop"},
+])
+
+RESPONSES_REQUEST = {"model": "bench", "instructions": SYSTEM, "input": "Say hello.", "max_output_tokens": 16,
+                     "temperature": 0.7}
+_ITEM = {"type": "message", "id": "msg_bench", "status": "completed", "role": "assistant",
+         "content": [{"type": "output_text", "text": ANSWER, "annotations": []}]}
+_RESPONSE = {"id": "resp_bench", "object": "response", "created_at": 1, "status": "completed", "error": None,
+             "incomplete_details": None, "instructions": SYSTEM, "max_output_tokens": 16, "model": "bench",
+             "output": [_ITEM], "parallel_tool_calls": True, "previous_response_id": None, "reasoning": {"effort": None},
+             "store": True, "temperature": 0.7, "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
+             "top_p": 1.0, "truncation": "disabled", "user": None, "metadata": {},
+             "usage": {"input_tokens": 9, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 9,
+                       "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 18}}
+_PENDING = {**_RESPONSE, "status": "in_progress", "output": [], "usage": None}
+_PART = {"type": "output_text", "text": "", "annotations": []}
+_STREAMED = "".join(PIECES)
+_STREAMED_ITEM = {**_ITEM, "content": [{**_PART, "text": _STREAMED}]}
+RESPONSES_SSE = _events([
+    {"type": "response.created", "response": _PENDING},
+    {"type": "response.in_progress", "response": _PENDING},
+    {"type": "response.output_item.added", "output_index": 0, "item": {**_ITEM, "status": "in_progress", "content": []}},
+    {"type": "response.content_part.added", "item_id": "msg_bench", "output_index": 0, "content_index": 0, "part": _PART},
+    *({"type": "response.output_text.delta", "item_id": "msg_bench", "output_index": 0, "content_index": 0, "delta": p}
+      for p in PIECES),
+    {"type": "response.output_text.done", "item_id": "msg_bench", "output_index": 0, "content_index": 0, "text": _STREAMED},
+    {"type": "response.content_part.done", "item_id": "msg_bench", "output_index": 0, "content_index": 0,
+     "part": {**_PART, "text": _STREAMED}},
+    {"type": "response.output_item.done", "output_index": 0, "item": _STREAMED_ITEM},
+    {"type": "response.completed", "response": {**_RESPONSE, "output": [_STREAMED_ITEM]}},
+], sequence=True)
+
+# api → (path, (JSON request, streamed request), (JSON answer, SSE answer)); None is the chat completion.
+APIS = {
+    None: ("/v1/chat/completions", (REQUEST_JSON, REQUEST_SSE), (JSON_BODY, SSE_BODY)),
+    "messages": ("/v1/messages", (_compact(MESSAGES_REQUEST), _compact({**MESSAGES_REQUEST, "model": "bench-stream", "stream": True})),
+                 (_compact(_MESSAGE), MESSAGES_SSE)),
+    "responses": ("/v1/responses", (_compact(RESPONSES_REQUEST), _compact({**RESPONSES_REQUEST, "model": "bench-stream", "stream": True})),
+                  (_compact(_RESPONSE), RESPONSES_SSE)),
+}
+NATIVE = {"comox-messages-native": "messages", "comox-responses-native": "responses"}  # --extra name → api
 
 _started: list[subprocess.Popen] = []
 
@@ -179,15 +262,39 @@ def nginx_string(body: bytes) -> str:
     return text.replace("\n", "\\n")
 
 
+def nginx_return(body: bytes) -> str:
+    """``return 200 '<body>';``; a body longer than one nginx config token
+    (4 KB: the Responses API's events) is set in parts, split between events,
+    and returned as their concatenation."""
+    if len(nginx_string(body)) < 4000:
+        return f"return 200 '{nginx_string(body)}';"
+    assert b"$" not in body
+    parts, part = [], b""
+    for event in body.split(b"\n\n")[:-1]:
+        if part and len(nginx_string(part + event)) > 3500:
+            parts.append(part)
+            part = b""
+        part += event + b"\n\n"
+    parts.append(part)
+    assert b"".join(parts) == body
+    sets = " ".join(f"set $bench_part{i} '{nginx_string(part)}';" for i, part in enumerate(parts))
+    return sets + " return 200 '" + "".join("${bench_part%d}" % i for i in range(len(parts))) + "';"
+
+
 class Nginx:
     """nginx serving the fixed JSON body on one port and the SSE body on another,
-    for any method (``return 200``, so POST works)."""
+    for any method (``return 200``, so POST works); ``/v1/messages`` and
+    ``/v1/responses`` answer with those APIs' own JSON and events (see APIS)."""
 
     def __init__(self, workdir: Path, cores: str | None):
         self.dir = workdir / "nginx"
         self.dir.mkdir()
         self.port_json = free_port()
         self.port_sse = free_port()
+        native = {stream: "".join(
+            f"\n        location = {path} {{ default_type {'text/event-stream' if stream else 'application/json'}; "
+            f"{nginx_return(answers[stream])} }}"
+            for api, (path, _, answers) in APIS.items() if api is not None) for stream in (False, True)}
         conf = f"""
 daemon off;
 master_process off;
@@ -207,11 +314,11 @@ http {{
     client_body_buffer_size 64k;
     server {{
         listen 127.0.0.1:{self.port_json} backlog=4096;
-        location / {{ default_type application/json; return 200 '{nginx_string(JSON_BODY)}'; }}
+        location / {{ default_type application/json; return 200 '{nginx_string(JSON_BODY)}'; }}{native[False]}
     }}
     server {{
         listen 127.0.0.1:{self.port_sse} backlog=4096;
-        location / {{ default_type text/event-stream; return 200 '{nginx_string(SSE_BODY)}'; }}
+        location / {{ default_type text/event-stream; return 200 '{nginx_string(SSE_BODY)}'; }}{native[True]}
     }}
 }}
 """
@@ -231,6 +338,11 @@ class Target:
     port: int
     proc: subprocess.Popen | None = None
     streams = True  # serves the SSE request (see Portkey)
+    api: str | None = None  # the inbound API it is sent (APIS): None for chat completions
+
+    @property
+    def path(self) -> str:
+        return APIS[self.api][0]
 
     def headers(self, stream: bool) -> dict[str, str]:
         """Request headers this target needs besides bench/post.lua's."""
@@ -251,19 +363,20 @@ class Target:
 class Direct(Target):
     """wrk straight to nginx: the floor every proxy adds to. Both sit on the load core."""
 
-    def __init__(self, nginx: Nginx):
-        self.name = "nginx direct"
+    def __init__(self, nginx: Nginx, api: str | None = None):
+        self.api = api
+        self.name = "nginx direct" + (f", {self.path}" if api else "")
         self.nginx = nginx
         self.port = nginx.port_json
         self.port_sse = nginx.port_sse
 
     def url(self, stream: bool) -> str:
-        return f"http://127.0.0.1:{self.port_sse if stream else self.port}/v1/chat/completions"
+        return f"http://127.0.0.1:{self.port_sse if stream else self.port}{self.path}"
 
 
 class Proxy(Target):
     def url(self, stream: bool) -> str:
-        return f"http://127.0.0.1:{self.port}/v1/chat/completions"
+        return f"http://127.0.0.1:{self.port}{self.path}"
 
 
 class MinimalProxy(Proxy):
@@ -278,8 +391,10 @@ class MinimalProxy(Proxy):
         "limit-pyreqwest": "minimal ASGI proxy, one pyreqwest client",
     }
 
-    def __init__(self, client: str, nginx: Nginx, workdir: Path, cores: str | None, workers: int = 1):
-        self.name = self.LABELS[client] + (f" ({workers} workers)" if workers > 1 else "")
+    def __init__(self, client: str, nginx: Nginx, workdir: Path, cores: str | None, workers: int = 1,
+                 api: str | None = None):
+        self.api = api  # forwarded to the same path on nginx (minimal_proxy.py keeps the path)
+        self.name = self.LABELS[client] + (f" ({workers} workers)" if workers > 1 else "") + (f", {self.path}" if api else "")
         self.port = free_port()
         env = {
             "MINPROXY_CLIENT": {"aiohttp-gc": "aiohttp", "limit-pyreqwest": "pyreqwest", "limit-httptools": "comox-httptools"}.get(client, client),
@@ -291,8 +406,11 @@ class MinimalProxy(Proxy):
                 "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
                 "--no-access-log", "--loop", "uvloop", "--http", "httptools", "--workers", str(workers)]
         self.proc = start(taskset(cores, argv), env=env, log=workdir / f"minproxy-{client}-{self.port}.log")
-        wait_http(self.port, REQUEST_JSON)
-        wait_http(self.port, REQUEST_SSE)
+        if api is None:
+            wait_http(self.port, REQUEST_JSON)
+            wait_http(self.port, REQUEST_SSE)
+        else:
+            check_answers(self)
 
 
 def available_policies() -> set[str]:
@@ -307,11 +425,12 @@ def available_policies() -> set[str]:
 BENCH_KEY = "sk-bench"  # what bench/post.lua and the TTFB clients send
 
 
-def comox_config(nginx: Nginx, policy: str, path: Path, backends: int = 1) -> Path:
+def comox_config(nginx: Nginx, policy: str, path: Path, backends: int = 1, native: str | None = None) -> Path:
     """Comox as a production gateway runs it: a key with limits (high enough
     never to refuse: they are counted, not hit), the in-memory response cache
     (the benchmark's requests sample, so they are looked up and skipped),
-    and the default plugins."""
+    and the default plugins. ``native``: every backend speaks that inbound API
+    itself (``native_apis``), so its requests are passed through."""
     digest = hashlib.sha256(BENCH_KEY.encode()).hexdigest()
     lines = ["[server]", "retries = 1", "",
              "[[keys]]", 'id = "bench"', f'key_sha256 = "{digest}"',
@@ -320,7 +439,7 @@ def comox_config(nginx: Nginx, policy: str, path: Path, backends: int = 1) -> Pa
         lines += ["[[models]]", f'name = "{model}"', f'policy = "{policy}"', ""]
         for i in range(backends):
             lines += ["[[models.backends]]", f'name = "{model}-nginx-{i}"', 'type = "openai"',
-                      f'url = "http://127.0.0.1:{port}"', ""]
+                      f'url = "http://127.0.0.1:{port}"', *([f'native_apis = ["{native}"]'] if native else []), ""]
     path.write_text("\n".join(lines))
     return path
 
@@ -330,10 +449,13 @@ class Comox(Proxy):
                 "comox-aiohttp": "aiohttp", "comox-httptools": "httptools"}
 
     def __init__(self, nginx: Nginx, workdir: Path, cores: str | None, policy: str, workers: int = 1,
-                 label: str | None = None, client: str | None = None):
+                 label: str | None = None, client: str | None = None, native: str | None = None):
         self.name = label or f"Comox ({policy}{', %d workers' % workers if workers > 1 else ''})"
+        self.api = native
+        if native:
+            self.name += f", {self.path} native"
         self.port = free_port()
-        config = comox_config(nginx, policy, workdir / f"comox-{self.port}.toml")
+        config = comox_config(nginx, policy, workdir / f"comox-{self.port}.toml", native=native)
         env = None
         if client in ("pyreqwest", "httptools", "aiohttp"):  # comox serve, every backend with that transport
             self.name = f"Comox ({policy}) over {client}"
@@ -348,8 +470,33 @@ class Comox(Proxy):
             argv = [sys.executable, "-m", "uvicorn", "comox_variants:create_app", "--factory", "--app-dir", str(HERE),
                     "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log"]
         self.proc = start(taskset(cores, argv), env=env, log=workdir / f"comox-{self.port}.log")
-        wait_http(self.port, REQUEST_JSON)
-        wait_http(self.port, REQUEST_SSE)
+        if native is None:
+            wait_http(self.port, REQUEST_JSON)
+            wait_http(self.port, REQUEST_SSE)
+        else:
+            check_answers(self)
+
+
+def check_answers(target: Proxy) -> None:
+    """Wait until ``target`` answers its API's JSON and streamed requests on its
+    path, then check once that each answer is 200 with nginx's body, byte for
+    byte (the stream's events de-chunked): passed through, not translated."""
+    import http.client
+
+    path, requests, answers = APIS[target.api]
+    for stream in (False, True):
+        wait_http(target.port, requests[stream], path=path)
+        conn = http.client.HTTPConnection("127.0.0.1", target.port, timeout=10)
+        try:
+            conn.request("POST", path, requests[stream], {"Content-Type": "application/json",
+                                                          "Authorization": f"Bearer {BENCH_KEY}"})
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        if response.status != 200 or body != answers[stream]:
+            raise RuntimeError(f"{target.name}: {path}{' streamed' if stream else ''} answered {response.status} "
+                               f"{body[:300]!r}, not nginx's {answers[stream][:80]!r}…")
 
 
 # -- peers: gateways a user would pick instead ------------------------------------
@@ -493,7 +640,7 @@ async def _ttfb(url: str, body: bytes, concurrency: int, duration: float, max_re
                 async with session.post(url, data=body, headers=headers) as response:
                     chunk = await response.content.readany()
                     t1 = time.perf_counter()
-                    if response.status != 200 or not chunk.startswith(b"data: "):
+                    if response.status != 200 or not chunk.startswith((b"data: ", b"event: ")):
                         raise RuntimeError(f"bad stream from {url}: {response.status} {chunk[:200]!r}")
                     await response.read()
                 samples.append((t1 - t0) * 1000.0)
@@ -502,8 +649,9 @@ async def _ttfb(url: str, body: bytes, concurrency: int, duration: float, max_re
     return samples
 
 
-def ttfb_python(url: str, concurrency: int, duration: float, max_requests: int = 100_000) -> dict:
-    samples = asyncio.run(_ttfb(url, REQUEST_SSE, concurrency, duration, max_requests))
+def ttfb_python(url: str, concurrency: int, duration: float, max_requests: int = 100_000,
+                body: bytes = REQUEST_SSE) -> dict:
+    samples = asyncio.run(_ttfb(url, body, concurrency, duration, max_requests))
     samples.sort()
     return {
         "n": len(samples),
@@ -628,14 +776,19 @@ def print_versions(v: dict) -> None:
 
 
 def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
-    bodies = {False: workdir / "request.json", True: workdir / "request-stream.json"}
-    bodies[False].write_bytes(REQUEST_JSON)
-    bodies[True].write_bytes(REQUEST_SSE)
+    apis = [NATIVE[c] for c in args.extra if c in NATIVE]  # native pass-through targets, each with its own path
+    files = {None: {False: workdir / "request.json", True: workdir / "request-stream.json"}}
+    files.update({api: {False: workdir / f"request-{api}.json", True: workdir / f"request-{api}-stream.json"} for api in apis})
+    for api, paths in files.items():
+        for stream, path in paths.items():
+            path.write_bytes(APIS[api][1][stream])
     load = str(LOAD_CORE) if args.pin else None
     pcore = str(PROXY_CORE) if args.pin else None
 
     targets: list[Target] = [Direct(nginx)]
     for client in args.extra:
+        if client in NATIVE:
+            continue
         if client in Comox.VARIANTS:
             targets.append(Comox(nginx, workdir, pcore, policy, client=Comox.VARIANTS[client]))
         else:
@@ -646,6 +799,14 @@ def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
     targets.append(Comox(nginx, workdir, pcore, policy))
     limit = next(t for t in targets if isinstance(t, MinimalProxy) and t.name == MinimalProxy.LABELS["aiohttp"])
     comox = targets[-1]
+    # Each native target beside its own floor (nginx on that path) and its own
+    # limit: the same aiohttp proxy, forwarding the same bytes to the same path.
+    pairs = [(comox, limit)]
+    for api in apis:
+        targets.append(Direct(nginx, api))
+        targets.append(MinimalProxy("aiohttp", nginx, workdir, pcore, api=api))
+        targets.append(Comox(nginx, workdir, pcore, policy, native=api))
+        pairs.append((targets[-1], targets[-2]))
     if len({t.name for t in targets}) != len(targets):
         raise SystemExit("duplicate targets")
 
@@ -660,9 +821,9 @@ def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
         ttfb_clients = ["c", "python"] if args.ttfb_client == "both" else ["c"]
     print(f"warming up {len(targets)} targets ...", flush=True)
     for t in targets:
-        wrk(t.url(False), bodies[False], 16, 2, cores=load, headers=t.headers(False))
+        wrk(t.url(False), files[t.api][False], 16, 2, cores=load, headers=t.headers(False))
         if t.streams:
-            wrk(t.url(True), bodies[True], 16, 1, cores=load, headers=t.headers(True))
+            wrk(t.url(True), files[t.api][True], 16, 1, cores=load, headers=t.headers(True))
 
     tests = [(f"rps c={c}", False, c) for c in args.concurrency] + [(f"SSE streams/s c={args.sse_concurrency}", True, args.sse_concurrency)]
     results: dict[str, dict[str, list]] = {t.name: {} for t in targets}
@@ -679,7 +840,7 @@ def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
                 if stream and not t.streams:
                     continue
                 cpu0 = t.cpu()
-                res = wrk(t.url(stream), bodies[stream], c, args.duration, cores=load, headers=t.headers(stream))
+                res = wrk(t.url(stream), files[t.api][stream], c, args.duration, cores=load, headers=t.headers(stream))
                 if t.proc is not None and res["requests"]:
                     add(t, label + " cpu", (t.cpu() - cpu0) / res["requests"] * 1e6)
                 add(t, label, res["rps"])
@@ -693,9 +854,9 @@ def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
                 continue
             for client in ttfb_clients:
                 if client == "c":
-                    res = ttfb_c(ttfb_binary, t.url(True), bodies[True], args.sse_concurrency, min(args.duration, 4.0), cores=load)
+                    res = ttfb_c(ttfb_binary, t.url(True), files[t.api][True], args.sse_concurrency, min(args.duration, 4.0), cores=load)
                 else:
-                    res = ttfb_python(t.url(True), args.sse_concurrency, min(args.duration, 4.0))
+                    res = ttfb_python(t.url(True), args.sse_concurrency, min(args.duration, 4.0), body=APIS[t.api][1][True])
                 suffix = "" if client == ttfb_clients[0] else f" ({client} client)"
                 add(t, "ttfb p50" + suffix, res["p50_ms"])
                 add(t, "ttfb p99" + suffix, res["p99_ms"])
@@ -705,10 +866,11 @@ def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
             add(t, "rss", t.rss() / 2**20 if t.proc else None)
     others = contention.other_cores()
 
-    # per-round "added" latencies, then medians
-    direct = targets[0]
+    # per-round "added" latencies (over nginx direct on the same path), then medians
+    directs = {t.api: t for t in targets if isinstance(t, Direct)}
     c1 = f"rps c={args.concurrency[0]} p50"
     for t in targets:
+        direct = directs[t.api]
         add_list = [a - b for a, b in zip(results[t.name].get(c1, []), results[direct.name].get(c1, []))]
         results[t.name]["added p50"] = add_list
         for suffix in ("", " (python client)"):
@@ -717,10 +879,13 @@ def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
                     a - b for a, b in zip(results[t.name]["ttfb p50" + suffix], results[direct.name]["ttfb p50" + suffix])]
 
     # Comox / limit within each round: drift and other load hit both alike.
-    paired = {}
-    for key in [f"rps c={c}" for c in args.concurrency[1:]] + [f"SSE streams/s c={args.sse_concurrency}"]:
-        ratios = [a / b for a, b in zip(results[comox.name][key], results[limit.name][key]) if b]
-        paired[key] = (med(ratios), min(ratios), max(ratios))
+    pairings = {}
+    for gw, lim in pairs:
+        paired = pairings[gw.name] = {}
+        for key in [f"rps c={c}" for c in args.concurrency[1:]] + [f"SSE streams/s c={args.sse_concurrency}"]:
+            ratios = [a / b for a, b in zip(results[gw.name][key], results[lim.name][key]) if b]
+            paired[key] = (med(ratios), min(ratios), max(ratios))
+    paired = pairings[comox.name]
     # Means by default: this VM's speed is bimodal (the same target swings ~1.7×
     # between rounds), and a median jumps between the modes where a mean over
     # interleaved rounds weighs them alike for every target.
@@ -736,7 +901,7 @@ def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
         d = m[t.name]
         row = [t.name] + [fmt_int(d.get(f"rps c={c}")) for c in conc]
         row += [f"{d.get(f'rps c={c} p50'):.2f} / {d.get(f'rps c={c} p99'):.2f} ms" for c in conc]
-        is_direct = t is direct
+        is_direct = isinstance(t, Direct)
         row += ["—" if is_direct else fmt_ms(d.get("added p50")), fmt_int(d.get(sse)), fmt_ms(d.get("ttfb p50")),
                 "—" if is_direct else fmt_ms(d.get("ttfb added")),
                 "—" if is_direct else f"{d['rss']:.0f} MB"]
@@ -745,36 +910,46 @@ def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
         lines.append("| " + " | ".join(row) + " |")
     table = "\n".join(lines)
 
-    L, C = m[limit.name], m[comox.name]
     goals = []
 
     def goal(text, ok):
         goals.append(f"- [{'x' if ok else ' '}] {text}")
 
-    def share(key: str, text: str) -> None:
-        ratio = C[key] / L[key]
-        mid, low, high = paired[key]
-        cpu = ""
-        if C.get(f"{key} cpu") and L.get(f"{key} cpu"):
-            cpu = (f"; CPU per request {C[f'{key} cpu']:.0f} µs against the proxy's {L[f'{key} cpu']:.0f} µs "
-                   f"(the proxy's / Comox's = {L[f'{key} cpu'] / C[f'{key} cpu']:.0%})")
-        goal(f"{text}: Comox {C[key]:,.0f} = {ratio:.0%} of the aiohttp proxy's {L[key]:,.0f} (goal ≥ 75%); "
-             f"per-round ratios: median {mid:.0%}, range {low:.0%}–{high:.0%}{cpu}", ratio >= 0.75)
+    def pair_goals(gw: Target, lim: Target, who: str, whose: str) -> None:
+        """The goals of one gateway target against its limit (``whose``: how the limit is named)."""
+        L, C, paired = m[lim.name], m[gw.name], pairings[gw.name]
+        direct = directs[gw.api]
 
-    for c in conc[1:]:
-        share(f"rps c={c}", f"rps c={c}")
-    share(sse, sse)
-    goal(f"p50 added at c={conc[0]}: {C['added p50']:.2f} ms (goal < 0.6 ms)", C["added p50"] < 0.6)
-    tr = C["ttfb added"] / L["ttfb added"] if L["ttfb added"] > 0 else float("inf")
-    ttfb_ratios = [a / b for a, b in zip(results[comox.name]["ttfb added"], results[limit.name]["ttfb added"]) if b > 0]
-    goal(f"streaming TTFB added at c={args.sse_concurrency} ({ttfb_clients[0]} client): {C['ttfb added']:.2f} ms = {tr:.2f}× "
-         f"the aiohttp proxy's {L['ttfb added']:.2f} ms (goal ≤ 1.5×); per-round ratios: median {med(ttfb_ratios):.2f}×, "
-         f"range {min(ttfb_ratios):.2f}–{max(ttfb_ratios):.2f}×", tr <= 1.5)
-    if "ttfb added (python client)" in C:
-        C_py, L_py = C["ttfb added (python client)"], L["ttfb added (python client)"]
-        goals.append(f"  - with the Python client: {C_py:.2f} ms against {L_py:.2f} ms = {C_py / L_py:.2f}×"
-                     f" (TTFB p50 direct {m[direct.name]['ttfb p50 (python client)']:.2f} ms, C client"
-                     f" {m[direct.name]['ttfb p50']:.2f} ms)")
+        def share(key: str, text: str) -> None:
+            ratio = C[key] / L[key]
+            mid, low, high = paired[key]
+            cpu = ""
+            if C.get(f"{key} cpu") and L.get(f"{key} cpu"):
+                cpu = (f"; CPU per request {C[f'{key} cpu']:.0f} µs against the proxy's {L[f'{key} cpu']:.0f} µs "
+                       f"(the proxy's / {who}'s = {L[f'{key} cpu'] / C[f'{key} cpu']:.0%})")
+            goal(f"{text}: {who} {C[key]:,.0f} = {ratio:.0%} of {whose} {L[key]:,.0f} (goal ≥ 75%); "
+                 f"per-round ratios: median {mid:.0%}, range {low:.0%}–{high:.0%}{cpu}", ratio >= 0.75)
+
+        for c in conc[1:]:
+            share(f"rps c={c}", f"rps c={c}")
+        share(sse, sse)
+        goal(f"p50 added at c={conc[0]}: {C['added p50']:.2f} ms (goal < 0.6 ms)", C["added p50"] < 0.6)
+        tr = C["ttfb added"] / L["ttfb added"] if L["ttfb added"] > 0 else float("inf")
+        ttfb_ratios = [a / b for a, b in zip(results[gw.name]["ttfb added"], results[lim.name]["ttfb added"]) if b > 0] or [tr]
+        goal(f"streaming TTFB added at c={args.sse_concurrency} ({ttfb_clients[0]} client): {C['ttfb added']:.2f} ms = {tr:.2f}× "
+             f"{whose} {L['ttfb added']:.2f} ms (goal ≤ 1.5×); per-round ratios: median {med(ttfb_ratios):.2f}×, "
+             f"range {min(ttfb_ratios):.2f}–{max(ttfb_ratios):.2f}×", tr <= 1.5)
+        if "ttfb added (python client)" in C:
+            C_py, L_py = C["ttfb added (python client)"], L["ttfb added (python client)"]
+            goals.append(f"  - with the Python client: {C_py:.2f} ms against {L_py:.2f} ms = {C_py / L_py:.2f}×"
+                         f" (TTFB p50 direct {m[direct.name]['ttfb p50 (python client)']:.2f} ms, C client"
+                         f" {m[direct.name]['ttfb p50']:.2f} ms)")
+
+    pair_goals(comox, limit, "Comox", "the aiohttp proxy's")
+    for gw, lim in pairs[1:]:
+        goals.append(f"\n{gw.path} passed through to a native backend (against the aiohttp proxy forwarding the same "
+                     f"bytes to the same path; added latencies over nginx direct on {gw.path}):")
+        pair_goals(gw, lim, "Comox", "the aiohttp proxy's")
     errors = {t.name: sum(sum(v) for k, v in results[t.name].items() if k.endswith("errors")) for t in targets}
 
     print("\n" + table)
@@ -785,7 +960,10 @@ def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
         print("Errors (non-200 or socket): " + ", ".join(f"{k}: {v}" for k, v in errors.items() if v))
     print("\nGoals (issue 5):\n" + "\n".join(goals))
     if args.json:
-        Path(args.json).write_text(json.dumps({args.aggregate + "s": m, "raw": results, "paired": paired, "other_cores": others}, indent=1))
+        out = {args.aggregate + "s": m, "raw": results, "paired": paired, "other_cores": others}
+        if len(pairs) > 1:
+            out["paired_native"] = {gw.name: pairings[gw.name] for gw, _ in pairs[1:]}
+        Path(args.json).write_text(json.dumps(out, indent=1))
     for t in targets:
         t.stop()
 
@@ -1007,7 +1185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttfb-client", choices=["c", "python", "both"], default="c",
                         help="what times streaming TTFB: bench/ttfb.c (default; needs cc), the Python aiohttp client, or both")
     parser.add_argument("--extra", default="", help="extra targets, any of: memory,httpx,httpx-aiohttp,comox-transport,aiohttp-gc,limit-pyreqwest (minimal proxy "
-                        "variants), comox-httpx,comox-httpx-aiohttp,comox-pyreqwest (Comox over another transport)")
+                        "variants), comox-httpx,comox-httpx-aiohttp,comox-pyreqwest (Comox over another transport), "
+                        "comox-messages-native,comox-responses-native (Comox passing /v1/messages or /v1/responses "
+                        "through to native_apis backends, each with its own nginx-direct and aiohttp-proxy rows on that path)")
     parser.add_argument("--policy", default="auto", help="Comox routing policy (default: p2c_ewma if installed, else round_robin)")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin processes to cores")
     parser.add_argument("--peers", default="", help="peer gateways to add, any of: portkey,litellm (installed on first "
@@ -1029,7 +1209,7 @@ def main(argv: list[str] | None = None) -> int:
         if p not in PEERS:
             parser.error(f"--peers: unknown {p!r} (have: {', '.join(PEERS)})")
     for c in args.extra:
-        if (c not in MinimalProxy.LABELS and c not in Comox.VARIANTS) or c == "aiohttp":
+        if (c not in MinimalProxy.LABELS and c not in Comox.VARIANTS and c not in NATIVE) or c == "aiohttp":
             parser.error(f"--extra: unknown {c!r}")
     if os.cpu_count() < 2 or args.workers_compare:
         args.pin = False  # workers must be free to use every core
