@@ -11,6 +11,7 @@ is installed)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 
@@ -169,35 +170,39 @@ async def within(awaitable, seconds: float = 5.0):
     return await asyncio.wait_for(awaitable, seconds)
 
 
+@contextlib.asynccontextmanager
+async def pool(script, **options):
+    """An ``Upstream(script)`` and a ``HttptoolsTransport(**options)`` in front of
+    it, as ``(up, transport)``; the transport is closed first, then the upstream."""
+    async with Upstream(script) as up:
+        transport = HttptoolsTransport(**options)
+        try:
+            yield up, transport
+        finally:
+            await transport.aclose()
+
+
 # -- keep-alive --
 
 def test_sequential_calls_reuse_one_connection(run):
     async def main():
-        async with Upstream(keep_answering) as up:
-            transport = HttptoolsTransport()
-            try:
-                for _ in range(3):
-                    response = await call(transport, up.url())
-                    assert response.status == 200 and orjson.loads(response.body)["conn"] == 1
-                assert up.accepted == 1
-            finally:
-                await transport.aclose()
+        async with pool(keep_answering) as (up, transport):
+            for _ in range(3):
+                response = await call(transport, up.url())
+                assert response.status == 200 and orjson.loads(response.body)["conn"] == 1
+            assert up.accepted == 1
     run(main)
 
 
 def test_two_urls_of_one_host_share_the_pool(run):
     async def main():
-        async with Upstream(keep_answering) as up:
-            transport = HttptoolsTransport()
-            try:
-                a = await call(transport, up.url("/v1/chat/completions"))
-                b = await call(transport, up.url("/v1/embeddings?x=1"))
-                assert orjson.loads(a.body) == {"conn": 1, "path": "/v1/chat/completions"}
-                assert orjson.loads(b.body) == {"conn": 1, "path": "/v1/embeddings?x=1"}
-                assert up.accepted == 1
-                assert [r["headers"]["host"] for r in up.requests] == [f"127.0.0.1:{up.port}"] * 2
-            finally:
-                await transport.aclose()
+        async with pool(keep_answering) as (up, transport):
+            a = await call(transport, up.url("/v1/chat/completions"))
+            b = await call(transport, up.url("/v1/embeddings?x=1"))
+            assert orjson.loads(a.body) == {"conn": 1, "path": "/v1/chat/completions"}
+            assert orjson.loads(b.body) == {"conn": 1, "path": "/v1/embeddings?x=1"}
+            assert up.accepted == 1
+            assert [r["headers"]["host"] for r in up.requests] == [f"127.0.0.1:{up.port}"] * 2
     run(main)
 
 
@@ -211,16 +216,12 @@ def test_an_idle_connection_the_upstream_closed_is_not_reused(run):
                 await conn.writer.drain()
                 conn.close()  # no "connection: close": the client learns it from the FIN
 
-        async with Upstream(answer_once_and_close) as up:
-            transport = HttptoolsTransport()
-            try:
-                first = await call(transport, up.url())
-                await asyncio.sleep(0.05)  # the FIN reaches the client while its connection is idle
-                second = await call(transport, up.url())
-                assert orjson.loads(first.body)["conn"] == 1 and orjson.loads(second.body)["conn"] == 2
-                assert up.accepted == 2
-            finally:
-                await transport.aclose()
+        async with pool(answer_once_and_close) as (up, transport):
+            first = await call(transport, up.url())
+            await asyncio.sleep(0.05)  # the FIN reaches the client while its connection is idle
+            second = await call(transport, up.url())
+            assert orjson.loads(first.body)["conn"] == 1 and orjson.loads(second.body)["conn"] == 2
+            assert up.accepted == 2
     run(main)
 
 
@@ -232,16 +233,12 @@ def test_an_idle_connection_closed_as_it_is_reused_is_retried_once_on_a_new_one(
                 if await conn.request() is not None:
                     conn.close()  # closed as the client reused it: it wrote before it saw the FIN
 
-        async with Upstream(close_on_second_request) as up:
-            transport = HttptoolsTransport()
-            try:
-                assert orjson.loads((await call(transport, up.url())).body)["conn"] == 1
-                second = await call(transport, up.url(), b'{"n":2}')
-                assert second.status == 200 and orjson.loads(second.body)["conn"] == 2
-                assert up.accepted == 2
-                assert [(r["conn"], r["body"]) for r in up.requests] == [(1, b"{}"), (1, b'{"n":2}'), (2, b'{"n":2}')]
-            finally:
-                await transport.aclose()
+        async with pool(close_on_second_request) as (up, transport):
+            assert orjson.loads((await call(transport, up.url())).body)["conn"] == 1
+            second = await call(transport, up.url(), b'{"n":2}')
+            assert second.status == 200 and orjson.loads(second.body)["conn"] == 2
+            assert up.accepted == 2
+            assert [(r["conn"], r["body"]) for r in up.requests] == [(1, b"{}"), (1, b'{"n":2}'), (2, b'{"n":2}')]
     run(main)
 
 
@@ -253,16 +250,12 @@ def test_the_retry_is_only_once(run):
             await conn.request()
             conn.close()  # every later request: closed unanswered
 
-        async with Upstream(answer_first_request_of_first_connection_only) as up:
-            transport = HttptoolsTransport()
-            try:
+        async with pool(answer_first_request_of_first_connection_only) as (up, transport):
+            await call(transport, up.url())
+            with pytest.raises(UpstreamUnreachable):
                 await call(transport, up.url())
-                with pytest.raises(UpstreamUnreachable):
-                    await call(transport, up.url())
-                await asyncio.sleep(0.05)
-                assert up.accepted == 2  # the reused one, and one retry
-            finally:
-                await transport.aclose()
+            await asyncio.sleep(0.05)
+            assert up.accepted == 2  # the reused one, and one retry
     run(main)
 
 
@@ -272,15 +265,11 @@ def test_a_fresh_connection_closed_unanswered_is_not_retried(run):
             await conn.request()
             conn.close()
 
-        async with Upstream(close_unanswered) as up:
-            transport = HttptoolsTransport()
-            try:
-                with pytest.raises(UpstreamUnreachable):
-                    await call(transport, up.url())
-                await asyncio.sleep(0.05)
-                assert up.accepted == 1
-            finally:
-                await transport.aclose()
+        async with pool(close_unanswered) as (up, transport):
+            with pytest.raises(UpstreamUnreachable):
+                await call(transport, up.url())
+            await asyncio.sleep(0.05)
+            assert up.accepted == 1
     run(main)
 
 
@@ -298,16 +287,12 @@ def test_a_reused_connection_that_broke_mid_answer_is_not_retried(run, partial):
                     await asyncio.sleep(0.02)
                     conn.close()
 
-        async with Upstream(break_second_answer) as up:
-            transport = HttptoolsTransport()
-            try:
+        async with pool(break_second_answer) as (up, transport):
+            await call(transport, up.url())
+            with pytest.raises(UpstreamUnreachable):
                 await call(transport, up.url())
-                with pytest.raises(UpstreamUnreachable):
-                    await call(transport, up.url())
-                await asyncio.sleep(0.05)
-                assert up.accepted == 1 and len(up.requests) == 2  # the request was not sent again
-            finally:
-                await transport.aclose()
+            await asyncio.sleep(0.05)
+            assert up.accepted == 1 and len(up.requests) == 2  # the request was not sent again
     run(main)
 
 
@@ -322,16 +307,12 @@ def test_an_answer_that_ends_the_connection_is_not_reused(run, version, extra):
                            .encode() + body)
                 await conn.until_eof()  # the upstream does not close it itself
 
-        async with Upstream(answer_and_wait) as up:
-            transport = HttptoolsTransport()
-            try:
-                first = await call(transport, up.url())
-                assert (b"connection", b"close") not in first.headers
-                await within(up.conns[0].eof.wait(), 2)  # the client closed it
-                second = await call(transport, up.url())
-                assert orjson.loads(second.body)["conn"] == 2 and up.accepted == 2
-            finally:
-                await transport.aclose()
+        async with pool(answer_and_wait) as (up, transport):
+            first = await call(transport, up.url())
+            assert (b"connection", b"close") not in first.headers
+            await within(up.conns[0].eof.wait(), 2)  # the client closed it
+            second = await call(transport, up.url())
+            assert orjson.loads(second.body)["conn"] == 2 and up.accepted == 2
     run(main)
 
 
@@ -346,16 +327,12 @@ def test_a_chunked_json_body_is_dechunked_and_the_connection_kept(run):
                 await asyncio.sleep(0.01)
                 conn.write(chunked(b'{"a":', b'"x' * 3000 + b'"', b"}"))
 
-        async with Upstream(chunked_json) as up:
-            transport = HttptoolsTransport()
-            try:
-                for _ in range(2):
-                    response = await call(transport, up.url())
-                    assert response.body == b'{"a":' + b'"x' * 3000 + b'"}'
-                    assert b"transfer-encoding" not in dict(response.headers)
-                assert up.accepted == 1
-            finally:
-                await transport.aclose()
+        async with pool(chunked_json) as (up, transport):
+            for _ in range(2):
+                response = await call(transport, up.url())
+                assert response.body == b'{"a":' + b'"x' * 3000 + b'"}'
+                assert b"transfer-encoding" not in dict(response.headers)
+            assert up.accepted == 1
     run(main)
 
 
@@ -374,16 +351,12 @@ def test_a_chunked_sse_stream_is_dechunked(run):
                     await asyncio.sleep(0.002)
                 conn.write(b"0\r\n\r\n")
 
-        async with Upstream(chunked_sse) as up:
-            transport = HttptoolsTransport()
-            try:
-                for _ in range(2):
-                    response = await call(transport, up.url())
-                    assert response.status == 200 and response.stream is not None
-                    assert await within(read_stream(response)) == b"".join(events)
-                assert up.accepted == 1  # a stream read to its end leaves its connection to the pool
-            finally:
-                await transport.aclose()
+        async with pool(chunked_sse) as (up, transport):
+            for _ in range(2):
+                response = await call(transport, up.url())
+                assert response.status == 200 and response.stream is not None
+                assert await within(read_stream(response)) == b"".join(events)
+            assert up.accepted == 1  # a stream read to its end leaves its connection to the pool
     run(main)
 
 
@@ -401,19 +374,15 @@ def test_a_body_delimited_by_the_connection_close_is_read_whole(run, content_typ
                     await asyncio.sleep(0.002)
                 conn.close()
 
-        async with Upstream(until_close) as up:
-            transport = HttptoolsTransport()
-            try:
-                response = await call(transport, up.url())
-                data = response.body if response.stream is None else await within(read_stream(response))
-                assert (response.stream is None) == (content_type == "application/json")
-                assert data == body
-                again = await call(transport, up.url())  # a new connection
-                assert up.accepted == 2
-                data = again.body if again.stream is None else await within(read_stream(again))
-                assert data == body
-            finally:
-                await transport.aclose()
+        async with pool(until_close) as (up, transport):
+            response = await call(transport, up.url())
+            data = response.body if response.stream is None else await within(read_stream(response))
+            assert (response.stream is None) == (content_type == "application/json")
+            assert data == body
+            again = await call(transport, up.url())  # a new connection
+            assert up.accepted == 2
+            data = again.body if again.stream is None else await within(read_stream(again))
+            assert data == body
     run(main)
 
 
@@ -423,15 +392,11 @@ def test_a_204_has_an_empty_body_and_keeps_the_connection(run):
             while await conn.request() is not None:
                 conn.write(b"HTTP/1.1 204 No Content\r\nx-a: b\r\n\r\n")
 
-        async with Upstream(no_content) as up:
-            transport = HttptoolsTransport()
-            try:
-                for _ in range(2):
-                    response = await call(transport, up.url())
-                    assert (response.status, response.body, response.headers) == (204, b"", [(b"x-a", b"b")])
-                assert up.accepted == 1
-            finally:
-                await transport.aclose()
+        async with pool(no_content) as (up, transport):
+            for _ in range(2):
+                response = await call(transport, up.url())
+                assert (response.status, response.body, response.headers) == (204, b"", [(b"x-a", b"b")])
+            assert up.accepted == 1
     run(main)
 
 
@@ -454,21 +419,17 @@ def test_informational_answers_before_the_real_one_are_skipped(run, informationa
                 else:
                     conn.write(answer(b'{"final":true}', status="201 Created", extra="x-final: yes\r\n"))
 
-        async with Upstream(hints_first) as up:
-            transport = HttptoolsTransport()
-            try:
-                for _ in range(2):
-                    response = await call(transport, up.url())
-                    assert response.status == 201
-                    names = [name for name, _ in response.headers]
-                    assert b"link" not in names and b"x-hint" not in names and (b"x-final", b"yes") in response.headers
-                    if stream:
-                        assert await within(read_stream(response)) == b"data: 1\n\ndata: [DONE]\n\n"
-                    else:
-                        assert response.body == b'{"final":true}'
-                assert up.accepted == 1
-            finally:
-                await transport.aclose()
+        async with pool(hints_first) as (up, transport):
+            for _ in range(2):
+                response = await call(transport, up.url())
+                assert response.status == 201
+                names = [name for name, _ in response.headers]
+                assert b"link" not in names and b"x-hint" not in names and (b"x-final", b"yes") in response.headers
+                if stream:
+                    assert await within(read_stream(response)) == b"data: 1\n\ndata: [DONE]\n\n"
+                else:
+                    assert response.body == b'{"final":true}'
+            assert up.accepted == 1
     run(main)
 
 
@@ -484,16 +445,12 @@ def test_an_answer_fed_one_byte_at_a_time_is_parsed(run):
                     await conn.writer.drain()
                     await asyncio.sleep(0.001)
 
-        async with Upstream(byte_by_byte) as up:
-            transport = HttptoolsTransport()
-            try:
-                response = await call(transport, up.url())
-                assert response.body == b'{"a":1}'
-                assert response.headers == [(b"content-type", b"application/json"), (b"x-long-header-name", b"some value")]
-                assert orjson.loads((await call(transport, up.url())).body) == {"a": 1}
-                assert up.accepted == 1
-            finally:
-                await transport.aclose()
+        async with pool(byte_by_byte) as (up, transport):
+            response = await call(transport, up.url())
+            assert response.body == b'{"a":1}'
+            assert response.headers == [(b"content-type", b"application/json"), (b"x-long-header-name", b"some value")]
+            assert orjson.loads((await call(transport, up.url())).body) == {"a": 1}
+            assert up.accepted == 1
     run(main)
 
 
@@ -508,19 +465,15 @@ def test_a_call_past_max_connections_waits_for_a_free_one(run):
                 await go.wait()
                 conn.write(answer(orjson.dumps({"conn": conn.number})))
 
-        async with Upstream(held) as up:
-            transport = HttptoolsTransport(max_connections=2)
-            try:
-                calls = [asyncio.create_task(call(transport, up.url())) for _ in range(3)]
-                await asyncio.sleep(0.2)
-                assert up.accepted == 2 and len(up.requests) == 2  # the third waits for a connection
-                assert not any(c.done() for c in calls)
-                go.set()
-                responses = await within(asyncio.gather(*calls))
-                assert all(r.status == 200 for r in responses)
-                assert up.max_open <= 2 and up.accepted == 2 and len(up.requests) == 3
-            finally:
-                await transport.aclose()
+        async with pool(held, max_connections=2) as (up, transport):
+            calls = [asyncio.create_task(call(transport, up.url())) for _ in range(3)]
+            await asyncio.sleep(0.2)
+            assert up.accepted == 2 and len(up.requests) == 2  # the third waits for a connection
+            assert not any(c.done() for c in calls)
+            go.set()
+            responses = await within(asyncio.gather(*calls))
+            assert all(r.status == 200 for r in responses)
+            assert up.max_open <= 2 and up.accepted == 2 and len(up.requests) == 3
     run(main)
 
 
@@ -536,21 +489,17 @@ def test_a_waiting_call_gets_the_slot_of_a_connection_that_broke(run):
                     return
                 conn.write(answer())
 
-        async with Upstream(first_breaks) as up:
-            transport = HttptoolsTransport(max_connections=1)
-            try:
-                first = asyncio.create_task(call(transport, up.url()))
-                await asyncio.sleep(0.05)
-                second = asyncio.create_task(call(transport, up.url()))
-                await asyncio.sleep(0.1)
-                assert up.accepted == 1
-                go.set()
-                with pytest.raises(UpstreamUnreachable):
-                    await first
-                assert (await within(second)).status == 200
-                assert up.accepted == 2 and up.max_open == 1
-            finally:
-                await transport.aclose()
+        async with pool(first_breaks, max_connections=1) as (up, transport):
+            first = asyncio.create_task(call(transport, up.url()))
+            await asyncio.sleep(0.05)
+            second = asyncio.create_task(call(transport, up.url()))
+            await asyncio.sleep(0.1)
+            assert up.accepted == 1
+            go.set()
+            with pytest.raises(UpstreamUnreachable):
+                await first
+            assert (await within(second)).status == 200
+            assert up.accepted == 2 and up.max_open == 1
     run(main)
 
 
@@ -563,27 +512,23 @@ def test_a_waiter_cancelled_as_it_is_woken_passes_the_free_connection_on(run):
                 await go.wait()
                 conn.write(answer())
 
-        async with Upstream(held) as up:
-            transport = HttptoolsTransport(max_connections=1, keepalive_s=30)
-            try:
-                async def first():
-                    response = await transport.post(up.url(), b"{}", {})
-                    second.cancel()  # in the step that woke it: its wake-up is already handed over
-                    return response
+        async with pool(held, max_connections=1, keepalive_s=30) as (up, transport):
+            async def first():
+                response = await transport.post(up.url(), b"{}", {})
+                second.cancel()  # in the step that woke it: its wake-up is already handed over
+                return response
 
-                first_call = asyncio.create_task(first())
-                await asyncio.sleep(0.05)
-                second = asyncio.create_task(transport.post(up.url(), b"{}", {}))
-                await asyncio.sleep(0.02)
-                third = asyncio.create_task(transport.post(up.url(), b"{}", {}))
-                await asyncio.sleep(0.05)
-                go.set()
-                assert (await within(first_call, 2)).status == 200
-                with pytest.raises(asyncio.CancelledError):
-                    await second
-                assert (await within(third, 2)).status == 200  # the idle connection, not 30 s later
-            finally:
-                await transport.aclose()
+            first_call = asyncio.create_task(first())
+            await asyncio.sleep(0.05)
+            second = asyncio.create_task(transport.post(up.url(), b"{}", {}))
+            await asyncio.sleep(0.02)
+            third = asyncio.create_task(transport.post(up.url(), b"{}", {}))
+            await asyncio.sleep(0.05)
+            go.set()
+            assert (await within(first_call, 2)).status == 200
+            with pytest.raises(asyncio.CancelledError):
+                await second
+            assert (await within(third, 2)).status == 200  # the idle connection, not 30 s later
     run(main)
 
 
@@ -604,18 +549,14 @@ def test_an_idle_connection_handed_to_a_waiting_call_is_retried_if_stale(run):
             else:
                 await keep_answering(conn)
 
-        async with Upstream(script) as up:
-            transport = HttptoolsTransport(max_connections=1, keepalive_s=30)
-            try:
-                first = asyncio.create_task(call(transport, up.url()))
-                await asyncio.sleep(0.05)
-                second = asyncio.create_task(call(transport, up.url()))
-                await asyncio.sleep(0.05)
-                go.set()
-                assert (await first).status == 200
-                assert orjson.loads((await within(second)).body)["conn"] == 2
-            finally:
-                await transport.aclose()
+        async with pool(script, max_connections=1, keepalive_s=30) as (up, transport):
+            first = asyncio.create_task(call(transport, up.url()))
+            await asyncio.sleep(0.05)
+            second = asyncio.create_task(call(transport, up.url()))
+            await asyncio.sleep(0.05)
+            go.set()
+            assert (await first).status == 200
+            assert orjson.loads((await within(second)).body)["conn"] == 2
     run(main)
 
 
@@ -687,14 +628,10 @@ def test_many_concurrent_calls_of_every_kind_share_a_small_pool(run):
                     break
                 await response.aclose()
 
-        async with Upstream(mixed) as up:
-            transport = HttptoolsTransport(max_connections=3)
-            try:
-                kinds = ["json", "sse", "early", "json", "broken", "json", "slow", "sse", "garbage"]
-                await within(asyncio.gather(*(one(transport, up.url(), kinds[n % len(kinds)], n) for n in range(60))), 15)
-                assert (await call(transport, up.url(), b"json:1")).body == b"json:1"
-            finally:
-                await transport.aclose()
+        async with pool(mixed, max_connections=3) as (up, transport):
+            kinds = ["json", "sse", "early", "json", "broken", "json", "slow", "sse", "garbage"]
+            await within(asyncio.gather(*(one(transport, up.url(), kinds[n % len(kinds)], n) for n in range(60))), 15)
+            assert (await call(transport, up.url(), b"json:1")).body == b"json:1"
     run(main, timeout=30)
 
 
@@ -714,21 +651,17 @@ def test_a_stream_cut_before_its_end_raises_and_is_not_taken_for_a_clean_end(run
                 conn.close()
             return
 
-        async with Upstream(cut) as up:
-            transport = HttptoolsTransport(max_connections=1)
-            try:
-                response = await call(transport, up.url())
-                got = []
-                with pytest.raises(ConnectionError):
-                    async for chunk in response.stream:
-                        got.append(chunk)
-                await response.aclose()
-                assert got == [b"data: one\n\n"]
-                again = await call(transport, up.url())  # the pool's one slot is free again
-                assert again.status == 200 and up.accepted == 2
-                await again.aclose()
-            finally:
-                await transport.aclose()
+        async with pool(cut, max_connections=1) as (up, transport):
+            response = await call(transport, up.url())
+            got = []
+            with pytest.raises(ConnectionError):
+                async for chunk in response.stream:
+                    got.append(chunk)
+            await response.aclose()
+            assert got == [b"data: one\n\n"]
+            again = await call(transport, up.url())  # the pool's one slot is free again
+            assert again.status == 200 and up.accepted == 2
+            await again.aclose()
     run(main)
 
 
@@ -764,22 +697,18 @@ def test_a_stream_whose_upstream_goes_quiet_is_cut_after_timeout_s(run):
                            + b"b\r\ndata: one\n\n\r\n")
                 await conn.until_eof()
 
-        async with Upstream(quiet_after_head) as up:
-            transport = HttptoolsTransport(timeout_s=0.3)
-            try:
-                response = await call(transport, up.url())
-                start = time.monotonic()
-                got = []
-                with pytest.raises(ConnectionError) as raised:
-                    async for chunk in response.stream:
-                        got.append(chunk)
-                elapsed = time.monotonic() - start
-                await response.aclose()
-                assert got == [b"data: one\n\n"] and isinstance(raised.value.__cause__, TimeoutError)
-                assert 0.2 <= elapsed < 2.0, elapsed
-                await within(up.conns[0].eof.wait(), 2)  # the upstream sees the connection go
-            finally:
-                await transport.aclose()
+        async with pool(quiet_after_head, timeout_s=0.3) as (up, transport):
+            response = await call(transport, up.url())
+            start = time.monotonic()
+            got = []
+            with pytest.raises(ConnectionError) as raised:
+                async for chunk in response.stream:
+                    got.append(chunk)
+            elapsed = time.monotonic() - start
+            await response.aclose()
+            assert got == [b"data: one\n\n"] and isinstance(raised.value.__cause__, TimeoutError)
+            assert 0.2 <= elapsed < 2.0, elapsed
+            await within(up.conns[0].eof.wait(), 2)  # the upstream sees the connection go
     run(main)
 
 
@@ -790,16 +719,12 @@ def test_a_json_body_whose_upstream_goes_quiet_is_cut_after_timeout_s(run):
                 conn.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"a\"")
                 await conn.until_eof()
 
-        async with Upstream(quiet_in_body) as up:
-            transport = HttptoolsTransport(timeout_s=0.3)
-            try:
-                start = time.monotonic()
-                with pytest.raises(UpstreamUnreachable) as raised:
-                    await call(transport, up.url())
-                assert raised.value.during == "body" and isinstance(raised.value.cause, TimeoutError)
-                assert 0.2 <= time.monotonic() - start < 2.0
-            finally:
-                await transport.aclose()
+        async with pool(quiet_in_body, timeout_s=0.3) as (up, transport):
+            start = time.monotonic()
+            with pytest.raises(UpstreamUnreachable) as raised:
+                await call(transport, up.url())
+            assert raised.value.during == "body" and isinstance(raised.value.cause, TimeoutError)
+            assert 0.2 <= time.monotonic() - start < 2.0
     run(main)
 
 
@@ -817,14 +742,10 @@ def test_an_upstream_that_trickles_faster_than_timeout_s_is_not_cut(run, stream)
                     conn.write(b"%x\r\n%s\r\n" % (len(piece), piece))
                 conn.write(b"0\r\n\r\n")
 
-        async with Upstream(trickle) as up:
-            transport = HttptoolsTransport(timeout_s=0.3)
-            try:
-                response = await asyncio.wait_for(transport.post(up.url(), b"{}", {}), 5)
-                data = response.body if not stream else await within(read_stream(response))
-                assert data == b"".join(pieces)
-            finally:
-                await transport.aclose()
+        async with pool(trickle, timeout_s=0.3) as (up, transport):
+            response = await asyncio.wait_for(transport.post(up.url(), b"{}", {}), 5)
+            data = response.body if not stream else await within(read_stream(response))
+            assert data == b"".join(pieces)
     run(main)
 
 
@@ -865,33 +786,25 @@ async def check_in_order(response) -> None:
 def test_a_stream_nobody_reads_pauses_the_upstream_and_resumes_when_read(run):
     async def main():
         state = {"written": 0, "done": False}
-        async with Upstream(sse_flood_script(state)) as up:
-            transport = HttptoolsTransport()
-            try:
-                response = await call(transport, up.url())
-                assert response.stream is not None
-                await asyncio.sleep(0.5)  # nobody reads
-                stalled = state["written"]
-                await asyncio.sleep(0.2)
-                assert not state["done"] and state["written"] == stalled < TOTAL_EVENTS  # the upstream's writes block
-                await check_in_order(response)
-                assert state["done"]
-            finally:
-                await transport.aclose()
+        async with pool(sse_flood_script(state)) as (up, transport):
+            response = await call(transport, up.url())
+            assert response.stream is not None
+            await asyncio.sleep(0.5)  # nobody reads
+            stalled = state["written"]
+            await asyncio.sleep(0.2)
+            assert not state["done"] and state["written"] == stalled < TOTAL_EVENTS  # the upstream's writes block
+            await check_in_order(response)
+            assert state["done"]
     run(main, timeout=40)
 
 
 def test_a_stream_paused_for_its_slow_reader_is_not_cut_by_the_read_timeout(run):
     async def main():
         state = {"written": 0, "done": False}
-        async with Upstream(sse_flood_script(state)) as up:
-            transport = HttptoolsTransport(timeout_s=0.3)
-            try:
-                response = await call(transport, up.url())
-                await asyncio.sleep(0.8)  # the reader is slow; the upstream is not quiet, it is held back
-                await check_in_order(response)
-            finally:
-                await transport.aclose()
+        async with pool(sse_flood_script(state), timeout_s=0.3) as (up, transport):
+            response = await call(transport, up.url())
+            await asyncio.sleep(0.8)  # the reader is slow; the upstream is not quiet, it is held back
+            await check_in_order(response)
     run(main, timeout=40)
 
 
@@ -927,15 +840,11 @@ def test_a_header_value_with_cr_or_lf_raises_and_sends_nothing(run):
 
 def test_a_header_name_with_cr_or_lf_raises_and_sends_nothing(run):
     async def main():
-        async with Upstream(keep_answering) as up:
-            transport = HttptoolsTransport()
-            try:
-                with pytest.raises(ValueError):
-                    await call(transport, up.url(), headers={"x-a: 1\r\nx-injected": "1"})
-                await asyncio.sleep(0.05)
-                assert up.accepted == 0
-            finally:
-                await transport.aclose()
+        async with pool(keep_answering) as (up, transport):
+            with pytest.raises(ValueError):
+                await call(transport, up.url(), headers={"x-a: 1\r\nx-injected": "1"})
+            await asyncio.sleep(0.05)
+            assert up.accepted == 0
     run(main)
 
 
@@ -949,14 +858,10 @@ def test_response_headers_are_lower_cased_without_hop_by_hop_ones(run):
                            b"Proxy-Authenticate: Basic\r\nTE: trailers\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
                            b"X-RateLimit-Remaining: 9\r\n\r\n" + chunked(b"{}"))
 
-        async with Upstream(many_headers) as up:
-            transport = HttptoolsTransport()
-            try:
-                response = await call(transport, up.url())
-                assert response.headers == [(b"content-type", b"Application/JSON"), (b"set-cookie", b"a=1"),
-                                            (b"set-cookie", b"b=2"), (b"x-ratelimit-remaining", b"9")]
-            finally:
-                await transport.aclose()
+        async with pool(many_headers) as (up, transport):
+            response = await call(transport, up.url())
+            assert response.headers == [(b"content-type", b"Application/JSON"), (b"set-cookie", b"a=1"),
+                                        (b"set-cookie", b"b=2"), (b"x-ratelimit-remaining", b"9")]
     run(main)
 
 
@@ -967,14 +872,10 @@ def test_trailer_fields_of_a_chunked_body_are_not_response_headers(run):
                 conn.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n"
                            b"trailer: x-checksum\r\n\r\n" + chunked(b"{}", trailer=b"x-checksum: abc\r\n"))
 
-        async with Upstream(with_trailer) as up:
-            transport = HttptoolsTransport()
-            try:
-                response = await call(transport, up.url())
-                assert response.body == b"{}"
-                assert response.headers == [(b"content-type", b"application/json")]
-            finally:
-                await transport.aclose()
+        async with pool(with_trailer) as (up, transport):
+            response = await call(transport, up.url())
+            assert response.body == b"{}"
+            assert response.headers == [(b"content-type", b"application/json")]
     run(main)
 
 
@@ -992,20 +893,16 @@ def test_an_upstream_answering_garbage_is_unreachable_and_the_pool_recovers(run,
                     return
                 conn.write(answer())
 
-        async with Upstream(garbage_then_good) as up:
-            transport = HttptoolsTransport(max_connections=1)
-            try:
-                for _ in range(3):
-                    with pytest.raises(UpstreamUnreachable):
-                        await call(transport, up.url())
-                # the broken connections left the pool (of one): a later call gets a connection
-                assert (await call(transport, up.url())).status == 200
-                assert (await call(transport, up.url())).status == 200
-                assert up.accepted == 4
-                for conn in up.conns[:3]:
-                    await within(conn.eof.wait(), 2)
-            finally:
-                await transport.aclose()
+        async with pool(garbage_then_good, max_connections=1) as (up, transport):
+            for _ in range(3):
+                with pytest.raises(UpstreamUnreachable):
+                    await call(transport, up.url())
+            # the broken connections left the pool (of one): a later call gets a connection
+            assert (await call(transport, up.url())).status == 200
+            assert (await call(transport, up.url())).status == 200
+            assert up.accepted == 4
+            for conn in up.conns[:3]:
+                await within(conn.eof.wait(), 2)
     run(main)
 
 
@@ -1018,16 +915,12 @@ def test_an_unsolicited_answer_on_an_idle_connection_is_not_the_next_calls_answe
                     await asyncio.sleep(0.02)
                     conn.write(answer(b'{"stale":true}'))  # unasked for
 
-        async with Upstream(answers_twice) as up:
-            transport = HttptoolsTransport()
-            try:
-                await call(transport, up.url(), b'{"n":1}')
-                await asyncio.sleep(0.1)
-                for n in (2, 3):
-                    response = await call(transport, up.url(), b'{"n":%d}' % n)
-                    assert orjson.loads(response.body).get("body") == {"n": n}
-            finally:
-                await transport.aclose()
+        async with pool(answers_twice) as (up, transport):
+            await call(transport, up.url(), b'{"n":1}')
+            await asyncio.sleep(0.1)
+            for n in (2, 3):
+                response = await call(transport, up.url(), b'{"n":%d}' % n)
+                assert orjson.loads(response.body).get("body") == {"n": n}
     run(main)
 
 
@@ -1037,15 +930,11 @@ def test_bytes_after_a_complete_answer_do_not_join_it(run):
             while (request := await conn.request()) is not None:
                 conn.write(answer(request["body"]) + answer(b'{"stale":true}', extra="x-stale: 1\r\n"))
 
-        async with Upstream(extra_after) as up:
-            transport = HttptoolsTransport()
-            try:
-                for n in (1, 2, 3):
-                    response = await call(transport, up.url(), b'{"n":%d}' % n)
-                    assert response.body == b'{"n":%d}' % n
-                    assert b"x-stale" not in dict(response.headers)
-            finally:
-                await transport.aclose()
+        async with pool(extra_after) as (up, transport):
+            for n in (1, 2, 3):
+                response = await call(transport, up.url(), b'{"n":%d}' % n)
+                assert response.body == b'{"n":%d}' % n
+                assert b"x-stale" not in dict(response.headers)
     run(main)
 
 
