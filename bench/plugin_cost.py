@@ -36,12 +36,13 @@ from perf import (  # noqa: E402
 CORE = "openai,p2c_ewma"
 # (label, plugins loaded — None: every installed plugin, keyed, transport)
 STAGES: list[tuple[str, str | None, bool, str]] = [
-    ("core alone (auth = \"none\")", CORE, False, "aiohttp"),
-    ("+ keys", f"{CORE},keys", True, "aiohttp"),
-    ("+ limits (rpm, tpm, max_concurrency)", f"{CORE},keys,limits", True, "aiohttp"),
-    ("+ cache (sampled: skipped)", f"{CORE},keys,limits,cache", True, "aiohttp"),
-    ("+ metrics", f"{CORE},keys,limits,cache,metrics", True, "aiohttp"),
-    ("every default plugin", None, True, "aiohttp"),
+    ("core alone (auth = \"none\")", CORE, False, "httptools"),
+    ("+ keys", f"{CORE},keys", True, "httptools"),
+    ("+ limits (rpm, tpm, max_concurrency)", f"{CORE},keys,limits", True, "httptools"),
+    ("+ cache (sampled: skipped)", f"{CORE},keys,limits,cache", True, "httptools"),
+    ("+ metrics", f"{CORE},keys,limits,cache,metrics", True, "httptools"),
+    ("every default plugin", None, True, "httptools"),
+    ("every default plugin, transport = \"aiohttp\"", None, True, "aiohttp"),
     ("every default plugin, transport = \"pyreqwest\"", None, True, "pyreqwest"),
 ]
 
@@ -56,8 +57,7 @@ def config(path: Path, port: int, keyed: bool, transport: str) -> Path:
         lines.insert(0, 'auth = "none"')
     lines += ['[[models]]', 'name = "bench"', 'policy = "p2c_ewma"', '', '[[models.backends]]', 'name = "nginx"',
               'type = "openai"', f'url = "http://127.0.0.1:{port}"']
-    if transport != "aiohttp":
-        lines.append(f'transport = "{transport}"')
+    lines.append(f'transport = "{transport}"')
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -121,6 +121,7 @@ def main() -> int:
     try:
         nginx = Nginx(workdir, str(LOAD_CORE))
         targets: list[Proxy] = [MinimalProxy("aiohttp", nginx, workdir, str(PROXY_CORE)),
+                                MinimalProxy("limit-httptools", nginx, workdir, str(PROXY_CORE)),
                                 MinimalProxy("limit-pyreqwest", nginx, workdir, str(PROXY_CORE))]
         targets += [Stage(*stage, nginx, workdir) for stage in STAGES]
         for target in targets:  # warm-up
