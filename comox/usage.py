@@ -155,21 +155,31 @@ def usage_of_body(body: bytes) -> Usage | None:
 def usage_of_events(end: bytes) -> Usage | None:
     """:func:`parse_usage` of the last SSE events of a stream (``end`` holds its
     last two chunks), where OpenAI servers put ``usage`` and llama.cpp ``timings``
-    (the Responses API: in the ``response`` of its ``response.completed`` event)."""
-    if b'"usage"' not in end and b'"timings"' not in end:
-        return None
-    usage = None
-    for line in end.split(b"\n"):
-        if line.startswith(b"data:") and (b'"usage"' in line or b'"timings"' in line):
-            try:
-                obj = orjson.loads(line[5:])
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                # A Responses API event carries it in its response object.
-                inner = obj.get("response")
-                usage = parse_usage(obj) or (parse_usage(inner) if isinstance(inner, dict) else None) or usage
-    return usage
+    (the Responses API: in the ``response`` of its ``response.completed`` event).
+    The last ``data:`` line that says one wins; lines are searched from the end
+    and only those naming ``usage`` or ``timings`` are parsed (a stream's end
+    can hold dozens of events, and a Responses stream repeats its whole
+    response object in three of them)."""
+    stop = len(end)
+    while True:
+        at = max(end.rfind(b'"usage"', 0, stop), end.rfind(b'"timings"', 0, stop))
+        if at < 0:
+            return None
+        start = end.rfind(b"\n", 0, at) + 1
+        line_end = end.find(b"\n", at)
+        stop = start  # the next search: the lines before this one
+        if not end.startswith(b"data:", start):
+            continue
+        try:
+            obj = orjson.loads(end[start + 5:line_end if line_end >= 0 else len(end)])
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            # A Responses API event carries it in its response object.
+            inner = obj.get("response")
+            usage = parse_usage(obj) or (parse_usage(inner) if isinstance(inner, dict) else None)
+            if usage is not None:
+                return usage
 
 
 def record_body(request: GatewayRequest, state: BackendState | None, body: bytes, parsed: object = None) -> None:

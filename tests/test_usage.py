@@ -68,6 +68,17 @@ def test_usage_of_events_reads_the_last_events():
     assert usage_of_events(b'data: {"usage": broken\n\n') is None
 
 
+def test_usage_of_events_the_last_line_that_says_one_wins():
+    # Searched from the end: a later usage wins, a later line that names usage
+    # without one (null, broken JSON, not a data line) does not hide an earlier one.
+    first = b'data: {"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n'
+    second = b'data: {"usage":{"prompt_tokens":5,"completion_tokens":3}}\r\n\r\n'
+    assert usage_of_events(first + second).prompt == 5
+    end = second + b'data: {"usage":null}\n\ndata: {"usage": broken\n\nevent: "usage"\n\ndata: [DONE]'
+    assert usage_of_events(end).completion == 3
+    assert usage_of_events(b'data: {"timings":{"prompt_n":4,"cache_n":2,"predicted_n":6}}') == (6, 6, 2, None, None)
+
+
 def test_usage_of_responses_api_events():
     # OpenAI's Responses API names the counts input/output tokens, and puts them
     # in the response object of its last event.
