@@ -1184,8 +1184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sse-concurrency", type=int, default=16)
     parser.add_argument("--ttfb-client", choices=["c", "python", "both"], default="c",
                         help="what times streaming TTFB: bench/ttfb.c (default; needs cc), the Python aiohttp client, or both")
-    parser.add_argument("--extra", default="", help="extra targets, any of: memory,httpx,httpx-aiohttp,comox-transport,aiohttp-gc,limit-pyreqwest (minimal proxy "
-                        "variants), comox-httpx,comox-httpx-aiohttp,comox-pyreqwest (Comox over another transport), "
+    parser.add_argument("--extra", default="", help="extra targets, any of: memory,httpx,httpx-aiohttp,comox-transport,aiohttp-gc,limit-pyreqwest,limit-httptools "
+                        "(minimal proxy variants), comox-httpx,comox-httpx-aiohttp,comox-pyreqwest,comox-aiohttp,comox-httptools "
+                        "(Comox over another transport), "
                         "comox-messages-native,comox-responses-native (Comox passing /v1/messages or /v1/responses "
                         "through to native_apis backends, each with its own nginx-direct and aiohttp-proxy rows on that path)")
     parser.add_argument("--policy", default="auto", help="Comox routing policy (default: p2c_ewma if installed, else round_robin)")
