@@ -31,20 +31,13 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-import httptools
-
 from . import client_spans
 from .backends import BackendResponse
-from .late import LateQueue
-from .transport import (DROPPED_RESPONSE_HEADERS, AiohttpTransport, PoolTransport, UpstreamUnreachable, _is_sse,
+from .http1_connection import GONE, Call, Connection, ReadTimeouts
+from .transport import (DROPPED_RESPONSE_HEADERS, AiohttpTransport, PoolTransport, UpstreamUnreachable,
                         _ssl_context)
 
 __all__ = ["HttptoolsTransport"]
-
-# A stream's unread chunks past which the connection stops reading (the
-# client reads slower than the upstream writes), and below which it resumes.
-_HIGH_WATER = 64
-_LOW_WATER = 16
 
 
 class _Origin:
@@ -53,7 +46,7 @@ class _Origin:
     __slots__ = ("key", "host", "port", "tls", "prefix", "idle", "proxy")
 
     def __init__(self, url: str, default_headers: Mapping[str, str], trust_env: bool,
-                 pools: dict[tuple[str, str, int], deque[_Connection]]):
+                 pools: dict[tuple[str, str, int], deque[Connection]]):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -84,185 +77,6 @@ def _checked(value: str) -> str:
     return value
 
 
-class _Connection(asyncio.Protocol):
-    """One upstream connection and the answer it is reading."""
-
-    def __init__(self, owner: HttptoolsTransport, origin: _Origin, loop: asyncio.AbstractEventLoop):
-        self.owner = owner
-        self.origin = origin
-        self.loop = loop
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.open = True
-        self.idle_since = 0.0
-        self.paused = False
-        self.reset()
-
-    def reset(self) -> None:
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.informational = False
-        self.status = 0
-        self.head_done = False
-        self.sse = False
-        self.delimited = False  # the body's end is known (a length, chunks, or no body)
-        self.chunks: deque[bytes] = deque()
-        self.complete = False
-        self.keep_alive = False
-        self.error: BaseException | None = None
-        self.waiter: asyncio.Future[None] | None = None
-        self.received = False
-        self.last_read = 0.0  # loop time
-        self.call: _Call | None = None
-
-    # -- asyncio.Protocol --
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        if self.call is None:  # bytes nobody asked for, on an idle connection: not to be trusted
-            self.abort()
-            return
-        self.received = True
-        self.last_read = self.loop.time()
-        try:
-            self.parser.feed_data(data)
-        except Exception as exc:  # garbage (HttpParserError) or an answer nobody asked for
-            self.fail(exc)
-
-    def eof_received(self) -> bool:
-        return False  # close the transport; connection_lost follows
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.open = False
-        self.owner._lost(self)
-        if self.head_done and not self.complete and not self.delimited:
-            self.on_message_complete()  # a body that ends when the connection does
-        elif not self.complete:
-            self._wake(exc or ConnectionResetError("the upstream closed the connection"))
-
-    # -- httptools callbacks --
-
-    def on_message_begin(self) -> None:
-        if self.complete:  # a second answer after this one, in the same read: the connection is out of step
-            raise ConnectionError("an answer no request asked for")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.head_done:
-            return  # a chunked body's trailer fields
-        self.headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if 100 <= status < 200:  # informational (103 Early Hints): the answer follows
-            self.informational = True
-            self.headers = []
-            return
-        self.status = status
-        self.head_done = True
-        for name, value in self.headers:
-            if name == b"content-type":
-                self.sse = _is_sse(value.decode("latin-1"))
-            elif name == b"content-length" or name == b"transfer-encoding":
-                self.delimited = True
-        if status in (204, 304):
-            self.delimited = True
-        if self.sse:
-            self._wake(None)  # the caller returns a stream; chunks follow
-
-    def on_body(self, body: bytes) -> None:
-        self.chunks.append(body)
-        if self.sse:
-            if len(self.chunks) >= _HIGH_WATER and not self.paused and self.transport is not None:
-                self.paused = True
-                self.transport.pause_reading()
-            self._wake(None)
-
-    def on_message_complete(self) -> None:
-        if self.informational:
-            self.informational = False
-            return
-        self.complete = True
-        if self.call is not None:
-            self.call.finished = True
-        self.keep_alive = self.open and self.parser.should_keep_alive()
-        self._wake(None)
-
-    # -- the caller's side --
-
-    def _wake(self, error: BaseException | None) -> None:
-        if error is not None and self.error is None:
-            self.error = error
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def fail(self, error: BaseException) -> None:
-        """Give up on this connection: the caller sees ``error``."""
-        self._wake(error)
-        self.abort()
-
-    def abort(self) -> None:
-        if self.call is not None:
-            self.call.finished = True
-        if self.open:
-            self.open = False
-            if self.transport is not None:
-                self.transport.abort()
-
-    async def wait(self) -> None:
-        """Until something new arrived (or the connection broke)."""
-        waiter = self.waiter = self.loop.create_future()
-        await waiter
-
-    def take(self) -> bytes:
-        chunks = self.chunks
-        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        if self.paused and self.open and self.transport is not None:
-            self.paused = False
-            self.last_read = self.loop.time()  # the quiet clock starts again when reading does
-            self.transport.resume_reading()
-        return data
-
-
-class _Call:
-    """One request on a connection, as the read-timeout queue tracks it."""
-
-    __slots__ = ("conn", "started", "finished")
-
-    def __init__(self, conn: _Connection, started: float):
-        self.conn = conn
-        self.started = started
-        self.finished = False
-
-
-class _ReadTimeouts(LateQueue[_Call]):
-    """Connections whose answer is taking a while get a timer that aborts them
-    once nothing arrived for ``timeout_s``; the quick rest never get one."""
-
-    def __init__(self, timeout_s: float):
-        super().__init__(after_s=min(1.0, timeout_s))
-        self.timeout_s = timeout_s
-
-    def promote(self, entry: _Call, loop: asyncio.AbstractEventLoop) -> None:
-        self._check(entry, loop)
-
-    def _check(self, call: _Call, loop: asyncio.AbstractEventLoop) -> None:
-        if call.finished:
-            return
-        conn = call.conn
-        if conn.paused:  # held back for a slow reader: not the upstream's silence
-            conn.last_read = loop.time()
-        quiet = loop.time() - conn.last_read
-        if quiet >= self.timeout_s:
-            conn.fail(TimeoutError(f"no bytes from the upstream for {self.timeout_s:g} s"))
-        else:
-            loop.call_later(self.timeout_s - quiet, self._check, call, loop)
-
-
 class HttptoolsTransport(PoolTransport):
     """A pool of HTTP/1.1 connections per origin, opened lazily inside the
     running event loop; ``default_headers`` go with every request."""
@@ -270,11 +84,11 @@ class HttptoolsTransport(PoolTransport):
     def __init__(self, **options: Any):
         super().__init__(**options)
         self._origins: dict[str, _Origin] = {}
-        self._pools: dict[tuple[str, str, int], deque[_Connection]] = {}
+        self._pools: dict[tuple[str, str, int], deque[Connection]] = {}
         self._count = 0  # open connections, idle or busy
         self._slots: deque[asyncio.Future[None]] = deque()  # callers waiting for a free connection
         self._ssl: ssl.SSLContext | None = None
-        self._timeouts = _ReadTimeouts(self.timeout_s)
+        self._timeouts = ReadTimeouts(self.timeout_s)
         self._sweeping = False
         self._fallback: AiohttpTransport | None = None
         self._closed = False
@@ -316,7 +130,7 @@ class HttptoolsTransport(PoolTransport):
             conn = self._idle(origin, loop) or await self._connect(origin, loop)
             reused = conn.idle_since > 0.0  # it answered before: fresh connections were never idle
             now = conn.last_read = loop.time()
-            call = conn.call = _Call(conn, now)
+            call = conn.call = Call(conn, now)
             transport = conn.transport
             assert transport is not None
             try:
@@ -352,7 +166,7 @@ class HttptoolsTransport(PoolTransport):
         self._release(conn)  # resets conn
         return BackendResponse(status, headers_out, body=data)
 
-    async def _stream(self, conn: _Connection, call: _Call) -> AsyncIterator[bytes]:
+    async def _stream(self, conn: Connection, call: Call) -> AsyncIterator[bytes]:
         try:
             while True:
                 if conn.chunks:
@@ -366,14 +180,14 @@ class HttptoolsTransport(PoolTransport):
         finally:
             self._done_with(conn, call)
 
-    def _closer(self, conn: _Connection, call: _Call, span: Any) -> Any:
+    def _closer(self, conn: Connection, call: Call, span: Any) -> Any:
         async def close() -> None:
             self._done_with(conn, call)
             if span is not None:
                 span.end()
         return close
 
-    def _done_with(self, conn: _Connection, call: _Call) -> None:
+    def _done_with(self, conn: Connection, call: Call) -> None:
         """A stream's end or close: the connection back to the pool if its
         answer was read whole, else closed (the upstream sees its client
         leave). Once per call, whichever comes first."""
@@ -386,7 +200,7 @@ class HttptoolsTransport(PoolTransport):
 
     # -- the pool --
 
-    def _idle(self, origin: _Origin, loop: asyncio.AbstractEventLoop) -> _Connection | None:
+    def _idle(self, origin: _Origin, loop: asyncio.AbstractEventLoop) -> Connection | None:
         idle = origin.idle
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to have been closed
@@ -395,7 +209,7 @@ class HttptoolsTransport(PoolTransport):
             self._drop(conn)
         return None
 
-    async def _connect(self, origin: _Origin, loop: asyncio.AbstractEventLoop) -> _Connection:
+    async def _connect(self, origin: _Origin, loop: asyncio.AbstractEventLoop) -> Connection:
         while self._count >= self.max_connections:
             spare = next((idle[0] for idle in self._pools.values() if idle), None)
             if spare is not None:  # idle, to another host: closed to make room
@@ -417,7 +231,7 @@ class HttptoolsTransport(PoolTransport):
             if origin.tls and self._ssl is None:
                 self._ssl = _ssl_context(self.ca_file) if self.ca_file else ssl.create_default_context()
             _, conn = await asyncio.wait_for(loop.create_connection(
-                lambda: _Connection(self, origin, loop), origin.host, origin.port,
+                lambda: Connection(self, origin, loop), origin.host, origin.port,
                 ssl=self._ssl if origin.tls else None), self.connect_timeout_s)
         except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
             self._count -= 1
@@ -429,7 +243,7 @@ class HttptoolsTransport(PoolTransport):
             raise
         return conn
 
-    def _release(self, conn: _Connection) -> None:
+    def _release(self, conn: Connection) -> None:
         """Back to the pool after a complete answer, or closed if the upstream
         will not keep it open."""
         if not (conn.keep_alive and conn.open) or self._closed:
@@ -445,15 +259,15 @@ class HttptoolsTransport(PoolTransport):
             self._sweeping = True
             loop.call_later(self.keepalive_s, self._sweep)
 
-    def _drop(self, conn: _Connection) -> None:
+    def _drop(self, conn: Connection) -> None:
         conn.abort()
         self._lost(conn)
 
-    def _lost(self, conn: _Connection) -> None:
+    def _lost(self, conn: Connection) -> None:
         """``conn`` is closed: it leaves the pool (once)."""
         if conn.owner is not self:
             return
-        conn.owner = _GONE  # type: ignore[assignment]
+        conn.owner = GONE
         self._count -= 1
         try:
             conn.origin.idle.remove(conn)
@@ -496,13 +310,3 @@ class HttptoolsTransport(PoolTransport):
                 self._drop(idle[0])
         if self._fallback is not None:
             await self._fallback.aclose()
-
-
-class _Gone:
-    """The owner of a connection that already left its pool."""
-
-    def _lost(self, conn: _Connection) -> None:
-        pass
-
-
-_GONE = _Gone()

@@ -1,4 +1,5 @@
-"""The httptools transport's own pool and parser, against raw HTTP/1.1 servers
+"""The httptools transport's own pool (``comox/transport_httptools.py``) and
+its connections' parsing (``comox/http1_connection.py``), against raw HTTP/1.1 servers
 on 127.0.0.1 that the tests script byte by byte: keep-alive and its limits,
 the one retry of a stale idle connection, how bodies are delimited,
 informational answers, read timeouts, backpressure, header checks, garbage,
