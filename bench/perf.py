@@ -378,6 +378,15 @@ class Proxy(Target):
     def url(self, stream: bool) -> str:
         return f"http://127.0.0.1:{self.port}{self.path}"
 
+    def wait_ready(self) -> None:
+        """Until it answers chat completions; for a native API's target, until
+        it passes that API's answers through unchanged (:func:`check_answers`)."""
+        if self.api is None:
+            wait_http(self.port, REQUEST_JSON)
+            wait_http(self.port, REQUEST_SSE)
+        else:
+            check_answers(self)
+
 
 class MinimalProxy(Proxy):
     LABELS = {
@@ -406,11 +415,7 @@ class MinimalProxy(Proxy):
                 "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
                 "--no-access-log", "--loop", "uvloop", "--http", "httptools", "--workers", str(workers)]
         self.proc = start(taskset(cores, argv), env=env, log=workdir / f"minproxy-{client}-{self.port}.log")
-        if api is None:
-            wait_http(self.port, REQUEST_JSON)
-            wait_http(self.port, REQUEST_SSE)
-        else:
-            check_answers(self)
+        self.wait_ready()
 
 
 def available_policies() -> set[str]:
@@ -470,11 +475,7 @@ class Comox(Proxy):
             argv = [sys.executable, "-m", "uvicorn", "comox_variants:create_app", "--factory", "--app-dir", str(HERE),
                     "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log"]
         self.proc = start(taskset(cores, argv), env=env, log=workdir / f"comox-{self.port}.log")
-        if native is None:
-            wait_http(self.port, REQUEST_JSON)
-            wait_http(self.port, REQUEST_SSE)
-        else:
-            check_answers(self)
+        self.wait_ready()
 
 
 def check_answers(target: Proxy) -> None:

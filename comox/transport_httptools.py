@@ -27,7 +27,7 @@ import asyncio
 import ssl
 import urllib.request
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -61,14 +61,13 @@ class _Origin:
         self.prefix = ("\r\n".join(lines) + "\r\n").encode()
         # Idle connections, shared by every URL of one scheme, host and port.
         self.idle = pools.setdefault(self.key, deque())
-        self.proxy = trust_env and _proxied(url)
+        self.proxy = trust_env and _proxied(parts.scheme, parts.netloc)
 
 
-def _proxied(url: str) -> bool:
-    """Whether the environment's HTTP(S)_PROXY / NO_PROXY route ``url`` through a proxy."""
-    parts = urlsplit(url)
+def _proxied(scheme: str, netloc: str) -> bool:
+    """Whether the environment's HTTP(S)_PROXY / NO_PROXY route this origin through a proxy."""
     proxies = urllib.request.getproxies()
-    return parts.scheme in proxies and not urllib.request.proxy_bypass(parts.netloc)
+    return scheme in proxies and not urllib.request.proxy_bypass(netloc)
 
 
 def _checked(value: str) -> str:
@@ -180,7 +179,7 @@ class HttptoolsTransport(PoolTransport):
         finally:
             self._done_with(conn, call)
 
-    def _closer(self, conn: Connection, call: Call, span: Any) -> Any:
+    def _closer(self, conn: Connection, call: Call, span: Any) -> Callable[[], Awaitable[None]]:
         async def close() -> None:
             self._done_with(conn, call)
             if span is not None:
