@@ -226,19 +226,30 @@ class HttptoolsTransport(PoolTransport):
             if idle is not None:
                 return idle
         self._count += 1
+        made: list[Connection] = []
+
+        def made_one() -> Connection:
+            conn = Connection(self, origin, loop)
+            made.append(conn)
+            return conn
+
         try:
             if origin.tls and self._ssl is None:
                 self._ssl = _ssl_context(self.ca_file) if self.ca_file else ssl.create_default_context()
-            _, conn = await asyncio.wait_for(loop.create_connection(
-                lambda: Connection(self, origin, loop), origin.host, origin.port,
-                ssl=self._ssl if origin.tls else None), self.connect_timeout_s)
-        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancel (the
+            # first-byte timer's, the client's) that arrives as the connect
+            # finishes, and the call then waits on a hung node for ever.
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, conn = await loop.create_connection(made_one, origin.host, origin.port,
+                                                       ssl=self._ssl if origin.tls else None)
+        except BaseException as exc:
+            for conn in made:  # connected as the cancel or the timeout came: closed, never pooled
+                conn.owner = GONE
+                conn.abort()
             self._count -= 1
             self._free_slot()
-            raise UpstreamUnreachable("connect", exc) from exc
-        except BaseException:
-            self._count -= 1
-            self._free_slot()
+            if isinstance(exc, (OSError, ssl.SSLError)):  # TimeoutError is an OSError
+                raise UpstreamUnreachable("connect", exc) from exc
             raise
         return conn
 

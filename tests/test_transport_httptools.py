@@ -504,6 +504,29 @@ def test_a_waiting_call_gets_the_slot_of_a_connection_that_broke(run):
     run(main)
 
 
+def test_a_call_cancelled_while_it_connects_ends_and_leaves_no_connection_open(run):
+    # Cancelled (a first-byte timer, a client gone) at every loop turn of its
+    # connect to a node that never answers: each call ends at once, and every
+    # connection it made is closed. On 3.11, asyncio.wait_for around the connect
+    # dropped a cancel that came as the connect finished: the call then waited
+    # on the hung node for ever.
+    async def main():
+        async def hangs(conn):
+            await conn.until_eof()
+
+        async with pool(hangs) as (up, transport):
+            for turns in range(12):
+                task = asyncio.create_task(transport.post(up.url(), b"{}", {}))
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                task.cancel()
+                done, _ = await asyncio.wait({task}, timeout=1)
+                assert done and task.cancelled(), f"cancelled after {turns} loop turns, the call went on"
+            assert transport._count == 0
+            await within(asyncio.gather(*(c.eof.wait() for c in up.conns)), 2)  # the node saw each leave
+    run(main)
+
+
 def test_a_waiter_cancelled_as_it_is_woken_passes_the_free_connection_on(run):
     async def main():
         go = asyncio.Event()
