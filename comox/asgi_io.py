@@ -12,8 +12,9 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .backends import BackendResponse
-from .disconnects import watch_for
+from .disconnects import WatchedStream, watch_for
 from .errors import BodyTooLarge, ComoxError, InvalidRequest, UpstreamError
+from .http1_connection import UpstreamStream
 
 if TYPE_CHECKING:
     from .request import GatewayRequest
@@ -176,23 +177,31 @@ class Responder:
         prev = b""
         tail = b"\n\n"
         clock = time.perf_counter
+        stream = response.stream
+        # A stream read to its end already (a short answer, or its last
+        # chunk): that chunk goes out with the response's end, in one write.
+        drained = stream.drained if type(stream) is UpstreamStream else None
         try:
             head = response.head
             if head:  # the first chunk, read by the core to time the first byte
                 first = last = clock()
                 events = head.count(b"data:")
                 prev, tail = tail, head
+                if drained is not None and drained() and _ends_whole(prev + tail):
+                    return await self._last(head, watched, first, last, events, prev + tail)
                 await send({"type": "http.response.body", "body": head, "more_body": True})
-            async for chunk in response.stream:
+            async for chunk in stream:
                 if chunk:
                     last = clock()
                     if not first:
                         first = last
                     events += chunk.count(b"data:")
                     prev, tail = tail, chunk
+                    if drained is not None and drained() and _ends_whole(prev + tail):
+                        return await self._last(chunk, watched, first, last, events, prev + tail)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             end = prev + tail
-            if not end.endswith((b"\n\n", b"\r\r", b"\r\n\r\n")):  # a clean close in the middle of an event
+            if not _ends_whole(end):  # a clean close in the middle of an event
                 raise EOFError("the stream ended in the middle of an event")
             watched.finished = True
             await send({"type": "http.response.body", "body": b""})
@@ -222,3 +231,15 @@ class Responder:
                 self.request.last_byte_at = last
             watched.close()
             await response.aclose()
+
+    async def _last(self, chunk: bytes, watched: WatchedStream, first: float, last: float, events: int,
+                    end: bytes) -> SentStream:
+        watched.finished = True
+        await self.send({"type": "http.response.body", "body": chunk})
+        self.finished = True
+        return SentStream(True, None, first, last, events, end)
+
+
+def _ends_whole(end: bytes) -> bool:
+    """Whether a stream's last bytes end an event (not a close in the middle of one)."""
+    return end.endswith((b"\n\n", b"\r\r", b"\r\n\r\n"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import httptools
@@ -17,7 +18,7 @@ from .transport import _is_sse
 if TYPE_CHECKING:
     from .transport_httptools import _Origin
 
-__all__ = ["Connection", "Call", "ReadTimeouts", "Pool", "GONE"]
+__all__ = ["Connection", "Call", "ReadTimeouts", "Pool", "GONE", "UpstreamStream"]
 
 
 class Pool(Protocol):
@@ -184,6 +185,50 @@ class Call:
         self.conn = conn
         self.started = started
         self.finished = False
+
+
+class UpstreamStream:
+    """A streamed answer's body, chunk by chunk as its connection reads it;
+    ``done(conn, call)`` is told once it ended, broke or was left.
+    :meth:`drained` lets the core send the last chunk with the response's end
+    (one write to the client instead of two: :meth:`comox.asgi_io.Responder.stream`)."""
+
+    __slots__ = ("conn", "call", "done")
+
+    def __init__(self, conn: Connection, call: Call, done: Callable[[Connection, Call], None]):
+        self.conn = conn
+        self.call = call
+        self.done = done
+
+    def __aiter__(self) -> UpstreamStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        conn = self.conn
+        while True:
+            if conn.call is not self.call:  # closed, or read to its end before
+                raise StopAsyncIteration
+            if conn.chunks:
+                return conn.take()
+            if conn.complete:
+                self.done(conn, self.call)
+                raise StopAsyncIteration
+            if conn.error is not None:
+                self.done(conn, self.call)
+                raise ConnectionError(f"upstream stream broke: {type(conn.error).__name__}") from conn.error
+            try:
+                await conn.wait()
+            except BaseException:  # cancelled: the upstream sees its reader leave
+                self.done(conn, self.call)
+                raise
+
+    def drained(self) -> bool:
+        """Whether the answer was read whole and every chunk taken."""
+        conn = self.conn
+        return conn.complete and not conn.chunks and conn.call is self.call
+
+    async def aclose(self) -> None:
+        self.done(self.conn, self.call)
 
 
 class ReadTimeouts(LateQueue[Call]):

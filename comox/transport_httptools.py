@@ -27,13 +27,13 @@ import asyncio
 import ssl
 import urllib.request
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from . import client_spans
 from .backends import BackendResponse
-from .http1_connection import GONE, Call, Connection, ReadTimeouts
+from .http1_connection import GONE, Call, Connection, ReadTimeouts, UpstreamStream
 from .transport import (DROPPED_RESPONSE_HEADERS, AiohttpTransport, PoolTransport, UpstreamUnreachable,
                         _ssl_context)
 
@@ -151,7 +151,7 @@ class HttptoolsTransport(PoolTransport):
                 raise UpstreamUnreachable("connect", conn.error or ConnectionResetError())
         headers_out = [(n, v) for n, v in conn.headers if n not in DROPPED_RESPONSE_HEADERS]
         if conn.sse:
-            return BackendResponse(conn.status, headers_out, stream=self._stream(conn, call), close=self._closer(conn, call, span))
+            return BackendResponse(conn.status, headers_out, stream=UpstreamStream(conn, call, self._done_with), close=self._closer(conn, call, span))
         try:
             while not conn.complete and conn.error is None:
                 await conn.wait()
@@ -164,20 +164,6 @@ class HttptoolsTransport(PoolTransport):
         status, data = conn.status, conn.take()
         self._release(conn)  # resets conn
         return BackendResponse(status, headers_out, body=data)
-
-    async def _stream(self, conn: Connection, call: Call) -> AsyncIterator[bytes]:
-        try:
-            while True:
-                if conn.chunks:
-                    yield conn.take()
-                elif conn.complete:
-                    break
-                elif conn.error is not None:
-                    raise ConnectionError(f"upstream stream broke: {type(conn.error).__name__}") from conn.error
-                else:
-                    await conn.wait()
-        finally:
-            self._done_with(conn, call)
 
     def _closer(self, conn: Connection, call: Call, span: Any) -> Callable[[], Awaitable[None]]:
         async def close() -> None:
