@@ -41,6 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .app import ComoxApp, build_gateway
     from .default_config import serving_default
+    from .server_protocol import SERVER_OPTIONS
 
     configure_logging(args.log_format, args.log_level, args.access_log)
     # The config is read and the gateway built once, here: a bad config fails
@@ -55,7 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
     host, port = args.host, sock.getsockname()[1]
     # --access-log is Comox's access log (logger comox.access), not uvicorn's.
     server = uvicorn.Server(uvicorn.Config(ComoxApp(gateway, tune_gc=gateway.settings.server.tune_gc), host=host,
-                                           port=port, log_level=args.log_level, access_log=False))
+                                           port=port, log_level=args.log_level, access_log=False, **SERVER_OPTIONS))
     _announce(gateway, host, port)
     with contextlib.suppress(KeyboardInterrupt):
         server.run(sockets=[sock])
@@ -67,6 +68,7 @@ def _serve_workers(args: argparse.Namespace, gateway: Gateway) -> int:
     gateway from a pickled factory that takes the config path along: nothing
     is written into the environment. Each listens on its own SO_REUSEPORT
     socket where the kernel balances them (Linux), else on a shared one."""
+    from .server_protocol import SERVER_OPTIONS
     from .workers import PortBusy, Supervisor, reserve_port, reuseport_supported
 
     reuseport = reuseport_supported()
@@ -77,7 +79,7 @@ def _serve_workers(args: argparse.Namespace, gateway: Gateway) -> int:
     factory = functools.partial(serve_app, os.path.abspath(args.config) if args.config else None, args.log_format,
                                 args.log_level, args.access_log)
     supervisor = Supervisor(factory, args.host, sock, args.workers, reuseport=reuseport,
-                            options=dict(log_level=args.log_level, access_log=False))
+                            options=dict(log_level=args.log_level, access_log=False, **SERVER_OPTIONS))
     _announce(gateway, args.host, supervisor.port)
     return supervisor.run()
 

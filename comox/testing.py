@@ -313,8 +313,10 @@ def comox_upstream() -> Iterator[StandInUpstream]:
 @pytest.fixture
 def comox_serve() -> Iterator[Callable[..., ServerThread]]:
     """``comox_serve(settings, plugins=[...]) -> ServerThread``: run a Comox app
-    (``create_app(settings)``) under uvicorn; every one is stopped at teardown."""
+    (``create_app(settings)``) under uvicorn as ``comox serve`` runs it
+    (:data:`comox.server_protocol.SERVER_OPTIONS`); every one is stopped at teardown."""
     from .app import create_app
+    from .server_protocol import SERVER_OPTIONS
 
     servers: list[ServerThread] = []
 
@@ -324,7 +326,7 @@ def comox_serve() -> Iterator[Callable[..., ServerThread]]:
         if isinstance(settings, dict):
             # Tests of other stages need no keys: say so, unless the test does.
             settings = Settings(**{"auth": "none", **settings})
-        server = ServerThread(create_app(settings, plugins=plugins)).start()
+        server = ServerThread(create_app(settings, plugins=plugins), **SERVER_OPTIONS).start()
         servers.append(server)
         return server
 
