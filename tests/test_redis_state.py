@@ -292,7 +292,8 @@ def test_apply_writes_the_keys_and_expiry_take_and_add_would(redis_server):
     redis = redis_server.client()
     assert sorted(redis.keys("*")) == [b"team-b:c:budget", b"team-b:c:inflight", b"team-b:t:rpm"]
     assert 0 < redis.pttl("team-b:t:rpm") <= 2000
-    assert 29_000 < redis.pttl("team-b:c:inflight") <= 30_000
+    # The 30 s given, less the time since (a loaded CI machine took over a second).
+    assert 20_000 < redis.pttl("team-b:c:inflight") <= 30_000
     assert redis.pttl("team-b:c:budget") == -1
 
 
