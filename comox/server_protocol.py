@@ -45,7 +45,7 @@ class HeldHeadTransport:
                 self.flush_handle = None
                 handle.cancel()
             if len(data) < _JOIN_BELOW:
-                self.transport.write(held + data)
+                self.transport.write(b"".join((held, data)))  # data may be any bytes-like object
                 return
             self.transport.write(held)
         elif data[:7] == _HEAD:  # a status line: its body, if any, comes in this loop turn

@@ -78,6 +78,15 @@ def test_a_head_with_no_body_in_its_loop_turn_goes_out_at_the_next_turn():
     assert held(scenario) == [b"HTTP/1.1 204 No Content\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n"]
 
 
+def test_a_head_joins_any_bytes_like_body():
+    async def scenario(t):
+        t.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        t.write(memoryview(b"abc"))
+        t.write(bytearray(b"HTTP/1.1 200 OK\r\n\r\n"))
+        t.write(bytearray(b"de"))
+    assert held(scenario) == [b"HTTP/1.1 200 OK\r\n\r\nabc", b"HTTP/1.1 200 OK\r\n\r\nde"]
+
+
 def test_a_large_body_is_written_after_its_head_not_copied_into_it():
     async def scenario(t):
         t.write(b"HTTP/1.1 200 OK\r\n\r\n")
