@@ -181,16 +181,10 @@ class Responder:
         # A stream read to its end already (a short answer, or its last
         # chunk): that chunk goes out with the response's end, in one write.
         drained = stream.drained if type(stream) is UpstreamStream else None
+        next_chunk = aiter(stream).__anext__
         try:
-            head = response.head
-            if head:  # the first chunk, read by the core to time the first byte
-                first = last = clock()
-                events = head.count(b"data:")
-                prev, tail = tail, head
-                if drained is not None and drained() and _ends_whole(prev + tail):
-                    return await self._last(head, watched, first, last, events, prev + tail)
-                await send({"type": "http.response.body", "body": head, "more_body": True})
-            async for chunk in stream:
+            chunk = response.head  # the first chunk, if the core read it to time the first byte
+            while True:
                 if chunk:
                     last = clock()
                     if not first:
@@ -200,6 +194,10 @@ class Responder:
                     if drained is not None and drained() and _ends_whole(prev + tail):
                         return await self._last(chunk, watched, first, last, events, prev + tail)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                try:
+                    chunk = await next_chunk()
+                except StopAsyncIteration:
+                    break
             end = prev + tail
             if not _ends_whole(end):  # a clean close in the middle of an event
                 raise EOFError("the stream ended in the middle of an event")
