@@ -879,11 +879,13 @@ def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
                 results[t.name]["ttfb added" + suffix] = [
                     a - b for a, b in zip(results[t.name]["ttfb p50" + suffix], results[direct.name]["ttfb p50" + suffix])]
 
+    # Throughput goals and CPU per request are for the loaded runs; c=1 is the latency run.
+    loaded = [c for c in args.concurrency if c != 1]
     # Comox / limit within each round: drift and other load hit both alike.
     pairings = {}
     for gw, lim in pairs:
         paired = pairings[gw.name] = {}
-        for key in [f"rps c={c}" for c in args.concurrency if c != 1] + [f"SSE streams/s c={args.sse_concurrency}"]:
+        for key in [f"rps c={c}" for c in loaded] + [f"SSE streams/s c={args.sse_concurrency}"]:
             ratios = [a / b for a, b in zip(results[gw.name][key], results[lim.name][key]) if b]
             paired[key] = (med(ratios), min(ratios), max(ratios))
     paired = pairings[comox.name]
@@ -893,7 +895,6 @@ def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
     agg = mean if args.aggregate == "mean" else med
     m = {name: {k: agg(v) for k, v in d.items()} for name, d in results.items()}
     conc = args.concurrency
-    loaded = [c for c in conc if c != 1]  # CPU per request is measured under load only
     sse = f"SSE streams/s c={args.sse_concurrency}"
     header = ["target"] + [f"rps c={c}" for c in conc] + [f"p50 / p99 c={c}" for c in conc] + [
         f"p50 added c={conc[0]}", f"SSE streams/s c={args.sse_concurrency}", f"TTFB p50 c={args.sse_concurrency}",
