@@ -40,7 +40,7 @@ from .http_backend import HTTPBackend, HTTPBackendSettings, instrument_pyreqwest
 from .inbound import InboundAPI
 from .middleware import ComoxMiddleware
 from .prometheus import parse_prometheus
-from .request import ANONYMOUS, GatewayRequest, Principal, check_number
+from .request import ANONYMOUS, DeferredBody, GatewayRequest, Principal, check_number
 from .settings import BackendSettings, Settings
 from .shared_state import Add, Bucket, MemoryState, SharedState, Take
 from .transport import AiohttpTransport, HttpxTransport, Transport, UpstreamUnreachable
@@ -94,6 +94,7 @@ __all__ = [
     "request_size",
     # other APIs
     "InboundAPI",
+    "DeferredBody",
     # shared state
     "SharedState",
     "MemoryState",

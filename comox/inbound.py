@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from .backends import BackendResponse
     from .errors import ComoxError
-    from .request import GatewayRequest
+    from .request import DeferredBody, GatewayRequest
 
 __all__ = ["InboundAPI", "InboundAPIs"]
 
@@ -55,11 +55,16 @@ class InboundAPI(Protocol):
         (``request.inbound_raw``) but not parsed; None to go on. Raise a
         :class:`comox.ComoxError` to refuse."""
 
-    def parse(self, endpoint: str, request: GatewayRequest, raw: bytes) -> tuple[str, dict[str, Any]]:
+    def parse(self, endpoint: str, request: GatewayRequest, raw: bytes) -> tuple[str, dict[str, Any] | DeferredBody]:
         """Check the body in the API's own terms and translate it: the
         internal endpoint (``"chat/completions"``, ``"embeddings"`` …) and
         OpenAI-shaped body, whose ``model`` picks the model group. Raise
-        :class:`comox.InvalidRequest` (rendered by :meth:`render_error`)."""
+        :class:`comox.InvalidRequest` (rendered by :meth:`render_error`).
+
+        In place of the body, a :class:`comox.DeferredBody` defers the
+        translation until a stage reads ``request.json``: a request passed
+        through to a native backend then costs none. :meth:`translate_response`
+        may find it not yet made (a backend that never read the request)."""
 
     def translate_response(self, endpoint: str, request: GatewayRequest,
                            response: BackendResponse) -> BackendResponse | Awaitable[BackendResponse]:

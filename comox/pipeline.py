@@ -38,7 +38,7 @@ from .errors import AuthenticationFailed, ComoxError, MethodNotAllowed, ModelNot
 from .fleet import BackendState, ModelGroup
 from .gateway import Gateway
 from .plugins import HookChain
-from .request import ANONYMOUS, ENDPOINTS, GatewayRequest, Principal, parse_body, request_id_from
+from .request import ANONYMOUS, ENDPOINTS, DeferredBody, GatewayRequest, Principal, parse_body, request_id_from
 from .resume import resumable
 from .usage import record_body, record_stream
 
@@ -176,7 +176,10 @@ async def _serve_inbound(gateway: Gateway, request: GatewayRequest, receive: Rec
         return None, None
     internal_endpoint, body = api.parse(endpoint, request, raw)
     request.endpoint = internal_endpoint
-    request.set_body(orjson.dumps(body), body)
+    if isinstance(body, DeferredBody):
+        request.defer_body(body)  # translated if a stage needs it: not when passed through
+    else:
+        request.set_body(orjson.dumps(body), body)
     return await _route_and_answer(gateway, request, receive, responder, rid)
 
 

@@ -6,9 +6,10 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from .inbound import InboundAPI
     from .usage import Usage
 
-__all__ = ["GatewayRequest", "Principal", "ANONYMOUS", "ENDPOINTS", "check_number", "parse_body"]
+__all__ = ["GatewayRequest", "Principal", "ANONYMOUS", "ENDPOINTS", "DeferredBody", "check_number", "parse_body"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,26 @@ def request_id_from(header: bytes | None) -> str:
     return os.urandom(16).hex()  # 128 random bits like uuid4().hex, at a fifth of its cost
 
 
+class DeferredBody(NamedTuple):
+    """What :meth:`comox.InboundAPI.parse` may return in place of the internal
+    body: what routing needs now, the translation when it is first needed.
+
+    A request passed through to a backend that speaks its API natively is
+    never translated, unless a stage reads ``request.json`` or ``request.raw``
+    (a chat-only backend, failover, a cache key): ``translate()`` is then
+    called, once.
+    """
+
+    model: str
+    """The model asked for (it picks the model group)."""
+    stream: bool
+    """Whether the client asked for a stream."""
+    source: dict[str, Any]
+    """The client's body as parsed: ``request.inbound_json``."""
+    translate: Callable[[], dict[str, Any]]
+    """The internal, OpenAI-shaped body."""
+
+
 class GatewayRequest:
     """One API request, as every stage and hook sees it.
 
@@ -103,6 +124,11 @@ class GatewayRequest:
       the API, its own endpoint name (``"messages"``) and the client's body
       as sent; ``endpoint`` and ``json`` then hold the internal, OpenAI-shaped
       translation. None, ``""`` and None for an OpenAI request.
+      ``inbound_json`` — that body as the API parsed it (its ``model``,
+      ``messages``, ``temperature`` … in the API's own terms), when the API
+      gave it (:class:`comox.DeferredBody`); else None. A stage that can
+      read what it needs there spares a request passed through natively its
+      translation, which ``json`` builds on first read.
     * ``principal`` — who is calling, once ``comox_authenticate`` decided.
     * ``gateway`` — the :class:`comox.Gateway` serving it (for
       ``gateway.plugin_settings(name)``, ``gateway.shared_state``), or None
@@ -136,9 +162,9 @@ class GatewayRequest:
     """
 
     __slots__ = (
-        "id", "method", "endpoint", "gateway", "model_group", "local_only", "api", "api_endpoint", "inbound_raw", "path", "query", "headers", "raw", "json", "model", "stream",
+        "id", "method", "endpoint", "gateway", "model_group", "local_only", "api", "api_endpoint", "inbound_raw", "inbound_json", "path", "query", "headers", "raw", "json", "model", "stream",
         "principal", "state", "slot", "usage", "response_headers", "keep_stream", "sent_at", "answered_at",
-        "received_at", "first_byte_at", "last_byte_at", "retries", "route", "_upstream_cache",
+        "received_at", "first_byte_at", "last_byte_at", "retries", "route", "_upstream_cache", "_translate",
     )
 
     def __init__(self, *, id: str, endpoint: str, path: str, headers: list[tuple[bytes, bytes]],
@@ -159,6 +185,7 @@ class GatewayRequest:
         self.api: InboundAPI | None = None
         self.api_endpoint = ""
         self.inbound_raw: bytes | None = None
+        self.inbound_json: dict[str, Any] | None = None
         self.stream: bool = bool(self.json.get("stream", False)) if json else False
         self.principal: Principal = ANONYMOUS
         self.state: dict[str, Any] = {}
@@ -176,6 +203,7 @@ class GatewayRequest:
         self.retries = 0
         self.route = ""
         self._upstream_cache: dict[str | None, bytes] | None = None
+        self._translate: Callable[[], dict[str, Any]] | None = None
 
     def set_body(self, raw: bytes, body: dict[str, Any]) -> None:
         """The parsed body, once :func:`parse_body` accepted it (core only)."""
@@ -183,6 +211,13 @@ class GatewayRequest:
         self.json = body
         self.model = body["model"]
         self.stream = bool(body.get("stream", False))
+
+    def defer_body(self, body: DeferredBody) -> None:
+        """An inbound API's :class:`DeferredBody` (core only): ``json`` and
+        ``raw`` are made when first read, so a request every stage could judge
+        from ``inbound_json`` costs no translation."""
+        self.model, self.stream, self.inbound_json, self._translate = body
+        self.__class__ = _Untranslated
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -209,6 +244,43 @@ class GatewayRequest:
         if body is None:
             body = cache[upstream_model] = orjson.dumps({**self.json, "model": upstream_model})
         return body
+
+
+class _Untranslated(GatewayRequest):
+    """A request whose ``json`` and ``raw`` are not made yet
+    (:meth:`GatewayRequest.defer_body`): the first read (or write) of either
+    makes both, and makes it a plain :class:`GatewayRequest` again. A class of
+    its own because a property or ``__getattr__`` on GatewayRequest would slow
+    every attribute read of every request (CPython then stops specialising them)."""
+
+    __slots__ = ()
+
+    def _settle(self) -> None:
+        translate = self._translate
+        assert translate is not None
+        body = translate()  # (one that raises is raised again by the next read)
+        self.__class__ = GatewayRequest  # type: ignore[assignment]
+        self.json, self.raw, self._translate = body, orjson.dumps(body), None
+
+    @property
+    def json(self) -> dict[str, Any]:
+        self._settle()
+        return self.json
+
+    @json.setter
+    def json(self, body: dict[str, Any]) -> None:
+        self._settle()
+        self.json = body
+
+    @property
+    def raw(self) -> bytes:
+        self._settle()
+        return self.raw
+
+    @raw.setter
+    def raw(self, raw: bytes) -> None:
+        self._settle()
+        self.raw = raw
 
 
 _FORBIDDEN = frozenset(FORBIDDEN_FIELDS)

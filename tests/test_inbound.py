@@ -94,6 +94,66 @@ def test_a_native_backend_gets_the_clients_bytes_and_answers_untranslated(comox_
     assert reply.status_code == 404 and reply.json()["error"]["message"] == "not found"
 
 
+class DeferredEchoAPI(EchoAPI):
+    """EchoAPI returning a comox.DeferredBody, counting the translations made."""
+
+    def __init__(self):
+        self.translated = 0
+
+    def parse(self, endpoint, request, raw):
+        body = orjson.loads(raw)
+
+        def translate():
+            self.translated += 1
+            return {"model": body["model"], "messages": [{"role": "user", "content": body["say"]}]}
+
+        return "chat/completions", comox.DeferredBody(body["model"], False, body, translate)
+
+
+def test_a_deferred_body_is_made_once_on_first_read():
+    made = []
+    request = comox.GatewayRequest(id="r", endpoint="chat/completions", path="/v1/echo", headers=[])
+    request.defer_body(comox.DeferredBody("m", True, {"model": "m", "say": "hi"}, lambda: made.append(1) or {"model": "m"}))
+    assert (request.model, request.stream, request.inbound_json, made) == ("m", True, {"model": "m", "say": "hi"}, [])
+    assert request.raw == b'{"model":"m"}' and request.json == {"model": "m"} and made == [1]
+    assert type(request) is comox.GatewayRequest  # a plain request again, its body in its slots
+    other = comox.GatewayRequest(id="r", endpoint="chat/completions", path="/v1/echo", headers=[])
+    other.defer_body(comox.DeferredBody("m", False, {}, lambda: {"model": "m", "n": 1}))
+    other.set_json({"model": "m", "n": 2})  # a plugin replacing a body not made yet
+    assert other.json == {"model": "m", "n": 2} and other.raw == b'{"model":"m","n":2}'
+
+
+def test_a_request_passed_through_natively_is_never_translated(comox_serve, upstreams):
+    """Keys with limits and the cache judge it from request.inbound_json; only a
+    stage that needs the OpenAI-shaped body (a chat-only backend, a cache key) makes it."""
+    api = DeferredEchoAPI()
+
+    class Plugin:
+        @comox.hookimpl
+        def comox_inbound_apis(self, gateway):
+            return [api]
+
+    class LimitedKey:
+        @comox.hookimpl
+        def comox_authenticate(self, request):
+            return comox.Principal(key_id="k1", limits={"rpm": 1000, "tpm": 100_000})
+
+    native, chat = upstreams("native"), upstreams("chat")
+    server = comox_serve({"auth": "keys", "models": [
+        {"name": "native", "backends": [{"url": native.url, "native_apis": ["echo"]}]},
+        {"name": "chat", "backends": [{"url": chat.url}]}]}, plugins=[Plugin(), LimitedKey()])
+    for temperature in (0.5, 1):
+        reply = httpx.post(f"{server.url}/v1/echo", json={"model": "native", "say": "hi " * 40, "temperature": temperature})
+        assert native.requests[-1]["path"] == "/v1/echo" and reply.headers["x-comox-cache"] == "skip"
+        assert int(reply.headers["x-ratelimit-remaining-tokens"]) < 100_000  # its estimate was taken
+    assert api.translated == 0
+    reply = httpx.post(f"{server.url}/v1/echo", json={"model": "chat", "say": "hi"})
+    assert reply.json() == {"echoed": "hello from chat"} and api.translated == 1
+    assert chat.requests[-1]["body"]["messages"] == [{"role": "user", "content": "hi"}]
+    httpx.post(f"{server.url}/v1/echo", json={"model": "native", "say": "hi", "temperature": 0})
+    assert api.translated == 2  # deterministic: the cache's key is made from the translation
+
+
 class HeaderAPI:
     """Claims GET /v1/models only from clients that send x-echo-version
     (match_request), and answers POST /v1/echo/count from the body in serve."""

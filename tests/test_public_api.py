@@ -22,7 +22,7 @@ PUBLIC = {
     # shared state
     "SharedState", "MemoryState", "Bucket", "Take", "Add",
     # requests
-    "GatewayRequest", "Principal", "ANONYMOUS", "check_number",
+    "GatewayRequest", "Principal", "ANONYMOUS", "check_number", "DeferredBody",
     # errors
     "ComoxError", "InvalidRequest", "BodyTooLarge", "AuthenticationFailed", "PermissionDenied", "NotFound",
     "ModelNotFound", "MethodNotAllowed", "RateLimited", "UpstreamError", "BackendUnavailable", "NoBackendAvailable",

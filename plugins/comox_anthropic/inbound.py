@@ -167,14 +167,18 @@ class MessagesAPI:
 
     # -- a Messages request --------------------------------------------------------
 
-    def parse(self, endpoint: str, request: GatewayRequest, raw: bytes) -> tuple[str, dict[str, Any]]:
+    def parse(self, endpoint: str, request: GatewayRequest, raw: bytes) -> tuple[str, comox.DeferredBody]:
         body = check_request(raw)
-        chat = anthropic_to_openai_request(body)
-        request.state["anthropic"] = Pending(body["model"], tuple(body.get("stop_sequences") or ()),
-                                             estimate_input_tokens(body))
-        return "chat/completions", chat
+
+        def translate() -> dict[str, Any]:  # not for a request passed through natively
+            request.state["anthropic"] = Pending(body["model"], tuple(body.get("stop_sequences") or ()),
+                                                 estimate_input_tokens(body))
+            return anthropic_to_openai_request(body)
+
+        return "chat/completions", comox.DeferredBody(body["model"], body.get("stream") is True, body, translate)
 
     async def translate_response(self, endpoint: str, request: GatewayRequest, response: BackendResponse) -> BackendResponse:
+        request.json  # noqa: B018 - translated now if no stage needed it (a backend that never read the request)
         pending = request.state.get("anthropic")
         assert isinstance(pending, Pending)
         headers = [(name, value) for name, value in response.headers if name not in NOT_KEPT]

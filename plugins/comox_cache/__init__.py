@@ -143,7 +143,11 @@ def cacheable(request: GatewayRequest, deterministic_only: bool = True) -> bool:
         return False
     if not deterministic_only:
         return True
-    body = request.json
+    # An inbound API's own body names these the same (and one passed through natively
+    # is then never translated just to be found not cacheable).
+    body = request.inbound_json
+    if body is None:
+        body = request.json
     temperature = body.get("temperature")
     seed = body.get("seed")
     return (type(temperature) in (int, float) and temperature == 0) or type(seed) is int

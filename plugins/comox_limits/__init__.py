@@ -34,7 +34,8 @@ PROMPT_FIELDS = ("messages", "prompt", "input", "tools", "functions", "system", 
 # Body fields that bound the completion, in order of precedence.
 MAX_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 # Parts whose strings are not text (base64 images, audio, files): not counted.
-BINARY_PARTS = frozenset({"image_url", "input_audio", "file", "image"})
+# "source" holds an Anthropic image's or PDF's data; "file_data" a Responses file's.
+BINARY_PARTS = frozenset({"image_url", "input_audio", "file", "image", "source", "file_data"})
 NO_COMPLETION = frozenset({"embeddings", "rerank"})
 
 
@@ -239,7 +240,11 @@ def estimate(request: GatewayRequest, settings: LimitSettings = DEFAULTS) -> tup
     its completion bound (``max_completion_tokens``, ``max_tokens`` or
     ``max_output_tokens``, times ``n``), or ``default_completion_tokens`` when
     it names none (``bounded`` False), or 0 for embeddings."""
-    body = request.json
+    # A request in another API's terms is judged from its own body (its prompt and
+    # bound fields share these names): one passed through natively is never translated.
+    body = request.inbound_json
+    if body is None:
+        body = request.json
     chars = ids = 0
     stack: list[Any] = [body[name] for name in PROMPT_FIELDS if name in body]
     pop, push, extend = stack.pop, stack.append, stack.extend

@@ -19,7 +19,7 @@ from .openapi import responses_openapi
 from .output import from_chat
 from .store import Store
 from .stream import Translation, translate_stream
-from .translate import Pending, chat_messages, parse_request
+from .translate import Pending, chat_messages, check_request, translate_request
 
 __all__ = ["ResponsesAPI", "native_models"]
 
@@ -100,14 +100,20 @@ class ResponsesAPI:
 
     # -- a create request ----------------------------------------------------------
 
-    def parse(self, endpoint: str, request: GatewayRequest, raw: bytes) -> tuple[str, dict[str, Any]]:
+    def parse(self, endpoint: str, request: GatewayRequest, raw: bytes) -> tuple[str, dict[str, Any] | comox.DeferredBody]:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-        pending, chat = parse_request(body, self.native)
-        request.state["responses"] = pending
-        return "chat/completions", chat
+        if not check_request(body, self.native):
+            request.state["responses"], chat = translate_request(body, False)
+            return "chat/completions", chat
+
+        def translate() -> dict[str, Any]:  # passed through natively, unless it fails over
+            request.state["responses"], chat = translate_request(body, True)
+            return chat
+
+        return "chat/completions", comox.DeferredBody(body["model"], body.get("stream") is True, body, translate)
 
     async def admit(self, request: GatewayRequest) -> None:
         """Put the stored conversation of ``previous_response_id`` first."""

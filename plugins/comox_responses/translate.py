@@ -32,7 +32,7 @@ from typing import Any
 import comox
 from comox import InvalidRequest
 
-__all__ = ["Pending", "parse_request", "chat_messages", "new_id", "DROPPED"]
+__all__ = ["Pending", "parse_request", "check_request", "translate_request", "chat_messages", "new_id", "DROPPED"]
 
 # What the core refuses in any body: fields that try to pick the upstream.
 FORBIDDEN = ("api_base", "base_url", "api_key", "extra_headers", "api_version", "organization")
@@ -78,6 +78,12 @@ def fail(message: str, param: str | None, code: str = "invalid_value") -> Invali
 
 def parse_request(body: Any, native_models: dict[str, bool]) -> tuple[Pending, dict[str, Any]]:
     """The checked request and the chat completion body that answers it."""
+    return translate_request(body, check_request(body, native_models))
+
+
+def check_request(body: Any, native_models: dict[str, bool]) -> bool:
+    """Check what routing and limits need (all of it unless ``body``'s model
+    group is native); whether it is native."""
     if not isinstance(body, dict):
         raise fail("request body must be a JSON object", None, "invalid_json")
     for key in FORBIDDEN:
@@ -100,9 +106,17 @@ def parse_request(body: Any, native_models: dict[str, bool]) -> tuple[Pending, d
         if body.get(key) is not None and strict:
             raise fail(f"'{key}' is not supported: Comox keeps no {key}s; send the input itself", key,
                        "unsupported_parameter")
-    raw_input = body.get("input")
-    if raw_input is None and not body.get("previous_response_id"):
+    if body.get("input") is None and not body.get("previous_response_id"):
         raise fail("Missing required parameter: 'input'.", "input", "missing_required_parameter")
+    return native
+
+
+def translate_request(body: dict[str, Any], native: bool) -> tuple[Pending, dict[str, Any]]:
+    """A body :func:`check_request` passed, and the chat completion that
+    answers it (its input items checked too, unless ``native``)."""
+    strict = not native
+    model = body["model"]
+    raw_input = body.get("input")
     items = normalise_input(raw_input, strict) if raw_input is not None else []
     if not items and not body.get("previous_response_id") and strict:
         raise fail("Invalid 'input': expected a string or at least one input item.", "input", "empty_array")
