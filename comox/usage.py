@@ -9,6 +9,7 @@ megabytes costs the same as a one-line chat answer.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -49,6 +50,8 @@ WHOLE_PARSE_MAX = 32 * 1024  # bodies up to this size are parsed whole (faster t
 _MAX_TRIES = 16  # closing braces tried before giving up on one object
 _SPACE = b" \t\r\n"
 _BEFORE_KEY = b"{,"
+LONG_EVENT = 512  # an event line longer than this has its usage object parsed alone
+_DECODER = json.JSONDecoder()  # raw_decode: one value and no more (orjson has no such call)
 
 
 def parse_usage(obj: dict[str, Any]) -> Usage | None:
@@ -162,7 +165,9 @@ def usage_of_events(end: bytes) -> Usage | None:
     response object in three of them)."""
     stop = len(end)
     while True:
-        at = max(end.rfind(b'"usage"', 0, stop), end.rfind(b'"timings"', 0, stop))
+        at = end.rfind(b'"usage"', 0, stop)
+        # A "timings" line before the last "usage" line would lose to it: not searched for.
+        at = max(at, end.rfind(b'"timings"', at if at > 0 else 0, stop))
         if at < 0:
             return None
         start = end.rfind(b"\n", 0, at) + 1
@@ -170,8 +175,14 @@ def usage_of_events(end: bytes) -> Usage | None:
         stop = start  # the next search: the lines before this one
         if not end.startswith(b"data:", start):
             continue
+        if line_end < 0:
+            line_end = len(end)
+        if line_end - start > LONG_EVENT:
+            usage = _usage_alone(end, start, at, line_end)
+            if usage is not None:
+                return usage
         try:
-            obj = orjson.loads(end[start + 5:line_end if line_end >= 0 else len(end)])
+            obj = orjson.loads(end[start + 5:line_end])
         except orjson.JSONDecodeError:
             continue
         if isinstance(obj, dict):
@@ -180,6 +191,23 @@ def usage_of_events(end: bytes) -> Usage | None:
             usage = parse_usage(obj) or (parse_usage(inner) if isinstance(inner, dict) else None)
             if usage is not None:
                 return usage
+
+
+def _usage_alone(end: bytes, start: int, at: int, line_end: int) -> Usage | None:
+    """The usage of a long event line (``end[start:line_end]``; a Responses
+    API ``response.completed`` repeats the whole response) from its
+    ``"usage"`` object at ``at``, parsed alone: a third of the cost of the
+    line. None to parse the line whole."""
+    if end[at - 1] == 0x5C or end.find(b'"timings"', start, line_end) >= 0:  # in a string (\"usage\"); llama.cpp's pair
+        return None
+    try:
+        value = end[at + 7:line_end].decode().lstrip()
+        if not value.startswith(":"):
+            return None  # "usage" was a value, not a key
+        obj, _ = _DECODER.raw_decode(value[1:].lstrip())
+    except ValueError:  # not UTF-8, not JSON: the whole line decides
+        return None
+    return parse_usage({"usage": obj}) if isinstance(obj, dict) else None
 
 
 def record_body(request: GatewayRequest, state: BackendState | None, body: bytes, parsed: object = None) -> None:

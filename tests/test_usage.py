@@ -91,6 +91,30 @@ def test_usage_of_responses_api_events():
 
 
 
+def test_usage_of_a_long_event_is_read_from_its_usage_object_alone():
+    # A response.completed repeats the whole response (LONG_EVENT bytes and more):
+    # its usage object is parsed alone, and must give what parsing the line whole gives.
+    from comox.usage import LONG_EVENT
+
+    usage = {"input_tokens": 11, "input_tokens_details": {"cached_tokens": 8}, "output_tokens": 4,
+             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 15}
+    text = "Grüße, 世界 {\"usage\": 1} " * 40  # not ASCII, braces and an escaped "usage" in a string
+    response = {"id": "resp_1", "output": [{"content": [{"text": text}]}], "usage": usage}
+    line = orjson.dumps({"type": "response.completed", "response": response, "sequence_number": 9})
+    assert len(line) > LONG_EVENT
+    want = {"prompt": 11, "completion": 4, "cached": 8, "prefill_tps": None, "decode_tps": None}
+    assert usage_of_events(b"event: response.completed\ndata: " + line + b"\n\n")._asdict() == want
+    # Its usage null: the line says none, and an earlier line's usage counts.
+    earlier = b'data: {"usage":{"input_tokens":2,"output_tokens":1}}\n\n'
+    unknown = orjson.dumps({"type": "response.completed", "response": {**response, "usage": None}})
+    assert usage_of_events(earlier + b"data: " + unknown + b"\n\n")._asdict()["prompt"] == 2
+    # "usage" as a value, not a key; and llama.cpp's timings beside it: the line is parsed whole.
+    valued = orjson.dumps({"usage": usage, "note": text, "kind": "usage"})
+    assert usage_of_events(b"data: " + valued + b"\n\n")._asdict() == want
+    timed = orjson.dumps({"note": text, "usage": {"prompt_tokens": 3}, "timings": {"cache_n": 2, "prompt_n": 1}})
+    assert usage_of_events(b"data: " + timed + b"\n\n")._asdict()["cached"] == 2
+
+
 def test_usage_of_anthropic_messages_events():
     # Anthropic's Messages API counts cache reads and writes beside input_tokens;
     # its message_delta event carries the usage.
