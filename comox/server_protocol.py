@@ -8,17 +8,26 @@ system calls, two TCP segments on loopback) for every answer that one write
 could carry. :class:`HeldHeadTransport` holds a head until the connection's
 next write, close, or the end of the event loop's turn, whichever comes first,
 so nothing waits longer than that and the bytes keep their order.
+:class:`ComoxResponseCycle` builds that head, the same bytes, in less time than uvicorn.
 Mounted in another server, Comox answers the same, with that server's writes.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGI3Application, ASGISendEvent
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
-__all__ = ["ComoxHttpProtocol", "HeldHeadTransport", "SERVER_OPTIONS"]
+__all__ = ["ComoxHttpProtocol", "ComoxResponseCycle", "HeldHeadTransport", "SERVER_OPTIONS"]
 
 _HEAD = b"HTTP/1."
 _JOIN_BELOW = 64 * 1024  # a larger body is written after the head, not copied into one buffer with it
@@ -78,11 +87,141 @@ class HeldHeadTransport:
         return getattr(self.transport, name)
 
 
+# uvicorn checks each header name against HEADER_RE and each value against
+# HEADER_VALUE_RE, one search per header. Both are one-character classes, so a
+# byte of all the names (values) joined is rejected exactly when one name
+# (value) is: the fast head checks the joined bytes once, with bytes.translate
+# (a table lookup, a third of a regex search's time). The tables are read off
+# the regexes themselves; a uvicorn whose patterns differ gets no fast head.
+_UVICORN_PATTERNS = (b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]', b"[\x00-\x08\x0a-\x1f\x7f]")
+_FAST_HEAD = (HEADER_RE.pattern, HEADER_VALUE_RE.pattern) == _UVICORN_PATTERNS
+_VALUE_REJECT = bytes(c for c in range(256) if HEADER_VALUE_RE.search(bytes((c,))))
+_NAME_REJECT = bytes(c for c in range(256) if HEADER_RE.search(bytes((c,))))
+# True for a bytes name uvicorn's lower() leaves as it is (False, and uvicorn's
+# turn, for one with no letter); TypeError for a name of another type.
+_IS_LOWER = bytes.islower
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))  # the names uvicorn acts on
+_LENGTH_ONLY = frozenset((b"content-length",))
+# Names lists seen valid: names -> (their joined length, the index of the first
+# content-length when it is the only framing name, whether there is any).
+# Only tuples of lower-case bytes get here; at most 256 (then each is checked).
+_KNOWN_NAMES: dict[tuple[bytes, ...], tuple[int, int | None, bool]] = {}
+_LINE = b": ".join  # a (name, value) pair's header line, without its CRLF
+_uvicorn_send = RequestResponseCycle.send
+
+
+class ComoxResponseCycle(RequestResponseCycle):
+    """uvicorn's request-response cycle whose ``http.response.start`` builds
+    the head with a few whole-list operations instead of uvicorn's per-header
+    loop (two regex searches, a ``lower()``, three compares per header): the
+    same bytes, the same framing state. Anything else, or anything unusual,
+    is uvicorn's own :meth:`RequestResponseCycle.send`, errors included.
+    It adds no state, so a cycle uvicorn made can become one."""
+
+    def send(self, message: ASGISendEvent) -> Coroutine[Any, Any, None]:
+        # Not a coroutine function itself: once the response has started, a
+        # message gets uvicorn's own coroutine, not one more around it (a
+        # stream sends hundreds: ~20 ns more each, not ~100).
+        if self.response_started:
+            return _uvicorn_send(self, message)
+        return self._start(message)
+
+    async def _start(self, message: ASGISendEvent) -> None:
+        head = None
+        # checked when awaited, as uvicorn checks (another start may have run since send was called)
+        if not (self.response_started or self.access_log or self.disconnected or self.flow.write_paused):
+            head = self._fast_head(message)
+        if head is None:
+            return await _uvicorn_send(self, message)
+        self.transport.write(head)
+
+    def _fast_head(self, message: ASGISendEvent) -> bytes | None:
+        """The head uvicorn would write for ``message``, its state set as
+        uvicorn sets it; None, and nothing changed, for uvicorn to do it."""
+        try:
+            if message["type"] != "http.response.start":
+                return None
+            status = message["status"]
+            status_line = STATUS_LINE[status]
+            headers: Any = message.get("headers", ())
+            if type(headers) is not list and type(headers) is not tuple:
+                return None  # an iterator: uvicorn's list() must be the one to consume it
+            if self.default_headers:
+                headers = [*self.default_headers, *headers]  # date (and --header ones), first as in uvicorn
+            content = [status_line]
+            chunked = self.chunked_encoding
+            length = self.expected_content_length
+            keep_alive = self.keep_alive
+            has_connection_close = False
+            if headers:
+                names, values = zip(*headers)  # ValueError if a header has fewer than two items
+                if not all(map(_IS_LOWER, names)):
+                    return None  # uvicorn lowers an upper-case name (and raises for a str or memoryview)
+                known = _KNOWN_NAMES.get(names)  # an answer's names are most often the same list as before
+                if known is None:
+                    joined_names = b"".join(names)
+                    if len(joined_names.translate(None, _NAME_REJECT)) != len(joined_names):
+                        return None  # uvicorn raises "Invalid HTTP header name."
+                    framing_names = _FRAMING.intersection(names)
+                    length_at = names.index(b"content-length") if framing_names == _LENGTH_ONLY else None
+                    known = (len(joined_names), length_at, bool(framing_names))
+                    if len(_KNOWN_NAMES) < 256:
+                        _KNOWN_NAMES[names] = known
+                names_length, length_at, any_framing = known
+                joined_values = b"".join(values)
+                if len(joined_values.translate(None, _VALUE_REJECT)) != len(joined_values):
+                    return None  # uvicorn raises "Invalid HTTP header value."
+                lines = b"\r\n".join(map(_LINE, headers))
+                if len(lines) != names_length + len(joined_values) + 4 * len(headers) - 2:
+                    return None  # a header of three items or more: uvicorn's unpacking raises
+                content += (lines, b"\r\n")
+                if length_at is not None:  # the usual answer: only the first content-length counts
+                    if chunked is None:
+                        length = int(values[length_at].decode())
+                        chunked = False
+                elif any_framing:  # uvicorn's handling, for names already lower-case
+                    for name, value in headers:
+                        if name == b"content-length" and chunked is None:
+                            length = int(value.decode())
+                            chunked = False
+                        elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                            length = 0
+                            chunked = True
+                        elif name == b"connection":
+                            if b"close" in [token.lower().strip() for token in value.split(b",")]:
+                                keep_alive = False
+                                has_connection_close = True
+            if not keep_alive and not has_connection_close:
+                content.append(b"connection: close\r\n")
+            if chunked is None and self.scope["method"] != "HEAD" and status not in (204, 304):
+                chunked = True
+                content.append(b"transfer-encoding: chunked\r\n")
+            content.append(b"\r\n")
+            head = b"".join(content)
+        except Exception:  # a malformed message: uvicorn's send raises its own error for it
+            return None
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        self.chunked_encoding = chunked
+        self.expected_content_length = length
+        self.keep_alive = keep_alive
+        return head
+
+
 class ComoxHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol over a :class:`HeldHeadTransport`."""
+    """uvicorn's httptools protocol over a :class:`HeldHeadTransport`, its
+    cycles :class:`ComoxResponseCycle`."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(HeldHeadTransport(transport, self.loop))  # type: ignore[arg-type]
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        # Every cycle, pipelined ones included, starts here, before its app can send.
+        # uvicorn builds the cycle inline in on_headers_complete; the subclass adds no
+        # slots or state, so switching the class keeps every attribute uvicorn set.
+        if _FAST_HEAD and type(cycle) is RequestResponseCycle:
+            cycle.__class__ = ComoxResponseCycle
+        super()._start_asgi_task(cycle, app)
 
 
 # What ``comox serve`` (and each of its workers) passes to ``uvicorn.Config``:

@@ -2,18 +2,24 @@
 head goes out with the first body bytes. The writes are counted on the
 transport under the protocol; answers of every shape (a body, a stream whose
 first chunk comes late, HEAD, 204, 100-continue, keep-alive, a large body)
-are checked over real sockets against a uvicorn server on 127.0.0.1."""
+are checked over real sockets against a uvicorn server on 127.0.0.1. The
+fast response head (:class:`ComoxResponseCycle`) is checked byte for byte
+against plain uvicorn's, on the wire and in process."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 
 import httpx
 import pytest
 
-from comox.server_protocol import SERVER_OPTIONS, HeldHeadTransport
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+from comox import server_protocol
+from comox.server_protocol import SERVER_OPTIONS, ComoxResponseCycle, HeldHeadTransport
 from comox.testing import ServerThread
 
 BIG = b"x" * (200 * 1024)
@@ -133,8 +139,8 @@ async def app(scope, receive, send):
 
 
 @pytest.fixture(scope="module")
-def server():
-    with ServerThread(app, lifespan="off", **SERVER_OPTIONS) as running:
+def server():  # no access log, as under comox serve (uvicorn's access log turns the fast head off)
+    with ServerThread(app, lifespan="off", access_log=False, **SERVER_OPTIONS) as running:
         yield running
 
 
@@ -172,3 +178,187 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(server):
             assert chunk
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+# -- the fast response head: the same bytes and state as uvicorn's --
+
+COMOX_HEADERS = [(b"content-type", b"application/json"), (b"x-request-id", b"3f2a9c1e5b7d4e8f"),
+                 (b"x-comox-route", b"chat/gpt-4o-mini"), (b"x-ratelimit-limit-requests", b"600"),
+                 (b"x-ratelimit-remaining-requests", b"599"), (b"x-ratelimit-reset-requests", b"100ms"),
+                 (b"x-ratelimit-limit-tokens", b"150000"), (b"x-ratelimit-remaining-tokens", b"149800"),
+                 (b"x-ratelimit-reset-tokens", b"80ms"), (b"x-comox-cache", b"miss"),
+                 (b"x-comox-overhead-ms", b"0.412"), (b"content-length", b"11")]
+SHAPES = {  # path: (status, headers, body chunks)
+    "/comox": (200, COMOX_HEADERS, [b'{"ok":true}']),
+    "/stream": (200, [(b"content-type", b"text/event-stream")], [b"data: 1\n\n", b"data: 2\n\n", b""]),
+    "/chunked": (200, ((b"transfer-encoding", b"Chunked"),), [b"abc", b""]),  # a tuple, the app's own framing
+    "/204": (204, [], [b""]),
+    "/304": (304, [(b"etag", b'"x"')], [b""]),
+    "/none": (200, None, [b"x", b""]),
+    "/upper": (200, [(b"Content-Type", b"text/plain"), (b"X-Comox-Route", b"r"), (b"Content-Length", b"2")], [b"hi"]),
+    "/close": (200, [(b"content-length", b"2"), (b"connection", b"keep-alive, Close")], [b"hi"]),
+    "/lengths": (200, [(b"content-length", b"2"), (b"content-length", b"9")], [b"hi"]),  # the first one counts
+    "/digits": (200, [(b"123", b"v"), (b"content-length", b"0")], [b""]),
+    "/bad-name": (200, [(b"x bad", b"1")], [b""]),
+    "/bad-value": (200, [(b"x-bad", b"a\nb")], [b""]),
+}
+errors: dict[tuple[int, str], str] = {}
+
+
+async def shapes_app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    path = scope["path"]
+    if path == "/cycle":  # the cycle running the app: its run_asgi is the task's coroutine
+        name = type(asyncio.current_task().get_coro().cr_frame.f_locals["self"]).__name__.encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(name))]})
+        await send({"type": "http.response.body", "body": name})
+        return
+    if path == "/raise":
+        raise RuntimeError("the app failed")  # uvicorn's 500, sent through the cycle's send
+    status, headers, chunks = SHAPES[path]
+    start = {"type": "http.response.start", "status": status}
+    if headers is not None:
+        start["headers"] = headers
+    try:
+        await send(start)
+    except Exception as exc:
+        errors[scope["server"][1], path] = f"{type(exc).__name__}: {exc}"
+        raise
+    for n, chunk in enumerate(chunks):
+        await send({"type": "http.response.body", "body": chunk, "more_body": n < len(chunks) - 1})
+
+
+@pytest.fixture(scope="module")
+def servers():
+    """Comox's protocol and plain uvicorn httptools, the same app and options."""
+    with ServerThread(shapes_app, lifespan="off", access_log=False, **SERVER_OPTIONS) as comox, \
+            ServerThread(shapes_app, lifespan="off", access_log=False, http="httptools", server_header=False) as plain:
+        yield comox, plain
+
+
+def complete(data: bytes, head_request: bool, requests: int) -> bool:
+    """Whether ``data`` holds ``requests`` whole answers (an answer framed by the connection's close never is)."""
+    for _ in range(requests):
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head, data = data[:end].lower(), data[end + 4:]
+        if head_request or head.startswith((b"http/1.1 204", b"http/1.1 304")):
+            continue
+        if length := re.search(rb"\r\ncontent-length: *(\d+)", head):
+            if len(data) < int(length[1]):
+                return False
+            data = data[int(length[1]):]
+        elif b"transfer-encoding: chunked" in head and b"0\r\n\r\n" in data:
+            data = data[data.index(b"0\r\n\r\n") + 5:]
+        else:
+            return False
+    return True
+
+
+def exchange(port: int, request: bytes) -> tuple[bytes, bool]:
+    """What a server answers ``request`` (its date masked), and whether it then closed the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        data = b""
+        while not complete(data, request.startswith(b"HEAD"), request.count(b"\r\n\r\n")):
+            chunk = sock.recv(65536)
+            if not chunk:
+                return re.sub(rb"\r\ndate: [^\r]*", b"\r\ndate: -", data), True
+            data += chunk
+        sock.settimeout(0.1)
+        try:
+            closed = sock.recv(1) == b""
+        except TimeoutError:
+            closed = False
+    return re.sub(rb"\r\ndate: [^\r]*", b"\r\ndate: -", data), closed
+
+
+def request(path: str, method: str = "GET", version: str = "1.1", extra: str = "") -> bytes:
+    return f"{method} {path} HTTP/{version}\r\nhost: x\r\n{extra}\r\n".encode()
+
+
+REQUESTS = [request(path) for path in SHAPES] + [
+    request("/comox", "HEAD"), request("/stream", "HEAD"), request("/raise"),
+    request("/comox", version="1.0"), request("/stream", version="1.0"), request("/none", extra="connection: close\r\n"),
+    request("/comox") + request("/stream") + request("/upper", extra="connection: close\r\n"),  # pipelined
+]
+
+
+@pytest.mark.parametrize("raw", REQUESTS, ids=[r.split(b"\r\n")[0].decode() + f" x{r.count(b'HTTP/')}" for r in REQUESTS])
+def test_every_answer_is_on_the_wire_as_plain_uvicorn_sends_it(servers, raw):
+    comox, plain = servers
+    ours, theirs = exchange(comox.port, raw), exchange(plain.port, raw)
+    assert ours == theirs
+    assert b"\r\ndate: -" in ours[0] or ours[0] == b""  # the date default header goes through the fast head too
+
+
+def test_a_header_uvicorn_refuses_fails_the_app_and_the_connection_as_under_uvicorn(servers):
+    comox, plain = servers
+    for path in ("/bad-name", "/bad-value"):
+        # the start raised after uvicorn marked the response started: no 500, a closed connection
+        assert exchange(comox.port, request(path)) == exchange(plain.port, request(path)) == (b"", True)
+        assert errors.pop((comox.port, path)) == errors.pop((plain.port, path))
+    assert errors == {}
+
+
+def test_the_app_sends_through_the_comox_cycle(servers):
+    comox, plain = servers
+    assert exchange(comox.port, request("/cycle"))[0].endswith(b"\r\n\r\nComoxResponseCycle")
+    assert exchange(plain.port, request("/cycle"))[0].endswith(b"\r\n\r\nRequestResponseCycle")
+
+
+class Flow:
+    write_paused = False
+
+
+def cycle_over(cls, recorder: Recorder, method: str = "GET", keep_alive: bool = True) -> RequestResponseCycle:
+    return cls(scope={"method": method}, transport=recorder, flow=Flow(), logger=None, access_logger=None,
+               access_log=False, default_headers=[(b"date", b"Tue, 01 Dec 2026 20:00:00 GMT")],
+               message_event=asyncio.Event(), expect_100_continue=True, keep_alive=keep_alive, on_response=lambda: None)
+
+
+@pytest.mark.parametrize("status, headers, method, keep_alive", [
+    (200, COMOX_HEADERS, "GET", True), (200, COMOX_HEADERS[:-1], "GET", False), (304, [], "GET", True),
+    (200, [(b"transfer-encoding", b"chunked"), (b"content-length", b"3")], "POST", True), (200, [], "HEAD", True)])
+def test_the_fast_head_is_taken_and_writes_and_sets_what_uvicorn_does(monkeypatch, status, headers, method, keep_alive):
+    fallbacks = []
+    def uvicorn_send(cycle, message):
+        fallbacks.append(message["type"])
+        return RequestResponseCycle.send(cycle, message)
+    monkeypatch.setattr(server_protocol, "_uvicorn_send", uvicorn_send)
+    start = {"type": "http.response.start", "status": status, "headers": headers}
+    async def run(cls) -> tuple[object, ...]:
+        cycle = cycle_over(cls, recorder := Recorder(), method, keep_alive)
+        first, second = cycle.send(start), cycle.send(start)  # both before either runs
+        await first
+        state = (cycle.response_started, cycle.waiting_for_100_continue, cycle.chunked_encoding,
+                 cycle.expected_content_length, cycle.keep_alive)
+        with pytest.raises(RuntimeError) as again:
+            await second
+        return recorder.writes, state, str(again.value)
+    assert asyncio.run(run(ComoxResponseCycle)) == asyncio.run(run(RequestResponseCycle))
+    assert fallbacks == ["http.response.start"]  # the second start only: the first took the fast head
+
+
+@pytest.mark.parametrize("start", [
+    {"type": "http.response.start", "status": 200, "headers": [(b"x", b"1", b"2")]},
+    {"type": "http.response.start", "status": 200, "headers": [(b"x",)]},
+    {"type": "http.response.start", "status": 200, "headers": [("x-str", b"1")]},
+    {"type": "http.response.start", "status": 200, "headers": [(memoryview(b"x-mv"), b"1")]},
+    {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"x")]},
+    {"type": "http.response.start", "status": 200, "headers": [(b"connection", memoryview(b"close"))]},
+    {"type": "http.response.start", "status": 200,  # names the fast head has seen valid, a value not
+     "headers": [(name, b"mi\x00ss" if name == b"x-comox-cache" else value) for name, value in COMOX_HEADERS]},
+    {"type": "http.response.start", "status": 99, "headers": []},
+    {"type": "http.response.start", "headers": []},
+    {"type": "http.response.body", "body": b""}])
+def test_a_start_uvicorn_refuses_raises_what_uvicorn_raises(start):
+    async def run(cls) -> tuple[object, ...]:
+        cycle = cycle_over(cls, recorder := Recorder())
+        with pytest.raises(Exception) as raised:
+            await cycle.send(start)
+        return (type(raised.value), str(raised.value), recorder.writes, cycle.response_started,
+                cycle.chunked_encoding, cycle.expected_content_length, cycle.keep_alive)
+    assert asyncio.run(run(ComoxResponseCycle)) == asyncio.run(run(RequestResponseCycle))
