@@ -90,14 +90,15 @@ class InboundAPI(Protocol):
 class InboundAPIs:
     """The inbound APIs of a gateway, asked in registration order."""
 
-    __slots__ = ("apis",)
+    __slots__ = ("apis", "_matchers")
 
     def __init__(self, apis: Iterable[InboundAPI]):
         self.apis: Sequence[InboundAPI] = tuple(apis)
+        # Each API's matcher, looked up once: match_request if it has one (see InboundAPI.match).
+        self._matchers = tuple((api, getattr(api, "match_request", None)) for api in self.apis)
 
     def match(self, request: GatewayRequest) -> tuple[InboundAPI, str] | None:
-        for api in self.apis:
-            by_request = getattr(api, "match_request", None)  # optional: see InboundAPI.match
+        for api, by_request in self._matchers:
             endpoint = by_request(request) if by_request is not None else api.match(request.path, request.method)
             if endpoint is not None:
                 return api, endpoint
