@@ -1110,10 +1110,10 @@ def profile(args, workdir: Path, nginx: Nginx, policy: str) -> None:
     load = str(LOAD_CORE) if args.pin else None
     stream = args.profile == "sse"
     body = workdir / "request.json"
-    body.write_bytes(REQUEST_SSE if stream else REQUEST_JSON)
+    body.write_bytes(APIS[args.profile_api][1][stream])  # a chat completion, or the native API's request
     cores = str(PROXY_CORE) if args.pin else None
     if args.profile_target.startswith("comox"):
-        comox = Comox(nginx, workdir, cores, policy, client=Comox.VARIANTS.get(args.profile_target))
+        comox = Comox(nginx, workdir, cores, policy, client=Comox.VARIANTS.get(args.profile_target), native=args.profile_api)
     else:
         comox = MinimalProxy(args.profile_target.replace("minimal", "aiohttp"), nginx, workdir, cores)
     raw = Path(args.profile_out or workdir / "profile.txt")
@@ -1203,11 +1203,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=["json", "sse"], help="py-spy profile of Comox under c=16 load")
     parser.add_argument("--profile-target", choices=["comox", "minimal", *Comox.VARIANTS, "limit-pyreqwest"],
                         default="comox")
+    parser.add_argument("--profile-api", choices=sorted(a for a in APIS if a), help="--profile Comox passing this "
+                        "API's requests through to a native backend (default: chat completions)")
     parser.add_argument("--profile-out", help="where --profile writes py-spy's raw (collapsed) stacks")
     parser.add_argument("--top", type=int, default=30, help="rows of the --profile summary")
     parser.add_argument("--json", help="also write the raw results to this file")
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
+    if args.profile_api and not args.profile_target.startswith("comox"):
+        parser.error("--profile-api: only for a Comox --profile-target")
     args.extra = [c for c in args.extra.split(",") if c]
     args.peers = [p for p in args.peers.split(",") if p]
     for p in args.peers:
