@@ -214,13 +214,15 @@ def test_a_node_that_hangs_before_its_first_byte_is_left_within_first_byte_timeo
     stuck, good = upstreams("stuck", kind=Stuck), upstreams("good")
     timeout = 0.5
     checks = {"interval_s": 0.2, "timeout_s": 1.0}  # they pass: only the timeout can tell
+    # The good node gets room to answer on a loaded machine: what is tested is leaving the stuck one.
+    slack = {"first_byte_timeout_s": 5.0, "health_check": {"interval_s": 0.2, "timeout_s": 5.0}}
     server = comox_serve({"server": {"expose_backend_header": True}, "models": [{"name": "m", "backends": [
         {"name": "stuck", "url": stuck.url, "first_byte_timeout_s": timeout, "health_check": checks},
-        {"name": "good", "url": good.url, "first_byte_timeout_s": timeout, "health_check": checks}]}]})
+        {"name": "good", "url": good.url, **slack}]}]})
     with Load(chat_load(server), threads=8, limit=60) as load:
         load.wait(60)
     outcomes = load.outcomes
-    assert [o.status for o in outcomes] == [200] * 60
+    assert [o.status for o in outcomes] == [200] * 60, [(o.status, o.body[:300]) for o in outcomes if o.status != 200]
     assert {o.backend for o in outcomes} == {"good"}
     assert all(o.complete for o in outcomes if o.stream)
     # None waited past one first-byte timeout (plus the answer from good).
