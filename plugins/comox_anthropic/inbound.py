@@ -61,7 +61,7 @@ Json = dict[str, Any]
 
 
 class Pending(NamedTuple):
-    """What translating a request's answer back needs (``request.state["anthropic"]``)."""
+    """What translating a request's answer back needs, from its Messages body."""
 
     model: str
     """The model the client named (an alias stays an alias)."""
@@ -169,18 +169,13 @@ class MessagesAPI:
 
     def parse(self, endpoint: str, request: GatewayRequest, raw: bytes) -> tuple[str, comox.DeferredBody]:
         body = check_request(raw)
-
-        def translate() -> dict[str, Any]:  # not for a request passed through natively
-            request.state["anthropic"] = Pending(body["model"], tuple(body.get("stop_sequences") or ()),
-                                                 estimate_input_tokens(body))
-            return anthropic_to_openai_request(body)
-
-        return "chat/completions", comox.DeferredBody(body["model"], body.get("stream") is True, body, translate)
+        return "chat/completions", comox.DeferredBody(body["model"], body.get("stream") is True, body,
+                                                      lambda: anthropic_to_openai_request(body))
 
     async def translate_response(self, endpoint: str, request: GatewayRequest, response: BackendResponse) -> BackendResponse:
-        request.json  # noqa: B018 - translated now if no stage needed it (a backend that never read the request)
-        pending = request.state.get("anthropic")
-        assert isinstance(pending, Pending)
+        body = request.inbound_json  # the client's Messages body (parse's DeferredBody)
+        assert body is not None
+        pending = Pending(body["model"], tuple(body.get("stop_sequences") or ()), estimate_input_tokens(body))
         headers = [(name, value) for name, value in response.headers if name not in NOT_KEPT]
         if response.status != 200:
             return await _error_answer(response, headers)
