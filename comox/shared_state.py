@@ -93,6 +93,42 @@ class SharedState(Protocol):
 _new_bucket = tuple.__new__
 
 
+def _take(buckets: dict[str, tuple[float, float]], key: str, amount: float, capacity: float, per_s: float,
+          force: bool, now: float, held: tuple[float, float] | None) -> Bucket:
+    """Token bucket ``key`` of ``buckets`` at ``now``, holding ``held`` before
+    (:meth:`SharedState.take`)."""
+    if held is None:
+        tokens = capacity
+    else:
+        tokens = held[0] + (now - held[1]) * per_s
+        if tokens > capacity:
+            tokens = capacity
+    allowed = force or amount <= tokens
+    if allowed:
+        tokens -= amount
+        retry = 0.0
+    elif amount > capacity or per_s <= 0:
+        retry = math.inf
+    else:
+        retry = (amount - tokens) / per_s
+    buckets[key] = (tokens, now)
+    reset = (capacity - tokens) / per_s if per_s > 0 else math.inf
+    # tuple.__new__: the NamedTuple's own __new__ is a Python call, on every request.
+    return _new_bucket(Bucket, (allowed, math.floor(tokens) if tokens > 0 else 0.0, reset if reset > 0 else 0.0, retry))
+
+
+def _add(counters: dict[str, tuple[float, float]], key: str, amount: float, cap: float | None, ttl_s: float | None,
+         now: float, held: tuple[float, float] | None) -> tuple[bool, float]:
+    """Counter ``key`` of ``counters`` at ``now``, holding ``held`` before
+    (:meth:`SharedState.add`)."""
+    value = held[0] if held is not None and held[1] > now else 0.0
+    new = value + amount
+    if cap is not None and amount > 0 and new > cap:
+        return False, value
+    counters[key] = (new, now + ttl_s if ttl_s else math.inf)
+    return True, new
+
+
 class MemoryState:
     """:class:`SharedState` kept in this process (one replica, or the
     fallback of a shared store that is unreachable). ``clock`` is any
@@ -112,72 +148,41 @@ class MemoryState:
 
     def take_now(self, key: str, amount: float, *, capacity: float, per_s: float, force: bool = False) -> Bucket:
         """:meth:`take` without awaiting (for callers outside the event loop)."""
-        return self._take(key, amount, capacity, per_s, force)
-
-    def _take(self, key: str, amount: float, capacity: float, per_s: float, force: bool) -> Bucket:
-        now = self.clock()
-        held = self._buckets.get(key)
-        if held is None:
-            tokens = capacity
-        else:
-            tokens = held[0] + (now - held[1]) * per_s
-            if tokens > capacity:
-                tokens = capacity
-        allowed = force or amount <= tokens
-        if allowed:
-            tokens -= amount
-            retry = 0.0
-        elif amount > capacity or per_s <= 0:
-            retry = math.inf
-        else:
-            retry = (amount - tokens) / per_s
-        self._buckets[key] = (tokens, now)
-        reset = (capacity - tokens) / per_s if per_s > 0 else math.inf
-        # tuple.__new__: the NamedTuple's own __new__ is a Python call, on every request.
-        return _new_bucket(Bucket, (allowed, math.floor(tokens) if tokens > 0 else 0.0, reset if reset > 0 else 0.0, retry))
+        return _take(self._buckets, key, amount, capacity, per_s, force, self.clock(), self._buckets.get(key))
 
     async def add(self, key: str, amount: float, *, cap: float | None = None, ttl_s: float | None = None) -> tuple[bool, float]:
-        return self._add(key, amount, cap, ttl_s)
-
-    def _add(self, key: str, amount: float, cap: float | None, ttl_s: float | None) -> tuple[bool, float]:
-        now = self.clock()
-        held = self._counters.get(key)
-        value = held[0] if held is not None and held[1] > now else 0.0
-        new = value + amount
-        if cap is not None and amount > 0 and new > cap:
-            return False, value
-        self._counters[key] = (new, now + ttl_s if ttl_s else math.inf)
-        return True, new
+        return _add(self._counters, key, amount, cap, ttl_s, self.clock(), self._counters.get(key))
 
     async def apply(self, ops: Sequence[Take | Add]) -> list[Bucket | tuple[bool, float]]:
         return self.apply_now(ops)
 
     def apply_now(self, ops: Sequence[Take | Add]) -> list[Bucket | tuple[bool, float]]:
         """:meth:`apply` without awaiting. Nothing else runs meanwhile (one
-        process, no await): the ops are applied one by one, and what they
-        changed is put back if one was refused."""
-        results: list[Bucket | tuple[bool, float]] = []
-        saved: list[tuple[dict[str, tuple[float, float]], str, tuple[float, float] | None]] = []
-        refused = False
+        process, no await): the ops are applied one by one, all at one
+        instant, and what they changed is put back if one was refused."""
+        now = self.clock()
         buckets, counters = self._buckets, self._counters
+        results: list[Bucket | tuple[bool, float]] = []
+        before: list[tuple[float, float] | None] = []  # each op's key as it was
+        refused = False
         for op in ops:
-            key = op[0]
-            result: Bucket | tuple[bool, float]
             if isinstance(op, Take):
-                saved.append((buckets, key, buckets.get(key)))
-                result = self._take(key, op[1], op[2], op[3], op[4])
+                held = buckets.get(op[0])
+                result: Bucket | tuple[bool, float] = _take(buckets, *op, now, held)
             else:
-                saved.append((counters, key, counters.get(key)))
-                result = self._add(key, op[1], op[2], op[3])
+                held = counters.get(op[0])
+                result = _add(counters, *op, now, held)
+            before.append(held)
             if not result[0]:
                 refused = True
             results.append(result)
-        if refused:
-            for table, key, held in reversed(saved):  # a key's first copy is put back last
-                if held is None:
-                    table.pop(key, None)
+        if refused:  # undone last to first, so a key's first value is put back last
+            for op, was in zip(reversed(ops), reversed(before)):
+                table = buckets if isinstance(op, Take) else counters
+                if was is None:
+                    table.pop(op[0], None)
                 else:
-                    table[key] = held
+                    table[op[0]] = was
         return results
 
     async def get(self, key: str) -> bytes | None:

@@ -19,18 +19,21 @@ Settings: ``[plugins.limits]`` (:class:`LimitSettings`). See docs/limits.md.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
 import comox
-from comox import Add, Bucket, GatewayRequest, Principal, RateLimited, SharedState, Take
+from comox import Add, Bucket, GatewayRequest, MemoryState, Principal, RateLimited, SharedState, Take
 
 __all__ = ["LimitSettings", "estimate", "duration"]
 
 # Body fields whose text is the prompt, on every endpoint Comox serves or will.
 PROMPT_FIELDS = ("messages", "prompt", "input", "tools", "functions", "system", "instructions", "query", "documents")
+_PROMPT_KEYS = frozenset(PROMPT_FIELDS)
+_STR = itertools.repeat(str)  # isinstance's second argument, for as long as map asks
 # Body fields that bound the completion, in order of precedence.
 MAX_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 # Parts whose strings are not text (base64 images, audio, files): not counted.
@@ -66,7 +69,7 @@ class Plan:
     """One key's limits, worked out once per ``principal.limits`` (its
     buckets' names, refill rates and header values), not on every request."""
 
-    __slots__ = ("limits", "key_id", "rpm", "tpm", "concurrency", "zero", "rpm_key", "tpm_key", "conc_key",
+    __slots__ = ("limits", "key_id", "rpm", "tpm", "concurrency", "zero", "idle", "rpm_key", "tpm_key", "conc_key",
                  "rpm_per_s", "tpm_per_s", "rpm_header", "tpm_header", "rpm_take", "slot_ops")
 
     def __init__(self, limits: dict[str, Any], key_id: str):
@@ -75,6 +78,7 @@ class Plan:
         self.rpm, self.tpm, self.concurrency = _limit(limits, "rpm"), _limit(limits, "tpm"), _limit(limits, "max_concurrency")
         self.zero = next((name for name, value in (("rpm", self.rpm), ("tpm", self.tpm),
                                                    ("max_concurrency", self.concurrency)) if value == 0), None)
+        self.idle = self.rpm is None and self.tpm is None and self.concurrency is None
         self.rpm_key, self.tpm_key, self.conc_key = f"limits:rpm:{key_id}", f"limits:tpm:{key_id}", f"limits:conc:{key_id}"
         self.rpm_per_s = (self.rpm or 0) / 60
         self.tpm_per_s = (self.tpm or 0) / 60
@@ -89,10 +93,6 @@ class Plan:
         if ops is None or ops[0] != ttl_s:
             ops = self.slot_ops = (ttl_s, Add(self.conc_key, 1, self.concurrency, ttl_s), Add(self.conc_key, -1, None, ttl_s))
         return ops[1], ops[2]
-
-    @property
-    def idle(self) -> bool:
-        return self.rpm is None and self.tpm is None and self.concurrency is None
 
 
 _new_take = tuple.__new__  # the NamedTuple's own __new__ is a Python call, on every request
@@ -112,17 +112,11 @@ def plan_for(limits: dict[str, Any], key_id: str) -> Plan:
     return plan
 
 
-class Held:
-    """What one request took, for :func:`comox_request_done` to settle."""
-
-    __slots__ = ("plan", "tokens", "prompt", "slot", "ttl_s")
-
-    def __init__(self, plan: Plan, ttl_s: float):
-        self.plan = plan
-        self.tokens = 0  # taken from the tpm bucket
-        self.prompt = 0  # of which the prompt's estimate
-        self.slot = False  # holds a concurrency slot
-        self.ttl_s = ttl_s
+# What ``comox_admit`` leaves in ``request.state["limits"]`` for
+# ``comox_request_done`` (a tuple: no class to build per request): the plan,
+# the tokens taken from the tpm bucket and the prompt's share of them, and
+# the op that gives back the concurrency slot taken (None: none taken).
+Held = tuple[Plan, int, int, "Add | None"]
 
 
 @comox.hookimpl
@@ -132,18 +126,18 @@ async def comox_admit(request: GatewayRequest, principal: Principal) -> None:
     gateway = request.gateway
     if not limits or key_id is None or gateway is None:
         return
-    plan = plan_for(limits, key_id)
+    plan = _plans.get((id(limits), key_id))
+    if plan is None or plan.limits is not limits:
+        plan = plan_for(limits, key_id)
     if plan.idle:
         return
     if plan.zero is not None:
         raise RateLimited(f"Key {key_id!r} is allowed no requests ({plan.zero} is 0).")
     settings: LimitSettings = gateway.plugin_settings("limits") or DEFAULTS
     shared = gateway.shared_state
-    rpm, tpm, concurrency = plan.rpm, plan.tpm, plan.concurrency
+    tpm = plan.tpm
     # Every limit in one atomic step (one round trip to Redis), all or nothing.
-    ops: list[Take | Add] = []
-    if rpm is not None:
-        ops.append(plan.rpm_take)
+    ops: list[Take | Add] = [plan.rpm_take] if plan.rpm is not None else []
     amount = prompt = 0
     too_large = False
     if tpm is not None:
@@ -153,19 +147,19 @@ async def comox_admit(request: GatewayRequest, principal: Principal) -> None:
         if not too_large:
             amount = max(1, min(amount, tpm))  # a guessed completion never makes a request too large
         ops.append(_new_take(Take, (plan.tpm_key, amount, tpm, plan.tpm_per_s, False)))
-    if concurrency is not None:
-        ops.append(plan.slot(settings.concurrency_ttl_s)[0])
+    release = None
+    if plan.concurrency is not None:
+        take_slot, release = plan.slot(settings.concurrency_ttl_s)
+        ops.append(take_slot)
     if not too_large:
-        results = await shared.apply(ops)
+        # The in-process state answers at once: no coroutine to make and await.
+        results = shared.apply_now(ops) if type(shared) is MemoryState else await shared.apply(ops)
         for result in results:
             if not result[0]:
                 break
         else:  # admitted
             _bucket_headers(request, plan, results)
-            held = request.state["limits"] = Held(plan, settings.concurrency_ttl_s)
-            if tpm is not None:
-                held.tokens, held.prompt = amount, prompt
-            held.slot = concurrency is not None
+            request.state["limits"] = (plan, amount, prompt, release)
             return
     raise await _refusal(request, shared, plan, ops, None if too_large else results, amount)
 
@@ -207,29 +201,28 @@ async def comox_request_done(request: GatewayRequest, status: int) -> None:
     held: Held | None = request.state.pop("limits", None)
     if held is None or request.gateway is None:
         return
-    plan = held.plan
-    ops: list[Take | Add] = []
-    if held.slot:
-        ops.append(plan.slot(held.ttl_s)[1])
+    plan, tokens, prompt, release = held
+    ops: list[Take | Add] = [release] if release is not None else []
     tpm = plan.tpm
-    if held.tokens and tpm is not None:
+    if tokens and tpm is not None:
         usage = request.usage
         if usage is not None:  # an answer (from a backend or the cache): what it really cost
-            used = (usage.prompt if usage.prompt is not None else held.prompt) + (usage.completion or 0)
+            used = (usage.prompt if usage.prompt is not None else prompt) + (usage.completion or 0)
         elif status == 200:  # a stream cut short: the backend may have done it all
-            used = held.tokens
+            used = tokens
         else:  # refused, failed, or the client left before the answer started
             used = 0
-        if used != held.tokens:
-            ops.append(_new_take(Take, (plan.tpm_key, used - held.tokens, tpm, plan.tpm_per_s, True)))
+        if used != tokens:
+            ops.append(_new_take(Take, (plan.tpm_key, used - tokens, tpm, plan.tpm_per_s, True)))
     if not ops:
         return
     shared = request.gateway.shared_state
-    results = await shared.apply(ops)  # a release and a settlement: never refused
-    if held.slot:
+    # A release and a settlement: never refused.
+    results = shared.apply_now(ops) if type(shared) is MemoryState else await shared.apply(ops)
+    if release is not None:
         now = results[0][1]
         if now < 0:  # the count expired while this request ran: back to zero, not below
-            await shared.add(plan.conc_key, -now, ttl_s=held.ttl_s)
+            await shared.add(plan.conc_key, -now, ttl_s=release.ttl_s)
 
 
 def estimate(request: GatewayRequest, settings: LimitSettings = DEFAULTS) -> tuple[int, int, bool]:
@@ -246,8 +239,14 @@ def estimate(request: GatewayRequest, settings: LimitSettings = DEFAULTS) -> tup
     if body is None:
         body = request.json
     chars = ids = 0
-    stack: list[Any] = [body[name] for name in PROMPT_FIELDS if name in body]
+    stack: list[Any] = []
     pop, push, extend = stack.pop, stack.append, stack.extend
+    for name, value in body.items():  # (a body has fewer keys than PROMPT_FIELDS has names)
+        if name in _PROMPT_KEYS:
+            if type(value) is str:
+                chars += len(value)
+            else:
+                push(value)
     # Exact types (what JSON parsing gives): bool is not counted as an id.
     while stack:
         value = pop()
@@ -255,8 +254,12 @@ def estimate(request: GatewayRequest, settings: LimitSettings = DEFAULTS) -> tup
         if kind is str:
             chars += len(value)
         elif kind is dict:
+            texts = value.values()
+            if BINARY_PARTS.isdisjoint(value) and all(map(isinstance, texts, _STR)):
+                chars += sum(map(len, texts))  # most of a chat (role and content): counted in C
+                continue
             for key, item in value.items():
-                if type(item) is str:  # most of a chat: inline, not through the stack
+                if type(item) is str:
                     if key not in BINARY_PARTS:
                         chars += len(item)
                 elif key not in BINARY_PARTS:
@@ -271,10 +274,10 @@ def estimate(request: GatewayRequest, settings: LimitSettings = DEFAULTS) -> tup
     if request.endpoint in NO_COMPLETION:
         return prompt, 0, True
     n = body.get("n")
-    choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+    choices = n if type(n) is int and n > 0 else 1  # (type: a bool is no count)
     for name in MAX_FIELDS:
         bound = body.get(name)
-        if isinstance(bound, int) and not isinstance(bound, bool) and bound >= 0:
+        if type(bound) is int and bound >= 0:
             return prompt, bound * choices, True
     return prompt, settings.default_completion_tokens * choices, False
 
@@ -300,21 +303,35 @@ def duration(seconds: float) -> str:
 
 REQUESTS = (b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
 TOKENS = (b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
+_RESETS: dict[int, bytes] = {}  # milliseconds → duration(): the same few values, answer after answer
+
+
+def _reset(seconds: float) -> bytes:
+    """:func:`duration` as a header value."""
+    ms = math.ceil(round(seconds * 1000, 6))
+    value = _RESETS.get(ms)
+    if value is None:
+        value = duration(ms / 1000).encode()
+        if len(_RESETS) < 10_000:
+            _RESETS[ms] = value
+    return value
 
 
 def _bucket_headers(request: GatewayRequest, plan: Plan, results: list[Bucket | tuple[bool, float]]) -> None:
     """The ``x-ratelimit-*`` headers from a batch's results: the rpm bucket's
     first, then the tpm bucket's (as ``comox_admit`` orders its ops)."""
     if plan.rpm is not None:
-        _headers(request, plan.rpm_header, REQUESTS, cast(Bucket, results[0]))
-    if plan.tpm is not None:
-        _headers(request, plan.tpm_header, TOKENS, cast(Bucket, results[1 if plan.rpm is not None else 0]))
-
-
-def _headers(request: GatewayRequest, limit: tuple[bytes, bytes], names: tuple[bytes, bytes], bucket: Bucket) -> None:
-    request.response_headers += [
-        limit, (names[0], b"%d" % bucket.remaining), (names[1], duration(bucket.reset_s).encode()),
-    ]
+        rpm = cast(Bucket, results[0])
+        headers = [plan.rpm_header, (REQUESTS[0], b"%d" % rpm[1]), (REQUESTS[1], _reset(rpm[2]))]
+        if plan.tpm is not None:
+            tpm = cast(Bucket, results[1])
+            headers += (plan.tpm_header, (TOKENS[0], b"%d" % tpm[1]), (TOKENS[1], _reset(tpm[2])))
+    elif plan.tpm is not None:
+        tpm = cast(Bucket, results[0])
+        headers = [plan.tpm_header, (TOKENS[0], b"%d" % tpm[1]), (TOKENS[1], _reset(tpm[2]))]
+    else:
+        return
+    request.response_headers += headers
 
 
 def _seconds(retry_after_s: float) -> float | None:
