@@ -86,9 +86,9 @@ def check_request(body: Any, native_models: dict[str, bool]) -> bool:
     group is native); whether it is native."""
     if not isinstance(body, dict):
         raise fail("request body must be a JSON object", None, "invalid_json")
-    for key in FORBIDDEN:
-        if key in body:
-            raise fail(f"'{key}' is not allowed: the gateway chooses the upstream", key, "forbidden_field")
+    if not _FORBIDDEN.isdisjoint(body):  # one C-level check in the common case
+        key = next(key for key in FORBIDDEN if key in body)
+        raise fail(f"'{key}' is not allowed: the gateway chooses the upstream", key, "forbidden_field")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise fail("Missing required parameter: 'model'.", "model", "missing_required_parameter")
@@ -102,10 +102,11 @@ def check_request(body: Any, native_models: dict[str, bool]) -> bool:
     if body.get("background"):
         raise fail("background mode is not supported: Comox answers while the client waits (or streams)",
                    "background", "unsupported_parameter")
-    for key in ("conversation", "prompt"):
-        if body.get(key) is not None and strict:
-            raise fail(f"'{key}' is not supported: Comox keeps no {key}s; send the input itself", key,
-                       "unsupported_parameter")
+    if strict:
+        for key in ("conversation", "prompt"):
+            if body.get(key) is not None:
+                raise fail(f"'{key}' is not supported: Comox keeps no {key}s; send the input itself", key,
+                           "unsupported_parameter")
     if body.get("input") is None and not body.get("previous_response_id"):
         raise fail("Missing required parameter: 'input'.", "input", "missing_required_parameter")
     return native
@@ -146,25 +147,43 @@ def translate_request(body: dict[str, Any], native: bool) -> tuple[Pending, dict
     return pending, chat
 
 
+# Each typed field's check, looked up for the fields a body has (fewer than these):
+# the types it may have and how an error says them, or the numeric range it
+# must be in (and whether only an integer will do).
+_FORBIDDEN = frozenset(FORBIDDEN)
+_KINDS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "stream": (bool, "a boolean"), "store": (bool, "a boolean"), "background": (bool, "a boolean"),
+    "parallel_tool_calls": (bool, "a boolean"), "instructions": (str, "a string"),
+    "previous_response_id": (str, "a string"), "user": (str, "a string"), "metadata": (dict, "an object"),
+    "tools": (list, "an array"), "text": (dict, "an object"), "reasoning": (dict, "an object"),
+    "input": ((str, list), "a string or an array of input items"),
+}
+_RANGES: dict[str, tuple[float, float, bool]] = {
+    "temperature": (0, 2, False), "top_p": (0, 1, False), "max_output_tokens": (1, 1_000_000, True),
+}
+
+
 def _check_types(body: dict[str, Any]) -> None:
-    comox.check_number(body, "temperature", 0, 2)
-    comox.check_number(body, "top_p", 0, 1)
-    comox.check_number(body, "max_output_tokens", 1, 1_000_000, integer=True)
-    kinds: tuple[tuple[str, type | tuple[type, ...], str], ...] = (
-        ("stream", bool, "a boolean"), ("store", bool, "a boolean"), ("background", bool, "a boolean"),
-        ("parallel_tool_calls", bool, "a boolean"), ("instructions", str, "a string"),
-        ("previous_response_id", str, "a string"), ("user", str, "a string"), ("metadata", dict, "an object"),
-        ("tools", list, "an array"), ("text", dict, "an object"), ("reasoning", dict, "an object"),
-        ("input", (str, list), "a string or an array of input items"),
-    )
-    for key, kind, what in kinds:
-        value = body.get(key)
-        if value is not None and not isinstance(value, kind):
-            raise fail(f"Invalid type for '{key}': expected {what}.", key, "invalid_type")
+    for key, value in body.items():
+        if value is None:
+            continue
+        kind = _KINDS.get(key)
+        if kind is not None:
+            if not isinstance(value, kind[0]):
+                raise fail(f"Invalid type for '{key}': expected {kind[1]}.", key, "invalid_type")
+            continue
+        bounds = _RANGES.get(key)
+        if bounds is not None:
+            low, high, integer = bounds
+            # The common case in one step (NaN and ±inf fail the comparison, a bool
+            # is no int here); comox.check_number words the error for anything else.
+            if not ((type(value) is int or (type(value) is float and not integer)) and low <= value <= high):
+                comox.check_number(body, key, low, high, integer=integer)
     metadata = body.get("metadata")
     if metadata is not None and not all(isinstance(v, str) for v in metadata.values()):
         raise fail("Invalid 'metadata': values must be strings.", "metadata", "invalid_type")
-    effort = (body.get("reasoning") or {}).get("effort")
+    reasoning = body.get("reasoning")
+    effort = reasoning.get("effort") if reasoning else None
     if effort is not None and effort not in EFFORTS:
         raise fail(f"Invalid value for 'reasoning.effort': expected one of {', '.join(EFFORTS)}.", "reasoning.effort")
 
