@@ -13,11 +13,10 @@ they have left — the same deadline, to the loop's precision
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .late import LateQueue
+from .late import LateQueue, per_loop
 
 __all__ = ["PROMOTE_AFTER_S", "Deadline", "Deadlines", "deadlines_for"]
 
@@ -71,12 +70,5 @@ class Deadlines(LateQueue[Deadline]):
         entry.handle = loop.call_at(entry.at, entry._fire)
 
 
-_deadlines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = weakref.WeakKeyDictionary()
-
-
-def deadlines_for(loop: asyncio.AbstractEventLoop) -> Deadlines:
-    """The :class:`Deadlines` of ``loop`` (each server thread runs its own loop)."""
-    deadlines = _deadlines.get(loop)
-    if deadlines is None:
-        deadlines = _deadlines[loop] = Deadlines()
-    return deadlines
+deadlines_for = per_loop(Deadlines)
+"""The :class:`Deadlines` of a loop (``deadlines_for(loop)``; each server thread runs its own loop)."""

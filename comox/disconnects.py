@@ -12,10 +12,9 @@ under load; docs/benchmarks.md).
 from __future__ import annotations
 
 import asyncio
-import weakref
 from typing import TYPE_CHECKING, Any
 
-from .late import LateQueue
+from .late import LateQueue, per_loop
 
 if TYPE_CHECKING:
     from .asgi_io import Receive
@@ -71,12 +70,5 @@ class DisconnectWatch(LateQueue[WatchedStream]):
         entry.watcher = loop.create_task(entry.watch())
 
 
-_watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DisconnectWatch] = weakref.WeakKeyDictionary()
-
-
-def watch_for(loop: asyncio.AbstractEventLoop) -> DisconnectWatch:
-    """The watch of ``loop`` (each server thread runs its own loop)."""
-    watch = _watches.get(loop)
-    if watch is None:
-        watch = _watches[loop] = DisconnectWatch()
-    return watch
+watch_for = per_loop(DisconnectWatch)
+"""The watch of a loop (``watch_for(loop)``; each server thread runs its own loop)."""

@@ -11,10 +11,12 @@ finished one dropped. Used by :mod:`comox.disconnects` and :mod:`comox.deadlines
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections import deque
-from typing import Generic, Protocol, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
 
-__all__ = ["Entry", "LateQueue"]
+__all__ = ["Entry", "LateQueue", "per_loop"]
 
 
 class Entry(Protocol):
@@ -23,6 +25,28 @@ class Entry(Protocol):
 
 
 E = TypeVar("E", bound=Entry)
+T = TypeVar("T")
+
+
+def per_loop(factory: Callable[[], T]) -> Callable[[asyncio.AbstractEventLoop], T]:
+    """A function giving each event loop its own ``factory()`` (each server
+    thread runs its own loop), made on first use and kept no longer than
+    the loop. The last loop asked for is answered without a lookup: with one
+    loop per thread, that is nearly every call."""
+    table: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = weakref.WeakKeyDictionary()
+    last: list[Any] = [lambda: None, None]  # a weak reference to the last loop, and its value
+
+    def for_loop(loop: asyncio.AbstractEventLoop) -> T:
+        if last[0]() is loop:
+            value: T = last[1]
+            return value
+        value = table.get(loop)  # type: ignore[assignment]
+        if value is None:
+            value = table[loop] = factory()
+        last[:] = weakref.ref(loop), value
+        return value
+
+    return for_loop
 
 
 class LateQueue(Generic[E]):

@@ -55,3 +55,33 @@ def test_a_later_entry_waits_for_its_own_time():
     seen, promoted, first, second = asyncio.run(main())
     assert seen == [first]
     assert promoted == [first, second]
+
+
+def test_per_loop_gives_each_loop_its_own_value_and_forgets_a_closed_loop():
+    import gc
+    import weakref
+
+    from comox.late import per_loop
+
+    made = []
+
+    def factory():
+        made.append(object())
+        return made[-1]
+
+    for_loop = per_loop(factory)
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        a = for_loop(first)
+        assert for_loop(first) is a  # the last loop's, without a lookup
+        b = for_loop(second)
+        assert b is not a and for_loop(second) is b
+        assert for_loop(first) is a  # and back: the table's, not a new one
+        assert len(made) == 2
+    finally:
+        first.close()
+        second.close()
+    gone = weakref.ref(first)
+    del first
+    gc.collect()
+    assert gone() is None  # neither the table nor the last-asked cache keeps a loop alive
