@@ -74,15 +74,22 @@ class SentStream(NamedTuple):
     its end; ``error`` sent to the client when the upstream broke off
     (``broke`` says how — also when another node finished the answer:
     :meth:`comox.resume.Splice.settle`); times (``time.perf_counter()``) of
-    the first and last chunk, ``data:`` lines, and the last two chunks."""
+    the first and last chunk, the last two chunks (``end``), and ``data:``
+    lines (:attr:`events`)."""
 
     complete: bool
     error: Exception | None
     first: float
     last: float
-    events: int
+    counted: int  # data: lines of the chunks before ``end`` (of all, when ``end`` is empty)
     end: bytes
     broke: str | None = None
+
+    @property
+    def events(self) -> int:
+        """The ``data:`` lines sent. Counted in full only when asked: most
+        streams report their usage, and a short one is all in ``end``."""
+        return self.counted + self.end.count(b"data:")
 
 
 class Responder:
@@ -189,7 +196,7 @@ class Responder:
                     last = clock()
                     if not first:
                         first = last
-                    events += chunk.count(b"data:")
+                    events += prev.count(b"data:")  # the chunk leaving the last two (those are ``end``)
                     prev, tail = tail, chunk
                     if drained is not None and drained() and _ends_whole(prev + tail):
                         return await self._last(chunk, watched, first, last, events, prev + tail)
@@ -208,7 +215,7 @@ class Responder:
         except asyncio.CancelledError:
             if watched.disconnected:
                 task.uncancel()
-                return SentStream(False, None, first, last, events, b"")
+                return SentStream(False, None, first, last, events + (prev + tail).count(b"data:"), b"")
             raise
         except Exception as exc:
             watched.finished = True
@@ -223,7 +230,8 @@ class Responder:
                 event = b"\n\n" + event  # close the partial event first
             await send({"type": "http.response.body", "body": event})
             self.finished = True
-            return SentStream(False, error, first, last, events, b"", f"stream broke off: {type(exc).__name__}")
+            return SentStream(False, error, first, last, events + (prev + tail).count(b"data:"), b"",
+                              f"stream broke off: {type(exc).__name__}")
         finally:
             if self.request is not None:
                 self.request.last_byte_at = last

@@ -252,7 +252,7 @@ async def _route_and_answer(gateway: Gateway, request: GatewayRequest, receive: 
         if state is not None and sent.broke is not None:
             state.record_failure(sent.broke)
         elif sent.complete and sent.first and status == 200:
-            record_stream(request, state, sent.first, sent.last, sent.events, sent.end)
+            record_stream(request, state, sent.first, sent.last, sent.counted, sent.end)
             body = kept.body() if kept is not None else None
             if body is not None and hooks.comox_cache_store:
                 await HookChain.each_logged(hooks.comox_cache_store, request=request,

@@ -232,17 +232,17 @@ def record_body(request: GatewayRequest, state: BackendState | None, body: bytes
 
 
 def record_stream(request: GatewayRequest, state: BackendState | None, first: float, last: float,
-                  events: int, end: bytes) -> None:
+                  counted: int, end: bytes) -> None:
     """Read the usage of a finished SSE stream into ``request.usage`` (counting
     its events when it reported none), and record it on ``state`` if a backend
     answered: the first chunk came at ``first`` (≈ the end of prefill), the
-    last at ``last`` (``time.perf_counter()``), it held ``events`` ``data:``
-    lines, and ``end`` is its last two chunks."""
+    last at ``last`` (``time.perf_counter()``), ``end`` is its last two
+    chunks, and the chunks before them held ``counted`` ``data:`` lines."""
     try:
         usage = usage_of_events(end)
         decode_s = last - first
         # Without usage, count events: one per token, less the [DONE] line.
-        generated = usage.completion if usage and usage.completion else max(events - 1, 0)
+        generated = usage.completion if usage and usage.completion else max(counted + end.count(b"data:") - 1, 0)
         request.usage = usage if usage is not None else Usage(completion=generated)
         if state is None:
             return

@@ -67,6 +67,7 @@ def test_a_stream_read_whole_goes_out_with_the_end_in_one_message():
     assert sent[0]["type"] == "http.response.start"
     assert bodies(sent) == [(b"".join(EVENTS), False)]
     assert result.complete and result.events == 4 and result.end.endswith(b"data: [DONE]\n\n")
+    assert result.counted == 0  # all of it is in end: nothing was counted while it was sent
 
 
 def test_a_stream_still_arriving_goes_chunk_by_chunk_and_its_last_chunk_ends_it():
@@ -82,6 +83,7 @@ def test_a_stream_still_arriving_goes_chunk_by_chunk_and_its_last_chunk_ends_it(
     result, *sent = asyncio.run(forward(slowly))
     assert bodies(sent) == [(event, True) for event in EVENTS[:-1]] + [(EVENTS[-1], False)]
     assert result.complete and result.events == 4
+    assert result.counted == 2 and result.end == EVENTS[-2] + EVENTS[-1]  # counted as they left the last two
 
 
 def test_a_stream_read_whole_but_cut_in_an_event_ends_with_an_error_event():
