@@ -173,10 +173,10 @@ def taskset(cores: str | None, argv: list[str]) -> list[str]:
     return ["taskset", "-c", cores, *argv]
 
 
-def start(argv: list[str], *, env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+def start(argv: list[str], *, env: dict | None = None, log: Path | None = None, cwd: Path = ROOT) -> subprocess.Popen:
     out = open(log, "ab") if log else subprocess.DEVNULL
     proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True, cwd=ROOT)
+                            start_new_session=True, cwd=cwd)
     _started.append(proc)
     return proc
 
@@ -454,11 +454,14 @@ class Comox(Proxy):
                 "comox-aiohttp": "aiohttp", "comox-httptools": "httptools"}
 
     def __init__(self, nginx: Nginx, workdir: Path, cores: str | None, policy: str, workers: int = 1,
-                 label: str | None = None, client: str | None = None, native: str | None = None):
+                 label: str | None = None, client: str | None = None, native: str | None = None,
+                 source: Path | None = None):
         self.name = label or f"Comox ({policy}{', %d workers' % workers if workers > 1 else ''})"
         self.api = native
         if native:
             self.name += f", {self.path} native"
+        if source is not None:  # --baseline: the same gateway from another checkout (its own plugins too)
+            self.name += f" [baseline {source.name}]"
         self.port = free_port()
         config = comox_config(nginx, policy, workdir / f"comox-{self.port}.toml", native=native)
         env = None
@@ -474,7 +477,11 @@ class Comox(Proxy):
             env = {"COMOX_CONFIG": str(config), "BENCH_CLIENT": client}
             argv = [sys.executable, "-m", "uvicorn", "comox_variants:create_app", "--factory", "--app-dir", str(HERE),
                     "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log"]
-        self.proc = start(taskset(cores, argv), env=env, log=workdir / f"comox-{self.port}.log")
+        cwd = ROOT
+        if source is not None:  # run from there (python -m puts the working directory first on sys.path)
+            env = {**(env or {}), "PYTHONPATH": f"{source}:{source / 'plugins'}"}
+            cwd = source
+        self.proc = start(taskset(cores, argv), env=env, log=workdir / f"comox-{self.port}.log", cwd=cwd)
         self.wait_ready()
 
 
@@ -797,6 +804,9 @@ def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
     for peer in args.peers:
         targets.append(PEERS[peer](nginx, workdir, pcore))
     targets.append(MinimalProxy("aiohttp", nginx, workdir, pcore))
+    baseline = Path(args.baseline).resolve() if args.baseline else None
+    if baseline is not None:
+        targets.append(Comox(nginx, workdir, pcore, policy, source=baseline))
     targets.append(Comox(nginx, workdir, pcore, policy))
     limit = next(t for t in targets if isinstance(t, MinimalProxy) and t.name == MinimalProxy.LABELS["aiohttp"])
     comox = targets[-1]
@@ -805,9 +815,12 @@ def main_run(args, workdir: Path, nginx: Nginx, policy: str) -> None:
     pairs = [(comox, limit)]
     for api in apis:
         targets.append(Direct(nginx, api))
-        targets.append(MinimalProxy("aiohttp", nginx, workdir, pcore, api=api))
+        api_limit = MinimalProxy("aiohttp", nginx, workdir, pcore, api=api)
+        targets.append(api_limit)
+        if baseline is not None:
+            targets.append(Comox(nginx, workdir, pcore, policy, native=api, source=baseline))
         targets.append(Comox(nginx, workdir, pcore, policy, native=api))
-        pairs.append((targets[-1], targets[-2]))
+        pairs.append((targets[-1], api_limit))
     if len({t.name for t in targets}) != len(targets):
         raise SystemExit("duplicate targets")
 
@@ -1208,6 +1221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-out", help="where --profile writes py-spy's raw (collapsed) stacks")
     parser.add_argument("--top", type=int, default=30, help="rows of the --profile summary")
     parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument("--baseline", help="also run Comox from this checkout (e.g. a `git worktree add` of an "
+                        "earlier commit), beside each Comox row, in the same interleaved rounds: an A/B "
+                        "comparison that the machine's drift between two runs cannot blur")
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     if args.profile_api and not args.profile_target.startswith("comox"):
