@@ -19,6 +19,8 @@ from collections.abc import Coroutine
 from typing import Any
 
 from uvicorn._types import ASGI3Application, ASGISendEvent
+from uvicorn.config import Config
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import (
     HEADER_RE,
     HEADER_VALUE_RE,
@@ -27,7 +29,8 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
-__all__ = ["ComoxHttpProtocol", "ComoxResponseCycle", "HeldHeadTransport", "SERVER_OPTIONS"]
+__all__ = ["ComoxHttpProtocol", "ComoxServeProtocol", "ComoxResponseCycle", "HeldHeadTransport", "SERVER_OPTIONS",
+           "forwarded_app"]
 
 _HEAD = b"HTTP/1."
 _JOIN_BELOW = 64 * 1024  # a larger body is written after the head, not copied into one buffer with it
@@ -208,6 +211,9 @@ class ComoxResponseCycle(RequestResponseCycle):
         return head
 
 
+_FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto")  # the headers uvicorn's proxy-headers middleware reads
+
+
 class ComoxHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol over a :class:`HeldHeadTransport`, its
     cycles :class:`ComoxResponseCycle`."""
@@ -224,7 +230,37 @@ class ComoxHttpProtocol(HttpToolsProtocol):
         super()._start_asgi_task(cycle, app)
 
 
+class ComoxServeProtocol(ComoxHttpProtocol):
+    """The protocol ``comox serve`` runs (:data:`SERVER_OPTIONS`): a
+    :class:`ComoxHttpProtocol` that honours ``X-Forwarded-For`` and
+    ``X-Forwarded-Proto`` as uvicorn does by default, from the addresses in
+    ``FORWARDED_ALLOW_IPS`` (127.0.0.1 unless set), with uvicorn's own
+    middleware, run only for a request that has one of them. uvicorn wraps
+    every request in it (a coroutine more, a loop over the headers), so
+    ``SERVER_OPTIONS`` turns uvicorn's off."""
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        if app is self.app and self.config.proxy_headers is False:  # (not a 503 of limit_concurrency's)
+            names = dict(cycle.scope["headers"])
+            if _FORWARDED[0] in names or _FORWARDED[1] in names:
+                app = forwarded_app(self.config)
+        super()._start_asgi_task(cycle, app)
+
+
+def forwarded_app(config: Config) -> ASGI3Application:
+    """``config``'s app inside uvicorn's ProxyHeadersMiddleware, trusting
+    ``config.forwarded_allow_ips`` (``FORWARDED_ALLOW_IPS``), as uvicorn
+    itself would wrap it: made once per config."""
+    app: ASGI3Application | None = getattr(config, "_comox_forwarded_app", None)
+    if app is None:
+        app = ProxyHeadersMiddleware(config.loaded_app, trusted_hosts=config.forwarded_allow_ips)
+        config._comox_forwarded_app = app  # type: ignore[attr-defined]
+    return app
+
+
 # What ``comox serve`` (and each of its workers) passes to ``uvicorn.Config``:
 # this protocol, and no ``server: uvicorn`` header (it tells a scanner what
 # runs here, and costs every answer a header).
-SERVER_OPTIONS: dict[str, Any] = {"http": ComoxHttpProtocol, "server_header": False}
+# uvicorn's proxy-headers middleware is off: the protocol runs it for the
+# requests that carry X-Forwarded-For or X-Forwarded-Proto.
+SERVER_OPTIONS: dict[str, Any] = {"http": ComoxServeProtocol, "server_header": False, "proxy_headers": False}

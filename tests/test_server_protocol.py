@@ -362,3 +362,47 @@ def test_a_start_uvicorn_refuses_raises_what_uvicorn_raises(start):
         return (type(raised.value), str(raised.value), recorder.writes, cycle.response_started,
                 cycle.chunked_encoding, cycle.expected_content_length, cycle.keep_alive)
     assert asyncio.run(run(ComoxResponseCycle)) == asyncio.run(run(RequestResponseCycle))
+
+
+# -- proxy headers (ComoxServeProtocol) -----------------------------------------
+
+
+async def whoami(scope, receive, send):
+    client = scope.get("client")
+    body = f'{{"client": "{client[0] if client else ""}", "scheme": "{scope["scheme"]}"}}'.encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.mark.parametrize("headers", [
+    {},
+    {"x-forwarded-for": "203.0.113.7"},
+    {"x-forwarded-proto": "https"},
+    {"x-forwarded-for": "203.0.113.7, 198.51.100.2", "x-forwarded-proto": "https"},
+    {"x-forwarded-proto": "gopher"},  # not a scheme uvicorn takes
+])
+def test_proxy_headers_are_honoured_as_uvicorn_does_and_read_only_when_present(monkeypatch, headers):
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    calls = []
+    original = ProxyHeadersMiddleware.__call__
+
+    async def counted(self, scope, receive, send):
+        calls.append(scope["path"])
+        await original(self, scope, receive, send)
+
+    monkeypatch.setattr(ProxyHeadersMiddleware, "__call__", counted)
+    with ServerThread(whoami, lifespan="off", access_log=False, **SERVER_OPTIONS) as comox, \
+            ServerThread(whoami, lifespan="off", access_log=False, http="httptools") as plain:
+        answers = [httpx.get(f"http://127.0.0.1:{server.port}/{name}", headers=headers).json()
+                   for name, server in (("comox", comox), ("plain", plain))]
+    assert answers[0] == answers[1]  # the same client and scheme as under plain uvicorn
+    if "x-forwarded-proto" in headers and headers["x-forwarded-proto"] == "https":
+        assert answers[0]["scheme"] == "https"
+    if "x-forwarded-for" in headers:
+        assert answers[0]["client"] == headers["x-forwarded-for"].split(",")[-1].strip()
+    # Plain uvicorn runs the middleware for every request; comox serve's protocol
+    # only for one with a header it reads.
+    assert calls.count("/plain") == 1
+    assert calls.count("/comox") == (1 if headers else 0)
