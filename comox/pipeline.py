@@ -37,7 +37,6 @@ from .backends import BackendResponse
 from .errors import AuthenticationFailed, ComoxError, MethodNotAllowed, ModelNotFound, NotFound
 from .fleet import BackendState, ModelGroup
 from .gateway import Gateway
-from .plugins import HookChain
 from .request import ANONYMOUS, ENDPOINTS, DeferredBody, GatewayRequest, Principal, parse_body, request_id_from
 from .resume import resumable
 from .usage import record_body, record_stream
@@ -94,7 +93,7 @@ async def serve_api(gateway: Gateway, scope: MutableMapping[str, Any], receive: 
     if not gateway.started:
         await gateway.startup()
     if gateway.hooks.comox_request_start:
-        await HookChain.each_logged(gateway.hooks.comox_request_start, request=request)
+        await gateway.hooks.request_start(request=request)
     responder = Responder(send, request)  # times the response, adds x-comox-overhead-ms
     state: BackendState | None = None
     error: Exception | None = None
@@ -117,8 +116,8 @@ async def serve_api(gateway: Gateway, scope: MutableMapping[str, Any], receive: 
         hooks = gateway.hooks
         if hooks.comox_request_done:
             status = responder.status or 499  # nothing sent: the client went away
-            await HookChain.each_logged(hooks.comox_request_done, request=request, status=status,
-                                        backend=state.name if state is not None else None, error=error)
+            await hooks.request_done(request=request, status=status, backend=state.name if state is not None else None,
+                                     error=error)
 
 
 async def _serve(gateway: Gateway, request: GatewayRequest, receive: Receive, responder: Responder,
@@ -153,7 +152,7 @@ async def _authenticate(gateway: Gateway, request: GatewayRequest) -> Principal:
     """Who is calling, from the headers alone: before the body is read, so an
     unknown caller learns nothing from how its body would have been judged."""
     hooks = gateway.hooks
-    principal = await HookChain.first(hooks.comox_authenticate, request=request) if hooks.comox_authenticate else None
+    principal = await hooks.authenticate(request=request) if hooks.comox_authenticate else None
     if principal is None and gateway.auth_required:
         raise AuthenticationFailed("a valid API key is required (Authorization: Bearer <key>)")
     request.principal = principal = principal or ANONYMOUS
@@ -218,10 +217,10 @@ async def _route_and_answer(gateway: Gateway, request: GatewayRequest, receive: 
     # own (a request can add the restriction, never lift it).
     request.local_only = principal.local_only or group.settings.sovereign or request.header(b"x-comox-local-only") == b"true"
     if hooks.comox_admit:
-        await HookChain.each(hooks.comox_admit, request=request, principal=principal)
+        await hooks.admit(request=request, principal=principal)
     response: BackendResponse | None = None
     if hooks.comox_cache_lookup:
-        response = await HookChain.first(hooks.comox_cache_lookup, request=request)
+        response = await hooks.cache_lookup(request=request)
     cached = response is not None
     state: BackendState | None = None
     if response is None:
@@ -255,8 +254,7 @@ async def _route_and_answer(gateway: Gateway, request: GatewayRequest, receive: 
             record_stream(request, state, sent.first, sent.last, sent.counted, sent.end)
             body = kept.body() if kept is not None else None
             if body is not None and hooks.comox_cache_store:
-                await HookChain.each_logged(hooks.comox_cache_store, request=request,
-                                            response=BackendResponse(200, internal.headers, body=body))
+                await hooks.cache_store(request=request, response=BackendResponse(200, internal.headers, body=body))
         return state, sent.error
     assert response.body is not None
     try:
@@ -269,7 +267,7 @@ async def _route_and_answer(gateway: Gateway, request: GatewayRequest, receive: 
         assert internal.body is not None
         record_body(request, state, internal.body, internal.parsed)
         if hooks.comox_cache_store and not cached and not internal.native:
-            await HookChain.each_logged(hooks.comox_cache_store, request=request, response=internal)
+            await hooks.cache_store(request=request, response=internal)
     return state, None
 
 

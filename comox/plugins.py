@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from importlib.metadata import Distribution, entry_points
 from typing import Any
 
@@ -199,6 +199,17 @@ class HookChain:
                     raise ConfigError(f"plugin {impl.plugin_name!r}: {name} cannot be a wrapper (per-request hooks are awaited by Comox)")
                 chain.append(_Impl(impl.function, tuple(impl.argnames), spec_args, impl.plugin_name))
             setattr(self, name, tuple(chain))
+        # Each hook's implementations, called in one compiled function per way the
+        # core calls them: no keyword dict, adapter or loop per request.
+        def compiled(mode: str, name: str) -> Callable[..., Awaitable[Any]]:
+            return _compiled(mode, getattr(self, name), tuple(getattr(pm.hook, name).spec.argnames))
+
+        self.request_start = compiled("each_logged", "comox_request_start")
+        self.authenticate = compiled("first", "comox_authenticate")
+        self.admit = compiled("each", "comox_admit")
+        self.cache_lookup = compiled("first", "comox_cache_lookup")
+        self.cache_store = compiled("each_logged", "comox_cache_store")
+        self.request_done = compiled("each_logged", "comox_request_done")
 
     @staticmethod
     async def first(impls: tuple[_Impl, ...], **kwargs: Any) -> Any:
@@ -230,6 +241,36 @@ class HookChain:
                     await result
             except Exception:
                 log.exception("plugin %r failed in a hook whose failures are only logged", impl.plugin)
+
+
+def _compiled(mode: str, impls: tuple[_Impl, ...], args: tuple[str, ...]) -> Callable[..., Awaitable[Any]]:
+    """``HookChain.<mode>(impls, **kwargs)`` as one function of ``args`` (the
+    hook's arguments, keywords only), its calls written out: each
+    implementation given the arguments it declares (names checked against the
+    spec by pluggy and :func:`_adapter`), awaited if it is a coroutine
+    function or returned an awaitable."""
+    lines = [f"async def run(*, {', '.join(args)}):"]
+    for i, impl in enumerate(impls):
+        call = f"f{i}(" + ", ".join(f"{name}={name}" for name in impl.argnames if name in args) + ")"
+        if impl.is_async:
+            body = [f"r = await {call}"]
+        else:
+            body = [f"r = {call}", "if r is not None and isawaitable(r):", "    r = await r"]
+        if mode == "first":
+            body += ["if r is not None:", "    return r"]
+        if mode == "each_logged":
+            body = ["try:", *("    " + line for line in body), "except Exception:",
+                    f"    log.exception('plugin %r failed in a hook whose failures are only logged', p{i})"]
+        lines += ["    " + line for line in body]
+    lines.append("    return None")
+    names: dict[str, Any] = {"isawaitable": inspect.isawaitable, "log": log}
+    for i, impl in enumerate(impls):
+        if set(impl.argnames) - set(args):  # never compile a name the call does not have
+            raise ConfigError(f"hook implementation {impl.function!r} takes arguments the hook does not have")
+        names[f"f{i}"], names[f"p{i}"] = impl.function, impl.plugin
+    exec("\n".join(lines), names)  # names checked above
+    run: Callable[..., Awaitable[Any]] = names["run"]
+    return run
 
 
 async def call_startup_hook(hook: pluggy.HookCaller, **kwargs: Any) -> None:

@@ -257,3 +257,68 @@ def test_failover_and_dashboard_leave_the_requests_of_a_config_that_does_not_use
                                         "price_input_per_mtok": 1.0, "price_output_per_mtok": 1.0}]}}
     busy = chains(**cloud)
     assert {"failover", "dashboard"} <= busy
+
+
+def test_the_compiled_calls_keep_each_first_and_each_logged_semantics(monkeypatch, caplog):
+    """HookChain's per-hook functions (what the core calls) against the
+    static each/first/each_logged they replace on the request path."""
+    monkeypatch.setenv("COMOX_LOAD_PLUGINS", "")  # the essential plugins only: these hooks are ours alone
+    calls = []
+
+    class Sync:
+        @comox.hookimpl(tryfirst=True)
+        def comox_cache_lookup(self, request):
+            calls.append(("sync", request))
+            return None
+
+        @comox.hookimpl(tryfirst=True)
+        def comox_request_done(self, request, status):
+            calls.append(("done-sync", status))
+            raise RuntimeError("observer broke")
+
+        @comox.hookimpl
+        def comox_admit(self, principal):  # a subset of the arguments; returns an awaitable
+            async def later():
+                calls.append(("admit-awaited", principal))
+            return later()
+
+    class Async:
+        @comox.hookimpl
+        async def comox_cache_lookup(self, request):
+            calls.append(("async", request))
+            return "hit"
+
+        @comox.hookimpl(trylast=True)
+        async def comox_request_done(self, request, status, backend, error):
+            calls.append(("done-async", backend))
+
+        @comox.hookimpl(tryfirst=True)
+        async def comox_admit(self, request, principal):
+            calls.append(("admit-first", request))
+            raise comox.RateLimited("over")
+
+    class Never:
+        @comox.hookimpl(trylast=True)
+        def comox_cache_lookup(self, request):  # after a non-None answer: not called
+            calls.append(("never", request))
+
+    chain = HookChain(make_plugin_manager([Sync(), Async(), Never()]))
+    assert asyncio.run(chain.cache_lookup(request="r")) == "hit"
+    assert calls == [("sync", "r"), ("async", "r")]
+    calls.clear()
+    with pytest.raises(comox.RateLimited):  # each: the first exception stops the rest
+        asyncio.run(chain.admit(request="r", principal="p"))
+    assert calls == [("admit-first", "r")]
+    calls.clear()
+    quiet = HookChain(make_plugin_manager([Sync()]))  # a sync implementation's awaitable is awaited
+    asyncio.run(quiet.admit(request="r", principal="p"))
+    assert calls == [("admit-awaited", "p")]
+    calls.clear()
+    with caplog.at_level("ERROR", logger="comox"):  # each_logged: logged, and the others still run
+        assert asyncio.run(chain.request_done(request="r", status=200, backend="b", error=None)) is None
+    assert calls == [("done-sync", 200), ("done-async", "b")]
+    assert any("failed in a hook" in record.getMessage() for record in caplog.records)
+    # The static forms give the same answers.
+    calls.clear()
+    assert asyncio.run(HookChain.first(chain.comox_cache_lookup, request="r")) == "hit"
+    assert calls == [("sync", "r"), ("async", "r")]
