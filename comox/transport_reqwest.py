@@ -41,6 +41,7 @@ import ipaddress
 import os
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Mapping
 from datetime import timedelta
 from typing import Any
@@ -207,6 +208,7 @@ async def _chunks(response: Response, lease: _Lease) -> AsyncIterator[bytes]:
 _lock = threading.Lock()
 _live: dict[tuple[str, int], int] = {}  # (host, port) -> calls in progress, in every transport of the process
 _orphans: dict[tuple[str, int], int] = {}  # (host, port) -> calls cancelled while pyreqwest still ran them
+_started: dict[tuple[str, int], int] = {}  # (host, port) -> calls started, ever
 
 
 class _Lease:
@@ -220,6 +222,7 @@ class _Lease:
         self._held = True
         with _lock:
             _live[key] = _live.get(key, 0) + 1
+            _started[key] = _started.get(key, 0) + 1
 
     def orphaned(self) -> None:
         """Cancelled while pyreqwest still ran it: its socket is shut down
@@ -239,15 +242,33 @@ class _Lease:
             threading.Thread(target=_reap, args=(key,), name="comox-reqwest-reap", daemon=True).start()
 
 
+REAP_AGAIN_S = (0.5, 2.0)  # later sweeps: an orphan still connecting (a busy machine) has no peer at the first
+
+
 def _reap(key: tuple[str, int]) -> None:
     """Shut down the Rust runtime's sockets to ``key``'s upstream (orphans'
     and idle pooled ones: no call to it is in progress), unless a call to it
-    started meanwhile."""
+    started meanwhile; then again after each of :data:`REAP_AGAIN_S`."""
     host, port = key
     try:
         addresses = {ipaddress.ip_address(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
     except (OSError, ValueError):
         return
+    with _lock:
+        started = _started.get(key)
+    if not _sweep(key, port, addresses):
+        return
+    for delay in REAP_AGAIN_S:
+        time.sleep(delay)
+        with _lock:
+            if _started.get(key) != started:  # calls since: their pooled sockets are theirs; the next orphan reaps
+                return
+        if not _sweep(key, port, addresses):
+            return
+
+
+def _sweep(key: tuple[str, int], port: int, addresses: set[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> bool:
+    """One pass of :func:`_reap`; False when a call to the upstream started meanwhile."""
     for fd in _runtime_sockets():
         try:
             dup = os.dup(fd)  # a duplicate: the runtime keeps (and closes) its own
@@ -269,12 +290,13 @@ def _reap(key: tuple[str, int]) -> None:
                 with _lock:
                     if _live.get(key):  # a call started meanwhile: the next to end reaps again
                         _orphans[key] = _orphans.get(key, 0) + 1
-                        return
+                        return False
                     sock.shutdown(socket.SHUT_RDWR)
         except (OSError, ValueError):
             pass
         finally:
             sock.close()
+    return True
 
 
 def _runtime_sockets() -> set[int]:
