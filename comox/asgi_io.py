@@ -198,7 +198,8 @@ class Responder:
                         first = last
                     events += prev.count(b"data:")  # the chunk leaving the last two (those are ``end``)
                     prev, tail = tail, chunk
-                    if drained is not None and drained() and _ends_whole(prev + tail):
+                    # (the end of an event is in the last 4 bytes: the last chunk alone, unless shorter)
+                    if drained is not None and drained() and _ends_whole(tail if len(tail) >= 4 else prev + tail):
                         return await self._last(chunk, watched, first, last, events, prev + tail)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 try:

@@ -98,7 +98,7 @@ def parse_usage(obj: dict[str, Any]) -> Usage | None:
 
 
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    return value if type(value) is int and value >= 0 else None  # (type: a bool is no count)
 
 
 def _object_after(body: bytes, key: bytes) -> Any:

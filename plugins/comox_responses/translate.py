@@ -161,24 +161,23 @@ _KINDS: dict[str, tuple[type | tuple[type, ...], str]] = {
 _RANGES: dict[str, tuple[float, float, bool]] = {
     "temperature": (0, 2, False), "top_p": (0, 1, False), "max_output_tokens": (1, 1_000_000, True),
 }
+_CHECKS: dict[str, Any] = {**_KINDS, **_RANGES}  # one lookup per field: a (types, words) or a (low, high, integer)
 
 
 def _check_types(body: dict[str, Any]) -> None:
     for key, value in body.items():
-        if value is None:
+        check = _CHECKS.get(key)
+        if check is None or value is None:
             continue
-        kind = _KINDS.get(key)
-        if kind is not None:
-            if not isinstance(value, kind[0]):
-                raise fail(f"Invalid type for '{key}': expected {kind[1]}.", key, "invalid_type")
+        if len(check) == 2:
+            if not isinstance(value, check[0]):
+                raise fail(f"Invalid type for '{key}': expected {check[1]}.", key, "invalid_type")
             continue
-        bounds = _RANGES.get(key)
-        if bounds is not None:
-            low, high, integer = bounds
-            # The common case in one step (NaN and ±inf fail the comparison, a bool
-            # is no int here); comox.check_number words the error for anything else.
-            if not ((type(value) is int or (type(value) is float and not integer)) and low <= value <= high):
-                comox.check_number(body, key, low, high, integer=integer)
+        low, high, integer = check
+        # The common case in one step (NaN and ±inf fail the comparison, a bool
+        # is no int here); comox.check_number words the error for anything else.
+        if not ((type(value) is int or (type(value) is float and not integer)) and low <= value <= high):
+            comox.check_number(body, key, low, high, integer=integer)
     metadata = body.get("metadata")
     if metadata is not None and not all(isinstance(v, str) for v in metadata.values()):
         raise fail("Invalid 'metadata': values must be strings.", "metadata", "invalid_type")
