@@ -246,12 +246,12 @@ class HookChain:
 def _compiled(mode: str, impls: tuple[_Impl, ...], args: tuple[str, ...]) -> Callable[..., Awaitable[Any]]:
     """``HookChain.<mode>(impls, **kwargs)`` as one function of ``args`` (the
     hook's arguments, keywords only), its calls written out: each
-    implementation given the arguments it declares (names checked against the
-    spec by pluggy and :func:`_adapter`), awaited if it is a coroutine
-    function or returned an awaitable."""
+    implementation given the arguments it declares (each a name of the spec:
+    pluggy checks them, and :class:`_Impl` refuses any other), awaited if it is
+    a coroutine function or returned an awaitable."""
     lines = [f"async def run(*, {', '.join(args)}):"]
     for i, impl in enumerate(impls):
-        call = f"f{i}(" + ", ".join(f"{name}={name}" for name in impl.argnames if name in args) + ")"
+        call = f"f{i}(" + ", ".join(f"{name}={name}" for name in impl.argnames) + ")"
         if impl.is_async:
             body = [f"r = await {call}"]
         else:
@@ -265,10 +265,8 @@ def _compiled(mode: str, impls: tuple[_Impl, ...], args: tuple[str, ...]) -> Cal
     lines.append("    return None")
     names: dict[str, Any] = {"isawaitable": inspect.isawaitable, "log": log}
     for i, impl in enumerate(impls):
-        if set(impl.argnames) - set(args):  # never compile a name the call does not have
-            raise ConfigError(f"hook implementation {impl.function!r} takes arguments the hook does not have")
         names[f"f{i}"], names[f"p{i}"] = impl.function, impl.plugin
-    exec("\n".join(lines), names)  # names checked above
+    exec("\n".join(lines), names)  # only the spec's names, checked when each _Impl was made
     run: Callable[..., Awaitable[Any]] = names["run"]
     return run
 

@@ -126,9 +126,7 @@ async def comox_admit(request: GatewayRequest, principal: Principal) -> None:
     gateway = request.gateway
     if not limits or key_id is None or gateway is None:
         return
-    plan = _plans.get((id(limits), key_id))
-    if plan is None or plan.limits is not limits:
-        plan = plan_for(limits, key_id)
+    plan = plan_for(limits, key_id)
     if plan.idle:
         return
     if plan.zero is not None:

@@ -174,10 +174,7 @@ def _check_types(body: dict[str, Any]) -> None:
                 raise fail(f"Invalid type for '{key}': expected {check[1]}.", key, "invalid_type")
             continue
         low, high, integer = check
-        # The common case in one step (NaN and ±inf fail the comparison, a bool
-        # is no int here); comox.check_number words the error for anything else.
-        if not ((type(value) is int or (type(value) is float and not integer)) and low <= value <= high):
-            comox.check_number(body, key, low, high, integer=integer)
+        comox.check_number(body, key, low, high, integer=integer)
     metadata = body.get("metadata")
     if metadata is not None and not all(isinstance(v, str) for v in metadata.values()):
         raise fail("Invalid 'metadata': values must be strings.", "metadata", "invalid_type")
