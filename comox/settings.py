@@ -169,6 +169,19 @@ class Settings(BaseSettings):
                 backends.add(backend.name)
         return self
 
+    def native_models(self, api: str) -> dict[str, bool]:
+        """Each model name (group and alias): whether every backend of its
+        group serves inbound API ``api`` itself (``native_apis``), so that a
+        request to it is passed through, never translated (unless it fails
+        over). An inbound API may then check such a request only as far as
+        routing and limits need, and leave the rest to the backend."""
+        out = {}
+        for group in self.models:
+            native = all(api in (getattr(backend, "native_apis", None) or ()) for backend in group.backends)
+            for name in (group.name, *group.aliases):
+                out[name] = native
+        return out
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -642,6 +642,38 @@ def test_a_native_stream_that_breaks_off_ends_with_an_anthropic_error_event(nati
     assert exc.value.body["error"]["type"] == "api_error"
 
 
+def test_a_native_backend_judges_what_routing_and_limits_do_not_read(native):
+    """Passed through natively, a request is checked here only as far as
+    routing and limits read it; the backend answers the rest in the API's
+    own terms (as the translation's check would, on a translated path)."""
+    response = native.post({"model": "chat", "max_tokens": 10, "temperature": 7, "messages": HI})
+    assert native.upstream.requests[-1]["body"]["temperature"] == 7  # the engine got it, and judged it
+    assert response.status_code == 400 and response.json()["error"] == {
+        "type": "invalid_request_error", "message": "temperature: range: 0..1"}
+    for body, param in (({"max_tokens": 10, "messages": HI}, "model"), ({"model": "chat", "messages": HI}, "max_tokens"),
+                        ({"model": "chat", "max_tokens": 0, "messages": HI}, "max_tokens"),
+                        ({"model": "chat", "max_tokens": 10, "stream": "yes", "messages": HI}, "stream")):
+        sent = len(native.upstream.requests)
+        response = native.post(body)
+        assert response.status_code == 400 and response.json()["error"]["message"].startswith(f"{param}: "), body
+        assert len(native.upstream.requests) == sent  # refused here: routing and limits read these
+
+
+def test_a_native_request_translated_after_all_is_checked_in_full(native):
+    """A native request that a stage translates after all (here the cache's
+    key, for a deterministic request) is checked in full first: a 400 in
+    Anthropic's format, never a 500 from translating a malformed body."""
+    sent = len(native.upstream.requests)
+    for messages in ("hi", [{"role": "user", "content": 5}]):
+        response = native.post({"model": "chat", "max_tokens": 10, "temperature": 0, "messages": messages})
+        assert response.status_code == 400, response.text
+        assert response.json()["type"] == "error" and response.json()["error"]["type"] == "invalid_request_error"
+        assert response.json()["error"]["message"].startswith("messages")
+    assert len(native.upstream.requests) == sent
+    native.upstream.replies.append(thinking_reply())
+    assert native.post({"model": "chat", "max_tokens": 10, "temperature": 0, "messages": HI}).status_code == 200
+
+
 def test_an_anthropic_backend_gets_an_anthropic_clients_bytes(comox_serve, monkeypatch):
     """Not translated twice: Claude (the stand-in, checking keys and versions as
     the API does) gets the client's request, only its model named for it."""

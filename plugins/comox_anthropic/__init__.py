@@ -235,4 +235,4 @@ def comox_backend_types() -> dict[str, type]:
 def comox_inbound_apis(gateway: comox.Gateway) -> list[comox.InboundAPI]:
     """Anthropic's Messages API, inbound: ``/v1/messages`` and its model list
     (:mod:`comox_anthropic.inbound`)."""
-    return [MessagesAPI(auth_required=gateway.settings.auth != "none")]
+    return [MessagesAPI(auth_required=gateway.settings.auth != "none", native=gateway.settings.native_models("messages"))]

@@ -12,7 +12,8 @@ import orjson
 
 import comox
 
-__all__ = ["check_request", "estimate_input_tokens", "CHARS_PER_TOKEN", "IMAGE_TOKENS", "MESSAGE_TOKENS"]
+__all__ = ["check_request", "parse_body", "check_routing", "check_body", "estimate_input_tokens",
+           "CHARS_PER_TOKEN", "IMAGE_TOKENS", "MESSAGE_TOKENS"]
 
 Json = dict[str, Any]
 
@@ -63,12 +64,25 @@ def check_request(raw: bytes, *, count: bool = False) -> Json:
     :class:`comox.InvalidRequest` naming the field. Fields it does not know
     are left alone (the translation takes what it knows; a native backend
     gets them all)."""
+    return check_body(parse_body(raw), count=count)
+
+
+def parse_body(raw: bytes) -> Json:
+    """The body's JSON object, not yet checked."""
     try:
         body = orjson.loads(raw)  # refuses NaN, Infinity and nesting deeper than 1024
     except orjson.JSONDecodeError as exc:
         raise comox.InvalidRequest(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise comox.InvalidRequest("The request body must be a JSON object")
+    return body
+
+
+def check_routing(body: Json, *, count: bool = False) -> Json:
+    """Only what routing and limits read (``model``, ``max_tokens``,
+    ``stream``): enough for a request passed through to a backend that
+    speaks the Messages API itself, which judges the rest in the API's own
+    terms. :func:`check_body` checks it all."""
     _string(body, "model", "", required=True)
     if not count:
         if body.get("max_tokens") is None:
@@ -76,6 +90,12 @@ def check_request(raw: bytes, *, count: bool = False) -> Json:
         _number(body, "max_tokens", 1, MAX_TOKENS, integer=True)
         if body.get("stream") is not None and not isinstance(body["stream"], bool):
             raise _bad("Input should be a valid boolean", "stream")
+    return body
+
+
+def check_body(body: Json, *, count: bool = False) -> Json:
+    """A parsed body (:func:`parse_body`) checked as :func:`check_request` does."""
+    check_routing(body, count=count)
     _number(body, "temperature", 0, 1)
     _number(body, "top_p", 0, 1)
     _number(body, "top_k", 0, 1_000_000, integer=True)

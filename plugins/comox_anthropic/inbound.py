@@ -35,7 +35,7 @@ import comox
 from comox import BackendResponse, ComoxError, GatewayRequest, InvalidRequest, MethodNotAllowed, ModelNotFound
 
 from .answers import error_json
-from .checks import check_request, estimate_input_tokens
+from .checks import check_body, check_request, check_routing, estimate_input_tokens, parse_body
 from .openapi import fragment
 from .translate import (
     OpenAIStreamTranslator,
@@ -76,8 +76,10 @@ class MessagesAPI:
 
     name = "anthropic"
 
-    def __init__(self, *, auth_required: bool = True):
+    def __init__(self, *, auth_required: bool = True, native: dict[str, bool] | None = None):
         self.auth_required = auth_required
+        self.native = native or {}
+        """Model names whose backends all speak the Messages API (``Settings.native_models``)."""
 
     def openapi(self) -> Json:
         """Its paths in ``GET /openapi.json`` (:mod:`.openapi`)."""
@@ -168,7 +170,15 @@ class MessagesAPI:
     # -- a Messages request --------------------------------------------------------
 
     def parse(self, endpoint: str, request: GatewayRequest, raw: bytes) -> tuple[str, comox.DeferredBody]:
-        body = check_request(raw)
+        body = parse_body(raw)
+        model = body.get("model")
+        if type(model) is str and self.native.get(model):
+            # Passed through: the backend judges what routing and limits do not read,
+            # unless the request is translated after all (failover, a cache key).
+            check_routing(body)
+            return "chat/completions", comox.DeferredBody(model, body.get("stream") is True, body,
+                                                          lambda: anthropic_to_openai_request(check_body(body)))
+        check_body(body)
         return "chat/completions", comox.DeferredBody(body["model"], body.get("stream") is True, body,
                                                       lambda: anthropic_to_openai_request(body))
 

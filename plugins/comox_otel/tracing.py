@@ -231,7 +231,7 @@ class Tracing:
             attributes["gen_ai.provider.name"] = provider
         if model:
             attributes["gen_ai.request.model"] = model
-        _max_tokens(attributes, request.json)
+        _max_tokens(attributes, request)
         if backend is not None:
             attributes["comox.backend"] = backend
         if upstream is not None and upstream.address:
@@ -324,7 +324,7 @@ class Tracing:
         group = self.groups.get(request.model_group)
         attributes.update({"gen_ai.operation.name": operation, "gen_ai.request.model": request.model,
                            "comox.model_group": request.model_group, "comox.attempts": record.attempts})
-        _max_tokens(attributes, request.json)
+        _max_tokens(attributes, request)
         if group is not None:
             attributes["comox.policy"] = group.policy
         upstream = self.upstreams.get(backend) if backend is not None else None
@@ -364,8 +364,13 @@ def _upstream(type_name: str, url: str | None, model: str | None) -> _Upstream:
     return _Upstream(type_name, model, parts.hostname, port)
 
 
-def _max_tokens(attributes: dict[str, Any], body: dict[str, Any]) -> None:
-    for key in ("max_tokens", "max_completion_tokens"):
+def _max_tokens(attributes: dict[str, Any], request: GatewayRequest) -> None:
+    # The client's own body when an inbound API parsed it: one passed through
+    # natively is not translated for its span (the bound has one of these names).
+    body = request.inbound_json
+    if body is None:
+        body = request.json
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(key)
         if isinstance(value, int) and not isinstance(value, bool):
             attributes["gen_ai.request.max_tokens"] = value
@@ -389,7 +394,11 @@ def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
 
 def _content(attributes: dict[str, Any], request: GatewayRequest, record: _Record) -> None:
     """``capture_content = true``: the prompt and the answer."""
-    prompt = input_messages(request.endpoint, request.json)
+    try:
+        body = request.json
+    except comox.InvalidRequest:  # passed through natively, and its translation refuses it
+        body = {}
+    prompt = input_messages(request.endpoint, body)
     if prompt is not None:
         attributes["gen_ai.input.messages"] = prompt
     answer = output_messages(record.body, [b"".join(tap.chunks) for tap in record.taps]) \

@@ -21,7 +21,7 @@ from .store import Store
 from .stream import Translation, translate_stream
 from .translate import Pending, chat_messages, check_request, translate_request
 
-__all__ = ["ResponsesAPI", "native_models"]
+__all__ = ["ResponsesAPI"]
 
 log = logging.getLogger("comox.responses")
 
@@ -34,17 +34,6 @@ NOT_KEPT = frozenset({b"content-type", b"content-length", b"content-encoding", b
 TRANSLATION = "responses.translation"  # request.state: a translated stream's Translation
 
 
-def native_models(settings: comox.Settings) -> dict[str, bool]:
-    """Model names (groups and aliases) whose backends all serve
-    ``/v1/responses`` themselves (``native_apis = ["responses"]``)."""
-    out = {}
-    for group in settings.models:
-        native = all("responses" in (getattr(backend, "native_apis", None) or ()) for backend in group.backends)
-        for name in (group.name, *group.aliases):
-            out[name] = native
-    return out
-
-
 class ResponsesAPI:
     """``/v1/responses`` and the stored responses under it."""
 
@@ -52,7 +41,7 @@ class ResponsesAPI:
 
     def __init__(self, gateway: comox.Gateway, *, ttl_s: float, max_entry_bytes: int):
         self.store = Store(lambda: gateway.shared_state, ttl_s=ttl_s, max_entry_bytes=max_entry_bytes)
-        self.native = native_models(gateway.settings)
+        self.native = gateway.settings.native_models("responses")
         self.secured = gateway.settings.auth != "none"
 
     def openapi(self) -> dict[str, Any]:
