@@ -188,6 +188,30 @@ def test_a_request_is_a_server_span_with_an_attempt_span_and_the_genai_attribute
     assert attempts(hit, same) == [] and hit.attributes["comox.attempts"] == 0 and "comox.backend" not in hit.attributes
 
 
+def test_a_request_passed_through_natively_is_not_translated_for_its_spans(spans, comox_serve):
+    from tests.anthropic_standin import AnthropicStandIn
+
+    standin = AnthropicStandIn(native=True).start()
+    translated = []
+
+    class Watch:
+        @comox.hookimpl
+        def comox_request_done(self, request):  # (a request is a GatewayRequest proper once translated)
+            translated.append(type(request) is comox.GatewayRequest)
+
+    try:
+        server = comox_serve(settings({"name": "gpu-1", "url": standin.url, "native_apis": ["messages"]}),
+                             plugins=[Fixtures(), Watch()])
+        post(f"{server.url}/v1/messages", {"model": "m", "max_tokens": 7, "messages": [{"role": "user", "content": PROMPT}]},
+             {"anthropic-version": "2023-06-01"})
+        [(request, same)] = request_traces(spans)
+        [attempt] = attempts(request, same)
+        assert request.attributes["gen_ai.request.max_tokens"] == attempt.attributes["gen_ai.request.max_tokens"] == 7
+        assert translated == [False]
+    finally:
+        standin.stop()
+
+
 def test_a_retry_is_a_second_attempt_span_and_a_stream_has_its_time_to_first_token(spans, comox_serve, upstreams):
     bad, good = upstreams("bad"), upstreams("good")
     bad.faults.append(Fault(status=502))

@@ -365,10 +365,11 @@ def _upstream(type_name: str, url: str | None, model: str | None) -> _Upstream:
 
 
 def _max_tokens(attributes: dict[str, Any], request: GatewayRequest) -> None:
-    # The client's own body when an inbound API parsed it: one passed through
-    # natively is not translated for its span (the bound has one of these names).
+    # A request not translated (yet: passed through natively) is not translated
+    # for its span: the client's own body names its bound one of these ways.
+    # (A request is a GatewayRequest proper once its body is made.)
     body = request.inbound_json
-    if body is None:
+    if body is None or type(request) is GatewayRequest:
         body = request.json
     for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(key)
