@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import os
@@ -294,6 +295,10 @@ _NUMBERS = (
     ("temperature", 0, 2, False),
     ("top_p", 0, 1, False),
 )
+_RANGES = {key: (low, high, integer) for key, low, high, integer in _NUMBERS}
+_NUMBER_KEYS = frozenset(_RANGES)
+# isinstance's and dict.get's second arguments, for as long as map asks
+_DICT, _STR, _ROLE = itertools.repeat(dict), itertools.repeat(str), itertools.repeat("role")
 
 
 def check_number(body: dict[str, Any], key: str, low: float, high: float, *, integer: bool = False) -> None:
@@ -330,9 +335,12 @@ def parse_body(endpoint: str, raw: bytes) -> dict[str, Any]:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("'messages' must be a non-empty array", param="messages", code="invalid_messages")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise InvalidRequest(f"'messages[{i}]' must be an object with a 'role'", param=f"messages[{i}]", code="invalid_messages")
+        # Objects with a string role, checked in C; the loop only names the first that is not.
+        if not (all(map(isinstance, messages, _DICT)) and all(map(isinstance, map(dict.get, messages, _ROLE), _STR))):
+            for i, message in enumerate(messages):
+                if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                    raise InvalidRequest(f"'messages[{i}]' must be an object with a 'role'", param=f"messages[{i}]",
+                                         code="invalid_messages")
     elif endpoint == "completions":
         prompt = body.get("prompt")
         if not isinstance(prompt, (str, list)):
@@ -343,16 +351,19 @@ def parse_body(endpoint: str, raw: bytes) -> dict[str, Any]:
             raise InvalidRequest("'input' must be a non-empty string or array", param="input", code="invalid_input")
     elif endpoint == "rerank":
         _check_rerank(body)
-    for key, low, high, integer in _NUMBERS:
-        value = body.get(key)
+    for key in _NUMBER_KEYS.intersection(body):  # (the few a body has)
+        value = body[key]
         if value is None:
             continue
+        low, high, integer = _RANGES[key]
         kind = type(value)
         # The common case in one step (NaN and ±inf fail the comparison, bool is
-        # not int here); check_number words the error for anything else.
+        # not int here). Anything else: judged in _NUMBERS' order, so that the
+        # error names the same field whatever the set's order.
         if (kind is int or (kind is float and not integer)) and low <= value <= high:
             continue
-        check_number(body, key, low, high, integer=integer)
+        for name, low, high, integer in _NUMBERS:
+            check_number(body, name, low, high, integer=integer)
     return body
 
 
