@@ -303,13 +303,17 @@ _DICT, _STR, _ROLE = itertools.repeat(dict), itertools.repeat(str), itertools.re
 
 def check_number(body: dict[str, Any], key: str, low: float, high: float, *, integer: bool = False) -> None:
     """Raise InvalidRequest (400, ``param=key``) unless ``body[key]`` is absent or a
-    number (an integer, with ``integer``) between ``low`` and ``high``."""
-    value = body.get(key)
+    number (an integer, with ``integer``) between ``low`` and ``high`` (finite)."""
+    value: Any = body.get(key)
+    kind = type(value)
+    # The common case in one step (NaN and ±inf fail the comparison; bool is not int here).
+    if (kind is int or (kind is float and not integer)) and low <= value <= high:
+        return
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        kind = "an integer" if integer else "a number"
-        raise InvalidRequest(f"'{key}' must be {kind}", param=key, code="invalid_type")
+        expected = "an integer" if integer else "a number"
+        raise InvalidRequest(f"'{key}' must be {expected}", param=key, code="invalid_type")
     if not (low <= value <= high) or (isinstance(value, float) and not math.isfinite(value)):
         raise InvalidRequest(f"'{key}' must be between {low:g} and {high:g}, got {value!r}", param=key, code="invalid_value")
 

@@ -427,6 +427,27 @@ def test_a_stream_that_breaks_off_ends_failed_and_is_not_stored(comox_serve, scr
     assert observed.sets == []
 
 
+def test_a_native_backend_judges_what_routing_and_limits_do_not_read(comox_serve, scripted):
+    upstream = scripted("native")
+    server = serve(comox_serve, upstream, native_apis=["responses"])
+    url = f"{server.url}/v1/responses"
+    reply = httpx.post(url, json={"model": "m", "input": "hi", "temperature": 7, "metadata": {"n": 1}})
+    assert reply.status_code == 200 and upstream.requests[-1]["body"]["temperature"] == 7  # the backend's to judge
+    for body, param in (({"model": "m", "input": "hi", "stream": "yes"}, "stream"),
+                        ({"model": "m", "input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+                        ({"model": "m"}, "input")):
+        sent = len(upstream.requests)
+        reply = httpx.post(url, json=body)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+        assert len(upstream.requests) == sent  # routing and limits read these: refused here
+    # Translated after all (a deterministic request's cache key): checked in full first, a 400 and not a 500.
+    sent = len(upstream.requests)
+    for body, param in (({"tools": "x"}, "tools"), ({"metadata": {"n": 1}}, "metadata"), ({"top_p": 3}, "top_p")):
+        reply = httpx.post(url, json={"model": "m", "input": "hi", "temperature": 0, **body})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+    assert len(upstream.requests) == sent
+
+
 def test_a_native_stream_that_breaks_off_ends_with_a_responses_error_event(comox_serve, scripted):
     upstream = scripted("native")
     server = serve(comox_serve, upstream, native_apis=["responses"])

@@ -19,7 +19,7 @@ from .openapi import responses_openapi
 from .output import from_chat
 from .store import Store
 from .stream import Translation, translate_stream
-from .translate import Pending, chat_messages, check_request, translate_request
+from .translate import Pending, chat_messages, check_request, check_types, translate_request
 
 __all__ = ["ResponsesAPI"]
 
@@ -99,6 +99,7 @@ class ResponsesAPI:
             return "chat/completions", chat
 
         def translate() -> dict[str, Any]:  # passed through natively, unless it fails over
+            check_types(body)  # (a native request's were checked only as far as routing reads them)
             request.state["responses"], chat = translate_request(body, True)
             return chat
 

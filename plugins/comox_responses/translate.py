@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import comox
 from comox import InvalidRequest
 
-__all__ = ["Pending", "parse_request", "check_request", "translate_request", "chat_messages", "new_id", "DROPPED"]
+__all__ = ["Pending", "parse_request", "check_request", "check_types", "translate_request", "chat_messages", "new_id", "DROPPED"]
 
 # What the core refuses in any body: fields that try to pick the upstream.
 FORBIDDEN = ("api_base", "base_url", "api_key", "extra_headers", "api_version", "organization")
@@ -98,7 +99,10 @@ def check_request(body: Any, native_models: dict[str, bool]) -> bool:
         for key in body:
             if key not in TRANSLATED and key not in DROPPED:
                 raise fail(f"Unknown parameter: '{key}'.", key, "unknown_parameter")
-    _check_types(body)
+    if strict:
+        check_types(body)
+    else:  # the backend judges the rest, in its API's own terms (check_types before a translation)
+        _check_fields(body, ROUTED)
     if body.get("background"):
         raise fail("background mode is not supported: Comox answers while the client waits (or streams)",
                    "background", "unsupported_parameter")
@@ -164,9 +168,26 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
 _CHECKS: dict[str, Any] = {**_KINDS, **_RANGES}  # one lookup per field: a (types, words) or a (low, high, integer)
 
 
-def _check_types(body: dict[str, Any]) -> None:
-    for key, value in body.items():
+ROUTED = ("stream", "max_output_tokens")
+"""The typed fields routing and limits read of a request passed through natively."""
+
+
+def check_types(body: dict[str, Any]) -> None:
+    """The type (or range) of every field of ``body`` that has one."""
+    _check_fields(body, body)
+    metadata = body.get("metadata")
+    if metadata is not None and not all(isinstance(v, str) for v in metadata.values()):
+        raise fail("Invalid 'metadata': values must be strings.", "metadata", "invalid_type")
+    reasoning = body.get("reasoning")
+    effort = reasoning.get("effort") if reasoning else None
+    if effort is not None and effort not in EFFORTS:
+        raise fail(f"Invalid value for 'reasoning.effort': expected one of {', '.join(EFFORTS)}.", "reasoning.effort")
+
+
+def _check_fields(body: dict[str, Any], keys: Iterable[str]) -> None:
+    for key in keys:
         check = _CHECKS.get(key)
+        value = body.get(key)
         if check is None or value is None:
             continue
         if len(check) == 2:
@@ -175,13 +196,6 @@ def _check_types(body: dict[str, Any]) -> None:
             continue
         low, high, integer = check
         comox.check_number(body, key, low, high, integer=integer)
-    metadata = body.get("metadata")
-    if metadata is not None and not all(isinstance(v, str) for v in metadata.values()):
-        raise fail("Invalid 'metadata': values must be strings.", "metadata", "invalid_type")
-    reasoning = body.get("reasoning")
-    effort = reasoning.get("effort") if reasoning else None
-    if effort is not None and effort not in EFFORTS:
-        raise fail(f"Invalid value for 'reasoning.effort': expected one of {', '.join(EFFORTS)}.", "reasoning.effort")
 
 
 # -- input items -------------------------------------------------------------------
