@@ -9,6 +9,7 @@ in Anthropic's format."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -672,6 +673,26 @@ def test_a_native_request_translated_after_all_is_checked_in_full(native):
     assert len(native.upstream.requests) == sent
     native.upstream.replies.append(thinking_reply())
     assert native.post({"model": "chat", "max_tokens": 10, "temperature": 0, "messages": HI}).status_code == 200
+
+
+@pytest.mark.parametrize("served", ["native", "setup"], ids=["native", "translated"])
+def test_a_request_leaves_no_reference_cycle(served, request):
+    """Every request is freed when it ends, not at the cyclic GC's next pass."""
+    served = request.getfixturevalue(served)
+    body = {"model": "chat", "max_tokens": 10, "messages": HI}
+    for stream in (False, True):  # warm up
+        assert served.post({**body, "stream": stream}).status_code == 200
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds unreachable stays in gc.garbage, to be looked at
+    try:
+        for stream in (False, True, False, True):
+            assert served.post({**body, "stream": stream}).status_code == 200
+        gc.collect()
+        requests = [o for o in gc.garbage if isinstance(o, comox.GatewayRequest)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert requests == []
 
 
 def test_an_anthropic_backend_gets_an_anthropic_clients_bytes(comox_serve, monkeypatch):

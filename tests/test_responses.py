@@ -3,6 +3,8 @@ a real gateway, with the official ``openai`` SDK as client, translated to chat
 completions for a stand-in that records what it receives (tests/responses_standin.py),
 or passed through to one that serves ``/v1/responses`` itself."""
 
+import gc
+
 import httpx
 import openai
 import orjson
@@ -446,6 +448,29 @@ def test_a_native_backend_judges_what_routing_and_limits_do_not_read(comox_serve
         reply = httpx.post(url, json={"model": "m", "input": "hi", "temperature": 0, **body})
         assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
     assert len(upstream.requests) == sent
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "translated"])
+def test_a_request_leaves_no_reference_cycle(comox_serve, scripted, native):
+    """Every request is freed when it ends, not at the cyclic GC's next pass
+    (a request passed through natively kept its own deferred translation,
+    which held it: a cycle per request)."""
+    upstream = scripted("native")
+    server = serve(comox_serve, upstream, **({"native_apis": ["responses"]} if native else {}))
+    url = f"{server.url}/v1/responses"
+    for stream in (False, True):  # warm up
+        assert httpx.post(url, json={"model": "m", "input": "hi", "stream": stream}).status_code == 200
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds unreachable stays in gc.garbage, to be looked at
+    try:
+        for stream in (False, True, False, True):
+            assert httpx.post(url, json={"model": "m", "input": "hi", "stream": stream}).status_code == 200
+        gc.collect()
+        requests = [o for o in gc.garbage if isinstance(o, comox.GatewayRequest)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert requests == []
 
 
 def test_a_native_stream_that_breaks_off_ends_with_a_responses_error_event(comox_serve, scripted):

@@ -98,9 +98,11 @@ class ResponsesAPI:
             request.state["responses"], chat = translate_request(body, False)
             return "chat/completions", chat
 
+        state = request.state  # (not the request: the request keeps this function, and a cycle waits for the GC)
+
         def translate() -> dict[str, Any]:  # passed through natively, unless it fails over
             check_types(body)  # (a native request's were checked only as far as routing reads them)
-            request.state["responses"], chat = translate_request(body, True)
+            state["responses"], chat = translate_request(body, True)
             return chat
 
         return "chat/completions", comox.DeferredBody(body["model"], body.get("stream") is True, body, translate)
