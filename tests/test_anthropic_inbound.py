@@ -9,7 +9,6 @@ in Anthropic's format."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from comox_anthropic.translate import anthropic_to_openai_request
 import comox
 from comox.testing import StandInUpstream, wait_for_http
 from tests.anthropic_standin import AnthropicStandIn, Reply, text
+from tests.cycles import requests_left_in_cycles
 from tests.plugins.usage_seen import UsageSeen
 from tests.secrets_check import secret
 
@@ -679,20 +679,11 @@ def test_a_native_request_translated_after_all_is_checked_in_full(native):
 def test_a_request_leaves_no_reference_cycle(served, request):
     """Every request is freed when it ends, not at the cyclic GC's next pass."""
     served = request.getfixturevalue(served)
-    body = {"model": "chat", "max_tokens": 10, "messages": HI}
-    for stream in (False, True):  # warm up
-        assert served.post({**body, "stream": stream}).status_code == 200
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds unreachable stays in gc.garbage, to be looked at
-    try:
-        for stream in (False, True, False, True):
-            assert served.post({**body, "stream": stream}).status_code == 200
-        gc.collect()
-        requests = [o for o in gc.garbage if isinstance(o, comox.GatewayRequest)]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-    assert requests == []
+
+    def send(stream):
+        assert served.post({"model": "chat", "max_tokens": 10, "messages": HI, "stream": stream}).status_code == 200
+
+    assert requests_left_in_cycles(send) == []
 
 
 def test_an_anthropic_backend_gets_an_anthropic_clients_bytes(comox_serve, monkeypatch):

@@ -3,8 +3,6 @@ a real gateway, with the official ``openai`` SDK as client, translated to chat
 completions for a stand-in that records what it receives (tests/responses_standin.py),
 or passed through to one that serves ``/v1/responses`` itself."""
 
-import gc
-
 import httpx
 import openai
 import orjson
@@ -14,6 +12,7 @@ from openai.types.responses import Response, ResponseItem, ResponseStreamEvent
 
 import comox
 from comox.testing import Fault
+from tests.cycles import requests_left_in_cycles
 from tests.responses_standin import Answer, ScriptedUpstream
 
 DAY_S = 86_400
@@ -457,20 +456,12 @@ def test_a_request_leaves_no_reference_cycle(comox_serve, scripted, native):
     which held it: a cycle per request)."""
     upstream = scripted("native")
     server = serve(comox_serve, upstream, **({"native_apis": ["responses"]} if native else {}))
-    url = f"{server.url}/v1/responses"
-    for stream in (False, True):  # warm up
-        assert httpx.post(url, json={"model": "m", "input": "hi", "stream": stream}).status_code == 200
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds unreachable stays in gc.garbage, to be looked at
-    try:
-        for stream in (False, True, False, True):
-            assert httpx.post(url, json={"model": "m", "input": "hi", "stream": stream}).status_code == 200
-        gc.collect()
-        requests = [o for o in gc.garbage if isinstance(o, comox.GatewayRequest)]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-    assert requests == []
+
+    def send(stream):
+        reply = httpx.post(f"{server.url}/v1/responses", json={"model": "m", "input": "hi", "stream": stream})
+        assert reply.status_code == 200
+
+    assert requests_left_in_cycles(send) == []
 
 
 def test_a_native_stream_that_breaks_off_ends_with_a_responses_error_event(comox_serve, scripted):
