@@ -33,7 +33,8 @@ from typing import Any
 import comox
 from comox import InvalidRequest
 
-__all__ = ["Pending", "parse_request", "check_request", "check_types", "translate_request", "chat_messages", "new_id", "DROPPED"]
+__all__ = ["Pending", "parse_request", "check_request", "check_types", "translate_request", "chat_messages", "new_id",
+           "DROPPED"]
 
 # What the core refuses in any body: fields that try to pick the upstream.
 FORBIDDEN = ("api_base", "base_url", "api_key", "extra_headers", "api_version", "organization")
