@@ -176,11 +176,11 @@ class MessagesAPI:
             # Passed through: the backend judges what routing and limits do not read,
             # unless the request is translated after all (failover, a cache key).
             check_routing(body)
-            return "chat/completions", comox.DeferredBody(model, body.get("stream") is True, body,
-                                                          lambda: anthropic_to_openai_request(check_body(body)))
-        check_body(body)
-        return "chat/completions", comox.DeferredBody(body["model"], body.get("stream") is True, body,
-                                                      lambda: anthropic_to_openai_request(body))
+            translate = lambda: anthropic_to_openai_request(check_body(body))  # noqa: E731
+        else:
+            check_body(body)
+            translate = lambda: anthropic_to_openai_request(body)  # noqa: E731
+        return "chat/completions", comox.DeferredBody(body["model"], body.get("stream") is True, body, translate)
 
     async def translate_response(self, endpoint: str, request: GatewayRequest, response: BackendResponse) -> BackendResponse:
         body = request.inbound_json  # the client's Messages body (parse's DeferredBody)
