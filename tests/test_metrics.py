@@ -18,10 +18,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import comox
 from comox.testing import Fault, free_port, stop_process, wait_for_http, wait_until
+from comox_metrics.series import FOLD_EVERY, Metrics
 from tests.secrets_check import secret as register_secret
 
 ROOT = Path(__file__).parent.parent
@@ -410,6 +412,59 @@ def test_workers_are_scraped_as_one(tmp_path, upstreams):
             time.sleep(0.2)
     finally:
         stop_process(proc)
+
+
+# -- one process's plain numbers ----------------------------------------------------
+
+
+def finished(i, cache=b"miss"):
+    """A finished request of a varied kind, as ``comox_request_done`` gets it; its status and backend."""
+    kind = i % 6
+    request = comox.GatewayRequest(id=f"r{i}", endpoint="chat/completions", path="/v1/chat/completions",
+                                   headers=[], json={"model": "chat", "stream": kind < 3, "messages": []})
+    request.model_group, request.retries = "chat" if i % 5 else "embed", i % 7 == 0
+    request.route = ("local", "local", "failover", "cache", "local", "")[kind]
+    request.response_headers += [(b"x-comox-cache", cache)] if cache is not None else []
+    now = request.received_at = time.perf_counter() - 7.0  # in one duration bucket, however long the test takes
+    request.sent_at, request.answered_at = now + 0.0002 * (i % 3), now + 0.001 * (i % 50) + 0.0002
+    request.first_byte_at = now + 0.001 * (i % 50) + 0.0003 * (i % 4) if kind != 4 else 0.0
+    request.last_byte_at = request.first_byte_at + 0.01 * (i % 9)
+    request.usage = comox.Usage(prompt=i % 11, completion=i % 13, cached=i % 3 or None) if kind != 1 else None
+    return request, (429, 200, 200, 200, 502, 429)[kind], (None if kind in (3, 5) else "ab"[i % 2])
+
+
+def exposed(registry):
+    """The text exposition less what differs between two registries fed alike (creation times, duration sums)."""
+    return [line for line in generate_latest(registry).decode().splitlines()
+            if "_created" not in line and not line.startswith("comox_request_duration_seconds_sum")]
+
+
+def test_one_process_exposes_what_prometheus_client_would():
+    """Folded when scraped and every FOLD_EVERY requests, the plain numbers are prometheus_client's to the last float."""
+    plain, shared = CollectorRegistry(), CollectorRegistry()
+    metrics, reference = Metrics(plain), Metrics(shared, shared=True)
+    for i in range(FOLD_EVERY * 2 + 100):
+        request, status, backend = finished(i, [b"hit", b"miss", b"skip", None, b"refresh"][i % 5])
+        request.response_headers += [(b"x-comox-cache", b"hit")] if i % 9 == 0 else []  # the first one counts
+        metrics.record(request, status, backend)
+        reference.record(request, status, backend)
+        for m in (metrics, reference) if i % 10 == 0 else ():  # a value on a bucket's bound counts in it (le)
+            m.ttft.labels("chat", "a", "chat/completions", "local").observe(0.1)
+        if i == 1000:
+            assert exposed(plain) == exposed(shared)  # a scrape between folds
+    assert max(len(child.pending) for family in metrics._plain for child in family.children.values()) < FOLD_EVERY
+    assert exposed(plain) == exposed(shared)
+    assert sum(line.startswith("comox_requests_total{") for line in exposed(plain)) > 20  # many label sets
+
+
+def test_a_cache_header_of_another_value_is_labelled_empty_and_keeps_no_series():
+    metrics = Metrics(registry := CollectorRegistry())
+    for i in range(300):
+        metrics.record(*finished(6, f"odd-{i}".encode()))
+    metrics.record(*finished(6, b"hit"))
+    assert len(metrics._series) == 1  # the hit's: an unknown value's label set is made again, never kept
+    assert [(s.labels["cache"], s.value) for family in registry.collect() for s in family.samples
+            if s.name == "comox_requests_total"] == [("", 300.0), ("hit", 1.0)]
 
 
 # -- the Grafana dashboard -------------------------------------------------------------

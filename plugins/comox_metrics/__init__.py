@@ -86,14 +86,21 @@ class _State:
         self.refresher: asyncio.Task[None] | None = None
 
 
-_gateways: weakref.WeakKeyDictionary[Gateway, _State] = weakref.WeakKeyDictionary()
+# Keyed by a weak reference (as a WeakKeyDictionary, whose get is a Python call
+# per request): a gateway's plain weakref.ref() finds the entry, in C.
+_gateways: dict[weakref.ref[Gateway], _State] = {}
+_ref = weakref.ref
 
 
 def _of(gateway: Gateway) -> _State:
-    found = _gateways.get(gateway)
+    found = _gateways.get(_ref(gateway))
     if found is None:
-        found = _gateways[gateway] = _State()
+        found = _gateways[_ref(gateway, _forget)] = _State()
     return found
+
+
+def _forget(gone: weakref.ref[Gateway]) -> None:
+    _gateways.pop(gone, None)
 
 
 def _settings(gateway: Gateway) -> MetricsSettings:
@@ -110,9 +117,13 @@ def comox_plugin_settings() -> type[BaseModel]:
 def comox_request_done(request: GatewayRequest, status: int, backend: str | None, error: Exception | None) -> None:
     # trylast: after the failover plugin settled the usage of its streams.
     # (Every argument declared: the core then passes its keywords as they are.)
-    gateway = request.gateway
-    if gateway is not None:
-        _of(gateway).metrics.record(request, status, backend)
+    try:
+        state = _gateways[_ref(request.gateway)]  # type: ignore[arg-type]
+    except (KeyError, TypeError):  # the gateway's first request, or no gateway (no weakref to None)
+        if request.gateway is None:
+            return
+        state = _of(request.gateway)
+    state.metrics.record(request, status, backend)
 
 
 @comox.hookimpl
@@ -125,7 +136,7 @@ async def comox_startup(gateway: Gateway) -> None:
 
 @comox.hookimpl
 async def comox_shutdown(gateway: Gateway) -> None:
-    state = _gateways.get(gateway)
+    state = _gateways.get(_ref(gateway))
     if state is not None and state.refresher is not None:
         state.refresher.cancel()
         with contextlib.suppress(asyncio.CancelledError):

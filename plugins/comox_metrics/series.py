@@ -3,18 +3,24 @@
 Labels have bounded values only: model groups, backends and endpoints named
 by the config and the code, HTTP statuses, and a few fixed words — never a
 key, a request id or anything a client wrote. Recording a request costs one
-dict lookup for its label set and a few additions (bench/metrics_cost.py):
-in one process the per-request counters and histograms are plain numbers,
-touched only by the event loop and exposed through prometheus_client's
-collector API (:class:`Family`); with workers they are prometheus_client's
-own, whose values live in the files every worker's scrape reads.
+dict lookup for its label set and a few C calls (bench/metrics_cost.py): in
+one process each per-request counter and histogram appends to a list, folded
+into plain numbers in C (``bisect``, ``sum``) when scraped or every
+``FOLD_EVERY`` requests — touched only by the event loop and exposed through
+prometheus_client's collector API (:class:`Family`); with workers they are
+prometheus_client's own, whose values live in the files every worker's
+scrape reads.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
-from bisect import bisect_left
-from collections.abc import Sequence
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from functools import partial, reduce
+from operator import add, attrgetter
+from time import perf_counter as _perf_counter
 from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -22,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 import comox
-from comox import Gateway, GatewayRequest
+from comox import Gateway, GatewayRequest, Usage
 
 __all__ = ["Metrics", "STATES", "CACHE_STATUSES"]
 
@@ -30,8 +36,11 @@ STATES = ("healthy", "ejected", "unhealthy", "loading", "draining")
 """A backend's states, as ``/admin/backends`` shows them."""
 CACHE_STATUSES = frozenset({b"hit", b"miss", b"skip"})
 """``x-comox-cache`` values taken as a label; any other is ``""``."""
+_CACHE_LABEL = {status: status.decode() for status in CACHE_STATUSES}
 NANO = 1_000_000_000
 """The failover plugin's budget counters are in nano-dollars (docs/failover.md)."""
+FOLD_EVERY = 2048
+"""Requests recorded between folds: bounds what one process holds unfolded."""
 
 # Seconds. Whole requests take from milliseconds (embeddings, a cache hit) to minutes.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
@@ -45,51 +54,110 @@ TOKENS = ("model", "backend", "route")
 PER_MODEL = ("model", "endpoint")
 BACKEND = ("model", "backend")
 
+_PROMPT, _COMPLETION, _CACHED = attrgetter("prompt"), attrgetter("completion"), attrgetter("cached")
+
+
+def _take(pending: list[Any]) -> list[Any]:
+    """What ``pending`` holds, removed: two C calls, so that an append between
+    them (another thread's) stays pending rather than lost."""
+    taken = pending[:]
+    del pending[:len(taken)]
+    return taken
+
 
 class _Series(NamedTuple):
-    """The children one label set of a request records into (a refused
-    request's: only the first three, so no empty histogram is exposed)."""
+    """What one label set of a request records with: each a callable taking
+    the amount or observed value (``tokens``: the answer's :class:`Usage`). A
+    refused request's has only the first three, so no empty histogram is
+    exposed."""
 
-    requests: Any
-    retries: Any
-    rate_limited: Any
+    requests: Callable[[float], None]
+    retries: Callable[[float], None]
+    rate_limited: Callable[[float], None]
     duration: Any = None
     ttft: Any = None
     itl: Any = None
     overhead: Any = None
-    input_tokens: Any = None
-    output_tokens: Any = None
-    cached_tokens: Any = None
+    tokens: Any = None
     failovers: Any = None
 
 
 class _Count:
-    __slots__ = ("value",)
+    """A counter child of one process: ``inc`` is its pending list's append
+    (a C call, no Python frame per request); :meth:`fold` sums them."""
+
+    __slots__ = ("value", "pending", "inc")
 
     def __init__(self) -> None:
         self.value = 0.0
+        self.pending: list[float] = []
+        self.inc = self.pending.append
 
-    def inc(self, amount: float = 1.0) -> None:
-        self.value += amount
+    def fold(self) -> None:
+        if self.pending:
+            self.value += sum(_take(self.pending))  # whole amounts: exact, as adding each was
 
 
 class _Observed:
-    __slots__ = ("bounds", "counts", "sum")
+    """A histogram child of one process: ``observe`` appends; :meth:`fold`
+    counts the pending values in C."""
+
+    __slots__ = ("bounds", "le", "count", "sum", "pending", "observe")
 
     def __init__(self, bounds: tuple[float, ...]):
         self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.le = [0] * len(bounds)  # cumulative, as exposed: values <= each bound
+        self.count = 0  # +Inf
         self.sum = 0.0
+        self.pending: list[float] = []
+        self.observe = self.pending.append
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1  # the first bucket whose bound is >= value
-        self.sum += value
+    def fold(self) -> None:
+        if self.pending:
+            values = _take(self.pending)
+            self.sum = reduce(add, values, self.sum)  # in order: the same float as adding each
+            self.count += len(values)
+            # Per bound, how many of the sorted values are <= it: a bisection each, no loop over values.
+            self.le = list(map(add, self.le, map(partial(bisect_right, sorted(values)), self.bounds)))
+
+
+class _Tokens:
+    """One process's token counters of one label set: ``add`` takes the
+    answer's usage (or None); :meth:`fold` adds the counts it reported (not
+    0 or None)."""
+
+    __slots__ = ("counters", "pending", "add")
+
+    def __init__(self, input_tokens: _Count, output_tokens: _Count, cached_tokens: _Count):
+        self.counters = ((input_tokens, _PROMPT), (output_tokens, _COMPLETION), (cached_tokens, _CACHED))
+        self.pending: list[Usage | None] = []
+        self.add = self.pending.append
+
+    def fold(self) -> None:
+        if self.pending:
+            usages = list(filter(None, _take(self.pending)))  # a Usage is a tuple of 5: true
+            for counter, field in self.counters:
+                counter.value += sum(filter(None, map(field, usages)))
+
+
+def _shared_tokens(input_tokens: Any, output_tokens: Any, cached_tokens: Any) -> Callable[[Usage | None], None]:
+    def add(usage: Usage | None) -> None:
+        if usage is None:
+            return
+        if usage.prompt:
+            input_tokens.inc(usage.prompt)
+        if usage.completion:
+            output_tokens.inc(usage.completion)
+        if usage.cached:
+            cached_tokens.inc(usage.cached)
+    return add
 
 
 class Family:
     """A counter (``buckets`` None) or histogram of one process, kept in
     plain numbers by the event loop: ``labels(*values)`` gives the child to
-    ``inc()`` or ``observe()``, as prometheus_client's do, without a lock."""
+    ``inc(amount)`` or ``observe(value)``, as prometheus_client's do, without
+    a lock; what it holds is exact once :meth:`fold` ran."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], *,
                  buckets: Sequence[float] | None = None):
@@ -106,6 +174,10 @@ class Family:
             child = self.children[key] = _Observed(self.buckets) if self.buckets is not None else _Count()
         return child
 
+    def fold(self) -> None:
+        for child in self.children.values():
+            child.fold()
+
     def metric(self) -> Metric:
         children = list(self.children.items())
         if self.buckets is None:
@@ -116,19 +188,18 @@ class Family:
         histogram = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         bounds = [*(repr(float(bound)) for bound in self.buckets), "+Inf"]
         for key, child in children:
-            cumulative, total = [], 0
-            for bound, count in zip(bounds, child.counts):
-                total += count
-                cumulative.append((bound, float(total)))
+            cumulative = [(bound, float(count)) for bound, count in zip(bounds, [*child.le, child.count])]
             histogram.add_metric(list(key), cumulative, child.sum)
         return histogram
 
 
 class _Families(Collector):
-    def __init__(self, families: list[Family]):
+    def __init__(self, families: list[Family], fold: Callable[[], None]):
         self.families = families
+        self.fold = fold
 
     def collect(self) -> list[Metric]:
+        self.fold()
         return [family.metric() for family in self.families]
 
 
@@ -140,6 +211,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry, *, shared: bool = False):
         r = registry
         plain: list[Family] = []
+        self._tokens_plain: list[_Tokens] = []
+        self._tick = itertools.cycle(range(FOLD_EVERY))
 
         # Per request: plain numbers in one process, prometheus_client's own with workers.
         def counter(name: str, documentation: str, labels: Sequence[str]) -> Any:
@@ -178,8 +251,9 @@ class Metrics:
         self.failovers = counter("comox_failovers", "Requests answered by cloud failover.", PER_MODEL)
         self.rate_limited = counter("comox_rate_limited", "Requests refused with 429 by the gateway itself (rate "
                                     "limits, concurrency limits), not passed through from a backend.", PER_MODEL)
+        self._plain = plain
         if plain:
-            registry.register(_Families(plain))
+            registry.register(_Families(plain, self.fold))
         # The fleet, as this process sees it: set from gateway.snapshot() when
         # scraped (and every few seconds in each worker).
         self.inflight = Gauge("comox_backend_inflight", "Requests in flight at the backend (all workers).", BACKEND,
@@ -197,62 +271,89 @@ class Metrics:
         self.available = Gauge("comox_model_backends_available", "Backends of the model group in rotation (with "
                                "workers: the fewest any worker sees).", ("model",), registry=r,
                                multiprocess_mode="livemin")
-        self._series: dict[tuple[str, str, str, int, str, str], _Series] = {}
+        self._series: dict[tuple[str, str | None, str, int, str, bytes | None], _Series] = {}
+        self._tokens: dict[tuple[str, str, str], Callable[[Usage | None], None]] = {}
         self._ejections_seen: dict[tuple[str, str], int] = {}
 
     # -- per request --------------------------------------------------------
 
     def record(self, request: GatewayRequest, status: int, backend: str | None) -> None:
-        """One finished API request (from ``comox_request_done``)."""
+        """One finished API request (from ``comox_request_done``): a call per
+        counter or histogram it adds to, each C in one process."""
         route = request.route
-        endpoint = request.api_endpoint or request.endpoint
-        key = (request.model_group, backend or "", endpoint, status, route, _cache_status(request.response_headers))
-        series = self._series.get(key)
-        if series is None:
-            series = self._series[key] = self._new_series(key)
-        series.requests.inc()
+        # The first x-comox-cache header as it came (reversed: dict keeps the last), the label made of it once.
+        key = (request.model_group, backend, request.api_endpoint or request.endpoint, status, route,
+               dict(reversed(request.response_headers)).get(b"x-comox-cache"))
+        try:
+            series = self._series[key]
+        except KeyError:
+            series = self._new_series(key)
+        series.requests(1)
+        if not next(self._tick):  # every FOLD_EVERY-th request (a C iterator: no counter to update)
+            self.fold()
         if request.retries:
-            series.retries.inc(request.retries)
+            series.retries(request.retries)
         if not route:  # refused before any answer
             if status == 429:
-                series.rate_limited.inc()
+                series.rate_limited(1)
             return
         if route == "failover":
-            series.failovers.inc()
+            series.failovers(1)
         start = request.received_at
         first = request.first_byte_at
-        series.duration.observe(time.perf_counter() - start)
+        series.duration(_perf_counter() - start)
+        series.tokens(request.usage)
         if first:
             waited = request.answered_at - request.sent_at
-            series.overhead.observe(first - start - waited if waited > 0 else first - start)
-        usage = request.usage
-        if usage is not None:
-            if usage.prompt:
-                series.input_tokens.inc(usage.prompt)
-            if usage.completion:
-                series.output_tokens.inc(usage.completion)
-            if usage.cached:
-                series.cached_tokens.inc(usage.cached)
-        if request.stream and status == 200 and first:
-            series.ttft.observe(first - start)
-            last = request.last_byte_at
-            tokens = usage.completion if usage is not None and usage.completion else 0
-            if tokens > 1 and last > first:
-                series.itl.observe((last - first) / (tokens - 1))
+            series.overhead(first - start - waited if waited > 0 else first - start)
+            if request.stream and status == 200:
+                series.ttft(first - start)
+                last = request.last_byte_at
+                usage = request.usage
+                if usage is not None and last > first:
+                    tokens = usage.completion
+                    if tokens and tokens > 1:
+                        series.itl((last - first) / (tokens - 1))
 
-    def _new_series(self, key: tuple[str, str, str, int, str, str]) -> _Series:
-        model, backend, endpoint, status, route, cache = key
-        counted = (self.requests.labels(model, backend, endpoint, status, route, cache),
-                   self.retries.labels(model, endpoint), self.rate_limited.labels(model, endpoint))
+    def fold(self) -> None:
+        """Fold what one process's children hold pending into their numbers
+        (nothing pends with workers)."""
+        for tokens in self._tokens_plain:
+            tokens.fold()
+        for family in self._plain:
+            family.fold()
+
+    def _new_series(self, key: tuple[str, str | None, str, int, str, bytes | None]) -> _Series:
+        model, backend, endpoint, status, route, header = key
+        backend = backend or ""
+        cache = _CACHE_LABEL.get(header, "") if header is not None else ""
+        counted = (self.requests.labels(model, backend, endpoint, status, route, cache).inc,
+                   self.retries.labels(model, endpoint).inc, self.rate_limited.labels(model, endpoint).inc)
         if not route:
-            return _Series(*counted)
-        timed = (model, backend, endpoint, route)
-        tokens = (model, backend, route)
-        return _Series(
-            *counted, self.duration.labels(*timed), self.ttft.labels(*timed), self.itl.labels(*timed),
-            self.overhead.labels(model, endpoint, route), self.input_tokens.labels(*tokens),
-            self.output_tokens.labels(*tokens), self.cached_tokens.labels(*tokens), self.failovers.labels(model, endpoint),
-        )
+            series = _Series(*counted)
+        else:
+            timed = (model, backend, endpoint, route)
+            series = _Series(
+                *counted, self.duration.labels(*timed).observe, self.ttft.labels(*timed).observe,
+                self.itl.labels(*timed).observe, self.overhead.labels(model, endpoint, route).observe,
+                self._tokens_of((model, backend, route)), self.failovers.labels(model, endpoint).inc,
+            )
+        if header is None or cache:  # kept for a known header value only: the keys stay bounded
+            self._series[key] = series
+        return series
+
+    def _tokens_of(self, labels: tuple[str, str, str]) -> Callable[[Usage | None], None]:
+        add = self._tokens.get(labels)
+        if add is None:
+            counters = (self.input_tokens.labels(*labels), self.output_tokens.labels(*labels),
+                        self.cached_tokens.labels(*labels))
+            if isinstance(counters[0], _Count):
+                self._tokens_plain.append(_Tokens(*counters))
+                add = self._tokens_plain[-1].add
+            else:
+                add = _shared_tokens(*counters)
+            self._tokens[labels] = add
+        return add
 
     # -- the fleet ----------------------------------------------------------
 
@@ -278,13 +379,6 @@ class Metrics:
             self._ejections_seen[labels] = ejections
         for name, group in snapshot["groups"].items():
             self.available.labels(name).set(group["available"])
-
-
-def _cache_status(headers: list[tuple[bytes, bytes]]) -> str:
-    for name, value in headers:
-        if name == b"x-comox-cache":
-            return value.decode() if value in CACHE_STATUSES else ""
-    return ""
 
 
 class ScrapeTime(Collector):
