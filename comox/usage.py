@@ -42,6 +42,7 @@ class Usage(NamedTuple):
 
 
 _new_usage = tuple.__new__  # a NamedTuple's own __new__ is a Python call: this is the C one
+_NOTHING = Usage()
 
 log = logging.getLogger("comox")
 
@@ -57,8 +58,50 @@ _DECODER = json.JSONDecoder()  # raw_decode: one value and no more (orjson has n
 def parse_usage(obj: dict[str, Any]) -> Usage | None:
     """The :class:`Usage` of a response object (its ``usage`` and llama.cpp's
     ``timings``); None when it says nothing."""
+    # Once per request: a usage object alone (every server but llama.cpp) whose
+    # counts are ints is read here, inline; the rest by _read_any, slower, alike.
     usage = obj.get("usage")
-    timings = obj.get("timings")
+    if "timings" in obj or not isinstance(usage, dict):
+        return _read_any(usage, obj.get("timings"))
+    prompt = usage.get("prompt_tokens")
+    if type(prompt) is int and prompt >= 0:  # (type: a bool is no count)
+        # OpenAI's chat names: no cache counts beside the prompt's.
+        completion = usage.get("completion_tokens")
+        if type(completion) is not int or completion < 0:
+            completion = _int(usage.get("completion_tokens", usage.get("output_tokens")))
+        details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
+        if details is None:
+            return _new_usage(Usage, (prompt, completion, None, None, None))
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    elif prompt is None and "prompt_tokens" not in usage:
+        # Its Responses API's names, or Anthropic's.
+        prompt = usage.get("input_tokens")
+        if type(prompt) is not int or prompt < 0:
+            prompt = None
+        completion = usage.get("completion_tokens", usage.get("output_tokens"))
+        if type(completion) is not int or completion < 0:
+            completion = None
+        details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
+        if isinstance(details, dict):
+            cached = details.get("cached_tokens")
+        elif prompt is None:
+            cached = None
+        else:  # Anthropic's Messages API counts cache reads and writes beside input_tokens.
+            cached = usage.get("cache_read_input_tokens")
+            if type(cached) is int and cached >= 0:
+                prompt += cached
+            else:
+                cached = None
+            written = usage.get("cache_creation_input_tokens")
+            if type(written) is int and written > 0:
+                prompt += written
+    else:
+        return _read_any(usage, None)
+    return _new_usage(Usage, (prompt, completion, cached if type(cached) is int and cached >= 0 else None, None, None))
+
+
+def _read_any(usage: Any, timings: Any) -> Usage | None:
+    """:func:`parse_usage` of any ``usage`` and ``timings`` values: llama.cpp's, odd counts."""
     if not isinstance(usage, dict) and not isinstance(timings, dict):
         return None
     prompt: int | None = None
@@ -163,11 +206,14 @@ def usage_of_events(end: bytes) -> Usage | None:
     and only those naming ``usage`` or ``timings`` are parsed (a stream's end
     can hold dozens of events, and a Responses stream repeats its whole
     response object in three of them)."""
-    stop = len(end)
+    stop = None  # (rfind's end: None is the end of end)
     while True:
         at = end.rfind(b'"usage"', 0, stop)
-        # A "timings" line before the last "usage" line would lose to it: not searched for.
-        at = max(at, end.rfind(b'"timings"', at if at > 0 else 0, stop))
+        # A "timings" line before the last "usage" line would lose to it: not searched
+        # for (from at + 1: at -1 that is 0, and no "timings" starts where "usage" does).
+        timings = end.rfind(b'"timings"', at + 1, stop)
+        if timings > at:
+            at = timings
         if at < 0:
             return None
         start = end.rfind(b"\n", 0, at) + 1
@@ -187,8 +233,11 @@ def usage_of_events(end: bytes) -> Usage | None:
             continue
         if isinstance(obj, dict):
             # A Responses API event carries it in its response object.
-            inner = obj.get("response")
-            usage = parse_usage(obj) or (parse_usage(inner) if isinstance(inner, dict) else None)
+            usage = parse_usage(obj)
+            if usage is None:
+                inner = obj.get("response")
+                if isinstance(inner, dict):
+                    usage = parse_usage(inner)
             if usage is not None:
                 return usage
 
@@ -219,14 +268,16 @@ def record_body(request: GatewayRequest, state: BackendState | None, body: bytes
         usage = request.usage = parse_usage(parsed) if isinstance(parsed, dict) else usage_of_body(body)
         if usage is None or state is None:
             return
+        prompt, completion, cached, prefill_tps, decode_tps = usage
         elapsed = request.answered_at - request.sent_at
         decode_s: float | None = elapsed
-        if state.prefill_tps and usage.prompt:
-            prefill_s = (usage.prompt - (usage.cached or 0)) / state.prefill_tps
+        if prompt and state.prefill_tps:
+            prefill_s = (prompt - (cached or 0)) / state.prefill_tps
             decode_s = elapsed - prefill_s if elapsed - prefill_s > 0.2 * elapsed else None
-        state.record_tokens(usage.prompt, usage.cached, usage.completion,
-                            usage.prefill_tps, usage.decode_tps, decode_s=decode_s)
-        _tell_policy(request, state, usage)
+        state.record_tokens(prompt, cached, completion, prefill_tps, decode_tps, decode_s=decode_s)
+        group = state.group
+        if group is not None and group.observer is not None:  # the policy's observe
+            group.observer(request, state, usage)
     except Exception:
         log.debug("could not read usage from the response to %s", request.id, exc_info=True)
 
@@ -240,24 +291,18 @@ def record_stream(request: GatewayRequest, state: BackendState | None, first: fl
     chunks, and the chunks before them held ``counted`` ``data:`` lines."""
     try:
         usage = usage_of_events(end)
-        decode_s = last - first
-        # Without usage, count events: one per token, less the [DONE] line.
-        generated = usage.completion if usage and usage.completion else max(counted + end.count(b"data:") - 1, 0)
-        request.usage = usage if usage is not None else Usage(completion=generated)
+        prompt, generated, cached, prefill_tps, decode_tps = usage or _NOTHING  # (a Usage is never false)
+        if not generated:  # count events: one per token, less the [DONE] line
+            generated = max(counted + end.count(b"data:") - 1, 0)
+        request.usage = usage or _new_usage(Usage, (None, generated, None, None, None))
         if state is None:
             return
-        decode_tps = usage.decode_tps if usage else None
+        decode_s = last - first
         if decode_tps is None and generated > 1 and decode_s > 0:
             decode_tps = (generated - 1) / decode_s  # tokens after the first, over the time after it
-        state.record_tokens(usage.prompt if usage else None, usage.cached if usage else None, generated,
-                            usage.prefill_tps if usage else None, decode_tps, ttft_s=first - request.sent_at)
-        if usage is not None:
-            _tell_policy(request, state, usage)
+        state.record_tokens(prompt, cached, generated, prefill_tps, decode_tps, ttft_s=first - request.sent_at)
+        group = state.group
+        if usage is not None and group is not None and group.observer is not None:  # the policy's observe
+            group.observer(request, state, usage)
     except Exception:
         log.debug("could not read usage from the stream answering %s", request.id, exc_info=True)
-
-
-def _tell_policy(request: GatewayRequest, state: BackendState, usage: Usage) -> None:
-    group = state.group
-    if group is not None and group.observer is not None:
-        group.observer(request, state, usage)

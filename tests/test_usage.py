@@ -5,7 +5,7 @@ import pytest
 from comox.fleet import BackendState
 from comox.request import GatewayRequest
 from comox.settings import BackendSettings
-from comox.usage import WHOLE_PARSE_MAX, parse_usage, record_body, usage_of_body, usage_of_events
+from comox.usage import WHOLE_PARSE_MAX, Usage, parse_usage, record_body, record_stream, usage_of_body, usage_of_events
 
 USAGE = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12, "prompt_tokens_details": {"cached_tokens": 4}}
 BIG = "x" * (WHOLE_PARSE_MAX + 1000)  # makes a body take the search path
@@ -126,6 +126,39 @@ def test_usage_of_anthropic_messages_events():
     openai = {"prompt_tokens": 37, "completion_tokens": 4, "cache_read_input_tokens": 30, "prompt_tokens_details": {"cached_tokens": 30}}
     assert parse_usage({"usage": openai})[:3] == (37, 4, 30)
 
+@pytest.mark.parametrize("usage, want", [
+    # Counts that are not plain non-negative ints (a bool, a float, a negative) are no counts.
+    ({"prompt_tokens": True, "completion_tokens": 2}, (None, 2, None)),
+    ({"prompt_tokens": 5.0, "completion_tokens": 2}, (None, 2, None)),
+    ({"prompt_tokens": -1, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 1}}, (None, 2, 1)),
+    ({"prompt_tokens": 5, "completion_tokens": False, "output_tokens": 3}, (5, None, None)),
+    ({"prompt_tokens": 5, "completion_tokens": 2.0}, (5, None, None)),
+    ({"prompt_tokens": 5, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": True}}, (5, 2, None)),
+    ({"prompt_tokens": 5, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 4.0}}, (5, 2, None)),
+    ({"prompt_tokens": 5, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": -4}}, (5, 2, None)),
+    ({"prompt_tokens": 5, "completion_tokens": 2, "prompt_tokens_details": "4"}, (5, 2, None)),
+    # Names mixed across APIs: a chat name, present, wins even when null.
+    ({"prompt_tokens": 5, "output_tokens": 3}, (5, 3, None)),
+    ({"prompt_tokens": 5, "completion_tokens": 1, "input_tokens_details": {"cached_tokens": 2}}, (5, 1, 2)),
+    ({"prompt_tokens": 5, "completion_tokens": 1, "prompt_tokens_details": None,
+      "input_tokens_details": {"cached_tokens": 2}}, (5, 1, None)),
+    ({"prompt_tokens": None, "input_tokens": 4, "output_tokens": 1}, (None, 1, None)),
+    ({"prompt_tokens": 5, "completion_tokens": 1, "cache_read_input_tokens": 30}, (5, 1, None)),
+    # Anthropic's: only valid cache counts are added; a message_delta may carry output_tokens alone.
+    ({"input_tokens": 5, "cache_read_input_tokens": True, "cache_creation_input_tokens": 2, "output_tokens": 1}, (7, 1, None)),
+    ({"input_tokens": 5, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 2.0, "output_tokens": 1}, (5, 1, 0)),
+    ({"input_tokens": -1, "cache_read_input_tokens": 3, "output_tokens": 1}, (None, 1, None)),
+    ({"input_tokens": 5.0, "input_tokens_details": {"cached_tokens": 3}, "output_tokens": True}, (None, None, 3)),
+    ({"output_tokens": 8}, (None, 8, None)),
+    ({}, (None, None, None)),
+])
+def test_parse_usage_of_odd_counts(usage, want):
+    # The common shapes are read by a fast path; these fall off it (or through it) to the same answer.
+    assert parse_usage({"usage": usage}) == (*want, None, None)
+    assert parse_usage({"usage": usage, "timings": None}) == (*want, None, None)  # a null timings says nothing
+    assert usage_of_events(b"data: " + orjson.dumps({"usage": usage}) + b"\n\n") == (*want, None, None)
+
+
 def test_record_body_of_garbage_records_nothing_and_does_not_raise():
     state = BackendState(object(), BackendSettings(name="a"))
     request = GatewayRequest(id="r", endpoint="chat/completions", path="/v1/chat/completions", headers=[], raw=b"{}",
@@ -144,3 +177,25 @@ def test_usage_of_a_large_real_embeddings_answer_is_recorded(comox_serve, upstre
     reply = httpx.post(f"{server.url}/v1/embeddings", json={"model": "m", "input": inputs}, timeout=30)
     assert reply.status_code == 200 and len(reply.content) > 4 * WHOLE_PARSE_MAX
     assert server.app.gateway.backend("a").prompt_tokens == 3000  # read from the searched tail
+
+
+def test_record_stream_counts_events_without_usage_and_measures_both_phases():
+    state = BackendState(object(), BackendSettings(name="a"))
+    request = GatewayRequest(id="r", endpoint="chat/completions", path="/v1/chat/completions", headers=[], raw=b"{}",
+                             json={"model": "m"})
+    request.sent_at = 1.0
+    chunk = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+    # No usage: 3 data lines before the end, 2 in it, less [DONE]: 4 tokens, 3 of them after the first.
+    record_stream(request, state, 1.5, 3.0, 3, chunk + b"data: [DONE]\n\n")
+    assert request.usage == Usage(completion=4) and state.prompt_tokens == 0 and state.prefill_tps is None
+    assert state.decode_tps == pytest.approx(3 / 1.5) and state.group is None
+    # With usage: its counts, prefill over the time to the first chunk (uncached tokens only).
+    end = b'data: {"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":7,"prompt_tokens_details":{"cached_tokens":2}}}\n\n'
+    record_stream(request, state, 2.0, 4.0, 9, end + b"data: [DONE]\n\n")
+    assert request.usage == Usage(12, 7, 2) and (state.prompt_tokens, state.cached_tokens) == (12, 2)
+    assert state.prefill_tps == pytest.approx(10 / 1.0)
+    assert state.decode_tps == pytest.approx(2.0 + 0.3 * (6 / 2.0 - 2.0))  # blended: TPS_ALPHA of the new sample
+    # A usage without a completion count: the events are counted, the usage kept as said.
+    end = b'data: {"usage":{"prompt_tokens":3}}\n\ndata: [DONE]\n\n'
+    record_stream(request, state, 2.0, 2.0, 0, end)
+    assert request.usage == Usage(3) and state.prompt_tokens == 15

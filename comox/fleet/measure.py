@@ -29,6 +29,8 @@ DEFAULT_LATENCY_MS = 1.0  # a backend never measured looks cheap, so it gets tri
 FAILURE_PENALTY_MS = 5000.0
 TPS_ALPHA = 0.3  # EWMA weight of a new tokens/s sample
 IDLE_EDGE = 0.9  # an idle node ages to 90% of the typical latency (and 1/0.9 of its tokens/s)
+TYPICAL_ALPHA = 0.1  # EWMA weight of one sample in a group's typical value
+_exp = math.exp
 
 
 class Measured:
@@ -128,8 +130,8 @@ class Measured:
         group = self.group
         if ewma is None or ms >= ewma:
             self.ewma_ms = ms
-        else:
-            w = math.exp(-(now - self.ewma_at) / (group.decay_s if group is not None else DECAY_S))
+        else:  # (ewma_at - now: exactly -(now - ewma_at), one opcode fewer)
+            w = _exp((self.ewma_at - now) / (DECAY_S if group is None else group.decay_s))
             self.ewma_ms = ewma * w + ms * (1.0 - w)
         self.ewma_at = self.measured_at = now
         if group is not None:
@@ -145,33 +147,34 @@ class Measured:
         """Measured throughput from one response. ``prefill_tps``/``decode_tps``
         when the backend reports them (llama.cpp ``timings``); otherwise derived
         from token counts and the times the gateway saw."""
+        # Once per request: the blends are written out (not _blend calls), and the
+        # checks ordered so that the usual call (a count, no rates) tests least.
         if prompt:
             self.prompt_tokens += prompt
-            self.cached_tokens += cached or 0
-        if prefill_tps is None and prompt and ttft_s and ttft_s > 0:
-            uncached = prompt - (cached or 0)
-            if uncached > 0:
-                prefill_tps = uncached / ttft_s
+            if cached:
+                self.cached_tokens += cached
+            if prefill_tps is None and ttft_s and ttft_s > 0:
+                uncached = prompt - (cached or 0)
+                if uncached > 0:
+                    prefill_tps = uncached / ttft_s
         if decode_tps is None and completion and decode_s and decode_s > 0:
             decode_tps = completion / decode_s
+        if not prefill_tps and not decode_tps:
+            return
         group = self.group
         if prefill_tps:
-            self.prefill_tps = _blend(self.prefill_tps, prefill_tps, TPS_ALPHA)
+            old = self.prefill_tps
+            self.prefill_tps = prefill_tps if old is None else old + TPS_ALPHA * (prefill_tps - old)
             if group is not None:
-                group.typical_prefill_tps = _blend(group.typical_prefill_tps, prefill_tps)
+                old = group.typical_prefill_tps
+                group.typical_prefill_tps = prefill_tps if old is None else old + TYPICAL_ALPHA * (prefill_tps - old)
         if decode_tps:
-            self.decode_tps = _blend(self.decode_tps, decode_tps, TPS_ALPHA)
+            old = self.decode_tps
+            self.decode_tps = decode_tps if old is None else old + TPS_ALPHA * (decode_tps - old)
             if group is not None:
-                group.typical_decode_tps = _blend(group.typical_decode_tps, decode_tps)
-        if prefill_tps or decode_tps:
-            self.measured_at = self.clock()
-
-
-TYPICAL_ALPHA = 0.1  # EWMA weight of one sample in a group's typical value
-
-
-def _blend(old: float | None, sample: float, alpha: float = TYPICAL_ALPHA) -> float:
-    return sample if old is None else old + alpha * (sample - old)
+                old = group.typical_decode_tps
+                group.typical_decode_tps = decode_tps if old is None else old + TYPICAL_ALPHA * (decode_tps - old)
+        self.measured_at = self.clock()
 
 
 def _aged(own: float | None, typical: float | None, w: float, edge: float) -> float | None:
