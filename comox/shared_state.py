@@ -163,26 +163,50 @@ class MemoryState:
         now = self.clock()
         buckets, counters = self._buckets, self._counters
         results: list[Bucket | tuple[bool, float]] = []
-        before: list[tuple[float, float] | None] = []  # each op's key as it was
+        undo: list[tuple[dict[str, tuple[float, float]], str, tuple[float, float] | None]] = []
         refused = False
+        # _take and _add inlined: this runs twice per request of a key with limits.
         for op in ops:
-            if isinstance(op, Take):
-                held = buckets.get(op[0])
-                result: Bucket | tuple[bool, float] = _take(buckets, *op, now, held)
-            else:
-                held = counters.get(op[0])
-                result = _add(counters, *op, now, held)
-            before.append(held)
-            if not result[0]:
-                refused = True
-            results.append(result)
-        if refused:  # undone last to first, so a key's first value is put back last
-            for op, was in zip(reversed(ops), reversed(before)):
-                table = buckets if isinstance(op, Take) else counters
-                if was is None:
-                    table.pop(op[0], None)
+            key = op[0]
+            if type(op) is Take or isinstance(op, Take):
+                _, amount, capacity, per_s, force = op
+                held = buckets.get(key)
+                undo.append((buckets, key, held))
+                if held is None:
+                    tokens = capacity
                 else:
-                    table[op[0]] = was
+                    tokens = held[0] + (now - held[1]) * per_s
+                    if tokens > capacity:
+                        tokens = capacity
+                allowed = force or amount <= tokens
+                if allowed:
+                    tokens -= amount
+                    retry = 0.0
+                else:
+                    refused = True
+                    retry = math.inf if amount > capacity or per_s <= 0 else (amount - tokens) / per_s
+                buckets[key] = (tokens, now)
+                reset = (capacity - tokens) / per_s if per_s > 0 else math.inf
+                results.append(_new_bucket(Bucket, (allowed, math.floor(tokens) if tokens > 0 else 0.0,
+                                                    reset if reset > 0 else 0.0, retry)))
+            else:
+                _, amount, cap, ttl_s = op
+                held = counters.get(key)
+                value = held[0] if held is not None and held[1] > now else 0.0
+                new = value + amount
+                if cap is not None and amount > 0 and new > cap:
+                    refused = True
+                    results.append((False, value))
+                else:
+                    undo.append((counters, key, held))
+                    counters[key] = (new, now + ttl_s if ttl_s else math.inf)
+                    results.append((True, new))
+        if refused:  # undone last to first, so a key's first value is put back last
+            for table, key, was in reversed(undo):
+                if was is None:
+                    table.pop(key, None)
+                else:
+                    table[key] = was
         return results
 
     async def get(self, key: str) -> bytes | None:

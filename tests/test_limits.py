@@ -322,6 +322,24 @@ def test_estimate_counts_prompt_text_and_the_completion_bound():
     assert estimate(request("embeddings", input=["abcd", "efgh"])) == (2, 0, True)
 
 
+def test_estimate_counts_plain_messages_and_other_shapes_alike():
+    """Messages of plain text are counted in C; any other shape in them (tool
+    calls, a part that is not text) is walked, to the same count."""
+    def prompt(messages):
+        body = {"model": "m", "messages": messages, "max_tokens": 1}
+        return estimate(GatewayRequest(id="r", endpoint="chat/completions", path="/v1/chat/completions",
+                                       headers=[], json=body), LimitSettings(chars_per_token=1))[0]
+
+    plain = [{"role": "system", "content": "x" * 30}, {"role": "user", "content": "y" * 7, "name": "al"}]
+    assert prompt(plain) == 6 + 30 + 4 + 7 + 2  # every string: roles, contents, the name
+    called = [*plain, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]
+    assert prompt(called) == prompt(plain) + 9 + 2 + 8 + 1 + 2  # None is nothing; the call's strings count
+    with_image = [*plain, {"role": "user", "image_url": "data:image/png;base64," + "A" * 999}]
+    assert prompt(with_image) == prompt(plain) + 4  # "user"; the image is not text
+    assert prompt([*plain, "stray"]) == prompt(plain) + 5  # not a dict: walked
+
+
 @pytest.mark.parametrize(("seconds", "text"), [
     (0, "0s"), (0.0004, "1ms"), (0.12, "120ms"), (1, "1s"), (8.64, "8.64s"), (12.0, "12s"),
     (60, "1m0s"), (360, "6m0s"), (90.5, "1m30.5s"), (3600, "1h0m0s"), (3723.25, "1h2m3.25s"),
