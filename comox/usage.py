@@ -59,7 +59,7 @@ def parse_usage(obj: dict[str, Any]) -> Usage | None:
     """The :class:`Usage` of a response object (its ``usage`` and llama.cpp's
     ``timings``); None when it says nothing."""
     # Once per request: a usage object alone (every server but llama.cpp) whose
-    # counts are ints is read here, inline; the rest by _read_any, slower, alike.
+    # counts are ints is read here, inline; the rest by _read_any, to the same answer.
     usage = obj.get("usage")
     if "timings" in obj or not isinstance(usage, dict):
         return _read_any(usage, obj.get("timings"))
@@ -210,7 +210,7 @@ def usage_of_events(end: bytes) -> Usage | None:
     while True:
         at = end.rfind(b'"usage"', 0, stop)
         # A "timings" line before the last "usage" line would lose to it: not searched
-        # for (from at + 1: at -1 that is 0, and no "timings" starts where "usage" does).
+        # for (from at + 1: 0 when none was found, and "timings" cannot start at "usage").
         timings = end.rfind(b'"timings"', at + 1, stop)
         if timings > at:
             at = timings
