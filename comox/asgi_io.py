@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .backends import BackendResponse
-from .disconnects import WatchedStream, watch_for
+from .disconnects import WatchedStream, watch_current
 from .errors import BodyTooLarge, ComoxError, InvalidRequest, UpstreamError
 from .http1_connection import UpstreamStream
 
@@ -173,9 +173,7 @@ class Responder:
         (measured in the loop itself: a wrapping generator per stream would
         cost more than the measuring)."""
         assert response.stream is not None
-        task = asyncio.current_task()
-        assert task is not None
-        watched = watch_for(asyncio.get_running_loop()).add(task, receive)
+        watched = watch_current(receive)
         self.streaming = True
         await self.start(response.status, headers)
         send = self.send
@@ -215,7 +213,7 @@ class Responder:
             return SentStream(True, None, first, last, events, end)
         except asyncio.CancelledError:
             if watched.disconnected:
-                task.uncancel()
+                watched.task.uncancel()
                 return SentStream(False, None, first, last, events + (prev + tail).count(b"data:"), b"")
             raise
         except Exception as exc:

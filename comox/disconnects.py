@@ -19,7 +19,7 @@ from .late import LateQueue, per_loop
 if TYPE_CHECKING:
     from .asgi_io import Receive
 
-__all__ = ["WATCH_AFTER_S", "DisconnectWatch", "WatchedStream", "watch_for"]
+__all__ = ["WATCH_AFTER_S", "DisconnectWatch", "WatchedStream", "watch_current", "watch_for"]
 
 WATCH_AFTER_S = 0.02  # a stream's watcher starts this long after the stream (give or take a loop turn)
 
@@ -60,8 +60,10 @@ class DisconnectWatch(LateQueue[WatchedStream]):
     def __init__(self, after_s: float = WATCH_AFTER_S):
         super().__init__(after_s)
 
-    def add(self, task: asyncio.Task[Any], receive: Receive) -> WatchedStream:
-        loop = asyncio.get_running_loop()
+    def add(self, task: asyncio.Task[Any], receive: Receive, loop: asyncio.AbstractEventLoop | None = None) -> WatchedStream:
+        """Watch ``task``'s client (``loop``: the running loop, if the caller has it)."""
+        if loop is None:
+            loop = asyncio.get_running_loop()
         stream = WatchedStream(task, receive, loop.time())
         self.queue(stream, loop)
         return stream
@@ -72,3 +74,12 @@ class DisconnectWatch(LateQueue[WatchedStream]):
 
 watch_for = per_loop(DisconnectWatch)
 """The watch of a loop (``watch_for(loop)``; each server thread runs its own loop)."""
+
+
+def watch_current(receive: Receive) -> WatchedStream:
+    """Watch the running task's client, whose ASGI ``receive`` this is."""
+    # One get_running_loop for all three (each is a getpid() on Python 3.11).
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task(loop)
+    assert task is not None
+    return watch_for(loop).add(task, receive, loop)

@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from .disconnects import watch_for
+from .disconnects import watch_current
 from .asgi_io import SSE_HEADERS, Receive, Responder, Send, read_body
 from .backends import BackendResponse
 from .errors import AuthenticationFailed, ComoxError, MethodNotAllowed, ModelNotFound, NotFound
@@ -191,14 +191,12 @@ async def _dispatch_watched(gateway: Gateway, request: GatewayRequest, group: Mo
     """:meth:`Gateway.dispatch`, watching for the client leaving meanwhile (a
     long generation, the first-byte wait, the queue): the wait is cancelled,
     so the upstream call is closed and its slot freed at once."""
-    task = asyncio.current_task()
-    assert task is not None
-    watched = watch_for(asyncio.get_running_loop()).add(task, receive)
+    watched = watch_current(receive)
     try:
         return await gateway.dispatch(request, group)
     except asyncio.CancelledError:
         if watched.disconnected:
-            task.uncancel()
+            watched.task.uncancel()
             raise ClientGone() from None
         raise
     finally:

@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from comox.disconnects import DisconnectWatch, watch_for
+from comox.disconnects import DisconnectWatch, watch_current, watch_for
 
 
 def run(coro):
@@ -85,6 +85,21 @@ def test_one_watch_per_event_loop():
 
     assert run(same_loop_twice())
     assert run(mine()) is not run(mine())  # each asyncio.run has its own loop
+
+
+def test_watch_current_watches_the_running_task_on_its_loops_watch():
+    async def go():
+        loop = asyncio.get_running_loop()
+        never = loop.create_future()
+        watched = watch_current(lambda: never)
+        try:
+            assert watched.task is asyncio.current_task()
+            assert watch_for(loop).open[-1] is watched and watch_for(loop).armed
+        finally:
+            watched.close()
+            never.cancel()
+
+    run(go())
 
 
 @pytest.mark.transports
