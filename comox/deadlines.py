@@ -57,7 +57,11 @@ class Deadlines(LateQueue[Deadline]):
 
     def add(self, delay_s: float, callback: Callable[..., object], *args: Any) -> Deadline:
         """Call ``callback(*args)`` in ``delay_s`` seconds unless cancelled."""
-        loop = asyncio.get_running_loop()
+        return self.add_on(asyncio.get_running_loop(), delay_s, callback, *args)
+
+    def add_on(self, loop: asyncio.AbstractEventLoop, delay_s: float, callback: Callable[..., object],
+               *args: Any) -> Deadline:
+        """:meth:`add`, from a caller that has the running ``loop`` already."""
         now = loop.time()
         deadline = Deadline(callback, args, now + delay_s, now)
         if delay_s <= self.after_s:  # too short to wait for the check

@@ -55,11 +55,12 @@ async def _attempt(state: BackendState, request: GatewayRequest, timeout_s: floa
     within ``timeout_s``; raises :class:`_Moved` when the attempt was
     called off (the task is cancelled by a timer or by the backend leaving
     rotation; a cancel of our own is told apart from the client's)."""
-    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()  # once: each is a getpid() on Python 3.11
+    task = asyncio.current_task(loop)
     assert task is not None
     waiting = state.waiting
     waiting[task] = False
-    timer = deadlines_for(asyncio.get_running_loop()).add(timeout_s, _time_out, state, task) if timeout_s else None
+    timer = deadlines_for(loop).add_on(loop, timeout_s, _time_out, state, task) if timeout_s else None
     response = None
     try:
         response = await state.backend.handle(request)
