@@ -14,7 +14,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, cast, runtime_checkable
 
 __all__ = ["SharedState", "MemoryState", "Bucket", "Take", "Add"]
 
@@ -90,43 +90,7 @@ class SharedState(Protocol):
     async def aclose(self) -> None: ...
 
 
-_new_bucket = tuple.__new__
-
-
-def _take(buckets: dict[str, tuple[float, float]], key: str, amount: float, capacity: float, per_s: float,
-          force: bool, now: float, held: tuple[float, float] | None) -> Bucket:
-    """Token bucket ``key`` of ``buckets`` at ``now``, holding ``held`` before
-    (:meth:`SharedState.take`)."""
-    if held is None:
-        tokens = capacity
-    else:
-        tokens = held[0] + (now - held[1]) * per_s
-        if tokens > capacity:
-            tokens = capacity
-    allowed = force or amount <= tokens
-    if allowed:
-        tokens -= amount
-        retry = 0.0
-    elif amount > capacity or per_s <= 0:
-        retry = math.inf
-    else:
-        retry = (amount - tokens) / per_s
-    buckets[key] = (tokens, now)
-    reset = (capacity - tokens) / per_s if per_s > 0 else math.inf
-    # tuple.__new__: the NamedTuple's own __new__ is a Python call, on every request.
-    return _new_bucket(Bucket, (allowed, math.floor(tokens) if tokens > 0 else 0.0, reset if reset > 0 else 0.0, retry))
-
-
-def _add(counters: dict[str, tuple[float, float]], key: str, amount: float, cap: float | None, ttl_s: float | None,
-         now: float, held: tuple[float, float] | None) -> tuple[bool, float]:
-    """Counter ``key`` of ``counters`` at ``now``, holding ``held`` before
-    (:meth:`SharedState.add`)."""
-    value = held[0] if held is not None and held[1] > now else 0.0
-    new = value + amount
-    if cap is not None and amount > 0 and new > cap:
-        return False, value
-    counters[key] = (new, now + ttl_s if ttl_s else math.inf)
-    return True, new
+_new_bucket = tuple.__new__  # a NamedTuple's own __new__ is a Python call: this is the C one
 
 
 class MemoryState:
@@ -148,10 +112,10 @@ class MemoryState:
 
     def take_now(self, key: str, amount: float, *, capacity: float, per_s: float, force: bool = False) -> Bucket:
         """:meth:`take` without awaiting (for callers outside the event loop)."""
-        return _take(self._buckets, key, amount, capacity, per_s, force, self.clock(), self._buckets.get(key))
+        return cast(Bucket, self.apply_now((Take(key, amount, capacity, per_s, force),))[0])
 
     async def add(self, key: str, amount: float, *, cap: float | None = None, ttl_s: float | None = None) -> tuple[bool, float]:
-        return _add(self._counters, key, amount, cap, ttl_s, self.clock(), self._counters.get(key))
+        return cast(tuple[bool, float], self.apply_now((Add(key, amount, cap, ttl_s),))[0])
 
     async def apply(self, ops: Sequence[Take | Add]) -> list[Bucket | tuple[bool, float]]:
         return self.apply_now(ops)
@@ -165,7 +129,7 @@ class MemoryState:
         results: list[Bucket | tuple[bool, float]] = []
         undo: list[tuple[dict[str, tuple[float, float]], str, tuple[float, float] | None]] = []
         refused = False
-        # _take and _add inlined: this runs twice per request of a key with limits.
+        # Written out, no call per op: this runs twice per request of a key with limits.
         for op in ops:
             key = op[0]
             if type(op) is Take or isinstance(op, Take):
