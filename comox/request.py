@@ -221,6 +221,11 @@ class GatewayRequest:
         self.model, self.stream, self.inbound_json, self._translate = body
         self.__class__ = _Untranslated
 
+    def body_made(self) -> bool:
+        """Whether ``json`` and ``raw`` are made: False while an inbound API's
+        body is deferred (:meth:`defer_body`), when reading either makes it."""
+        return True
+
     def header(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (lower-case bytes), or None."""
         headers = self.headers
@@ -256,6 +261,9 @@ class _Untranslated(GatewayRequest):
     every attribute read of every request (CPython then stops specialising them)."""
 
     __slots__ = ()
+
+    def body_made(self) -> bool:
+        return False
 
     def _settle(self) -> None:
         translate = self._translate

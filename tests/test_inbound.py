@@ -115,8 +115,11 @@ def test_a_deferred_body_is_made_once_on_first_read():
     request = comox.GatewayRequest(id="r", endpoint="chat/completions", path="/v1/echo", headers=[])
     request.defer_body(comox.DeferredBody("m", True, {"model": "m", "say": "hi"}, lambda: made.append(1) or {"model": "m"}))
     assert (request.model, request.stream, request.inbound_json, made) == ("m", True, {"model": "m", "say": "hi"}, [])
+    assert not request.body_made() and made == []  # asking does not make it
     assert request.raw == b'{"model":"m"}' and request.json == {"model": "m"} and made == [1]
     assert type(request) is comox.GatewayRequest  # a plain request again, its body in its slots
+    assert request.body_made()
+    assert comox.GatewayRequest(id="r", endpoint="chat/completions", path="/v1/x", headers=[]).body_made()
     other = comox.GatewayRequest(id="r", endpoint="chat/completions", path="/v1/echo", headers=[])
     other.defer_body(comox.DeferredBody("m", False, {}, lambda: {"model": "m", "n": 1}))
     other.set_json({"model": "m", "n": 2})  # a plugin replacing a body not made yet

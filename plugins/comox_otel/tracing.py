@@ -367,9 +367,8 @@ def _upstream(type_name: str, url: str | None, model: str | None) -> _Upstream:
 def _max_tokens(attributes: dict[str, Any], request: GatewayRequest) -> None:
     # A request not translated (yet: passed through natively) is not translated
     # for its span: the client's own body names its bound one of these ways.
-    # (A request is a GatewayRequest proper once its body is made.)
     body = request.inbound_json
-    if body is None or type(request) is GatewayRequest:
+    if body is None or request.body_made():
         body = request.json
     for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(key)
