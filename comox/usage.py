@@ -58,50 +58,8 @@ _DECODER = json.JSONDecoder()  # raw_decode: one value and no more (orjson has n
 def parse_usage(obj: dict[str, Any]) -> Usage | None:
     """The :class:`Usage` of a response object (its ``usage`` and llama.cpp's
     ``timings``); None when it says nothing."""
-    # Once per request: a usage object alone (every server but llama.cpp) whose
-    # counts are ints is read here, inline; the rest by _read_any, to the same answer.
     usage = obj.get("usage")
-    if "timings" in obj or not isinstance(usage, dict):
-        return _read_any(usage, obj.get("timings"))
-    prompt = usage.get("prompt_tokens")
-    if type(prompt) is int and prompt >= 0:  # (type: a bool is no count)
-        # OpenAI's chat names: no cache counts beside the prompt's.
-        completion = usage.get("completion_tokens")
-        if type(completion) is not int or completion < 0:
-            completion = _int(usage.get("completion_tokens", usage.get("output_tokens")))
-        details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
-        if details is None:
-            return _new_usage(Usage, (prompt, completion, None, None, None))
-        cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    elif prompt is None and "prompt_tokens" not in usage:
-        # Its Responses API's names, or Anthropic's.
-        prompt = usage.get("input_tokens")
-        if type(prompt) is not int or prompt < 0:
-            prompt = None
-        completion = usage.get("completion_tokens", usage.get("output_tokens"))
-        if type(completion) is not int or completion < 0:
-            completion = None
-        details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
-        if isinstance(details, dict):
-            cached = details.get("cached_tokens")
-        elif prompt is None:
-            cached = None
-        else:  # Anthropic's Messages API counts cache reads and writes beside input_tokens.
-            cached = usage.get("cache_read_input_tokens")
-            if type(cached) is int and cached >= 0:
-                prompt += cached
-            else:
-                cached = None
-            written = usage.get("cache_creation_input_tokens")
-            if type(written) is int and written > 0:
-                prompt += written
-    else:
-        return _read_any(usage, None)
-    return _new_usage(Usage, (prompt, completion, cached if type(cached) is int and cached >= 0 else None, None, None))
-
-
-def _read_any(usage: Any, timings: Any) -> Usage | None:
-    """:func:`parse_usage` of any ``usage`` and ``timings`` values: llama.cpp's, odd counts."""
+    timings = obj.get("timings")
     if not isinstance(usage, dict) and not isinstance(timings, dict):
         return None
     prompt: int | None = None
@@ -275,9 +233,7 @@ def record_body(request: GatewayRequest, state: BackendState | None, body: bytes
             prefill_s = (prompt - (cached or 0)) / state.prefill_tps
             decode_s = elapsed - prefill_s if elapsed - prefill_s > 0.2 * elapsed else None
         state.record_tokens(prompt, cached, completion, prefill_tps, decode_tps, decode_s=decode_s)
-        group = state.group
-        if group is not None and group.observer is not None:  # the policy's observe
-            group.observer(request, state, usage)
+        _tell_policy(request, state, usage)
     except Exception:
         log.debug("could not read usage from the response to %s", request.id, exc_info=True)
 
@@ -301,8 +257,13 @@ def record_stream(request: GatewayRequest, state: BackendState | None, first: fl
         if decode_tps is None and generated > 1 and decode_s > 0:
             decode_tps = (generated - 1) / decode_s  # tokens after the first, over the time after it
         state.record_tokens(prompt, cached, generated, prefill_tps, decode_tps, ttft_s=first - request.sent_at)
-        group = state.group
-        if usage is not None and group is not None and group.observer is not None:  # the policy's observe
-            group.observer(request, state, usage)
+        if usage is not None:
+            _tell_policy(request, state, usage)
     except Exception:
         log.debug("could not read usage from the stream answering %s", request.id, exc_info=True)
+
+
+def _tell_policy(request: GatewayRequest, state: BackendState, usage: Usage) -> None:
+    group = state.group
+    if group is not None and group.observer is not None:
+        group.observer(request, state, usage)
