@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Python steps per request: the bytecodes one request runs, per file and per
 function, with every default plugin and a key with limits, the app driven in
-process (no sockets; a transport that answers from memory, as in
-``bench/pipeline.py``). Deterministic, so it compares two trees on a busy
-machine where timings cannot (docs/benchmarks.md, "Why steps, not microseconds").
+process (no sockets; ``bench/pipeline.py``'s transport answering from memory).
+Deterministic, so it compares two trees on a busy machine where timings cannot
+(docs/benchmarks.md, "Why steps, not microseconds").
 
     python bench/opcodes.py                      # chat, JSON
     python bench/opcodes.py --api messages --sse --rows 60
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import hashlib
 import sys
 import time
 from pathlib import Path
@@ -29,31 +28,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from perf import APIS, BENCH_KEY  # noqa: E402
+from pipeline import KEYS, MemoryTransport  # noqa: E402
 
 from comox.app import create_app, tune_gc  # noqa: E402
-from comox.backends import BackendResponse  # noqa: E402
 from comox.settings import Settings  # noqa: E402
 
 ROOT = str(Path(__file__).resolve().parent.parent) + "/"
-KEYS = [{"id": "bench", "key_sha256": hashlib.sha256(BENCH_KEY.encode()).hexdigest(), "rpm": 1_000_000_000,
-         "tpm": 1_000_000_000_000, "max_concurrency": 100_000}]
-
-
-class Memory:
-    """A transport answering every request with the API's canned answer."""
-
-    def __init__(self, answers: tuple[bytes, bytes]):
-        self.answers = answers
-
-    async def post(self, url: str, body: bytes, headers: Any) -> BackendResponse:
-        if b'"stream":true' in body:
-            async def events() -> Any:
-                yield self.answers[1]
-            return BackendResponse(200, [(b"content-type", b"text/event-stream")], stream=events())
-        return BackendResponse(200, [(b"content-type", b"application/json")], body=self.answers[0])
-
-    async def aclose(self) -> None:
-        pass
 
 
 async def count(api: str | None, stream: bool, n: int, lines_of: str | None) -> tuple[float, collections.Counter[Any]]:
@@ -63,7 +43,7 @@ async def count(api: str | None, stream: bool, n: int, lines_of: str | None) -> 
               for name in ("bench", "bench-stream")]
     app = create_app(Settings(models=models, sections={"keys": KEYS}))
     for state in app.gateway.backends():
-        state.backend.transport = Memory(answers)  # type: ignore[attr-defined]
+        state.backend.transport = MemoryTransport(answers)  # type: ignore[attr-defined]
     await app.gateway.startup()
     tune_gc()
     body = requests[stream]

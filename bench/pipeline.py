@@ -58,13 +58,18 @@ class NoopPlugin:
 
 
 class MemoryTransport:
+    """Answers every request from memory: ``answers`` is (JSON body, SSE body)."""
+
+    def __init__(self, answers=(JSON_BODY, SSE_BODY)):
+        self.answers = answers
+
     async def post(self, url, body, headers):
         if b'"stream":true' in body:
             async def gen():
-                yield SSE_BODY  # as nginx sends it: one piece
+                yield self.answers[1]  # as nginx sends it: one piece
 
             return BackendResponse(200, [(b"content-type", b"text/event-stream")], stream=gen())
-        return BackendResponse(200, [(b"content-type", b"application/json")], body=JSON_BODY)
+        return BackendResponse(200, [(b"content-type", b"application/json")], body=self.answers[0])
 
     async def aclose(self):
         pass
