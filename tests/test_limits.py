@@ -31,15 +31,31 @@ class Clock:
         return self.now
 
 
+class BatchedState(comox.MemoryState):
+    """A MemoryState the plugin does not know as this process's own: it asks
+    it through ``apply``, as it asks Redis, instead of keeping the key's
+    counters on one object (comox_limits/local.py)."""
+
+
 class ClockedState:
     """Gives the gateway a MemoryState on the test's clock."""
+
+    state_class = comox.MemoryState
 
     def __init__(self, clock):
         self.clock = clock
 
     @comox.hookimpl
     def comox_shared_state(self, gateway):
-        return comox.MemoryState(clock=self.clock)
+        return self.state_class(clock=self.clock)
+
+
+@pytest.fixture(autouse=True, params=["one object per key", "batches of ops"])
+def counted(request, monkeypatch):
+    """Every test twice: the key's counters on one object (the in-process
+    state) and as ops on the state's string keys (as with Redis), which must agree."""
+    monkeypatch.setattr(ClockedState, "state_class", comox.MemoryState if request.param == "one object per key" else BatchedState)
+    return request.param
 
 
 class Done:

@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 import comox
 from comox import Add, Bucket, GatewayRequest, MemoryState, Principal, RateLimited, SharedState, Take
 
+from .local import KeyCounters, counters_for
+
 __all__ = ["LimitSettings", "estimate", "duration"]
 
 # Body fields whose text is the prompt, on every endpoint Comox serves or will.
@@ -72,7 +74,7 @@ class Plan:
     buckets' names, refill rates and header values), not on every request."""
 
     __slots__ = ("limits", "key_id", "rpm", "tpm", "concurrency", "zero", "idle", "rpm_key", "tpm_key", "conc_key",
-                 "rpm_per_s", "tpm_per_s", "rpm_header", "tpm_header", "rpm_take", "slot_ops")
+                 "rpm_per_s", "tpm_per_s", "rpm_header", "tpm_header", "rpm_take", "slot_ops", "counters")
 
     def __init__(self, limits: dict[str, Any], key_id: str):
         self.limits = limits  # kept, so that its id() is not reused while planned
@@ -88,6 +90,7 @@ class Plan:
         self.tpm_header = (b"x-ratelimit-limit-tokens", b"%d" % (self.tpm or 0))
         self.rpm_take = Take(self.rpm_key, 1, self.rpm or 0, self.rpm_per_s)
         self.slot_ops: tuple[float, Add, Add] | None = None  # (ttl, take a slot, give it back)
+        self.counters: tuple[MemoryState, KeyCounters] | None = None  # (in that state, local.py)
 
     def slot(self, ttl_s: float) -> tuple[Add, Add]:
         """The ops that take and give back a concurrency slot."""
@@ -136,8 +139,6 @@ async def comox_admit(request: GatewayRequest, principal: Principal) -> None:
     settings: LimitSettings = gateway.plugin_settings("limits") or DEFAULTS
     shared = gateway.shared_state
     tpm = plan.tpm
-    # Every limit in one atomic step (one round trip to Redis), all or nothing.
-    ops: list[Take | Add] = [plan.rpm_take] if plan.rpm is not None else []
     amount = prompt = 0
     too_large = False
     if tpm is not None:
@@ -146,14 +147,44 @@ async def comox_admit(request: GatewayRequest, principal: Principal) -> None:
         too_large = amount > tpm and (bounded or prompt > tpm)
         if not too_large:
             amount = max(1, min(amount, tpm))  # a guessed completion never makes a request too large
-        ops.append(_new_take(Take, (plan.tpm_key, amount, tpm, plan.tpm_per_s, False)))
+    if type(shared) is not MemoryState:
+        return await _admit_shared(request, plan, settings, shared, amount, prompt, too_large)
+    # This process's own state: the key's counters on one object (local.py).
+    held = plan.counters
+    counters = held[1] if held is not None and held[0] is shared else counters_for(plan, shared)
+    now = shared.clock()
+    rpm_left, tpm_left = counters.tokens(plan, now)
+    inflight = counters.in_flight(now) if plan.concurrency is not None else 0.0
+    if too_large or (plan.rpm is not None and rpm_left < 1) or (tpm is not None and amount > tpm_left) \
+            or (plan.concurrency is not None and inflight >= plan.concurrency):
+        raise _local_refusal(request, plan, counters, now, amount, too_large, rpm_left, tpm_left, inflight)
+    if plan.rpm is not None:
+        rpm_left = counters.take_rpm(rpm_left, now)
+    if tpm is not None:
+        tpm_left -= amount
+        counters.tpm, counters.tpm_at = tpm_left, now
+    release = None
+    if plan.concurrency is not None:
+        ttl = settings.concurrency_ttl_s
+        counters.inflight, counters.until = inflight + 1, now + ttl
+        release = plan.slot(ttl)[1]
+    _headers(request, plan, rpm_left, tpm_left)
+    request.state["limits"] = (plan, amount, prompt, release)
+
+
+async def _admit_shared(request: GatewayRequest, plan: Plan, settings: LimitSettings, shared: SharedState,
+                        amount: int, prompt: int, too_large: bool) -> None:
+    """``comox_admit`` on a state shared with other replicas: every limit in
+    one atomic step (one round trip to Redis), all or nothing."""
+    ops: list[Take | Add] = [plan.rpm_take] if plan.rpm is not None else []
+    if plan.tpm is not None:
+        ops.append(_new_take(Take, (plan.tpm_key, amount, plan.tpm, plan.tpm_per_s, False)))
     release = None
     if plan.concurrency is not None:
         take_slot, release = plan.slot(settings.concurrency_ttl_s)
         ops.append(take_slot)
     if not too_large:
-        # The in-process state answers at once: no coroutine to make and await.
-        results = shared.apply_now(ops) if type(shared) is MemoryState else await shared.apply(ops)
+        results = await shared.apply(ops)
         for result in results:
             if not result[0]:
                 break
@@ -161,18 +192,44 @@ async def comox_admit(request: GatewayRequest, principal: Principal) -> None:
             _bucket_headers(request, plan, results)
             request.state["limits"] = (plan, amount, prompt, release)
             return
-    raise await _refusal(request, shared, plan, ops, None if too_large else results, amount)
-
-
-async def _refusal(request: GatewayRequest, shared: SharedState, plan: Plan, ops: list[Take | Add],
-                   judged: list[Bucket | tuple[bool, float]] | None, amount: int) -> RateLimited:
-    """Why the request is refused (``judged``: the refused batch's results;
-    None: too large for the tpm), with the headers of the buckets as they are
-    then. Nothing was taken, but a request refused for tokens or concurrency
-    still counts against the rpm, as OpenAI counts unsuccessful requests."""
-    rpm, tpm, key_id = plan.rpm, plan.tpm, plan.key_id
+    # Nothing was taken, but a request refused for tokens or concurrency still
+    # counts against the rpm, as OpenAI counts unsuccessful requests (a zero take
+    # forced: it reads a bucket below zero without refusing the batch).
     _bucket_headers(request, plan, await shared.apply(
-        [op if op is plan.rpm_take else op._replace(amount=0) for op in ops if isinstance(op, Take)]))
+        [op if op is plan.rpm_take else op._replace(amount=0, force=True) for op in ops if isinstance(op, Take)]))
+    raise _refusal(plan, None if too_large else results, amount)
+
+
+def _local_refusal(request: GatewayRequest, plan: Plan, counters: KeyCounters, now: float, amount: int,
+                   too_large: bool, rpm_left: float, tpm_left: float, inflight: float) -> RateLimited:
+    """:func:`_refusal` on a key's counters in this process: the batch as the
+    state would have judged it, and the rpm taken all the same."""
+    judged: list[Bucket | tuple[bool, float]] = []
+    if plan.rpm is not None:
+        judged.append(_judged(1, rpm_left, plan.rpm, plan.rpm_per_s))
+        if rpm_left >= 1:
+            rpm_left = counters.take_rpm(rpm_left, now)
+    if plan.tpm is not None:
+        judged.append(_judged(amount, tpm_left, plan.tpm, plan.tpm_per_s))
+    if plan.concurrency is not None:
+        judged.append((inflight < plan.concurrency, inflight))
+    _headers(request, plan, rpm_left, tpm_left)
+    return _refusal(plan, None if too_large else judged, amount)
+
+
+def _judged(amount: float, tokens: float, capacity: float, per_s: float) -> Bucket:
+    """A take of ``amount`` from a bucket holding ``tokens``, as
+    :meth:`comox.MemoryState.apply` answers it in a refused batch."""
+    if amount <= tokens:
+        return Bucket(True, math.floor(tokens - amount), (capacity - tokens + amount) / per_s, 0.0)
+    return Bucket(False, math.floor(tokens) if tokens > 0 else 0.0, (capacity - tokens) / per_s,
+                  math.inf if amount > capacity else (amount - tokens) / per_s)
+
+
+def _refusal(plan: Plan, judged: list[Bucket | tuple[bool, float]] | None, amount: int) -> RateLimited:
+    """Why the request is refused (``judged``: the refused batch's results;
+    None: too large for the tpm)."""
+    rpm, tpm, key_id = plan.rpm, plan.tpm, plan.key_id
     if judged is None:
         return RateLimited(  # OpenAI's answer: 429, and no retry-after (waiting cannot help)
             f"Request too large for key {key_id!r} on tokens per min (TPM): Limit {tpm}, Requested {amount}. "
@@ -202,23 +259,28 @@ async def comox_request_done(request: GatewayRequest, status: int) -> None:
     if held is None or request.gateway is None:
         return
     plan, tokens, prompt, release = held
-    ops: list[Take | Add] = [release] if release is not None else []
+    more = 0  # tokens to take beyond the estimate (fewer when negative)
     tpm = plan.tpm
     if tokens and tpm is not None:
         usage = request.usage
         if usage is not None:  # an answer (from a backend or the cache): what it really cost
-            used = (usage.prompt if usage.prompt is not None else prompt) + (usage.completion or 0)
-        elif status == 200:  # a stream cut short: the backend may have done it all
-            used = tokens
-        else:  # refused, failed, or the client left before the answer started
-            used = 0
-        if used != tokens:
-            ops.append(_new_take(Take, (plan.tpm_key, used - tokens, tpm, plan.tpm_per_s, True)))
+            more = (usage.prompt if usage.prompt is not None else prompt) + (usage.completion or 0) - tokens
+        elif status != 200:  # refused, failed, or the client left before the answer started
+            more = -tokens
+        # (else a stream cut short: the backend may have done it all)
+    shared = request.gateway.shared_state
+    if type(shared) is MemoryState:
+        held_by = plan.counters
+        counters = held_by[1] if held_by is not None and held_by[0] is shared else counters_for(plan, shared)
+        counters.settle(plan, None if release is None else release.ttl_s, more, shared.clock())
+        return
+    ops: list[Take | Add] = [release] if release is not None else []
+    if more:
+        ops.append(_new_take(Take, (plan.tpm_key, more, tpm, plan.tpm_per_s, True)))
     if not ops:
         return
-    shared = request.gateway.shared_state
     # A release and a settlement: never refused.
-    results = shared.apply_now(ops) if type(shared) is MemoryState else await shared.apply(ops)
+    results = await shared.apply(ops)
     if release is not None:
         now = results[0][1]
         if now < 0:  # the count expired while this request ran: back to zero, not below
@@ -324,6 +386,23 @@ def _reset(seconds: float) -> bytes:
         if len(_RESETS) < 10_000:
             _RESETS[ms] = value
     return value
+
+
+def _headers(request: GatewayRequest, plan: Plan, rpm_left: float, tpm_left: float) -> None:
+    """The ``x-ratelimit-*`` headers from the tokens left in the key's buckets
+    (in this process: local.py)."""
+    if plan.rpm is not None:
+        headers = [plan.rpm_header, (REQUESTS[0], b"%d" % (rpm_left if rpm_left > 0 else 0)),
+                   (REQUESTS[1], _reset((plan.rpm - rpm_left) / plan.rpm_per_s))]
+        if plan.tpm is not None:
+            headers += (plan.tpm_header, (TOKENS[0], b"%d" % (tpm_left if tpm_left > 0 else 0)),
+                        (TOKENS[1], _reset((plan.tpm - tpm_left) / plan.tpm_per_s)))
+    elif plan.tpm is not None:
+        headers = [plan.tpm_header, (TOKENS[0], b"%d" % (tpm_left if tpm_left > 0 else 0)),
+                   (TOKENS[1], _reset((plan.tpm - tpm_left) / plan.tpm_per_s))]
+    else:
+        return
+    request.response_headers += headers
 
 
 def _bucket_headers(request: GatewayRequest, plan: Plan, results: list[Bucket | tuple[bool, float]]) -> None:
