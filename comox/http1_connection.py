@@ -14,6 +14,7 @@ import httptools
 
 from .late import LateQueue
 from .transport import _is_sse
+from .write_batch import batch_for
 
 if TYPE_CHECKING:
     from .transport_httptools import _Origin
@@ -40,6 +41,8 @@ class Connection(asyncio.Protocol):
         self.origin = origin
         self.loop = loop
         self.transport: asyncio.Transport | None = None
+        self.batch = batch_for(loop)
+        self.outgoing: bytes | None = None  # a request, held to the end of the loop's turn
         self.parser = httptools.HttpResponseParser(self)
         self.open = True
         self.idle_since = 0.0
@@ -137,6 +140,21 @@ class Connection(asyncio.Protocol):
         self._wake(None)
 
     # -- the caller's side --
+
+    def send(self, request: bytes) -> None:
+        """Write ``request`` at the end of the loop's turn, beside the other
+        connections' writes (:mod:`comox.write_batch`)."""
+        self.outgoing = request
+        self.batch.hold(self)
+
+    def flush(self) -> None:
+        request, self.outgoing = self.outgoing, None
+        if request is None or not self.open or self.transport is None:
+            return  # dropped meanwhile (its caller was cancelled)
+        try:
+            self.transport.write(request)
+        except (RuntimeError, OSError) as exc:  # closed before connection_lost reached us
+            self.fail(exc)
 
     def _wake(self, error: BaseException | None) -> None:
         if error is not None and self.error is None:

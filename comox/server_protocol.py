@@ -1,13 +1,14 @@
 """The HTTP protocol ``comox serve`` runs uvicorn with: uvicorn's own
-httptools protocol, whose response head waits for the response's first body
-bytes and goes out with them in one write.
+httptools protocol, whose writes wait for the end of the event loop's turn
+and go out together.
 
 uvicorn writes a response's status line and headers as soon as the app sends
 ``http.response.start``, and its body with the next message: two writes (two
 system calls, two TCP segments on loopback) for every answer that one write
-could carry. :class:`HeldHeadTransport` holds a head until the connection's
-next write, close, or the end of the event loop's turn, whichever comes first,
-so nothing waits longer than that and the bytes keep their order.
+could carry, and each wakes the client if it sleeps. :class:`BatchedTransport`
+holds a connection's writes to the end of the loop's turn
+(:mod:`comox.write_batch`), so an answer goes out in one write, beside the
+other answers of that turn, and the bytes keep their order.
 :class:`ComoxResponseCycle` builds that head, the same bytes, in less time than uvicorn.
 Mounted in another server, Comox answers the same, with that server's writes.
 """
@@ -29,45 +30,44 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
-__all__ = ["ComoxHttpProtocol", "ComoxServeProtocol", "ComoxResponseCycle", "HeldHeadTransport", "SERVER_OPTIONS",
+from .write_batch import batch_for
+
+__all__ = ["BatchedTransport", "ComoxHttpProtocol", "ComoxServeProtocol", "ComoxResponseCycle", "SERVER_OPTIONS",
            "forwarded_app"]
 
-_HEAD = b"HTTP/1."
-_JOIN_BELOW = 64 * 1024  # a larger body is written after the head, not copied into one buffer with it
+_JOIN_BELOW = 64 * 1024  # larger bytes are written at once (after what is held), not copied into one buffer
 
 
-class HeldHeadTransport:
-    """A connection's transport whose writes that start a response head are
-    held until the next write (sent together), a close, or the loop's next turn."""
+class BatchedTransport:
+    """A connection's transport whose writes are held to the end of the event
+    loop's turn (:mod:`comox.write_batch`), then sent in one write: a response's
+    head with its body, a stream's chunks of that turn together. A close sends
+    what is held first; an abort drops it; bytes past ``_JOIN_BELOW`` are
+    written at once, after what was held, rather than copied."""
 
-    __slots__ = ("transport", "loop", "held", "flush_handle")
+    __slots__ = ("transport", "batch", "held")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
         self.transport = transport
-        self.loop = loop
+        self.batch = batch_for(loop)
         self.held: bytes | None = None
-        self.flush_handle: asyncio.Handle | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         held = self.held
-        if held is not None:
-            self.held = None
-            handle = self.flush_handle
-            if handle is not None:
-                self.flush_handle = None
-                handle.cancel()
+        if held is None:
             if len(data) < _JOIN_BELOW:
-                self.transport.write(b"".join((held, data)))  # data may be any bytes-like object
+                self.held = bytes(data)  # a copy: a bytearray may change before the turn ends
+                self.batch.hold(self)
                 return
-            self.transport.write(held)
-        elif data[:7] == _HEAD:  # a status line: its body, if any, comes in this loop turn
-            self.held = bytes(data)
-            self.flush_handle = self.loop.call_soon(self.flush)
+        elif len(held) + len(data) < _JOIN_BELOW:
+            self.held = held + data  # (any bytes-like object)
             return
+        else:
+            self.held = None
+            self.transport.write(held)
         self.transport.write(data)
 
     def flush(self) -> None:
-        self.flush_handle = None
         held, self.held = self.held, None
         if held is not None and not self.transport.is_closing():
             self.transport.write(held)
@@ -126,8 +126,19 @@ class ComoxResponseCycle(RequestResponseCycle):
         # message gets uvicorn's own coroutine, not one more around it (a
         # stream sends hundreds: ~20 ns more each, not ~100).
         if self.response_started:
-            return _uvicorn_send(self, message)
+            if message.get("more_body", False):
+                return _uvicorn_send(self, message)
+            return self._end(message)
         return self._start(message)
+
+    async def _end(self, message: ASGISendEvent) -> None:
+        """The response's last message: sent, then one turn of the loop for
+        the app, if the transport holds bytes to the turn's end, so that the
+        answer goes out before the app goes on to what it does after
+        answering (logs, metrics, accounting), not after it."""
+        await _uvicorn_send(self, message)
+        if getattr(self.transport, "held", None) is not None:
+            await asyncio.sleep(0)  # the batch's flush was queued before this step resumes
 
     async def _start(self, message: ASGISendEvent) -> None:
         head = None
@@ -215,11 +226,11 @@ _FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto")  # the headers uvicorn's
 
 
 class ComoxHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol over a :class:`HeldHeadTransport`, its
+    """uvicorn's httptools protocol over a :class:`BatchedTransport`, its
     cycles :class:`ComoxResponseCycle`."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(HeldHeadTransport(transport, self.loop))  # type: ignore[arg-type]
+        super().connection_made(BatchedTransport(transport, self.loop))  # type: ignore[arg-type]
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         # Every cycle, pipelined ones included, starts here, before its app can send.

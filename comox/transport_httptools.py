@@ -130,12 +130,7 @@ class HttptoolsTransport(PoolTransport):
             reused = conn.idle_since > 0.0  # it answered before: fresh connections were never idle
             now = conn.last_read = loop.time()
             call = conn.call = Call(conn, now)
-            transport = conn.transport
-            assert transport is not None
-            try:
-                transport.write(head + body)
-            except (RuntimeError, OSError) as exc:  # closed before connection_lost reached us
-                conn.fail(exc)
+            conn.send(head + body)  # at the end of the loop's turn (comox.write_batch)
             self._timeouts.queue(call, loop)
             try:
                 while not conn.head_done and conn.error is None:

@@ -1,6 +1,6 @@
-"""``comox/server_protocol.py``: uvicorn's httptools protocol whose response
-head goes out with the first body bytes. The writes are counted on the
-transport under the protocol; answers of every shape (a body, a stream whose
+"""``comox/server_protocol.py``: uvicorn's httptools protocol whose writes
+go out at the end of the event loop's turn, a response's head with its body.
+The writes are counted on the transport under the protocol; answers of every shape (a body, a stream whose
 first chunk comes late, HEAD, 204, 100-continue, keep-alive, a large body)
 are checked over real sockets against a uvicorn server on 127.0.0.1. The
 fast response head (:class:`ComoxResponseCycle`) is checked byte for byte
@@ -19,7 +19,7 @@ import pytest
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from comox import server_protocol
-from comox.server_protocol import SERVER_OPTIONS, ComoxResponseCycle, HeldHeadTransport
+from comox.server_protocol import SERVER_OPTIONS, BatchedTransport, ComoxResponseCycle
 from comox.testing import ServerThread
 
 BIG = b"x" * (200 * 1024)
@@ -55,57 +55,80 @@ class Recorder(asyncio.Transport):
 def held(scenario) -> list[bytes]:
     async def main() -> list[bytes]:
         recorder = Recorder()
-        await scenario(HeldHeadTransport(recorder, asyncio.get_running_loop()))
+        await scenario(BatchedTransport(recorder, asyncio.get_running_loop()))
         return recorder.writes
     return asyncio.run(main())
 
 
-def test_a_head_goes_out_with_the_first_body_bytes_in_one_write():
+def test_a_turns_writes_go_out_at_its_end_in_one_write():
     async def scenario(t):
         t.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
         t.write(b"hi")
+        assert t.transport.writes == [] and t.get_write_buffer_size() == len(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi")
+        await asyncio.sleep(0)
         t.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
         t.write(b"2\r\nhi\r\n")
+        await asyncio.sleep(0)
         t.write(b"0\r\n\r\n")
         await asyncio.sleep(0)
     assert held(scenario) == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi",
                               b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n", b"0\r\n\r\n"]
 
 
-def test_a_head_with_no_body_in_its_loop_turn_goes_out_at_the_next_turn():
+def test_every_connections_writes_of_a_turn_go_out_together_at_its_end():
+    async def main():
+        loop = asyncio.get_running_loop()
+        one, other = Recorder(), Recorder()
+        a, b = BatchedTransport(one, loop), BatchedTransport(other, loop)
+        a.write(b"a1")
+        b.write(b"b1")
+        a.write(b"a2")
+        assert one.writes == other.writes == []
+        await asyncio.sleep(0)
+        return one.writes, other.writes
+    assert asyncio.run(main()) == ([b"a1a2"], [b"b1"])
+
+
+def test_a_close_sends_what_is_held_first():
     async def scenario(t):
         t.write(b"HTTP/1.1 204 No Content\r\n\r\n")
-        assert t.get_write_buffer_size() == len(b"HTTP/1.1 204 No Content\r\n\r\n")
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        t.close()
         assert t.transport.writes == [b"HTTP/1.1 204 No Content\r\n\r\n"]
-        t.write(b"HTTP/1.1 200 OK\r\n\r\n")
-        t.close()  # a close sends what is held first
-    assert held(scenario) == [b"HTTP/1.1 204 No Content\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n"]
+        await asyncio.sleep(0)  # the turn's end finds nothing more to send
+    assert held(scenario) == [b"HTTP/1.1 204 No Content\r\n\r\n"]
 
 
-def test_a_head_joins_any_bytes_like_body():
+def test_any_bytes_like_object_is_held_as_it_was_when_written():
     async def scenario(t):
-        t.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        buffer = bytearray(b"HTTP/1.1 200 OK\r\n\r\n")
+        t.write(buffer)
+        buffer[:] = b"changed"  # after the write: not what goes out
         t.write(memoryview(b"abc"))
-        t.write(bytearray(b"HTTP/1.1 200 OK\r\n\r\n"))
         t.write(bytearray(b"de"))
-    assert held(scenario) == [b"HTTP/1.1 200 OK\r\n\r\nabc", b"HTTP/1.1 200 OK\r\n\r\nde"]
+        await asyncio.sleep(0)
+    assert held(scenario) == [b"HTTP/1.1 200 OK\r\n\r\nabcde"]
 
 
-def test_a_large_body_is_written_after_its_head_not_copied_into_it():
+def test_large_bytes_go_out_at_once_after_what_was_held_not_copied_into_it():
     async def scenario(t):
         t.write(b"HTTP/1.1 200 OK\r\n\r\n")
         t.write(BIG)
-    assert held(scenario) == [b"HTTP/1.1 200 OK\r\n\r\n", BIG]
+        t.write(BIG)
+        t.write(b"tail")
+        await asyncio.sleep(0)
+    assert held(scenario) == [b"HTTP/1.1 200 OK\r\n\r\n", BIG, BIG, b"tail"]
 
 
-def test_bytes_that_are_not_a_head_are_written_at_once_and_an_abort_drops_what_is_held():
+def test_an_abort_drops_what_is_held_and_a_closed_transport_is_not_written():
     async def scenario(t):
-        t.write(b"data")
         t.write(b"HTTP/1.1 200 OK\r\n\r\n")
         t.abort()
-    assert held(scenario) == [b"data"]
+        await asyncio.sleep(0)
+        t.transport.closed = False
+        t.write(b"late")
+        t.transport.closed = True  # closed by the peer before the turn ended
+        await asyncio.sleep(0)
+    assert held(scenario) == []
 
 
 # -- over real sockets --
@@ -406,3 +429,25 @@ def test_proxy_headers_are_honoured_as_uvicorn_does_and_read_only_when_present(m
     # only for one with a header it reads.
     assert calls.count("/plain") == 1
     assert calls.count("/comox") == (1 if headers else 0)
+
+
+@pytest.mark.parametrize("chunks", [[b'{"ok":true}'], [b"data: 1\n\n", b"data: 2\n\n", b""]], ids=["json", "stream"])
+def test_the_apps_last_send_returns_once_its_answer_is_written(chunks):
+    """Not before: what the app does after answering (its logs, metrics and
+    accounting) must not hold back the answer's one write."""
+    async def run() -> tuple[list[bytes], list[bytes]]:
+        recorder = Recorder()
+        cycle = cycle_over(ComoxResponseCycle, BatchedTransport(recorder, asyncio.get_running_loop()))  # type: ignore[arg-type]
+        await cycle.send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        for n, chunk in enumerate(chunks[:-1]):
+            await cycle.send({"type": "http.response.body", "body": chunk, "more_body": True})
+            assert n or recorder.writes == []  # held: the turn has not ended
+        before_last = list(recorder.writes)
+        await cycle.send({"type": "http.response.body", "body": chunks[-1]})
+        return before_last, list(recorder.writes)  # as the app finds them when its send returns
+    before_last, written = asyncio.run(run())
+    assert before_last == []
+    answer = b"".join(written)
+    assert len(written) == 1 and answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert answer.endswith(b"\r\n0\r\n\r\n")  # the chunked body's end: the whole answer
+    assert all(chunk in answer for chunk in chunks)
