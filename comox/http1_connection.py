@@ -251,10 +251,13 @@ class UpstreamStream:
 
 class ReadTimeouts(LateQueue[Call]):
     """Connections whose answer is taking a while get a timer that aborts them
-    once nothing arrived for ``timeout_s``; the quick rest never get one."""
+    once nothing arrived for ``timeout_s``; the quick rest never get one.
+    Checked every 20 ms, as the other queues are: a check every second held a
+    second of calls alive (9,000 at c=16), old enough for the garbage
+    collector's older generations, and dropped them in one go."""
 
     def __init__(self, timeout_s: float):
-        super().__init__(after_s=min(1.0, timeout_s))
+        super().__init__(after_s=min(0.02, timeout_s))
         self.timeout_s = timeout_s
 
     def promote(self, entry: Call, loop: asyncio.AbstractEventLoop) -> None:

@@ -20,7 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
+from collections.abc import Callable
 from typing import Protocol
+
+from .late import per_loop
 
 __all__ = ["Held", "WriteBatch", "batch_for"]
 
@@ -39,9 +42,9 @@ class WriteBatch:
 
     __slots__ = ("loop", "held")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        # Weak: the batch is the loop's value in _batches, and must not keep it alive.
-        self.loop = weakref.ref(loop)
+    def __init__(self) -> None:
+        # Weak: the batch is its loop's value in a weak table, and must not keep the loop alive.
+        self.loop: Callable[[], asyncio.AbstractEventLoop | None] = lambda: None
         self.held: list[Held] = []
 
     def hold(self, writer: Held) -> None:
@@ -63,12 +66,12 @@ class WriteBatch:
                 log.exception("could not write to a connection")
 
 
-_batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, WriteBatch] = weakref.WeakKeyDictionary()
+_for_loop = per_loop(WriteBatch)
 
 
 def batch_for(loop: asyncio.AbstractEventLoop) -> WriteBatch:
     """The loop's :class:`WriteBatch` (one per loop, made on first use)."""
-    batch = _batches.get(loop)
-    if batch is None:
-        batch = _batches[loop] = WriteBatch(loop)
+    batch = _for_loop(loop)
+    if batch.loop() is not loop:
+        batch.loop = weakref.ref(loop)
     return batch

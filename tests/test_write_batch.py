@@ -48,7 +48,8 @@ def test_writers_held_in_a_turn_are_flushed_once_in_order_at_its_end(factory):
 
 def test_one_writers_failure_is_logged_and_the_others_are_flushed(caplog):
     async def main():
-        batch = WriteBatch(asyncio.get_running_loop())
+        batch = WriteBatch()
+        batch.loop = lambda: asyncio.get_running_loop()
         flushed: list[str] = []
         batch.hold(Writer("broken", flushed, fail=True))
         batch.hold(Writer("next", flushed))
