@@ -55,6 +55,8 @@ class BatchedTransport:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         held = self.held
         if held is None:
+            if not data:
+                return  # (as the transport does with nothing to write)
             if len(data) < _JOIN_BELOW:
                 self.held = bytes(data)  # a copy: a bytearray may change before the turn ends
                 self.batch.hold(self)

@@ -89,6 +89,14 @@ def test_every_connections_writes_of_a_turn_go_out_together_at_its_end():
     assert asyncio.run(main()) == ([b"a1a2"], [b"b1"])
 
 
+def test_an_empty_write_holds_nothing():
+    async def scenario(t):
+        t.write(b"")
+        assert t.held is None and t.batch.held == []
+        await asyncio.sleep(0)
+    assert held(scenario) == []
+
+
 def test_a_close_sends_what_is_held_first():
     async def scenario(t):
         t.write(b"HTTP/1.1 204 No Content\r\n\r\n")

@@ -4,7 +4,7 @@ process's own (:class:`comox.MemoryState`).
 The buckets and the counter are those ``limits:rpm|tpm|conc:<key id>`` would be
 in the state, with :class:`comox.MemoryState`'s rules, worked on as attributes
 of one object per key instead of as a batch of ops on string keys: a request's
-admission and settlement take about 500 fewer Python steps (a ninth of a chat
+admission and settlement take about 420 fewer Python steps (a tenth of a chat
 request's). Nothing outside this process can see a MemoryState, so nothing
 sees the difference; a state shared with other replicas (Redis) is always
 asked through :meth:`comox.SharedState.apply`.
