@@ -65,8 +65,7 @@ class BatchedTransport:
             self.held = held + data  # (any bytes-like object)
             return
         else:
-            self.held = None
-            self.transport.write(held)
+            self.flush()
         self.transport.write(data)
 
     def flush(self) -> None:

@@ -12,12 +12,9 @@ from hypothesis import strategies as st
 
 import comox
 from comox import GatewayRequest, Principal, RateLimited, Usage
-from comox_limits import DEFAULTS, comox_admit, comox_request_done
+from comox_limits import DEFAULTS, comox_admit, comox_request_done, plan_for
 from comox_limits.local import KeyCounters, counters_for
-
-
-class BatchedState(comox.MemoryState):
-    """Not the in-process state by its type: asked through ``apply``."""
+from tests.test_limits import BatchedState
 
 
 class Gateway:
@@ -91,8 +88,6 @@ def test_one_object_per_key_judges_as_the_batches_do(steps, rpm, tpm, concurrenc
 
 
 def test_the_counters_are_the_states_own_and_outlive_a_reloaded_key():
-    from comox_limits import plan_for
-
     one, other = comox.MemoryState(), comox.MemoryState()
     before = plan_for({"rpm": 5}, "k")
     reloaded = plan_for({"rpm": 3}, "k")  # the key's limits changed: a new plan
@@ -103,7 +98,7 @@ def test_the_counters_are_the_states_own_and_outlive_a_reloaded_key():
 
 
 def test_a_slot_given_back_after_its_count_expired_stays_at_zero():
-    plan = __import__("comox_limits").plan_for({"max_concurrency": 2}, "k")
+    plan = plan_for({"max_concurrency": 2}, "k")
     counters = KeyCounters()
     counters.inflight, counters.until = 1.0, 10.0
     counters.settle(plan, 600.0, 0, 20.0)  # the count had expired at 10 s

@@ -150,8 +150,7 @@ async def comox_admit(request: GatewayRequest, principal: Principal) -> None:
     if type(shared) is not MemoryState:
         return await _admit_shared(request, plan, settings, shared, amount, prompt, too_large)
     # This process's own state: the key's counters on one object (local.py).
-    held = plan.counters
-    counters = held[1] if held is not None and held[0] is shared else counters_for(plan, shared)
+    counters = counters_for(plan, shared)
     now = shared.clock()
     rpm_left, tpm_left = counters.tokens(plan, now)
     inflight = counters.in_flight(now) if plan.concurrency is not None else 0.0
@@ -270,9 +269,7 @@ async def comox_request_done(request: GatewayRequest, status: int) -> None:
         # (else a stream cut short: the backend may have done it all)
     shared = request.gateway.shared_state
     if type(shared) is MemoryState:
-        held_by = plan.counters
-        counters = held_by[1] if held_by is not None and held_by[0] is shared else counters_for(plan, shared)
-        counters.settle(plan, None if release is None else release.ttl_s, more, shared.clock())
+        counters_for(plan, shared).settle(plan, None if release is None else release.ttl_s, more, shared.clock())
         return
     ops: list[Take | Add] = [release] if release is not None else []
     if more:
@@ -391,32 +388,37 @@ def _reset(seconds: float) -> bytes:
 def _headers(request: GatewayRequest, plan: Plan, rpm_left: float, tpm_left: float) -> None:
     """The ``x-ratelimit-*`` headers from the tokens left in the key's buckets
     (in this process: local.py)."""
-    if plan.rpm is not None:
-        headers = [plan.rpm_header, (REQUESTS[0], b"%d" % (rpm_left if rpm_left > 0 else 0)),
-                   (REQUESTS[1], _reset((plan.rpm - rpm_left) / plan.rpm_per_s))]
-        if plan.tpm is not None:
-            headers += (plan.tpm_header, (TOKENS[0], b"%d" % (tpm_left if tpm_left > 0 else 0)),
-                        (TOKENS[1], _reset((plan.tpm - tpm_left) / plan.tpm_per_s)))
-    elif plan.tpm is not None:
-        headers = [plan.tpm_header, (TOKENS[0], b"%d" % (tpm_left if tpm_left > 0 else 0)),
-                   (TOKENS[1], _reset((plan.tpm - tpm_left) / plan.tpm_per_s))]
-    else:
-        return
-    request.response_headers += headers
+    _put_headers(request, plan, rpm_left, (plan.rpm - rpm_left) / plan.rpm_per_s if plan.rpm is not None else 0.0,
+                 tpm_left, (plan.tpm - tpm_left) / plan.tpm_per_s if plan.tpm is not None else 0.0)
 
 
 def _bucket_headers(request: GatewayRequest, plan: Plan, results: list[Bucket | tuple[bool, float]]) -> None:
     """The ``x-ratelimit-*`` headers from a batch's results: the rpm bucket's
     first, then the tpm bucket's (as ``comox_admit`` orders its ops)."""
+    rpm = tpm = _NO_BUCKET
     if plan.rpm is not None:
         rpm = cast(Bucket, results[0])
-        headers = [plan.rpm_header, (REQUESTS[0], b"%d" % rpm[1]), (REQUESTS[1], _reset(rpm[2]))]
+    if plan.tpm is not None:
+        tpm = cast(Bucket, results[0 if plan.rpm is None else 1])
+    _put_headers(request, plan, rpm[1], rpm[2], tpm[1], tpm[2])
+
+
+_NO_BUCKET = Bucket(True, 0.0, 0.0, 0.0)  # of a limit the key does not have: no header read from it
+
+
+def _put_headers(request: GatewayRequest, plan: Plan, rpm_left: float, rpm_reset_s: float,
+                 tpm_left: float, tpm_reset_s: float) -> None:
+    """The headers of the limits the key has: what is left in each bucket
+    (whole units, never below 0) and the time until it is full."""
+    if plan.rpm is not None:
+        headers = [plan.rpm_header, (REQUESTS[0], b"%d" % (rpm_left if rpm_left > 0 else 0)),
+                   (REQUESTS[1], _reset(rpm_reset_s))]
         if plan.tpm is not None:
-            tpm = cast(Bucket, results[1])
-            headers += (plan.tpm_header, (TOKENS[0], b"%d" % tpm[1]), (TOKENS[1], _reset(tpm[2])))
+            headers += (plan.tpm_header, (TOKENS[0], b"%d" % (tpm_left if tpm_left > 0 else 0)),
+                        (TOKENS[1], _reset(tpm_reset_s)))
     elif plan.tpm is not None:
-        tpm = cast(Bucket, results[0])
-        headers = [plan.tpm_header, (TOKENS[0], b"%d" % tpm[1]), (TOKENS[1], _reset(tpm[2]))]
+        headers = [plan.tpm_header, (TOKENS[0], b"%d" % (tpm_left if tpm_left > 0 else 0)),
+                   (TOKENS[1], _reset(tpm_reset_s))]
     else:
         return
     request.response_headers += headers
