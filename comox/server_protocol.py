@@ -1,6 +1,6 @@
-"""The HTTP protocol ``comox serve`` runs uvicorn with: uvicorn's own
-httptools protocol, whose writes wait for the end of the event loop's turn
-and go out together.
+"""The HTTP protocol ``comox serve`` runs uvicorn with: an HTTP/1.1 protocol
+on httptools that answers as uvicorn's own does, with less work per request,
+and whose writes wait for the end of the event loop's turn and go out together.
 
 uvicorn writes a response's status line and headers as soon as the app sends
 ``http.response.start``, and its body with the next message: two writes (two
@@ -9,27 +9,33 @@ could carry, and each wakes the client if it sleeps. :class:`BatchedTransport`
 holds a connection's writes to the end of the loop's turn
 (:mod:`comox.write_batch`), so an answer goes out in one write, beside the
 other answers of that turn, and the bytes keep their order.
-:class:`ComoxResponseCycle` builds that head, the same bytes, in less time than uvicorn.
-Mounted in another server, Comox answers the same, with that server's writes.
+:class:`ComoxHttpProtocol` parses requests as uvicorn's httptools protocol
+does and runs each in a :class:`comox.server_cycle.ComoxResponseCycle`,
+which builds the same answers in less time. It plugs into uvicorn's server
+(``http=``), so uvicorn still runs the sockets, workers, lifespan, signals
+and shutdown. Mounted in another server, Comox answers the same, with that
+server's protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import contextvars
+import logging
+import urllib.parse
+from collections import deque
 from typing import Any
 
-from uvicorn._types import ASGI3Application, ASGISendEvent
+import httptools
+from uvicorn._types import ASGI3Application
 from uvicorn.config import Config
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
-from uvicorn.protocols.http.httptools_impl import (
-    HEADER_RE,
-    HEADER_VALUE_RE,
-    STATUS_LINE,
-    HttpToolsProtocol,
-    RequestResponseCycle,
-)
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, FlowControl, service_unavailable
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
+from uvicorn.server import ServerState
 
+from .server_cycle import ComoxResponseCycle
 from .write_batch import batch_for
 
 __all__ = ["BatchedTransport", "ComoxHttpProtocol", "ComoxServeProtocol", "ComoxResponseCycle", "SERVER_OPTIONS",
@@ -91,155 +97,271 @@ class BatchedTransport:
         return getattr(self.transport, name)
 
 
-# uvicorn checks each header name against HEADER_RE and each value against
-# HEADER_VALUE_RE, one search per header. Both are one-character classes, so a
-# byte of all the names (values) joined is rejected exactly when one name
-# (value) is: the fast head checks the joined bytes once, with bytes.translate
-# (a table lookup, a third of a regex search's time). The tables are read off
-# the regexes themselves; a uvicorn whose patterns differ gets no fast head.
-_UVICORN_PATTERNS = (b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]', b"[\x00-\x08\x0a-\x1f\x7f]")
-_FAST_HEAD = (HEADER_RE.pattern, HEADER_VALUE_RE.pattern) == _UVICORN_PATTERNS
-_VALUE_REJECT = bytes(c for c in range(256) if HEADER_VALUE_RE.search(bytes((c,))))
-_NAME_REJECT = bytes(c for c in range(256) if HEADER_RE.search(bytes((c,))))
-# True for a bytes name uvicorn's lower() leaves as it is (False, and uvicorn's
-# turn, for one with no letter); TypeError for a name of another type.
-_IS_LOWER = bytes.islower
-_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))  # the names uvicorn acts on
-_LENGTH_ONLY = frozenset((b"content-length",))
-# Names lists seen valid: names -> (their joined length, the index of the first
-# content-length when it is the only framing name, whether there is any).
-# Only tuples of lower-case bytes get here; at most 256 (then each is checked).
-_KNOWN_NAMES: dict[tuple[bytes, ...], tuple[int, int | None, bool]] = {}
-_LINE = b": ".join  # a (name, value) pair's header line, without its CRLF
-_uvicorn_send = RequestResponseCycle.send
-
-
-class ComoxResponseCycle(RequestResponseCycle):
-    """uvicorn's request-response cycle whose ``http.response.start`` builds
-    the head with a few whole-list operations instead of uvicorn's per-header
-    loop (two regex searches, a ``lower()``, three compares per header): the
-    same bytes, the same framing state. Anything else, or anything unusual,
-    is uvicorn's own :meth:`RequestResponseCycle.send`, errors included.
-    It adds no state, so a cycle uvicorn made can become one."""
-
-    def send(self, message: ASGISendEvent) -> Coroutine[Any, Any, None]:
-        # Not a coroutine function itself: once the response has started, a
-        # message gets uvicorn's own coroutine, not one more around it (a
-        # stream sends hundreds: ~20 ns more each, not ~100).
-        if self.response_started:
-            if message.get("more_body", False):
-                return _uvicorn_send(self, message)
-            return self._end(message)
-        return self._start(message)
-
-    async def _end(self, message: ASGISendEvent) -> None:
-        """The response's last message: sent, then one turn of the loop for
-        the app, if the transport holds bytes to the turn's end, so that the
-        answer goes out before the app goes on to what it does after
-        answering (logs, metrics, accounting), not after it."""
-        await _uvicorn_send(self, message)
-        if getattr(self.transport, "held", None) is not None:
-            await asyncio.sleep(0)  # the batch's flush was queued before this step resumes
-
-    async def _start(self, message: ASGISendEvent) -> None:
-        head = None
-        # checked when awaited, as uvicorn checks (another start may have run since send was called)
-        if not (self.response_started or self.access_log or self.disconnected or self.flow.write_paused):
-            head = self._fast_head(message)
-        if head is None:
-            return await _uvicorn_send(self, message)
-        self.transport.write(head)
-
-    def _fast_head(self, message: ASGISendEvent) -> bytes | None:
-        """The head uvicorn would write for ``message``, its state set as
-        uvicorn sets it; None, and nothing changed, for uvicorn to do it."""
-        try:
-            if message["type"] != "http.response.start":
-                return None
-            status = message["status"]
-            status_line = STATUS_LINE[status]
-            headers: Any = message.get("headers", ())
-            if type(headers) is not list and type(headers) is not tuple:
-                return None  # an iterator: uvicorn's list() must be the one to consume it
-            if self.default_headers:
-                headers = [*self.default_headers, *headers]  # date (and --header ones), first as in uvicorn
-            content = [status_line]
-            chunked = self.chunked_encoding
-            length = self.expected_content_length
-            keep_alive = self.keep_alive
-            has_connection_close = False
-            if headers:
-                names, values = zip(*headers)  # ValueError if a header has fewer than two items
-                if not all(map(_IS_LOWER, names)):
-                    return None  # uvicorn lowers an upper-case name (and raises for a str or memoryview)
-                known = _KNOWN_NAMES.get(names)  # an answer's names are most often the same list as before
-                if known is None:
-                    joined_names = b"".join(names)
-                    if len(joined_names.translate(None, _NAME_REJECT)) != len(joined_names):
-                        return None  # uvicorn raises "Invalid HTTP header name."
-                    framing_names = _FRAMING.intersection(names)
-                    length_at = names.index(b"content-length") if framing_names == _LENGTH_ONLY else None
-                    known = (len(joined_names), length_at, bool(framing_names))
-                    if len(_KNOWN_NAMES) < 256:
-                        _KNOWN_NAMES[names] = known
-                names_length, length_at, any_framing = known
-                joined_values = b"".join(values)
-                if len(joined_values.translate(None, _VALUE_REJECT)) != len(joined_values):
-                    return None  # uvicorn raises "Invalid HTTP header value."
-                lines = b"\r\n".join(map(_LINE, headers))
-                if len(lines) != names_length + len(joined_values) + 4 * len(headers) - 2:
-                    return None  # a header of three items or more: uvicorn's unpacking raises
-                content += (lines, b"\r\n")
-                if length_at is not None:  # the usual answer: only the first content-length counts
-                    if chunked is None:
-                        length = int(values[length_at].decode())
-                        chunked = False
-                elif any_framing:  # uvicorn's handling, for names already lower-case
-                    for name, value in headers:
-                        if name == b"content-length" and chunked is None:
-                            length = int(value.decode())
-                            chunked = False
-                        elif name == b"transfer-encoding" and value.lower() == b"chunked":
-                            length = 0
-                            chunked = True
-                        elif name == b"connection":
-                            if b"close" in [token.lower().strip() for token in value.split(b",")]:
-                                keep_alive = False
-                                has_connection_close = True
-            if not keep_alive and not has_connection_close:
-                content.append(b"connection: close\r\n")
-            if chunked is None and self.scope["method"] != "HEAD" and status not in (204, 304):
-                chunked = True
-                content.append(b"transfer-encoding: chunked\r\n")
-            content.append(b"\r\n")
-            head = b"".join(content)
-        except Exception:  # a malformed message: uvicorn's send raises its own error for it
-            return None
-        self.response_started = True
-        self.waiting_for_100_continue = False
-        self.chunked_encoding = chunked
-        self.expected_content_length = length
-        self.keep_alive = keep_alive
-        return head
-
-
 _FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto")  # the headers uvicorn's proxy-headers middleware reads
+_READ = frozenset((b"expect", *_FORWARDED))  # the request headers the protocol itself reads
 
 
-class ComoxHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol over a :class:`BatchedTransport`, its
-    cycles :class:`ComoxResponseCycle`."""
+class ComoxHttpProtocol(asyncio.Protocol):
+    """An HTTP/1.1 protocol for uvicorn (``http=`` in ``uvicorn.Config``) on
+    httptools, as uvicorn's own ``HttpToolsProtocol`` with less work per
+    request: its writes go through a :class:`BatchedTransport`, its requests
+    are :class:`comox.server_cycle.ComoxResponseCycle`, and its keep-alive
+    timeout is one timer per connection, re-armed only when it fires, instead
+    of one armed and cancelled per request. Everything else is uvicorn's:
+    pipelining, ``Expect: 100-continue``, flow control, ``limit_concurrency``,
+    ``limit_max_requests``, graceful shutdown, the 400 for a request it cannot
+    parse, the hand-over of a WebSocket upgrade to uvicorn's WebSocket
+    protocol, and its error and access logs."""
+
+    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        if not config.loaded:
+            config.load()
+        self.config = config
+        self.app: ASGI3Application = config.loaded_app
+        self.loop = _loop or asyncio.get_event_loop()
+        self.logger = logging.getLogger("uvicorn.error")
+        self.access_logger = logging.getLogger("uvicorn.access")
+        self.access_log = self.access_logger.hasHandlers()
+        self.parser = httptools.HttpRequestParser(self)
+        try:  # answer the first of pipelined requests that end with a close (httptools >= 0.6.3)
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        except AttributeError:  # pragma: no cover
+            pass
+        self.ws_protocol_class = config.ws_protocol_class
+        self.root_path = config.root_path
+        self.asgi_version = config.asgi_version
+        self.limit_concurrency = config.limit_concurrency
+        self.app_state = app_state
+        self.server_state = server_state
+        self.connections: set[Any] = server_state.connections  # (uvicorn's protocols' set)
+        self.tasks = server_state.tasks
+        self.timeout_keep_alive = config.timeout_keep_alive
+        self.idle_since: float | None = None  # when the connection's last answer ended, while nothing has come since
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.transport: Any = None
+        self.flow: FlowControl = None  # type: ignore[assignment]
+        self.server: tuple[str, int | None] | None = None
+        self.client: tuple[str, int] | None = None
+        self.scheme = "http"
+        self.pipeline: deque[tuple[ComoxResponseCycle, ASGI3Application]] = deque()
+        # the request being parsed
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.expect_100_continue = False
+        self.forwarded = False
+        self.scope: dict[str, Any] = {}
+        self.cycle: ComoxResponseCycle | None = None
+
+    # -- the connection --
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(BatchedTransport(transport, self.loop))  # type: ignore[arg-type]
+        self.connections.add(self)
+        self.transport = BatchedTransport(transport, self.loop)
+        self.flow = FlowControl(transport)
+        self.server = get_local_addr(transport)
+        self.client = get_remote_addr(transport)
+        self.scheme = "https" if is_ssl(transport) else "http"
 
-    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
-        # Every cycle, pipelined ones included, starts here, before its app can send.
-        # uvicorn builds the cycle inline in on_headers_complete; the subclass adds no
-        # slots or state, so switching the class keeps every attribute uvicorn set.
-        if _FAST_HEAD and type(cycle) is RequestResponseCycle:
-            cycle.__class__ = ComoxResponseCycle
-        super()._start_asgi_task(cycle, app)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connections.discard(self)
+        cycle = self.cycle
+        if cycle is not None:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+            cycle.wake()
+        if self.flow is not None:
+            self.flow.resume_writing()
+        if exc is None:
+            self.transport.close()
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        self.parser = None  # type: ignore[assignment]
+
+    def eof_received(self) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        self.idle_since = None
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+        except httptools.HttpParserUpgrade:
+            if self._upgrade() == b"websocket" and self.ws_protocol_class is not None:
+                self.handle_websocket_upgrade()
+            else:
+                self.logger.warning("Unsupported upgrade request.")
+
+    def send_400_response(self, msg: str) -> None:
+        content = [STATUS_LINE[400]]
+        for name, value in self.server_state.default_headers:
+            content.extend([name, b": ", value, b"\r\n"])
+        content.extend([b"content-type: text/plain; charset=utf-8\r\n",
+                        b"content-length: " + str(len(msg)).encode("ascii") + b"\r\n",
+                        b"connection: close\r\n", b"\r\n", msg.encode("ascii")])
+        self.transport.write(b"".join(content))
+        self.transport.close()
+
+    def _upgrade(self) -> bytes | None:
+        connection: list[bytes] = []
+        upgrade = None
+        for name, value in self.headers:
+            if name == b"connection":
+                connection = [token.lower().strip() for token in value.split(b",")]
+            if name == b"upgrade":
+                upgrade = value.lower()
+        return upgrade if b"upgrade" in connection else None
+
+    def handle_websocket_upgrade(self) -> None:
+        """Hand the connection to uvicorn's WebSocket protocol, the request replayed to it."""
+        self.connections.discard(self)
+        output = [self.scope["method"].encode(), b" ", self.url, b" HTTP/1.1\r\n"]
+        for name, value in self.scope["headers"]:
+            output += [name, b": ", value, b"\r\n"]
+        output.append(b"\r\n")
+        protocol = self.ws_protocol_class(config=self.config, server_state=self.server_state,  # type: ignore[misc, call-arg]
+                                          app_state=self.app_state)
+        transport = self.transport.transport  # the socket's own, not the batching wrapper
+        self.transport.flush()
+        protocol.connection_made(transport)
+        protocol.data_received(b"".join(output))
+        transport.set_protocol(protocol)
+
+    # -- the parser's callbacks, for each request --
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.expect_100_continue = False
+        self.forwarded = False
+        self.headers = []
+        self.scope = {"type": "http", "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+                      "http_version": "1.1", "server": self.server, "client": self.client,
+                      "scheme": self.scheme, "root_path": self.root_path, "headers": self.headers,
+                      "state": self.app_state.copy()}
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name in _READ:
+            if name == b"expect":
+                if value.lower() == b"100-continue":
+                    self.expect_100_continue = True
+            else:
+                self.forwarded = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        scope = self.scope
+        http_version = parser.get_http_version()
+        scope["method"] = parser.get_method().decode("ascii")
+        if http_version != "1.1":
+            scope["http_version"] = http_version
+        if parser.should_upgrade() and self._upgrade() == b"websocket" and self.ws_protocol_class is not None:
+            return
+        url = self.url
+        if url[:1] == b"/" and b"#" not in url:  # origin form, as nearly every request (parse_url makes an object)
+            raw_path, _, query = url.partition(b"?")
+        else:
+            parsed = httptools.parse_url(url)
+            raw_path, query = parsed.path, parsed.query or b""
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        root_path = self.root_path
+        scope["path"] = root_path + path if root_path else path
+        scope["raw_path"] = root_path.encode("ascii") + raw_path if root_path else raw_path
+        scope["query_string"] = query
+        limit = self.limit_concurrency
+        app: ASGI3Application
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            app = service_unavailable
+            self.logger.warning("Exceeded concurrency limit.")
+        else:
+            app = self.app_for()
+        existing = self.cycle
+        self.cycle = cycle = ComoxResponseCycle(self, scope, http_version != "1.0" and parser.should_keep_alive(),
+                                                self.expect_100_continue)
+        if existing is None or existing.response_complete:
+            self._start_asgi_task(cycle, app)
+        else:  # pipelined: started when the one before has answered
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, app))
+
+    def app_for(self) -> ASGI3Application:
+        """The app for the request whose headers have just been parsed."""
+        return self.app
+
+    def _start_asgi_task(self, cycle: ComoxResponseCycle, app: ASGI3Application) -> None:
+        if self.config.reset_contextvars:  # uvicorn's opt-in: no context of the lifespan's or instrumentation's
+            task = self.loop.create_task(cycle.run_asgi(app), context=contextvars.Context())
+        else:
+            task = self.loop.create_task(cycle.run_asgi(app))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or self.parser.should_upgrade():
+            return
+        cycle.body = cycle.body + body if cycle.body else body
+        if len(cycle.body) > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        cycle.wake()
+
+    def on_message_complete(self) -> None:
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or self.parser.should_upgrade():
+            return
+        cycle.more_body = False
+        cycle.wake()
+
+    # -- after each answer --
+
+    def on_response_complete(self) -> None:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self.idle_since = self.loop.time()
+            if self.idle_timer is None:
+                self.idle_timer = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
+
+    def _idle_check(self) -> None:
+        # Closes the connection once it has been idle for the keep-alive timeout;
+        # a busy one gets a new timer when its answer ends.
+        self.idle_timer = None
+        since = self.idle_since
+        if since is None or self.transport.is_closing():
+            return
+        left = since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self.idle_timer = self.loop.call_later(left, self._idle_check)
+        else:
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """Called by the server to commence a graceful shutdown."""
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.close()
+        else:
+            self.cycle.keep_alive = False
+
+    def pause_writing(self) -> None:
+        self.flow.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.flow.resume_writing()
 
 
 class ComoxServeProtocol(ComoxHttpProtocol):
@@ -251,12 +373,10 @@ class ComoxServeProtocol(ComoxHttpProtocol):
     every request in it (a coroutine more, a loop over the headers), so
     ``SERVER_OPTIONS`` turns uvicorn's off."""
 
-    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
-        if app is self.app and self.config.proxy_headers is False:  # (not a 503 of limit_concurrency's)
-            names = dict(cycle.scope["headers"])
-            if _FORWARDED[0] in names or _FORWARDED[1] in names:
-                app = forwarded_app(self.config)
-        super()._start_asgi_task(cycle, app)
+    def app_for(self) -> ASGI3Application:
+        if self.forwarded and self.config.proxy_headers is False:
+            return forwarded_app(self.config)
+        return self.app
 
 
 def forwarded_app(config: Config) -> ASGI3Application:

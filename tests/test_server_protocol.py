@@ -1,10 +1,12 @@
-"""``comox/server_protocol.py``: uvicorn's httptools protocol whose writes
-go out at the end of the event loop's turn, a response's head with its body.
-The writes are counted on the transport under the protocol; answers of every shape (a body, a stream whose
-first chunk comes late, HEAD, 204, 100-continue, keep-alive, a large body)
-are checked over real sockets against a uvicorn server on 127.0.0.1. The
-fast response head (:class:`ComoxResponseCycle`) is checked byte for byte
-against plain uvicorn's, on the wire and in process."""
+"""``comox/server_protocol.py`` and ``comox/server_cycle.py``: Comox's HTTP/1.1
+protocol for uvicorn, whose writes go out at the end of the event loop's turn,
+a response's head with its body. The writes are counted on the transport under
+the protocol; answers of every shape (a body, a stream whose first chunk comes
+late, HEAD, 204, 100-continue, keep-alive, pipelining, a large body, requests it
+cannot parse) are checked over real sockets against plain uvicorn's httptools
+protocol on 127.0.0.1, byte for byte, and so are the scopes the app is given.
+The fast response head (:class:`ComoxResponseCycle`) is checked byte for byte
+and error for error against uvicorn's cycle in process."""
 
 from __future__ import annotations
 
@@ -16,10 +18,7 @@ import time
 import httpx
 import pytest
 
-from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
-
-from comox import server_protocol
-from comox.server_protocol import SERVER_OPTIONS, BatchedTransport, ComoxResponseCycle
+from comox.server_protocol import SERVER_OPTIONS, BatchedTransport
 from comox.testing import ServerThread
 
 BIG = b"x" * (200 * 1024)
@@ -247,6 +246,18 @@ async def shapes_app(scope, receive, send):
         return
     if path == "/raise":
         raise RuntimeError("the app failed")  # uvicorn's 500, sent through the cycle's send
+    if path in ("/echo", "/scope"):  # the request as the app is given it
+        body = b""
+        while (message := await receive())["type"] == "http.request":
+            body += message["body"]
+            if not message["more_body"]:
+                break
+        if path == "/scope":
+            body = repr({name: scope.get(name) for name in ("method", "http_version", "path", "raw_path",
+                                                             "query_string", "root_path", "scheme")}).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+        return
     status, headers, chunks = SHAPES[path]
     start = {"type": "http.response.start", "status": status}
     if headers is not None:
@@ -293,7 +304,7 @@ def exchange(port: int, request: bytes) -> tuple[bytes, bool]:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(request)
         data = b""
-        while not complete(data, request.startswith(b"HEAD"), request.count(b"\r\n\r\n")):
+        while not complete(data, request.startswith(b"HEAD"), request.count(b" HTTP/1.")):
             chunk = sock.recv(65536)
             if not chunk:
                 return re.sub(rb"\r\ndate: [^\r]*", b"\r\ndate: -", data), True
@@ -314,6 +325,13 @@ REQUESTS = [request(path) for path in SHAPES] + [
     request("/comox", "HEAD"), request("/stream", "HEAD"), request("/raise"),
     request("/comox", version="1.0"), request("/stream", version="1.0"), request("/none", extra="connection: close\r\n"),
     request("/comox") + request("/stream") + request("/upper", extra="connection: close\r\n"),  # pipelined
+    request("/scope?q=1&r=%20"), request("/sc%6Fpe"), request("http://example.com/scope?q=1"),
+    request("/scope", "DELETE", "1.0"), request("/scope#part"),
+    request("/echo", "POST", extra="content-length: 5\r\n") + b"hello",
+    request("/echo", "POST", extra="content-length: 300000\r\n") + b"y" * 300_000,  # past the high-water mark
+    request("/echo", "POST", extra="transfer-encoding: chunked\r\n") + b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+    request("/echo", "POST", extra="content-length: 1\r\n") + b"x" + request("/scope"),  # pipelined, a body first
+    request("/scope", extra="content-length: x\r\n"), b"NOT HTTP\r\n\r\n",  # uvicorn's 400
 ]
 
 
@@ -338,61 +356,6 @@ def test_the_app_sends_through_the_comox_cycle(servers):
     comox, plain = servers
     assert exchange(comox.port, request("/cycle"))[0].endswith(b"\r\n\r\nComoxResponseCycle")
     assert exchange(plain.port, request("/cycle"))[0].endswith(b"\r\n\r\nRequestResponseCycle")
-
-
-class Flow:
-    write_paused = False
-
-
-def cycle_over(cls, recorder: Recorder, method: str = "GET", keep_alive: bool = True) -> RequestResponseCycle:
-    return cls(scope={"method": method}, transport=recorder, flow=Flow(), logger=None, access_logger=None,
-               access_log=False, default_headers=[(b"date", b"Tue, 01 Dec 2026 20:00:00 GMT")],
-               message_event=asyncio.Event(), expect_100_continue=True, keep_alive=keep_alive, on_response=lambda: None)
-
-
-@pytest.mark.parametrize("status, headers, method, keep_alive", [
-    (200, COMOX_HEADERS, "GET", True), (200, COMOX_HEADERS[:-1], "GET", False), (304, [], "GET", True),
-    (200, [(b"transfer-encoding", b"chunked"), (b"content-length", b"3")], "POST", True), (200, [], "HEAD", True)])
-def test_the_fast_head_is_taken_and_writes_and_sets_what_uvicorn_does(monkeypatch, status, headers, method, keep_alive):
-    fallbacks = []
-    def uvicorn_send(cycle, message):
-        fallbacks.append(message["type"])
-        return RequestResponseCycle.send(cycle, message)
-    monkeypatch.setattr(server_protocol, "_uvicorn_send", uvicorn_send)
-    start = {"type": "http.response.start", "status": status, "headers": headers}
-    async def run(cls) -> tuple[object, ...]:
-        cycle = cycle_over(cls, recorder := Recorder(), method, keep_alive)
-        first, second = cycle.send(start), cycle.send(start)  # both before either runs
-        await first
-        state = (cycle.response_started, cycle.waiting_for_100_continue, cycle.chunked_encoding,
-                 cycle.expected_content_length, cycle.keep_alive)
-        with pytest.raises(RuntimeError) as again:
-            await second
-        return recorder.writes, state, str(again.value)
-    assert asyncio.run(run(ComoxResponseCycle)) == asyncio.run(run(RequestResponseCycle))
-    assert fallbacks == ["http.response.start"]  # the second start only: the first took the fast head
-
-
-@pytest.mark.parametrize("start", [
-    {"type": "http.response.start", "status": 200, "headers": [(b"x", b"1", b"2")]},
-    {"type": "http.response.start", "status": 200, "headers": [(b"x",)]},
-    {"type": "http.response.start", "status": 200, "headers": [("x-str", b"1")]},
-    {"type": "http.response.start", "status": 200, "headers": [(memoryview(b"x-mv"), b"1")]},
-    {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"x")]},
-    {"type": "http.response.start", "status": 200, "headers": [(b"connection", memoryview(b"close"))]},
-    {"type": "http.response.start", "status": 200,  # names the fast head has seen valid, a value not
-     "headers": [(name, b"mi\x00ss" if name == b"x-comox-cache" else value) for name, value in COMOX_HEADERS]},
-    {"type": "http.response.start", "status": 99, "headers": []},
-    {"type": "http.response.start", "headers": []},
-    {"type": "http.response.body", "body": b""}])
-def test_a_start_uvicorn_refuses_raises_what_uvicorn_raises(start):
-    async def run(cls) -> tuple[object, ...]:
-        cycle = cycle_over(cls, recorder := Recorder())
-        with pytest.raises(Exception) as raised:
-            await cycle.send(start)
-        return (type(raised.value), str(raised.value), recorder.writes, cycle.response_started,
-                cycle.chunked_encoding, cycle.expected_content_length, cycle.keep_alive)
-    assert asyncio.run(run(ComoxResponseCycle)) == asyncio.run(run(RequestResponseCycle))
 
 
 # -- proxy headers (ComoxServeProtocol) -----------------------------------------
@@ -439,23 +402,93 @@ def test_proxy_headers_are_honoured_as_uvicorn_does_and_read_only_when_present(m
     assert calls.count("/comox") == (1 if headers else 0)
 
 
-@pytest.mark.parametrize("chunks", [[b'{"ok":true}'], [b"data: 1\n\n", b"data: 2\n\n", b""]], ids=["json", "stream"])
-def test_the_apps_last_send_returns_once_its_answer_is_written(chunks):
-    """Not before: what the app does after answering (its logs, metrics and
-    accounting) must not hold back the answer's one write."""
-    async def run() -> tuple[list[bytes], list[bytes]]:
-        recorder = Recorder()
-        cycle = cycle_over(ComoxResponseCycle, BatchedTransport(recorder, asyncio.get_running_loop()))  # type: ignore[arg-type]
-        await cycle.send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-        for n, chunk in enumerate(chunks[:-1]):
-            await cycle.send({"type": "http.response.body", "body": chunk, "more_body": True})
-            assert n or recorder.writes == []  # held: the turn has not ended
-        before_last = list(recorder.writes)
-        await cycle.send({"type": "http.response.body", "body": chunks[-1]})
-        return before_last, list(recorder.writes)  # as the app finds them when its send returns
-    before_last, written = asyncio.run(run())
-    assert before_last == []
-    answer = b"".join(written)
-    assert len(written) == 1 and answer.startswith(b"HTTP/1.1 200 OK\r\n")
-    assert answer.endswith(b"\r\n0\r\n\r\n")  # the chunked body's end: the whole answer
-    assert all(chunk in answer for chunk in chunks)
+# -- the connection: its body in pieces, the client leaving, keep-alive, limits --
+
+
+def test_a_body_sent_in_pieces_is_received_whole_as_it_arrives(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 6\r\n\r\nabc")
+        time.sleep(0.2)  # the app is waiting in receive() for the rest
+        sock.sendall(b"def")
+        answer = b""
+        while not answer.endswith(b"echo:abcdef"):
+            chunk = sock.recv(1024)
+            assert chunk, answer
+            answer += chunk
+
+
+left: list[dict] = []
+
+
+async def waits_for_the_client(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    first = await receive()
+    second = await receive()  # the request is whole: the next message is the client's leaving
+    left.append({"first": first, "second": second})
+
+
+@pytest.mark.parametrize("protocol", [SERVER_OPTIONS, {"http": "httptools"}], ids=["comox", "uvicorn"])
+def test_a_client_that_leaves_is_a_disconnect_for_the_waiting_app(protocol):
+    left.clear()
+    with ServerThread(waits_for_the_client, lifespan="off", access_log=False, **protocol) as running:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=5) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi")
+            time.sleep(0.2)
+        deadline = time.monotonic() + 5
+        while not left and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert left == [{"first": {"type": "http.request", "body": b"hi", "more_body": False},
+                     "second": {"type": "http.disconnect"}}]
+
+
+def closed_after(port: int, pause: float, requests: int) -> float | None:
+    """Seconds from a connection's last answer until the server closed it
+    (None if it kept it open for 2 s), ``requests`` sent ``pause`` apart."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        for _ in range(requests):
+            sock.sendall(request("/echo"))
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
+            answered = time.monotonic()
+            time.sleep(pause)
+        sock.settimeout(2)
+        try:
+            data = sock.recv(1)
+        except TimeoutError:
+            return None
+        assert data == b""
+        return time.monotonic() - answered
+
+
+def test_an_idle_connection_is_closed_after_the_keep_alive_timeout_and_a_busy_one_is_not():
+    with ServerThread(app, lifespan="off", access_log=False, timeout_keep_alive=0.5, **SERVER_OPTIONS) as running:
+        idle = closed_after(running.port, 0, 1)
+        assert idle is not None and 0.4 < idle < 1.0
+        # five requests 0.3 s apart: 1.5 s in all, each within the timeout of the last answer
+        kept = closed_after(running.port, 0.3, 5)
+        assert kept is not None and 0.4 < kept < 1.0
+
+
+@pytest.mark.parametrize("options", [{"limit_concurrency": 1}, {"root_path": "/api"}], ids=["503", "root-path"])
+def test_server_options_answer_as_under_uvicorn(options):
+    with ServerThread(shapes_app, lifespan="off", access_log=False, **options, **SERVER_OPTIONS) as comox, \
+            ServerThread(shapes_app, lifespan="off", access_log=False, http="httptools", server_header=False,
+                         **options) as plain:
+        for raw in (request("/scope?x=1"), request("/comox")):
+            ours = exchange(comox.port, raw)
+            assert ours == exchange(plain.port, raw)
+            assert (b" 503 " in ours[0].split(b"\r\n")[0]) == ("limit_concurrency" in options)
+
+
+def test_a_websocket_upgrade_is_handed_to_uvicorns_websocket_protocol(servers):
+    comox, plain = servers
+    upgrade = request("/ws", extra="connection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\n"
+                                   "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+    answers = []
+    for port in (comox.port, plain.port):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(upgrade)
+            answers.append(re.sub(rb"\r\ndate: [^\r]*", b"", sock.recv(65536), flags=re.I))
+    assert answers[0] == answers[1]
+    # The app took no handshake: the WebSocket protocol's own 500 (its header names capitalised).
+    assert answers[0].startswith(b"HTTP/1.1 500") and b"\r\nContent-Length: 21\r\n" in answers[0]

@@ -1,0 +1,283 @@
+"""One request of a :class:`comox.server_protocol.ComoxHttpProtocol`
+connection: the app's run, its ASGI ``receive`` and ``send``.
+
+It answers as uvicorn's own ``RequestResponseCycle`` does, byte for byte and
+error for error (tests/test_server_protocol.py holds the two together), with
+less work per request: no ``asyncio.Event`` per request (a receive whose body
+has arrived, the usual case, waits for nothing), and the response head built
+with a few whole-list operations instead of uvicorn's per-header loop (two
+regex searches, a ``lower()``, three compares per header). Anything unusual
+in a head takes uvicorn's loop, written here as uvicorn writes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
+
+if TYPE_CHECKING:
+    from .server_protocol import ComoxHttpProtocol
+
+__all__ = ["ComoxResponseCycle"]
+
+_sleep = asyncio.sleep
+_DISCONNECT = "http.disconnect"
+
+# uvicorn checks each header name against HEADER_RE and each value against
+# HEADER_VALUE_RE, one search per header. Both are one-character classes, so a
+# byte of all the names (values) joined is rejected exactly when one name
+# (value) is: the fast head checks the joined bytes once, with bytes.translate
+# (a table lookup, a third of a regex search's time). The tables are read off
+# the regexes themselves; a uvicorn whose patterns differ gets no fast head.
+_UVICORN_PATTERNS = (b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]', b"[\x00-\x08\x0a-\x1f\x7f]")
+_FAST_HEAD = (HEADER_RE.pattern, HEADER_VALUE_RE.pattern) == _UVICORN_PATTERNS
+_VALUE_REJECT = bytes(c for c in range(256) if HEADER_VALUE_RE.search(bytes((c,))))
+_NAME_REJECT = bytes(c for c in range(256) if HEADER_RE.search(bytes((c,))))
+# True for a bytes name uvicorn's lower() leaves as it is (False, and uvicorn's
+# turn, for one with no letter); TypeError for a name of another type.
+_IS_LOWER = bytes.islower
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))  # the names uvicorn acts on
+_LENGTH_ONLY = frozenset((b"content-length",))
+# Names lists seen valid: names -> (their joined length, the index of the first
+# content-length when it is the only framing name, whether there is any).
+# Only tuples of lower-case bytes get here; at most 256 (then each is checked).
+_KNOWN_NAMES: dict[tuple[bytes, ...], tuple[int, int | None, bool]] = {}
+_LINE = b": ".join  # a (name, value) pair's header line, without its CRLF
+
+
+class ComoxResponseCycle:
+    """One request's ASGI ``receive`` and ``send``, and :meth:`run_asgi`, the
+    task that runs the app for it. Its response state has uvicorn's names."""
+
+    __slots__ = ("protocol", "scope", "transport", "flow", "body", "more_body", "delivered", "waiter",
+                 "disconnected", "keep_alive", "waiting_for_100_continue", "response_started",
+                 "response_complete", "chunked_encoding", "expected_content_length")
+
+    def __init__(self, protocol: ComoxHttpProtocol, scope: dict[str, Any], keep_alive: bool,
+                 expect_100_continue: bool):
+        self.protocol = protocol
+        self.scope = scope
+        self.transport = protocol.transport
+        self.flow = protocol.flow
+        self.body = b""  # what has arrived and not been received
+        self.more_body = True  # until the request's last byte has arrived
+        self.delivered = False  # the request's last message has been received
+        self.waiter: asyncio.Future[None] | None = None  # a receive waiting for the request
+        self.disconnected = False
+        self.keep_alive = keep_alive
+        self.waiting_for_100_continue = expect_100_continue
+        self.response_started = False
+        self.response_complete = False
+        self.chunked_encoding: bool | None = None
+        self.expected_content_length = 0
+
+    def wake(self) -> None:
+        """Something for a waiting ``receive``: body, the request's end, the client's leaving."""
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def run_asgi(self, app: Any) -> None:
+        try:
+            result = await app(self.scope, self.receive, self.send)
+        except BaseException as exc:
+            self.protocol.logger.error("Exception in ASGI application\n", exc_info=exc)
+            if not self.response_started:
+                await self.send_500_response()
+            else:
+                self.transport.close()
+        else:
+            if result is not None:
+                self.protocol.logger.error("ASGI callable should return None, but returned '%s'.", result)
+                self.transport.close()
+            elif not self.response_started and not self.disconnected:
+                self.protocol.logger.error("ASGI callable returned without starting response.")
+                await self.send_500_response()
+            elif not self.response_complete and not self.disconnected:
+                self.protocol.logger.error("ASGI callable returned without completing response.")
+                self.transport.close()
+
+    async def send_500_response(self) -> None:
+        await self.send({"type": "http.response.start", "status": 500,
+                         "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21"),
+                                     (b"connection", b"close")]})
+        await self.send({"type": "http.response.body", "body": b"Internal Server Error", "more_body": False})
+
+    async def receive(self) -> dict[str, Any]:
+        if self.waiting_for_100_continue and not self.transport.is_closing():
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.waiting_for_100_continue = False
+        # Wait only when nothing has arrived to give: a body not yet here, or
+        # (the request given whole) the client's leaving or the answer's end.
+        while not (self.disconnected or self.response_complete or self.body
+                   or not (self.more_body or self.delivered)):
+            self.flow.resume_reading()
+            self.waiter = waiter = self.protocol.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self.waiter = None
+        if self.disconnected or self.response_complete:
+            return {"type": _DISCONNECT}
+        body, self.body = self.body, b""
+        if not self.more_body:
+            self.delivered = True
+        return {"type": "http.request", "body": body, "more_body": self.more_body}
+
+    async def send(self, message: Any) -> None:
+        flow = self.flow
+        if flow.write_paused and not self.disconnected:
+            await flow.drain()
+        if self.disconnected:
+            return
+        if not self.response_started:
+            if message["type"] != "http.response.start":
+                raise RuntimeError(f"Expected ASGI message 'http.response.start', but got '{message['type']}'.")
+            if self.protocol.access_log:
+                scope = self.scope
+                self.protocol.access_logger.info(
+                    '%s - "%s %s HTTP/%s" %d', get_client_addr(scope), scope["method"],  # type: ignore[arg-type]
+                    get_path_with_query_string(scope), scope["http_version"], message["status"])  # type: ignore[arg-type]
+            head = self._fast_head(message) if _FAST_HEAD else None
+            self.transport.write(head if head is not None else self._head(message))
+        elif not self.response_complete:
+            if message["type"] != "http.response.body":
+                raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{message['type']}'.")
+            body = message.get("body", b"")
+            more_body = message.get("more_body", False)
+            if self.scope["method"] == "HEAD":
+                self.expected_content_length = 0
+            elif self.chunked_encoding:
+                if body:
+                    self.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if not more_body
+                                         else b"%x\r\n%b\r\n" % (len(body), body))
+                elif not more_body:
+                    self.transport.write(b"0\r\n\r\n")
+            else:
+                if len(body) > self.expected_content_length:
+                    raise RuntimeError("Response content longer than Content-Length")
+                self.expected_content_length -= len(body)
+                self.transport.write(body)
+            if not more_body:
+                if self.expected_content_length != 0:
+                    raise RuntimeError("Response content shorter than Content-Length")
+                self.response_complete = True
+                self.wake()
+                if not self.keep_alive:
+                    self.transport.close()
+                self.protocol.on_response_complete()
+                # One turn for the app, if the transport holds bytes to the turn's end,
+                # so that the answer goes out before what the app does after answering
+                # (logs, metrics, accounting), not after it.
+                if getattr(self.transport, "held", None) is not None:
+                    await _sleep(0)
+        else:
+            raise RuntimeError(f"Unexpected ASGI message '{message['type']}' sent, after response already completed.")
+
+    def _head(self, message: Any) -> bytes:
+        """uvicorn's own head building, its errors and the state it sets on the way."""
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        status_code = message["status"]
+        headers = self.protocol.server_state.default_headers + list(message.get("headers", []))
+        content = [STATUS_LINE[status_code]]
+        has_connection_close = False
+        for name, value in headers:
+            if HEADER_RE.search(name):
+                raise RuntimeError("Invalid HTTP header name.")
+            if HEADER_VALUE_RE.search(value):
+                raise RuntimeError("Invalid HTTP header value.")
+            name = name.lower()
+            if name == b"content-length" and self.chunked_encoding is None:
+                self.expected_content_length = int(value.decode())
+                self.chunked_encoding = False
+            elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                self.expected_content_length = 0
+                self.chunked_encoding = True
+            elif name == b"connection":
+                connection = [token.lower().strip() for token in value.split(b",")]
+                if b"close" in connection:
+                    self.keep_alive = False
+                    has_connection_close = True
+            content.extend([name, b": ", value, b"\r\n"])
+        if not self.keep_alive and not has_connection_close:
+            content.append(b"connection: close\r\n")
+        if self.chunked_encoding is None and self.scope["method"] != "HEAD" and status_code not in (204, 304):
+            self.chunked_encoding = True
+            content.append(b"transfer-encoding: chunked\r\n")
+        content.append(b"\r\n")
+        return b"".join(content)
+
+    def _fast_head(self, message: Any) -> bytes | None:
+        """The head :meth:`_head` would build, its state set as it sets it;
+        None, and nothing changed, for it to build."""
+        try:
+            status = message["status"]
+            status_line = STATUS_LINE[status]
+            headers: Any = message.get("headers", ())
+            if type(headers) is not list and type(headers) is not tuple:
+                return None  # an iterator: uvicorn's list() must be the one to consume it
+            default_headers = self.protocol.server_state.default_headers
+            if default_headers:
+                headers = [*default_headers, *headers]  # date (and --header ones), first as in uvicorn
+            content = [status_line]
+            chunked = self.chunked_encoding
+            length = self.expected_content_length
+            keep_alive = self.keep_alive
+            has_connection_close = False
+            if headers:
+                names, values = zip(*headers)  # ValueError if a header has fewer than two items
+                if not all(map(_IS_LOWER, names)):
+                    return None  # uvicorn lowers an upper-case name (and raises for a str or memoryview)
+                known = _KNOWN_NAMES.get(names)  # an answer's names are most often the same list as before
+                if known is None:
+                    joined_names = b"".join(names)
+                    if len(joined_names.translate(None, _NAME_REJECT)) != len(joined_names):
+                        return None  # uvicorn raises "Invalid HTTP header name."
+                    framing_names = _FRAMING.intersection(names)
+                    length_at = names.index(b"content-length") if framing_names == _LENGTH_ONLY else None
+                    known = (len(joined_names), length_at, bool(framing_names))
+                    if len(_KNOWN_NAMES) < 256:
+                        _KNOWN_NAMES[names] = known
+                names_length, length_at, any_framing = known
+                joined_values = b"".join(values)
+                if len(joined_values.translate(None, _VALUE_REJECT)) != len(joined_values):
+                    return None  # uvicorn raises "Invalid HTTP header value."
+                lines = b"\r\n".join(map(_LINE, headers))
+                if len(lines) != names_length + len(joined_values) + 4 * len(headers) - 2:
+                    return None  # a header of three items or more: uvicorn's unpacking raises
+                content += (lines, b"\r\n")
+                if length_at is not None:  # the usual answer: only the first content-length counts
+                    if chunked is None:
+                        length = int(values[length_at].decode())
+                        chunked = False
+                elif any_framing:  # uvicorn's handling, for names already lower-case
+                    for name, value in headers:
+                        if name == b"content-length" and chunked is None:
+                            length = int(value.decode())
+                            chunked = False
+                        elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                            length = 0
+                            chunked = True
+                        elif name == b"connection":
+                            if b"close" in [token.lower().strip() for token in value.split(b",")]:
+                                keep_alive = False
+                                has_connection_close = True
+            if not keep_alive and not has_connection_close:
+                content.append(b"connection: close\r\n")
+            if chunked is None and self.scope["method"] != "HEAD" and status not in (204, 304):
+                chunked = True
+                content.append(b"transfer-encoding: chunked\r\n")
+            content.append(b"\r\n")
+            head = b"".join(content)
+        except Exception:  # a malformed message: _head raises uvicorn's error for it
+            return None
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        self.chunked_encoding = chunked
+        self.expected_content_length = length
+        self.keep_alive = keep_alive
+        return head

@@ -1,0 +1,116 @@
+"""``comox/server_cycle.py``: one request's ``receive``, ``send`` and run, in
+process. Its response head is checked byte for byte, and its state and errors
+value for value, against uvicorn's own ``RequestResponseCycle``; its last send
+against the batched transport. (tests/test_server_protocol.py checks it on
+the wire, under the protocol.)"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+from comox.server_cycle import ComoxResponseCycle
+from comox.server_protocol import BatchedTransport
+from tests.test_server_protocol import COMOX_HEADERS, Recorder
+
+
+class Flow:
+    write_paused = False
+
+    def resume_reading(self) -> None:
+        pass
+
+
+DATE = [(b"date", b"Tue, 01 Dec 2026 20:00:00 GMT")]
+
+
+class Connection:
+    """What a ComoxResponseCycle reads of its protocol."""
+
+    def __init__(self, transport) -> None:
+        self.transport, self.flow, self.access_log = transport, Flow(), False
+        self.server_state = type("State", (), {"default_headers": DATE})()
+        self.loop = asyncio.get_running_loop()
+        self.completed = 0
+
+    def on_response_complete(self) -> None:
+        self.completed += 1
+
+
+def cycle_over(cls, transport, method: str = "GET", keep_alive: bool = True):
+    """A Comox cycle, or uvicorn's, for one request over ``transport``."""
+    if cls is ComoxResponseCycle:
+        return cls(Connection(transport), {"method": method}, keep_alive, True)  # type: ignore[arg-type]
+    return cls(scope={"method": method}, transport=transport, flow=Flow(), logger=None, access_logger=None,
+               access_log=False, default_headers=DATE, message_event=asyncio.Event(), expect_100_continue=True,
+               keep_alive=keep_alive, on_response=lambda: None)
+
+
+@pytest.mark.parametrize("status, headers, method, keep_alive", [
+    (200, COMOX_HEADERS, "GET", True), (200, COMOX_HEADERS[:-1], "GET", False), (304, [], "GET", True),
+    (200, [(b"transfer-encoding", b"chunked"), (b"content-length", b"3")], "POST", True), (200, [], "HEAD", True)])
+def test_the_fast_head_is_taken_and_writes_and_sets_what_uvicorn_does(monkeypatch, status, headers, method, keep_alive):
+    slow = []
+    uvicorns_loop = ComoxResponseCycle._head
+    def counted(cycle, message):
+        slow.append(message["type"])
+        return uvicorns_loop(cycle, message)
+    monkeypatch.setattr(ComoxResponseCycle, "_head", counted)
+    start = {"type": "http.response.start", "status": status, "headers": headers}
+    async def run(cls) -> tuple[object, ...]:
+        cycle = cycle_over(cls, recorder := Recorder(), method, keep_alive)
+        first, second = cycle.send(start), cycle.send(start)  # both before either runs
+        await first
+        state = (cycle.response_started, cycle.waiting_for_100_continue, cycle.chunked_encoding,
+                 cycle.expected_content_length, cycle.keep_alive)
+        with pytest.raises(RuntimeError) as again:
+            await second
+        return recorder.writes, state, str(again.value)
+    assert asyncio.run(run(ComoxResponseCycle)) == asyncio.run(run(RequestResponseCycle))
+    assert slow == []  # the fast head built it (the second start is refused before any head)
+
+
+@pytest.mark.parametrize("start", [
+    {"type": "http.response.start", "status": 200, "headers": [(b"x", b"1", b"2")]},
+    {"type": "http.response.start", "status": 200, "headers": [(b"x",)]},
+    {"type": "http.response.start", "status": 200, "headers": [("x-str", b"1")]},
+    {"type": "http.response.start", "status": 200, "headers": [(memoryview(b"x-mv"), b"1")]},
+    {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"x")]},
+    {"type": "http.response.start", "status": 200, "headers": [(b"connection", memoryview(b"close"))]},
+    {"type": "http.response.start", "status": 200,  # names the fast head has seen valid, a value not
+     "headers": [(name, b"mi\x00ss" if name == b"x-comox-cache" else value) for name, value in COMOX_HEADERS]},
+    {"type": "http.response.start", "status": 99, "headers": []},
+    {"type": "http.response.start", "headers": []},
+    {"type": "http.response.body", "body": b""}])
+def test_a_start_uvicorn_refuses_raises_what_uvicorn_raises(start):
+    async def run(cls) -> tuple[object, ...]:
+        cycle = cycle_over(cls, recorder := Recorder())
+        with pytest.raises(Exception) as raised:
+            await cycle.send(start)
+        return (type(raised.value), str(raised.value), recorder.writes, cycle.response_started,
+                cycle.chunked_encoding, cycle.expected_content_length, cycle.keep_alive)
+    assert asyncio.run(run(ComoxResponseCycle)) == asyncio.run(run(RequestResponseCycle))
+
+
+@pytest.mark.parametrize("chunks", [[b'{"ok":true}'], [b"data: 1\n\n", b"data: 2\n\n", b""]], ids=["json", "stream"])
+def test_the_apps_last_send_returns_once_its_answer_is_written(chunks):
+    """Not before: what the app does after answering (its logs, metrics and
+    accounting) must not hold back the answer's one write."""
+    async def run() -> tuple[list[bytes], list[bytes]]:
+        recorder = Recorder()
+        cycle = cycle_over(ComoxResponseCycle, BatchedTransport(recorder, asyncio.get_running_loop()))  # type: ignore[arg-type]
+        await cycle.send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        for n, chunk in enumerate(chunks[:-1]):
+            await cycle.send({"type": "http.response.body", "body": chunk, "more_body": True})
+            assert n or recorder.writes == []  # held: the turn has not ended
+        before_last = list(recorder.writes)
+        await cycle.send({"type": "http.response.body", "body": chunks[-1]})
+        return before_last, list(recorder.writes)  # as the app finds them when its send returns
+    before_last, written = asyncio.run(run())
+    assert before_last == []
+    answer = b"".join(written)
+    assert len(written) == 1 and answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert answer.endswith(b"\r\n0\r\n\r\n")  # the chunked body's end: the whole answer
+    assert all(chunk in answer for chunk in chunks)
