@@ -398,6 +398,7 @@ class MinimalProxy(Proxy):
         "limit-httptools": "minimal ASGI proxy, Comox's HttptoolsTransport",
         "aiohttp-gc": "minimal ASGI proxy, aiohttp, GC tuned as comox serve",
         "limit-pyreqwest": "minimal ASGI proxy, one pyreqwest client",
+        "limit-comox": "minimal ASGI proxy, Comox's protocol and HttptoolsTransport",
     }
 
     def __init__(self, client: str, nginx: Nginx, workdir: Path, cores: str | None, workers: int = 1,
@@ -406,14 +407,17 @@ class MinimalProxy(Proxy):
         self.name = self.LABELS[client] + (f" ({workers} workers)" if workers > 1 else "") + (f", {self.path}" if api else "")
         self.port = free_port()
         env = {
-            "MINPROXY_CLIENT": {"aiohttp-gc": "aiohttp", "limit-pyreqwest": "pyreqwest", "limit-httptools": "comox-httptools"}.get(client, client),
+            "MINPROXY_CLIENT": {"aiohttp-gc": "aiohttp", "limit-pyreqwest": "pyreqwest", "limit-httptools": "comox-httptools",
+                               "limit-comox": "comox-httptools"}.get(client, client),
             "MINPROXY_TUNE_GC": "1" if client == "aiohttp-gc" else "",
             "MINPROXY_UPSTREAM": f"http://127.0.0.1:{nginx.port_json}",
             "MINPROXY_UPSTREAM_SSE": f"http://127.0.0.1:{nginx.port_sse}",
         }
         argv = [sys.executable, "-m", "uvicorn", "minimal_proxy:app", "--app-dir", str(HERE),
                 "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
-                "--no-access-log", "--loop", "uvloop", "--http", "httptools", "--workers", str(workers)]
+                "--no-access-log", "--loop", "uvloop", "--workers", str(workers), "--http",
+                # limit-comox: the floor of Comox's own serving and upstream parts, no stage between
+                "comox.server_protocol:ComoxServeProtocol" if client == "limit-comox" else "httptools"]
         self.proc = start(taskset(cores, argv), env=env, log=workdir / f"minproxy-{client}-{self.port}.log")
         self.wait_ready()
 
@@ -1201,7 +1205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sse-concurrency", type=int, default=16)
     parser.add_argument("--ttfb-client", choices=["c", "python", "both"], default="c",
                         help="what times streaming TTFB: bench/ttfb.c (default; needs cc), the Python aiohttp client, or both")
-    parser.add_argument("--extra", default="", help="extra targets, any of: memory,httpx,httpx-aiohttp,comox-transport,aiohttp-gc,limit-pyreqwest,limit-httptools "
+    parser.add_argument("--extra", default="", help="extra targets, any of: memory,httpx,httpx-aiohttp,comox-transport,aiohttp-gc,limit-pyreqwest,limit-httptools,limit-comox "
                         "(minimal proxy variants), comox-httpx,comox-httpx-aiohttp,comox-pyreqwest,comox-aiohttp,comox-httptools "
                         "(Comox over another transport), "
                         "comox-messages-native,comox-responses-native (Comox passing /v1/messages or /v1/responses "
