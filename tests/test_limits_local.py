@@ -52,7 +52,7 @@ def run(steps, state_class, limits):
                 if admitted:
                     request = admitted.pop(a % len(admitted))
                     request.usage = Usage(prompt=b, completion=b // 2) if b % 3 else None
-                    await comox_request_done(request, 200 if b % 5 else 500)
+                    await awaited(comox_request_done(request, 200 if b % 5 else 500))
                     outcomes.append(("done", request.state.get("limits")))
                 continue
             body = {"model": "m", "messages": [{"role": "user", "content": "x" * a}]}
@@ -61,7 +61,7 @@ def run(steps, state_class, limits):
             request = GatewayRequest(id="r", endpoint="chat/completions", path="/v1/chat/completions", headers=[],
                                      json=body, gateway=gateway)  # type: ignore[arg-type]
             try:
-                await comox_admit(request, principal)
+                await awaited(comox_admit(request, principal))
             except RateLimited as refused:
                 outcomes.append((refused.message, refused.retry_after, request.response_headers))
             else:
@@ -70,6 +70,12 @@ def run(steps, state_class, limits):
 
     asyncio.run(go())
     return outcomes
+
+
+async def awaited(result):
+    """A hook implementation's result, awaited if it is an awaitable (as the gateway does)."""
+    if result is not None:
+        await result
 
 
 step = st.one_of(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, ClassVar
 from weakref import WeakKeyDictionary
 
@@ -200,10 +200,15 @@ def _keep_stream(request: GatewayRequest, settings: CacheSettings) -> None:
 
 
 @comox.hookimpl
-async def comox_cache_lookup(request: GatewayRequest) -> BackendResponse | None:
+def comox_cache_lookup(request: GatewayRequest) -> Awaitable[BackendResponse | None] | None:
+    # A plain function: a request the cache does not take costs no coroutine.
     plan = request.state.get("cache")
     if not isinstance(plan, Plan):
         return None
+    return _lookup(request, plan)
+
+
+async def _lookup(request: GatewayRequest, plan: Plan) -> BackendResponse | None:
     settings = _settings(request)
     if settings is None:
         return None
@@ -270,12 +275,16 @@ def _replay(data: bytes) -> BackendResponse:
 
 
 @comox.hookimpl
-async def comox_cache_store(request: GatewayRequest, response: BackendResponse) -> None:
+def comox_cache_store(request: GatewayRequest, response: BackendResponse) -> Awaitable[None] | None:
     """Store a 200 answer the cache may serve: a JSON body, or the SSE bytes of
     a stream that ran to its ``[DONE]``."""
     plan = request.state.get("cache")
     if not isinstance(plan, Plan):
-        return
+        return None
+    return _store(request, response, plan)
+
+
+async def _store(request: GatewayRequest, response: BackendResponse, plan: Plan) -> None:
     settings = _settings(request)
     body = response.body
     if plan.key is None or plan.hit or settings is None or body is None or response.status != 200 or request.gateway is None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
+from collections.abc import Awaitable
 from typing import Any, NamedTuple
 
 from pydantic import BaseModel
@@ -193,17 +194,18 @@ async def comox_failover(request: GatewayRequest, error: Exception, trigger: str
 
 
 @comox.hookimpl(tryfirst=True)
-async def comox_request_done(request: GatewayRequest) -> None:
+def comox_request_done(request: GatewayRequest) -> Awaitable[None] | None:
+    # A plain function: only a request answered by a cloud backend has I/O to await.
     answer = request.state.pop("failover", None)
     if not isinstance(answer, _Answer) or request.gateway is None:
-        return
+        return None
     assert answer.tap is not None
     usage = answer.tap.usage
     if usage is not None and (request.usage is None or request.usage.prompt is None):
         request.usage = usage.usage()  # the usage-only chunk the client did not ask for, for later observers
     elif usage is None and request.usage is not None and request.usage.prompt is not None:
         usage = Tokens(request.usage.prompt, request.usage.completion, request.usage.cached or 0)
-    await _settle(_of(request.gateway).ledger, request, answer, usage)
+    return _settle(_of(request.gateway).ledger, request, answer, usage)
 
 
 class _Bound(NamedTuple):

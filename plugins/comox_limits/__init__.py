@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Awaitable
 from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -125,15 +126,17 @@ Held = tuple[Plan, int, int, "Add | None"]
 
 
 @comox.hookimpl
-async def comox_admit(request: GatewayRequest, principal: Principal) -> None:
+def comox_admit(request: GatewayRequest, principal: Principal) -> Awaitable[None] | None:
+    # A plain function: only a state shared with other replicas has I/O to await
+    # (a coroutine is returned for it), and a coroutine per request costs.
     limits = principal.limits
     key_id = principal.key_id
     gateway = request.gateway
     if not limits or key_id is None or gateway is None:
-        return
+        return None
     plan = plan_for(limits, key_id)
     if plan.idle:
-        return
+        return None
     if plan.zero is not None:
         raise RateLimited(f"Key {key_id!r} is allowed no requests ({plan.zero} is 0).")
     settings: LimitSettings = gateway.plugin_settings("limits") or DEFAULTS
@@ -148,7 +151,7 @@ async def comox_admit(request: GatewayRequest, principal: Principal) -> None:
         if not too_large:
             amount = max(1, min(amount, tpm))  # a guessed completion never makes a request too large
     if type(shared) is not MemoryState:
-        return await _admit_shared(request, plan, settings, shared, amount, prompt, too_large)
+        return _admit_shared(request, plan, settings, shared, amount, prompt, too_large)
     # This process's own state: the key's counters on one object (local.py).
     counters = counters_for(plan, shared)
     now = shared.clock()
@@ -169,6 +172,7 @@ async def comox_admit(request: GatewayRequest, principal: Principal) -> None:
         release = plan.slot(ttl)[1]
     _headers(request, plan, rpm_left, tpm_left)
     request.state["limits"] = (plan, amount, prompt, release)
+    return None
 
 
 async def _admit_shared(request: GatewayRequest, plan: Plan, settings: LimitSettings, shared: SharedState,
@@ -253,10 +257,10 @@ def _refusal(plan: Plan, judged: list[Bucket | tuple[bool, float]] | None, amoun
 
 
 @comox.hookimpl
-async def comox_request_done(request: GatewayRequest, status: int) -> None:
+def comox_request_done(request: GatewayRequest, status: int) -> Awaitable[None] | None:
     held: Held | None = request.state.pop("limits", None)
     if held is None or request.gateway is None:
-        return
+        return None
     plan, tokens, prompt, release = held
     more = 0  # tokens to take beyond the estimate (fewer when negative)
     tpm = plan.tpm
@@ -270,13 +274,18 @@ async def comox_request_done(request: GatewayRequest, status: int) -> None:
     shared = request.gateway.shared_state
     if type(shared) is MemoryState:
         counters_for(plan, shared).settle(plan, None if release is None else release.ttl_s, more, shared.clock())
-        return
+        return None
     ops: list[Take | Add] = [release] if release is not None else []
     if more:
         ops.append(_new_take(Take, (plan.tpm_key, more, tpm, plan.tpm_per_s, True)))
     if not ops:
-        return
-    # A release and a settlement: never refused.
+        return None
+    return _settle_shared(plan, shared, ops, release)
+
+
+async def _settle_shared(plan: Plan, shared: SharedState, ops: list[Take | Add], release: Add | None) -> None:
+    """``comox_request_done`` on a state shared with other replicas: a release
+    and a settlement in one step, never refused."""
     results = await shared.apply(ops)
     if release is not None:
         now = results[0][1]

@@ -20,6 +20,8 @@ Settings: ``[plugins.responses]`` (:class:`ResponsesSettings`). See docs/respons
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from pydantic import BaseModel, ConfigDict, Field
 
 import comox
@@ -59,9 +61,11 @@ def comox_inbound_apis(gateway: comox.Gateway) -> list[comox.InboundAPI]:
 
 
 @comox.hookimpl(tryfirst=True)
-async def comox_admit(request: GatewayRequest) -> None:
+def comox_admit(request: GatewayRequest) -> Awaitable[None] | None:
     """Put the conversation of ``previous_response_id`` before the input, before
-    other admission checks estimate the prompt."""
+    other admission checks estimate the prompt. (A plain function: a request
+    of another API costs no coroutine.)"""
     api = request.api
     if isinstance(api, ResponsesAPI):
-        await api.admit(request)
+        return api.admit(request)
+    return None
