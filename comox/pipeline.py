@@ -39,6 +39,7 @@ from .fleet import BackendState, ModelGroup
 from .gateway import Gateway
 from .request import ANONYMOUS, ENDPOINTS, DeferredBody, GatewayRequest, Principal, parse_body, request_id_from
 from .resume import resumable
+from .plugins import PENDING
 from .usage import record_body, record_stream
 
 __all__ = ["serve_api"]
@@ -92,8 +93,8 @@ async def serve_api(gateway: Gateway, scope: MutableMapping[str, Any], receive: 
     rid = request.id.encode()
     if not gateway.started:
         await gateway.startup()
-    if gateway.hooks.comox_request_start:
-        await gateway.hooks.request_start(request=request)
+    if gateway.hooks.comox_request_start and (pending := gateway.hooks.request_start(request=request)) is not None:
+        await pending
     responder = Responder(send, request)  # times the response, adds x-comox-overhead-ms
     state: BackendState | None = None
     error: Exception | None = None
@@ -116,8 +117,10 @@ async def serve_api(gateway: Gateway, scope: MutableMapping[str, Any], receive: 
         hooks = gateway.hooks
         if hooks.comox_request_done:
             status = responder.status or 499  # nothing sent: the client went away
-            await hooks.request_done(request=request, status=status, backend=state.name if state is not None else None,
-                                     error=error)
+            pending = hooks.request_done(request=request, status=status, backend=state.name if state is not None else None,
+                                         error=error)
+            if pending is not None:
+                await pending
 
 
 async def _serve(gateway: Gateway, request: GatewayRequest, receive: Receive, responder: Responder,
@@ -152,7 +155,9 @@ async def _authenticate(gateway: Gateway, request: GatewayRequest) -> Principal:
     """Who is calling, from the headers alone: before the body is read, so an
     unknown caller learns nothing from how its body would have been judged."""
     hooks = gateway.hooks
-    principal = await hooks.authenticate(request=request) if hooks.comox_authenticate else None
+    principal = hooks.authenticate(request=request) if hooks.comox_authenticate else None
+    if type(principal) is PENDING:
+        principal = await principal
     if principal is None and gateway.auth_required:
         raise AuthenticationFailed("a valid API key is required (Authorization: Bearer <key>)")
     request.principal = principal = principal or ANONYMOUS
@@ -214,11 +219,13 @@ async def _route_and_answer(gateway: Gateway, request: GatewayRequest, receive: 
     # Data that must stay home: the key's rule, the group's, or the request's
     # own (a request can add the restriction, never lift it).
     request.local_only = principal.local_only or group.settings.sovereign or request.header(b"x-comox-local-only") == b"true"
-    if hooks.comox_admit:
-        await hooks.admit(request=request, principal=principal)
+    if hooks.comox_admit and (pending := hooks.admit(request=request, principal=principal)) is not None:
+        await pending
     response: BackendResponse | None = None
     if hooks.comox_cache_lookup:
-        response = await hooks.cache_lookup(request=request)
+        response = hooks.cache_lookup(request=request)
+        if type(response) is PENDING:
+            response = await response
     cached = response is not None
     state: BackendState | None = None
     if response is None:
@@ -251,8 +258,9 @@ async def _route_and_answer(gateway: Gateway, request: GatewayRequest, receive: 
         elif sent.complete and sent.first and status == 200:
             record_stream(request, state, sent.first, sent.last, sent.counted, sent.end)
             body = kept.body() if kept is not None else None
-            if body is not None and hooks.comox_cache_store:
-                await hooks.cache_store(request=request, response=BackendResponse(200, internal.headers, body=body))
+            if body is not None and hooks.comox_cache_store and (pending := hooks.cache_store(
+                    request=request, response=BackendResponse(200, internal.headers, body=body))) is not None:
+                await pending
         return state, sent.error
     assert response.body is not None
     try:
@@ -264,8 +272,9 @@ async def _route_and_answer(gateway: Gateway, request: GatewayRequest, receive: 
         # when the client was sent a translation of it.
         assert internal.body is not None
         record_body(request, state, internal.body, internal.parsed)
-        if hooks.comox_cache_store and not cached and not internal.native:
-            await hooks.cache_store(request=request, response=internal)
+        if hooks.comox_cache_store and not cached and not internal.native \
+                and (pending := hooks.cache_store(request=request, response=internal)) is not None:
+            await pending
     return state, None
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import types
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from importlib.metadata import Distribution, entry_points
 from typing import Any
@@ -201,7 +202,7 @@ class HookChain:
             setattr(self, name, tuple(chain))
         # Each hook's implementations, called in one compiled function per way the
         # core calls them: no keyword dict, adapter or loop per request.
-        def compiled(mode: str, name: str) -> Callable[..., Awaitable[Any]]:
+        def compiled(mode: str, name: str) -> Callable[..., Any]:
             return _compiled(mode, getattr(self, name), tuple(getattr(pm.hook, name).spec.argnames))
 
         self.request_start = compiled("each_logged", "comox_request_start")
@@ -243,32 +244,57 @@ class HookChain:
                 log.exception("plugin %r failed in a hook whose failures are only logged", impl.plugin)
 
 
-def _compiled(mode: str, impls: tuple[_Impl, ...], args: tuple[str, ...]) -> Callable[..., Awaitable[Any]]:
-    """``HookChain.<mode>(impls, **kwargs)`` as one function of ``args`` (the
-    hook's arguments, keywords only), its calls written out: each
+def _compiled(mode: str, impls: tuple[_Impl, ...], args: tuple[str, ...]) -> Callable[..., Any]:
+    """``HookChain.<mode>(impls, **kwargs)`` as one plain function of ``args``
+    (the hook's arguments, keywords only), its calls written out: each
     implementation given the arguments it declares (each a name of the spec:
-    pluggy checks them, and :class:`_Impl` refuses any other), awaited if it is
-    a coroutine function or returned an awaitable."""
-    lines = [f"async def run(*, {', '.join(args)}):"]
+    pluggy checks them, and :class:`_Impl` refuses any other).
+
+    It runs the implementations until one is ``async def`` or returns an
+    awaitable, and then returns a coroutine that awaits it and runs the rest
+    as the static forms do; a chain with nothing to await returns without a
+    coroutine made. So it returns None (nothing more to do), a ``first``
+    hook's result, or a coroutine (:data:`PENDING`) for the caller to await."""
+    signature = ", ".join(args)
+    passed = ", ".join(f"{name}={name}" for name in args)
+
+    def call(i: int) -> str:
+        return f"f{i}(" + ", ".join(f"{name}={name}" for name in impls[i].argnames) + ")"
+
+    def guarded(i: int, body: list[str]) -> list[str]:  # each_logged: a failure is logged, the others still run
+        if mode != "each_logged":
+            return body
+        return ["try:", *("    " + line for line in body), "except Exception:",
+                f"    log.exception('plugin %r failed in a hook whose failures are only logged', p{i})"]
+
+    answered = ["if r is not None:", "    return r"] if mode == "first" else []
+    lines = [f"def run(*, {signature}):"]
     for i, impl in enumerate(impls):
-        call = f"f{i}(" + ", ".join(f"{name}={name}" for name in impl.argnames) + ")"
         if impl.is_async:
-            body = [f"r = await {call}"]
+            body = [f"return c{i}({call(i)}, {passed})"]
         else:
-            body = [f"r = {call}", "if r is not None and isawaitable(r):", "    r = await r"]
-        if mode == "first":
-            body += ["if r is not None:", "    return r"]
-        if mode == "each_logged":
-            body = ["try:", *("    " + line for line in body), "except Exception:",
-                    f"    log.exception('plugin %r failed in a hook whose failures are only logged', p{i})"]
-        lines += ["    " + line for line in body]
+            body = [f"r = {call(i)}", "if r is not None:", f"    if isawaitable(r): return c{i}(r, {passed})",
+                    *answered[1:]]
+        lines += ["    " + line for line in guarded(i, body)]
     lines.append("    return None")
+    for i in range(len(impls)):  # c{i}: implementation i's awaitable awaited, then the rest
+        lines.append(f"async def c{i}(r, *, {signature}):")
+        lines += ["    " + line for line in guarded(i, ["r = await r", *answered])]
+        for j in range(i + 1, len(impls)):
+            body = [f"r = {call(j)}", "if r is not None and isawaitable(r):", "    r = await r", *answered]
+            lines += ["    " + line for line in guarded(j, body)]
+        lines.append("    return None")
     names: dict[str, Any] = {"isawaitable": inspect.isawaitable, "log": log}
     for i, impl in enumerate(impls):
         names[f"f{i}"], names[f"p{i}"] = impl.function, impl.plugin
     exec("\n".join(lines), names)  # only the spec's names, checked when each _Impl was made
-    run: Callable[..., Awaitable[Any]] = names["run"]
+    run: Callable[..., Any] = names["run"]
     return run
+
+
+PENDING = types.CoroutineType
+"""The type of what a compiled hook call returns when there is something to
+await (``type(result) is PENDING``): a ``first`` hook's result never is one."""
 
 
 async def call_startup_hook(hook: pluggy.HookCaller, **kwargs: Any) -> None:

@@ -10,7 +10,7 @@ import pytest
 import comox
 from comox import hookspecs
 from comox.errors import ConfigError
-from comox.plugins import HookChain, make_plugin_manager
+from comox.plugins import PENDING, HookChain, make_plugin_manager
 from tests.plugins.recorder import Failover, Recorder
 from comox.testing import free_port, wait_until
 
@@ -322,3 +322,46 @@ def test_the_compiled_calls_keep_each_first_and_each_logged_semantics(monkeypatc
     calls.clear()
     assert asyncio.run(HookChain.first(chain.comox_cache_lookup, request="r")) == "hit"
     assert calls == [("sync", "r"), ("async", "r")]
+
+
+def test_a_compiled_call_with_nothing_to_await_makes_no_coroutine(monkeypatch, caplog):
+    """Plain implementations that return no awaitable are called at once: the
+    call returns None (or a ``first`` hook's answer), not a coroutine; one that
+    returns an awaitable hands the rest of the chain to a coroutine."""
+    monkeypatch.setenv("COMOX_LOAD_PLUGINS", "")
+    calls = []
+
+    class Plain:
+        @comox.hookimpl
+        def comox_cache_lookup(self, request):
+            calls.append(("lookup", request))
+            return "plain hit"
+
+        @comox.hookimpl
+        def comox_admit(self, request):
+            calls.append(("admit", request))
+
+        @comox.hookimpl
+        def comox_request_done(self, status):
+            calls.append(("done", status))
+            raise RuntimeError("observer broke")
+
+    class Later:
+        @comox.hookimpl(tryfirst=True)
+        def comox_admit(self, principal):
+            async def later():
+                calls.append(("later", principal))
+            return later() if principal == "wait" else None
+
+    chain = HookChain(make_plugin_manager([Plain(), Later()]))
+    assert chain.cache_lookup(request="r") == "plain hit"
+    assert chain.admit(request="r", principal="p") is None
+    with caplog.at_level("ERROR", logger="comox"):
+        assert chain.request_done(request="r", status=200, backend=None, error=None) is None
+    assert any("failed in a hook" in record.getMessage() for record in caplog.records)
+    assert calls == [("lookup", "r"), ("admit", "r"), ("done", 200)]
+    calls.clear()
+    pending = chain.admit(request="r", principal="wait")  # Later's awaitable: the rest waits for it
+    assert type(pending) is PENDING and calls == []
+    asyncio.run(pending)
+    assert calls == [("later", "wait"), ("admit", "r")]
