@@ -111,6 +111,11 @@ class Responder:
     async def start(self, status: int, headers: Headers) -> None:
         """Send the status and ``headers`` (a list of the caller's own: the
         overhead header is appended to it)."""
+        await self.send(self._start(status, headers))
+
+    def _start(self, status: int, headers: Headers) -> dict[str, Any]:
+        """:meth:`start`'s message, the response marked started. (A plain
+        function, so that :meth:`json` sends it without a coroutine more.)"""
         if self.started:
             raise RuntimeError("the response has already started")
         self.started = True
@@ -124,10 +129,10 @@ class Responder:
             waited = request.answered_at - request.sent_at
             overhead = now - request.received_at - waited if waited > 0 else now - request.received_at
             headers.append((OVERHEAD, b"%.3f" % (overhead * 1000)))
-        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        return {"type": "http.response.start", "status": status, "headers": headers}
 
     async def json(self, status: int, body: bytes, headers: Headers) -> None:
-        await self.start(status, headers + [(b"content-length", str(len(body)).encode())])
+        await self.send(self._start(status, headers + [(b"content-length", b"%d" % len(body))]))
         await self.send({"type": "http.response.body", "body": body})
         self.finished = True
         if self.request is not None:
@@ -175,7 +180,7 @@ class Responder:
         assert response.stream is not None
         watched = watch_current(receive)
         self.streaming = True
-        await self.start(response.status, headers)
+        await self.send(self._start(response.status, headers))
         send = self.send
         first = last = 0.0
         events = 0
