@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any, cast
 
 import httpx
@@ -297,9 +297,10 @@ class Gateway:
 
     # -- routing ------------------------------------------------------------
 
-    async def dispatch(self, request: GatewayRequest, group: ModelGroup) -> tuple[BackendResponse, BackendState | None]:
-        """Send ``request`` to a backend of ``group`` (:func:`comox.dispatch.dispatch`)."""
-        return await dispatch(self, request, group)
+    def dispatch(self, request: GatewayRequest, group: ModelGroup) -> Coroutine[Any, Any, tuple[BackendResponse, BackendState | None]]:
+        """Send ``request`` to a backend of ``group`` (:func:`comox.dispatch.dispatch`):
+        a coroutine to await. (Its own, returned as it is: no coroutine around it.)"""
+        return dispatch(self, request, group)
 
     @staticmethod
     def release(state: BackendState | None) -> None:

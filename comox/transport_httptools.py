@@ -27,7 +27,7 @@ import asyncio
 import ssl
 import urllib.request
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -98,13 +98,17 @@ class HttptoolsTransport(PoolTransport):
             origin = self._origins[url] = _Origin(url, self.default_headers, self.trust_env, self._pools)
         return origin
 
-    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> BackendResponse:
+    def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Coroutine[Any, Any, BackendResponse]:
+        # A plain function returning the coroutine that answers: no coroutine around it.
         origin = self._origins.get(url) or self._origin(url)
         if origin.proxy:
-            return await self._proxied(url, body, headers)  # aiohttp's instrumentation makes its span
+            return self._proxied(url, body, headers)  # aiohttp's instrumentation makes its span
         span, headers = client_spans.start(url, headers, __name__)
         if span is None:
-            return await self._post(origin, body, headers, None)
+            return self._post(origin, body, headers, None)
+        return self._traced(origin, body, headers, span)
+
+    async def _traced(self, origin: _Origin, body: bytes, headers: Mapping[str, str], span: Any) -> BackendResponse:
         try:
             response = await self._post(origin, body, headers, span)
         except UpstreamUnreachable as exc:
