@@ -7,16 +7,17 @@ less work per request: no ``asyncio.Event`` per request (a receive whose body
 has arrived, the usual case, waits for nothing), and the response head built
 with a few whole-list operations instead of uvicorn's per-header loop (two
 regex searches, a ``lower()``, three compares per header). Anything unusual
-in a head takes uvicorn's loop, written here as uvicorn writes it.
+in a head, and every head while there is an access log, is uvicorn's own
+``send`` to build; the app's run is uvicorn's own ``run_asgi``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any
 
-from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE
-from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, RequestResponseCycle
 
 if TYPE_CHECKING:
     from .server_protocol import ComoxHttpProtocol
@@ -25,6 +26,7 @@ __all__ = ["ComoxResponseCycle"]
 
 _sleep = asyncio.sleep
 _DISCONNECT = "http.disconnect"
+_uvicorn_send = RequestResponseCycle.send
 
 # uvicorn checks each header name against HEADER_RE and each value against
 # HEADER_VALUE_RE, one search per header. Both are one-character classes, so a
@@ -52,8 +54,8 @@ class ComoxResponseCycle:
     """One request's ASGI ``receive`` and ``send``, and :meth:`run_asgi`, the
     task that runs the app for it. Its response state has uvicorn's names."""
 
-    __slots__ = ("protocol", "scope", "transport", "flow", "body", "more_body", "delivered", "waiter",
-                 "disconnected", "keep_alive", "waiting_for_100_continue", "response_started",
+    __slots__ = ("protocol", "scope", "transport", "flow", "on_response", "body", "more_body", "delivered",
+                 "waiter", "disconnected", "keep_alive", "waiting_for_100_continue", "response_started",
                  "response_complete", "chunked_encoding", "expected_content_length")
 
     def __init__(self, protocol: ComoxHttpProtocol, scope: dict[str, Any], keep_alive: bool,
@@ -62,6 +64,7 @@ class ComoxResponseCycle:
         self.scope = scope
         self.transport = protocol.transport
         self.flow = protocol.flow
+        self.on_response = protocol.on_response_complete  # (uvicorn's run_asgi unsets it when the app returns)
         self.body = b""  # what has arrived and not been received
         self.more_body = True  # until the request's last byte has arrived
         self.delivered = False  # the request's last message has been received
@@ -80,31 +83,25 @@ class ComoxResponseCycle:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def run_asgi(self, app: Any) -> None:
-        try:
-            result = await app(self.scope, self.receive, self.send)
-        except BaseException as exc:
-            self.protocol.logger.error("Exception in ASGI application\n", exc_info=exc)
-            if not self.response_started:
-                await self.send_500_response()
-            else:
-                self.transport.close()
-        else:
-            if result is not None:
-                self.protocol.logger.error("ASGI callable should return None, but returned '%s'.", result)
-                self.transport.close()
-            elif not self.response_started and not self.disconnected:
-                self.protocol.logger.error("ASGI callable returned without starting response.")
-                await self.send_500_response()
-            elif not self.response_complete and not self.disconnected:
-                self.protocol.logger.error("ASGI callable returned without completing response.")
-                self.transport.close()
+    # uvicorn's own, for the attributes it reads here and :meth:`send`'s head
+    run_asgi = RequestResponseCycle.run_asgi
+    send_500_response = RequestResponseCycle.send_500_response
 
-    async def send_500_response(self) -> None:
-        await self.send({"type": "http.response.start", "status": 500,
-                         "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21"),
-                                     (b"connection", b"close")]})
-        await self.send({"type": "http.response.body", "body": b"Internal Server Error", "more_body": False})
+    @property
+    def logger(self) -> logging.Logger:
+        return self.protocol.logger
+
+    @property
+    def access_log(self) -> bool:
+        return self.protocol.access_log
+
+    @property
+    def access_logger(self) -> logging.Logger:
+        return self.protocol.access_logger
+
+    @property
+    def default_headers(self) -> list[tuple[bytes, bytes]]:
+        return self.protocol.server_state.default_headers
 
     async def receive(self) -> dict[str, Any]:
         if self.waiting_for_100_continue and not self.transport.is_closing():
@@ -136,13 +133,10 @@ class ComoxResponseCycle:
         if not self.response_started:
             if message["type"] != "http.response.start":
                 raise RuntimeError(f"Expected ASGI message 'http.response.start', but got '{message['type']}'.")
-            if self.protocol.access_log:
-                scope = self.scope
-                self.protocol.access_logger.info(
-                    '%s - "%s %s HTTP/%s" %d', get_client_addr(scope), scope["method"],  # type: ignore[arg-type]
-                    get_path_with_query_string(scope), scope["http_version"], message["status"])  # type: ignore[arg-type]
-            head = self._fast_head(message) if _FAST_HEAD else None
-            self.transport.write(head if head is not None else self._head(message))
+            head = self._fast_head(message) if _FAST_HEAD and not self.protocol.access_log else None
+            if head is None:  # uvicorn builds it (and logs the request), or raises its error
+                return await _uvicorn_send(self, message)  # type: ignore[arg-type]
+            self.transport.write(head)
         elif not self.response_complete:
             if message["type"] != "http.response.body":
                 raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{message['type']}'.")
@@ -168,7 +162,7 @@ class ComoxResponseCycle:
                 self.wake()
                 if not self.keep_alive:
                     self.transport.close()
-                self.protocol.on_response_complete()
+                self.on_response()
                 # One turn for the app, if the transport holds bytes to the turn's end,
                 # so that the answer goes out before what the app does after answering
                 # (logs, metrics, accounting), not after it.
@@ -177,43 +171,9 @@ class ComoxResponseCycle:
         else:
             raise RuntimeError(f"Unexpected ASGI message '{message['type']}' sent, after response already completed.")
 
-    def _head(self, message: Any) -> bytes:
-        """uvicorn's own head building, its errors and the state it sets on the way."""
-        self.response_started = True
-        self.waiting_for_100_continue = False
-        status_code = message["status"]
-        headers = self.protocol.server_state.default_headers + list(message.get("headers", []))
-        content = [STATUS_LINE[status_code]]
-        has_connection_close = False
-        for name, value in headers:
-            if HEADER_RE.search(name):
-                raise RuntimeError("Invalid HTTP header name.")
-            if HEADER_VALUE_RE.search(value):
-                raise RuntimeError("Invalid HTTP header value.")
-            name = name.lower()
-            if name == b"content-length" and self.chunked_encoding is None:
-                self.expected_content_length = int(value.decode())
-                self.chunked_encoding = False
-            elif name == b"transfer-encoding" and value.lower() == b"chunked":
-                self.expected_content_length = 0
-                self.chunked_encoding = True
-            elif name == b"connection":
-                connection = [token.lower().strip() for token in value.split(b",")]
-                if b"close" in connection:
-                    self.keep_alive = False
-                    has_connection_close = True
-            content.extend([name, b": ", value, b"\r\n"])
-        if not self.keep_alive and not has_connection_close:
-            content.append(b"connection: close\r\n")
-        if self.chunked_encoding is None and self.scope["method"] != "HEAD" and status_code not in (204, 304):
-            self.chunked_encoding = True
-            content.append(b"transfer-encoding: chunked\r\n")
-        content.append(b"\r\n")
-        return b"".join(content)
-
     def _fast_head(self, message: Any) -> bytes | None:
-        """The head :meth:`_head` would build, its state set as it sets it;
-        None, and nothing changed, for it to build."""
+        """The head uvicorn's ``send`` would build, its state set as it sets it;
+        None, and nothing changed, for uvicorn to build."""
         try:
             status = message["status"]
             status_line = STATUS_LINE[status]
@@ -273,7 +233,7 @@ class ComoxResponseCycle:
                 content.append(b"transfer-encoding: chunked\r\n")
             content.append(b"\r\n")
             head = b"".join(content)
-        except Exception:  # a malformed message: _head raises uvicorn's error for it
+        except Exception:  # a malformed message: uvicorn raises its error for it
             return None
         self.response_started = True
         self.waiting_for_100_continue = False

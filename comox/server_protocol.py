@@ -20,8 +20,6 @@ server's protocol.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import logging
 import urllib.parse
 from collections import deque
 from typing import Any
@@ -30,9 +28,8 @@ import httptools
 from uvicorn._types import ASGI3Application
 from uvicorn.config import Config
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
-from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, FlowControl, service_unavailable
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE
-from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from .server_cycle import ComoxResponseCycle
@@ -98,13 +95,13 @@ class BatchedTransport:
 
 
 _FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto")  # the headers uvicorn's proxy-headers middleware reads
-_READ = frozenset((b"expect", *_FORWARDED))  # the request headers the protocol itself reads
+_on_header = HttpToolsProtocol.on_header
 
 
-class ComoxHttpProtocol(asyncio.Protocol):
-    """An HTTP/1.1 protocol for uvicorn (``http=`` in ``uvicorn.Config``) on
-    httptools, as uvicorn's own ``HttpToolsProtocol`` with less work per
-    request: its writes go through a :class:`BatchedTransport`, its requests
+class ComoxHttpProtocol(HttpToolsProtocol):
+    """An HTTP/1.1 protocol for uvicorn (``http=`` in ``uvicorn.Config``): a
+    subclass of uvicorn's own ``HttpToolsProtocol`` with less work per
+    request. Its writes go through a :class:`BatchedTransport`, its requests
     are :class:`comox.server_cycle.ComoxResponseCycle`, and its keep-alive
     timeout is one timer per connection, re-armed only when it fires, instead
     of one armed and cancelled per request. Everything else is uvicorn's:
@@ -113,55 +110,22 @@ class ComoxHttpProtocol(asyncio.Protocol):
     parse, the hand-over of a WebSocket upgrade to uvicorn's WebSocket
     protocol, and its error and access logs."""
 
+    app: ASGI3Application
+    cycle: ComoxResponseCycle | None  # type: ignore[assignment]
+    pipeline: deque[tuple[ComoxResponseCycle, ASGI3Application]]  # type: ignore[assignment]
+
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
-        if not config.loaded:
-            config.load()
-        self.config = config
-        self.app: ASGI3Application = config.loaded_app
-        self.loop = _loop or asyncio.get_event_loop()
-        self.logger = logging.getLogger("uvicorn.error")
-        self.access_logger = logging.getLogger("uvicorn.access")
-        self.access_log = self.access_logger.hasHandlers()
-        self.parser = httptools.HttpRequestParser(self)
-        try:  # answer the first of pipelined requests that end with a close (httptools >= 0.6.3)
-            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
-        except AttributeError:  # pragma: no cover
-            pass
-        self.ws_protocol_class = config.ws_protocol_class
-        self.root_path = config.root_path
-        self.asgi_version = config.asgi_version
-        self.limit_concurrency = config.limit_concurrency
-        self.app_state = app_state
-        self.server_state = server_state
-        self.connections: set[Any] = server_state.connections  # (uvicorn's protocols' set)
-        self.tasks = server_state.tasks
-        self.timeout_keep_alive = config.timeout_keep_alive
+        super().__init__(config, server_state, app_state, _loop)
         self.idle_since: float | None = None  # when the connection's last answer ended, while nothing has come since
         self.idle_timer: asyncio.TimerHandle | None = None
-        self.transport: Any = None
-        self.flow: FlowControl = None  # type: ignore[assignment]
-        self.server: tuple[str, int | None] | None = None
-        self.client: tuple[str, int] | None = None
-        self.scheme = "http"
-        self.pipeline: deque[tuple[ComoxResponseCycle, ASGI3Application]] = deque()
-        # the request being parsed
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.expect_100_continue = False
-        self.forwarded = False
-        self.scope: dict[str, Any] = {}
-        self.cycle: ComoxResponseCycle | None = None
+        self.forwarded = False  # the request being parsed has X-Forwarded-For or -Proto
 
     # -- the connection --
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self.connections.add(self)
-        self.transport = BatchedTransport(transport, self.loop)
-        self.flow = FlowControl(transport)
-        self.server = get_local_addr(transport)
-        self.client = get_remote_addr(transport)
-        self.scheme = "https" if is_ssl(transport) else "http"
+        super().connection_made(transport)
+        self.transport = BatchedTransport(transport, self.loop)  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
@@ -179,91 +143,30 @@ class ComoxHttpProtocol(asyncio.Protocol):
             self.idle_timer = None
         self.parser = None  # type: ignore[assignment]
 
-    def eof_received(self) -> None:
-        pass
-
-    def data_received(self, data: bytes) -> None:
+    def _unset_keepalive_if_required(self) -> None:  # (uvicorn calls it when data arrives)
         self.idle_since = None
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            msg = "Invalid HTTP request received."
-            self.logger.warning(msg)
-            self.send_400_response(msg)
-        except httptools.HttpParserUpgrade:
-            if self._upgrade() == b"websocket" and self.ws_protocol_class is not None:
-                self.handle_websocket_upgrade()
-            else:
-                self.logger.warning("Unsupported upgrade request.")
-
-    def send_400_response(self, msg: str) -> None:
-        content = [STATUS_LINE[400]]
-        for name, value in self.server_state.default_headers:
-            content.extend([name, b": ", value, b"\r\n"])
-        content.extend([b"content-type: text/plain; charset=utf-8\r\n",
-                        b"content-length: " + str(len(msg)).encode("ascii") + b"\r\n",
-                        b"connection: close\r\n", b"\r\n", msg.encode("ascii")])
-        self.transport.write(b"".join(content))
-        self.transport.close()
-
-    def _upgrade(self) -> bytes | None:
-        connection: list[bytes] = []
-        upgrade = None
-        for name, value in self.headers:
-            if name == b"connection":
-                connection = [token.lower().strip() for token in value.split(b",")]
-            if name == b"upgrade":
-                upgrade = value.lower()
-        return upgrade if b"upgrade" in connection else None
 
     def handle_websocket_upgrade(self) -> None:
-        """Hand the connection to uvicorn's WebSocket protocol, the request replayed to it."""
-        self.connections.discard(self)
-        output = [self.scope["method"].encode(), b" ", self.url, b" HTTP/1.1\r\n"]
-        for name, value in self.scope["headers"]:
-            output += [name, b": ", value, b"\r\n"]
-        output.append(b"\r\n")
-        protocol = self.ws_protocol_class(config=self.config, server_state=self.server_state,  # type: ignore[misc, call-arg]
-                                          app_state=self.app_state)
-        transport = self.transport.transport  # the socket's own, not the batching wrapper
-        self.transport.flush()
-        protocol.connection_made(transport)
-        protocol.data_received(b"".join(output))
-        transport.set_protocol(protocol)
+        batched: BatchedTransport = self.transport  # type: ignore[assignment]
+        batched.flush()
+        self.transport = batched.transport  # the WebSocket protocol gets the socket's own transport
+        super().handle_websocket_upgrade()
 
     # -- the parser's callbacks, for each request --
 
-    def on_message_begin(self) -> None:
-        self.url = b""
-        self.expect_100_continue = False
-        self.forwarded = False
-        self.headers = []
-        self.scope = {"type": "http", "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
-                      "http_version": "1.1", "server": self.server, "client": self.client,
-                      "scheme": self.scheme, "root_path": self.root_path, "headers": self.headers,
-                      "state": self.app_state.copy()}
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
     def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        if name in _READ:
-            if name == b"expect":
-                if value.lower() == b"100-continue":
-                    self.expect_100_continue = True
-            else:
-                self.forwarded = True
-        self.headers.append((name, value))
+        _on_header(self, name, value)
+        if self.headers[-1][0] in _FORWARDED:
+            self.forwarded = True
 
     def on_headers_complete(self) -> None:
         parser = self.parser
-        scope = self.scope
+        scope: dict[str, Any] = self.scope  # type: ignore[assignment]
         http_version = parser.get_http_version()
         scope["method"] = parser.get_method().decode("ascii")
         if http_version != "1.1":
             scope["http_version"] = http_version
-        if parser.should_upgrade() and self._upgrade() == b"websocket" and self.ws_protocol_class is not None:
+        if parser.should_upgrade() and self._should_upgrade():
             return
         url = self.url
         if url[:1] == b"/" and b"#" not in url:  # origin form, as nearly every request (parse_url makes an object)
@@ -285,11 +188,12 @@ class ComoxHttpProtocol(asyncio.Protocol):
             self.logger.warning("Exceeded concurrency limit.")
         else:
             app = self.app_for()
+        self.forwarded = False
         existing = self.cycle
         self.cycle = cycle = ComoxResponseCycle(self, scope, http_version != "1.0" and parser.should_keep_alive(),
                                                 self.expect_100_continue)
         if existing is None or existing.response_complete:
-            self._start_asgi_task(cycle, app)
+            self._start_asgi_task(cycle, app)  # type: ignore[arg-type]
         else:  # pipelined: started when the one before has answered
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, app))
@@ -298,17 +202,9 @@ class ComoxHttpProtocol(asyncio.Protocol):
         """The app for the request whose headers have just been parsed."""
         return self.app
 
-    def _start_asgi_task(self, cycle: ComoxResponseCycle, app: ASGI3Application) -> None:
-        if self.config.reset_contextvars:  # uvicorn's opt-in: no context of the lifespan's or instrumentation's
-            task = self.loop.create_task(cycle.run_asgi(app), context=contextvars.Context())
-        else:
-            task = self.loop.create_task(cycle.run_asgi(app))
-        task.add_done_callback(self.tasks.discard)
-        self.tasks.add(task)
-
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
-        if cycle is None or cycle.response_complete or self.parser.should_upgrade():
+        if cycle is None or cycle.response_complete or (self.parser.should_upgrade() and self._should_upgrade()):
             return
         cycle.body = cycle.body + body if cycle.body else body
         if len(cycle.body) > HIGH_WATER_LIMIT:
@@ -317,7 +213,7 @@ class ComoxHttpProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         cycle = self.cycle
-        if cycle is None or cycle.response_complete or self.parser.should_upgrade():
+        if cycle is None or cycle.response_complete or (self.parser.should_upgrade() and self._should_upgrade()):
             return
         cycle.more_body = False
         cycle.wake()
@@ -331,7 +227,7 @@ class ComoxHttpProtocol(asyncio.Protocol):
         self.flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
-            self._start_asgi_task(cycle, app)
+            self._start_asgi_task(cycle, app)  # type: ignore[arg-type]
         else:
             self.idle_since = self.loop.time()
             if self.idle_timer is None:
@@ -349,19 +245,6 @@ class ComoxHttpProtocol(asyncio.Protocol):
             self.idle_timer = self.loop.call_later(left, self._idle_check)
         else:
             self.transport.close()
-
-    def shutdown(self) -> None:
-        """Called by the server to commence a graceful shutdown."""
-        if self.cycle is None or self.cycle.response_complete:
-            self.transport.close()
-        else:
-            self.cycle.keep_alive = False
-
-    def pause_writing(self) -> None:
-        self.flow.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.flow.resume_writing()
 
 
 class ComoxServeProtocol(ComoxHttpProtocol):

@@ -7,10 +7,12 @@ the wire, under the protocol.)"""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
+from comox import server_cycle
 from comox.server_cycle import ComoxResponseCycle
 from comox.server_protocol import BatchedTransport
 from tests.test_server_protocol import COMOX_HEADERS, Recorder
@@ -29,8 +31,9 @@ DATE = [(b"date", b"Tue, 01 Dec 2026 20:00:00 GMT")]
 class Connection:
     """What a ComoxResponseCycle reads of its protocol."""
 
-    def __init__(self, transport) -> None:
-        self.transport, self.flow, self.access_log = transport, Flow(), False
+    def __init__(self, transport, access_logger: logging.Logger | None = None) -> None:
+        self.transport, self.flow = transport, Flow()
+        self.access_logger, self.access_log = access_logger, access_logger is not None
         self.server_state = type("State", (), {"default_headers": DATE})()
         self.loop = asyncio.get_running_loop()
         self.completed = 0
@@ -39,13 +42,16 @@ class Connection:
         self.completed += 1
 
 
-def cycle_over(cls, transport, method: str = "GET", keep_alive: bool = True):
+def cycle_over(cls, transport, method: str = "GET", keep_alive: bool = True,
+               access_logger: logging.Logger | None = None):
     """A Comox cycle, or uvicorn's, for one request over ``transport``."""
+    scope = {"method": method, "path": "/v1/chat completions", "raw_path": b"/v1/chat%20completions",
+             "query_string": b"a=1", "http_version": "1.1", "client": ("127.0.0.1", 5000), "root_path": ""}
     if cls is ComoxResponseCycle:
-        return cls(Connection(transport), {"method": method}, keep_alive, True)  # type: ignore[arg-type]
-    return cls(scope={"method": method}, transport=transport, flow=Flow(), logger=None, access_logger=None,
-               access_log=False, default_headers=DATE, message_event=asyncio.Event(), expect_100_continue=True,
-               keep_alive=keep_alive, on_response=lambda: None)
+        return cls(Connection(transport, access_logger), scope, keep_alive, True)  # type: ignore[arg-type]
+    return cls(scope=scope, transport=transport, flow=Flow(), logger=None, access_logger=access_logger,
+               access_log=access_logger is not None, default_headers=DATE, message_event=asyncio.Event(),
+               expect_100_continue=True, keep_alive=keep_alive, on_response=lambda: None)
 
 
 @pytest.mark.parametrize("status, headers, method, keep_alive", [
@@ -53,11 +59,11 @@ def cycle_over(cls, transport, method: str = "GET", keep_alive: bool = True):
     (200, [(b"transfer-encoding", b"chunked"), (b"content-length", b"3")], "POST", True), (200, [], "HEAD", True)])
 def test_the_fast_head_is_taken_and_writes_and_sets_what_uvicorn_does(monkeypatch, status, headers, method, keep_alive):
     slow = []
-    uvicorns_loop = ComoxResponseCycle._head
+    uvicorns_send = server_cycle._uvicorn_send
     def counted(cycle, message):
         slow.append(message["type"])
-        return uvicorns_loop(cycle, message)
-    monkeypatch.setattr(ComoxResponseCycle, "_head", counted)
+        return uvicorns_send(cycle, message)
+    monkeypatch.setattr(server_cycle, "_uvicorn_send", counted)
     start = {"type": "http.response.start", "status": status, "headers": headers}
     async def run(cls) -> tuple[object, ...]:
         cycle = cycle_over(cls, recorder := Recorder(), method, keep_alive)
@@ -70,6 +76,27 @@ def test_the_fast_head_is_taken_and_writes_and_sets_what_uvicorn_does(monkeypatc
         return recorder.writes, state, str(again.value)
     assert asyncio.run(run(ComoxResponseCycle)) == asyncio.run(run(RequestResponseCycle))
     assert slow == []  # the fast head built it (the second start is refused before any head)
+
+
+def test_with_an_access_log_uvicorn_builds_the_head_and_logs_the_request(monkeypatch, caplog):
+    slow = []
+    uvicorns_send = server_cycle._uvicorn_send
+    def counted(cycle, message):
+        slow.append(message["type"])
+        return uvicorns_send(cycle, message)
+    monkeypatch.setattr(server_cycle, "_uvicorn_send", counted)
+    logger = logging.getLogger("comox.tests.access")
+    start = {"type": "http.response.start", "status": 201, "headers": COMOX_HEADERS}
+    async def run(cls) -> tuple[object, ...]:
+        caplog.clear()
+        cycle = cycle_over(cls, recorder := Recorder(), access_logger=logger)
+        with caplog.at_level(logging.INFO, logger=logger.name):
+            await cycle.send(start)
+        return recorder.writes, [record.getMessage() for record in caplog.records], cycle.chunked_encoding
+    comox, uvicorn = asyncio.run(run(ComoxResponseCycle)), asyncio.run(run(RequestResponseCycle))
+    assert comox == uvicorn
+    assert comox[1] == ['127.0.0.1:5000 - "GET /v1/chat%20completions?a=1 HTTP/1.1" 201']
+    assert slow == ["http.response.start"]
 
 
 @pytest.mark.parametrize("start", [

@@ -254,7 +254,7 @@ async def shapes_app(scope, receive, send):
                 break
         if path == "/scope":
             body = repr({name: scope.get(name) for name in ("method", "http_version", "path", "raw_path",
-                                                             "query_string", "root_path", "scheme")}).encode()
+                                                             "query_string", "root_path", "scheme", "headers")}).encode()
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
         await send({"type": "http.response.body", "body": body})
         return
@@ -327,6 +327,7 @@ REQUESTS = [request(path) for path in SHAPES] + [
     request("/comox") + request("/stream") + request("/upper", extra="connection: close\r\n"),  # pipelined
     request("/scope?q=1&r=%20"), request("/sc%6Fpe"), request("http://example.com/scope?q=1"),
     request("/scope", "DELETE", "1.0"), request("/scope#part"),
+    request("/scope", extra="X-Padded: value \t\r\nExpect: 100-continue \r\n"),  # header values as uvicorn trims them
     request("/echo", "POST", extra="content-length: 5\r\n") + b"hello",
     request("/echo", "POST", extra="content-length: 300000\r\n") + b"y" * 300_000,  # past the high-water mark
     request("/echo", "POST", extra="transfer-encoding: chunked\r\n") + b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
