@@ -273,7 +273,8 @@ def _compiled(mode: str, impls: tuple[_Impl, ...], args: tuple[str, ...]) -> Cal
         if impl.is_async:
             body = [f"return c{i}({call(i)}, {passed})"]
         else:
-            body = [f"r = {call(i)}", "if r is not None:", f"    if isawaitable(r): return c{i}(r, {passed})",
+            body = [f"r = {call(i)}", "if r is not None:",
+                    f"    if type(r) is CO or (type(r) not in PLAIN and awaitable(r)): return c{i}(r, {passed})",
                     *answered[1:]]
         lines += ["    " + line for line in guarded(i, body)]
     lines.append("    return None")
@@ -281,15 +282,30 @@ def _compiled(mode: str, impls: tuple[_Impl, ...], args: tuple[str, ...]) -> Cal
         lines.append(f"async def c{i}(r, *, {signature}):")
         lines += ["    " + line for line in guarded(i, ["r = await r", *answered])]
         for j in range(i + 1, len(impls)):
-            body = [f"r = {call(j)}", "if r is not None and isawaitable(r):", "    r = await r", *answered]
+            body = [f"r = {call(j)}", "if r is not None and awaitable(r):", "    r = await r", *answered]
             lines += ["    " + line for line in guarded(j, body)]
         lines.append("    return None")
-    names: dict[str, Any] = {"isawaitable": inspect.isawaitable, "log": log}
+    names: dict[str, Any] = {"awaitable": _awaitable, "CO": types.CoroutineType, "PLAIN": _PLAIN, "log": log}
     for i, impl in enumerate(impls):
         names[f"f{i}"], names[f"p{i}"] = impl.function, impl.plugin
     exec("\n".join(lines), names)  # only the spec's names, checked when each _Impl was made
     run: Callable[..., Any] = names["run"]
     return run
+
+
+_PLAIN: set[type] = set()  # classes a hook returned whose instances are not awaitable
+
+
+def _awaitable(result: object) -> bool:
+    """``inspect.isawaitable``, its answer remembered for the class when it is
+    no (a Principal from every authenticate: the ABC check once, not per
+    request). Not for generators: one is awaitable by its code's flag."""
+    if inspect.isawaitable(result):
+        return True
+    kind = type(result)
+    if kind is not types.GeneratorType and len(_PLAIN) < 1024:
+        _PLAIN.add(kind)
+    return False
 
 
 PENDING = types.CoroutineType

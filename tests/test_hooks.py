@@ -365,3 +365,37 @@ def test_a_compiled_call_with_nothing_to_await_makes_no_coroutine(monkeypatch, c
     assert type(pending) is PENDING and calls == []
     asyncio.run(pending)
     assert calls == [("later", "wait"), ("admit", "r")]
+
+
+def test_an_answer_is_awaited_whenever_it_is_awaitable_and_a_plain_class_is_checked_once(monkeypatch):
+    """The compiled call remembers the classes it found not awaitable (the ABC
+    check once per class, not per request), never an awaitable one."""
+    from comox import plugins
+
+    monkeypatch.setenv("COMOX_LOAD_PLUGINS", "")
+    monkeypatch.setattr(plugins, "_PLAIN", set())
+    checked = []
+    real = plugins.inspect.isawaitable
+    monkeypatch.setattr(plugins.inspect, "isawaitable", lambda value: checked.append(type(value)) or real(value))
+
+    class Answer:
+        pass
+
+    class Ticket:  # awaitable, not a coroutine
+        def __await__(self):
+            yield from asyncio.sleep(0).__await__()
+            return "awaited"
+
+    results = iter([Answer(), Ticket(), Answer(), Ticket()])
+
+    class Plain:
+        @comox.hookimpl
+        def comox_cache_lookup(self, request):
+            return next(results)
+
+    chain = HookChain(make_plugin_manager([Plain()]))
+    answers = [chain.cache_lookup(request="r") for _ in range(4)]
+    assert [type(answer) for answer in answers] == [Answer, PENDING, Answer, PENDING]
+    assert [asyncio.run(answers[i]) for i in (1, 3)] == ["awaited", "awaited"]
+    assert checked == [Answer, Ticket, Ticket]  # Answer once: remembered as plain; Ticket each time
+    assert plugins._PLAIN == {Answer}
