@@ -43,11 +43,12 @@ _NAME_REJECT = bytes(c for c in range(256) if HEADER_RE.search(bytes((c,))))
 _IS_LOWER = bytes.islower
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))  # the names uvicorn acts on
 _LENGTH_ONLY = frozenset((b"content-length",))
-# Names lists seen valid: names -> (their joined length, the index of the first
-# content-length when it is the only framing name, whether there is any).
-# Only tuples of lower-case bytes get here; at most 256 (then each is checked).
-_KNOWN_NAMES: dict[tuple[bytes, ...], tuple[int, int | None, bool]] = {}
-_LINE = b": ".join  # a (name, value) pair's header line, without its CRLF
+# Names lists seen valid: names -> (their header lines with a %s for each
+# value, the index of the first content-length when it is the only framing
+# name, whether there is any). Only tuples of lower-case bytes get here; at
+# most 256 (then each is checked). A %-format of the values builds the lines
+# in one call, a third of the time of a join per header.
+_KNOWN_NAMES: dict[tuple[bytes, ...], tuple[bytes, int | None, bool]] = {}
 
 
 class ComoxResponseCycle:
@@ -189,7 +190,7 @@ class ComoxResponseCycle:
             keep_alive = self.keep_alive
             has_connection_close = False
             if headers:
-                names, values = zip(*headers)  # ValueError if a header has fewer than two items
+                names, values = zip(*headers, strict=True)  # ValueError unless every header has two items
                 if not all(map(_IS_LOWER, names)):
                     return None  # uvicorn lowers an upper-case name (and raises for a str or memoryview)
                 known = _KNOWN_NAMES.get(names)  # an answer's names are most often the same list as before
@@ -199,17 +200,15 @@ class ComoxResponseCycle:
                         return None  # uvicorn raises "Invalid HTTP header name."
                     framing_names = _FRAMING.intersection(names)
                     length_at = names.index(b"content-length") if framing_names == _LENGTH_ONLY else None
-                    known = (len(joined_names), length_at, bool(framing_names))
+                    lines_format = b"".join(name.replace(b"%", b"%%") + b": %s\r\n" for name in names)
+                    known = (lines_format, length_at, bool(framing_names))
                     if len(_KNOWN_NAMES) < 256:
                         _KNOWN_NAMES[names] = known
-                names_length, length_at, any_framing = known
+                lines_format, length_at, any_framing = known
                 joined_values = b"".join(values)
                 if len(joined_values.translate(None, _VALUE_REJECT)) != len(joined_values):
                     return None  # uvicorn raises "Invalid HTTP header value."
-                lines = b"\r\n".join(map(_LINE, headers))
-                if len(lines) != names_length + len(joined_values) + 4 * len(headers) - 2:
-                    return None  # a header of three items or more: uvicorn's unpacking raises
-                content += (lines, b"\r\n")
+                content.append(lines_format % values)
                 if length_at is not None:  # the usual answer: only the first content-length counts
                     if chunked is None:
                         length = int(values[length_at].decode())

@@ -56,7 +56,8 @@ def cycle_over(cls, transport, method: str = "GET", keep_alive: bool = True,
 
 @pytest.mark.parametrize("status, headers, method, keep_alive", [
     (200, COMOX_HEADERS, "GET", True), (200, COMOX_HEADERS[:-1], "GET", False), (304, [], "GET", True),
-    (200, [(b"transfer-encoding", b"chunked"), (b"content-length", b"3")], "POST", True), (200, [], "HEAD", True)])
+    (200, [(b"transfer-encoding", b"chunked"), (b"content-length", b"3")], "POST", True), (200, [], "HEAD", True),
+    (200, [(b"x-100%s%%", b"%s%d"), (b"content-length", b"0")], "GET", True)])  # % in a name and a value
 def test_the_fast_head_is_taken_and_writes_and_sets_what_uvicorn_does(monkeypatch, status, headers, method, keep_alive):
     slow = []
     uvicorns_send = server_cycle._uvicorn_send
@@ -102,6 +103,7 @@ def test_with_an_access_log_uvicorn_builds_the_head_and_logs_the_request(monkeyp
 @pytest.mark.parametrize("start", [
     {"type": "http.response.start", "status": 200, "headers": [(b"x", b"1", b"2")]},
     {"type": "http.response.start", "status": 200, "headers": [(b"x",)]},
+    {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"a"), (b"x", b"1", b"2")]},
     {"type": "http.response.start", "status": 200, "headers": [("x-str", b"1")]},
     {"type": "http.response.start", "status": 200, "headers": [(memoryview(b"x-mv"), b"1")]},
     {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"x")]},
