@@ -37,7 +37,8 @@ from .backends import BackendResponse
 from .errors import AuthenticationFailed, ComoxError, MethodNotAllowed, ModelNotFound, NotFound
 from .fleet import BackendState, ModelGroup
 from .gateway import Gateway
-from .request import ANONYMOUS, ENDPOINTS, DeferredBody, GatewayRequest, Principal, parse_body, request_id_from
+from .request import (ANONYMOUS, ENDPOINTS, DeferredBody, GatewayRequest, Principal, first_header, parse_body,
+                      request_id_from)
 from .resume import resumable
 from .plugins import PENDING
 from .usage import record_body, record_stream
@@ -83,12 +84,7 @@ class KeptStream:
 async def serve_api(gateway: Gateway, scope: MutableMapping[str, Any], receive: Receive, send: Send, path: str) -> None:
     """Serve one request to an API path (``/v1/...``)."""
     headers = scope["headers"]
-    client_request_id = None
-    for name, value in headers:
-        if name == b"x-request-id":
-            client_request_id = value
-            break
-    request = GatewayRequest(id=request_id_from(client_request_id), endpoint=ENDPOINTS.get(path, ""), path=path,
+    request = GatewayRequest(id=request_id_from(first_header(headers, b"x-request-id")), endpoint=ENDPOINTS.get(path, ""), path=path,
                              headers=headers, method=scope["method"], gateway=gateway, query=scope.get("query_string", b""))
     rid = request.id.encode()
     if not gateway.started:

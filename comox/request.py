@@ -228,9 +228,7 @@ class GatewayRequest:
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (lower-case bytes), or None."""
-        headers = self.headers
-        names = list(map(_NAME, headers))  # in C: most lookups are for a header the request has not
-        return headers[names.index(name)][1] if name in names else None
+        return first_header(self.headers, name)
 
     def set_json(self, body: dict[str, Any]) -> None:
         """Replace the body; it will be re-serialised for the upstream."""
@@ -294,6 +292,12 @@ class _Untranslated(GatewayRequest):
 
 
 _NAME = operator.itemgetter(0)  # a header's name
+
+
+def first_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of header ``name`` in ASGI ``headers``, or None."""
+    names = list(map(_NAME, headers))  # in C: most lookups are for a header the request has not
+    return headers[names.index(name)][1] if name in names else None
 _FORBIDDEN = frozenset(FORBIDDEN_FIELDS)
 # Numeric fields checked when present: (key, low, high, integer only).
 _NUMBERS = (

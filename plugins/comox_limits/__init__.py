@@ -153,24 +153,21 @@ def comox_admit(request: GatewayRequest, principal: Principal) -> Awaitable[None
     if type(shared) is not MemoryState:
         return _admit_shared(request, plan, settings, shared, amount, prompt, too_large)
     # This process's own state: the key's counters on one object (local.py).
-    counters = counters_for(plan, shared)
+    held = plan.counters
+    counters = held[1] if held is not None and held[0] is shared else counters_for(plan, shared)
     now = shared.clock()
-    rpm_left, tpm_left = counters.tokens(plan, now)
-    inflight = counters.in_flight(now) if plan.concurrency is not None else 0.0
-    if too_large or (plan.rpm is not None and rpm_left < 1) or (tpm is not None and amount > tpm_left) \
-            or (plan.concurrency is not None and inflight >= plan.concurrency):
+    ttl = settings.concurrency_ttl_s
+    if too_large or not counters.admit(plan, now, amount, ttl):
+        rpm_left, tpm_left = counters.tokens(plan, now)
+        inflight = counters.in_flight(now) if plan.concurrency is not None else 0.0
         raise _local_refusal(request, plan, counters, now, amount, too_large, rpm_left, tpm_left, inflight)
-    if plan.rpm is not None:
-        rpm_left = counters.take_rpm(rpm_left, now)
-    if tpm is not None:
-        tpm_left -= amount
-        counters.tpm, counters.tpm_at = tpm_left, now
     release = None
     if plan.concurrency is not None:
-        ttl = settings.concurrency_ttl_s
-        counters.inflight, counters.until = inflight + 1, now + ttl
-        release = plan.slot(ttl)[1]
-    _headers(request, plan, rpm_left, tpm_left)
+        ops = plan.slot_ops
+        release = ops[2] if ops is not None and ops[0] == ttl else plan.slot(ttl)[1]
+    rpm, rpm_left, tpm, tpm_left = plan.rpm, counters.rpm, plan.tpm, counters.tpm
+    _put_headers(request, plan, rpm_left, (rpm - rpm_left) / plan.rpm_per_s if rpm is not None else 0.0,
+                 tpm_left, (tpm - tpm_left) / plan.tpm_per_s if tpm is not None else 0.0)
     request.state["limits"] = (plan, amount, prompt, release)
     return None
 

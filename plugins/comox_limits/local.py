@@ -49,6 +49,36 @@ class KeyCounters:
     def in_flight(self, now: float) -> float:
         return self.inflight if self.until > now else 0.0
 
+    def admit(self, plan: Plan, now: float, amount: int, ttl_s: float) -> bool:
+        """Take one request, ``amount`` tokens and a slot at ``now``, as one
+        batch would: all of them, or (False) none when a limit refuses.
+        Afterwards ``rpm`` and ``tpm`` hold what is left (``rpm_at``, ``tpm_at``
+        = now). The refusal is worked out by the caller, from :meth:`tokens`."""
+        rpm_limit, tpm_limit, concurrency = plan.rpm, plan.tpm, plan.concurrency
+        rpm = tpm = inflight = 0.0
+        if rpm_limit is not None:
+            rpm = self.rpm + (now - self.rpm_at) * plan.rpm_per_s
+            if rpm > rpm_limit:
+                rpm = rpm_limit
+            if rpm < 1:
+                return False
+        if tpm_limit is not None:
+            tpm = self.tpm + (now - self.tpm_at) * plan.tpm_per_s
+            if tpm > tpm_limit:
+                tpm = tpm_limit
+            if amount > tpm:
+                return False
+        if concurrency is not None:
+            inflight = self.inflight if self.until > now else 0.0
+            if inflight >= concurrency:
+                return False
+            self.inflight, self.until = inflight + 1, now + ttl_s
+        if rpm_limit is not None:
+            self.rpm, self.rpm_at = rpm - 1, now
+        if tpm_limit is not None:
+            self.tpm, self.tpm_at = tpm - amount, now
+        return True
+
     def take_rpm(self, tokens: float, now: float) -> float:
         self.rpm, self.rpm_at = tokens - 1, now
         return tokens - 1
