@@ -147,7 +147,8 @@ class _Impl:
     """One implementation of a per-request hook: the function, the hook
     arguments it declares, whether it is a coroutine function, and ``call``:
     the function applied to the hook's keyword arguments, passing only those
-    it declares (an adapter compiled once, so a call builds no dict)."""
+    it declares, matched by name and given in its own order, as pluggy does
+    (an adapter compiled once, so a call builds no dict)."""
 
     __slots__ = ("function", "argnames", "is_async", "plugin", "call")
 
@@ -160,12 +161,11 @@ class _Impl:
 
 
 def _adapter(function: Callable[..., Any], argnames: tuple[str, ...], spec_args: tuple[str, ...]) -> Callable[[dict[str, Any]], Any]:
-    if set(argnames) == set(spec_args):
-        return lambda kwargs: function(**kwargs)
     unknown = [name for name in argnames if name not in spec_args]
     if unknown:  # pluggy refuses these at registration; never compile a name we did not check
         raise ConfigError(f"hook implementation {function!r} takes arguments the hook does not have: {unknown}")
-    source = "lambda kwargs: function(" + ", ".join(f"{name}=kwargs[{name!r}]" for name in argnames) + ")"
+    # Positionally, as pluggy itself calls: argnames are the function's parameters, in order.
+    source = "lambda kwargs: function(" + ", ".join(f"kwargs[{name!r}]" for name in argnames) + ")"
     adapter: Callable[[dict[str, Any]], Any] = eval(source, {"function": function})  # names checked above
     return adapter
 
@@ -173,7 +173,7 @@ def _adapter(function: Callable[..., Any], argnames: tuple[str, ...], spec_args:
 class HookChain:
     """Each per-request hook's implementations, in pluggy's call order, resolved
     once at startup. An empty tuple means the stage is skipped at no cost; an
-    implementation is called with keyword arguments, only those it declares
+    implementation is given the arguments it declares, matched by name
     (so specs can grow new arguments without breaking plugins). The plugins
     named in ``skip`` (those whose settings say they are off) are left out."""
 
@@ -258,8 +258,8 @@ def _compiled(mode: str, impls: tuple[_Impl, ...], args: tuple[str, ...]) -> Cal
     signature = ", ".join(args)
     passed = ", ".join(f"{name}={name}" for name in args)
 
-    def call(i: int) -> str:
-        return f"f{i}(" + ", ".join(f"{name}={name}" for name in impls[i].argnames) + ")"
+    def call(i: int) -> str:  # positionally: pluggy's argnames are the function's own, in order
+        return f"f{i}(" + ", ".join(impls[i].argnames) + ")"
 
     def guarded(i: int, body: list[str]) -> list[str]:  # each_logged: a failure is logged, the others still run
         if mode != "each_logged":

@@ -399,3 +399,25 @@ def test_an_answer_is_awaited_whenever_it_is_awaitable_and_a_plain_class_is_chec
     assert [asyncio.run(answers[i]) for i in (1, 3)] == ["awaited", "awaited"]
     assert checked == [Answer, Ticket, Ticket]  # Answer once: remembered as plain; Ticket each time
     assert plugins._PLAIN == {Answer}
+
+
+def test_an_implementation_is_given_the_arguments_it_declares_in_its_own_order(monkeypatch):
+    """Matched by name, passed in the implementation's order (a positional-only
+    parameter too, as pluggy passes them)."""
+    monkeypatch.setenv("COMOX_LOAD_PLUGINS", "")
+    seen = []
+
+    class Reordered:
+        @comox.hookimpl
+        def comox_request_done(self, error, status, request, /):
+            seen.append(("done", error, status, request))
+
+        @comox.hookimpl
+        def comox_admit(self, principal, request):
+            seen.append(("admit", principal, request))
+
+    chain = HookChain(make_plugin_manager([Reordered()]))
+    assert chain.request_done(request="r", status=200, backend="b", error="e") is None
+    assert chain.admit(request="r", principal="p") is None
+    asyncio.run(HookChain.each(chain.comox_admit, request="r2", principal="p2"))  # the static form too
+    assert seen == [("done", "e", 200, "r"), ("admit", "p", "r"), ("admit", "p2", "r2")]
