@@ -132,7 +132,9 @@ class Responder:
         return {"type": "http.response.start", "status": status, "headers": headers}
 
     async def json(self, status: int, body: bytes, headers: Headers) -> None:
-        await self.send(self._start(status, headers + [(b"content-length", b"%d" % len(body))]))
+        """Send a whole answer (``headers``: a list of the caller's own, appended to)."""
+        headers.append((b"content-length", b"%d" % len(body)))
+        await self.send(self._start(status, headers))
         await self.send({"type": "http.response.body", "body": body})
         self.finished = True
         if self.request is not None:

@@ -116,7 +116,6 @@ def comox_plugin_settings() -> type[BaseModel]:
 @comox.hookimpl(trylast=True)
 def comox_request_done(request: GatewayRequest, status: int, backend: str | None, error: Exception | None) -> None:
     # trylast: after the failover plugin settled the usage of its streams.
-    # (Every argument declared: the core then passes its keywords as they are.)
     try:
         state = _gateways[_ref(request.gateway)]  # type: ignore[arg-type]
     except (KeyError, TypeError):  # the gateway's first request, or no gateway (no weakref to None)
