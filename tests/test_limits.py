@@ -333,6 +333,12 @@ def test_estimate_counts_prompt_text_and_the_completion_bound():
         max_completion_tokens=7, max_tokens=99, n=2)
     # "user", "text", 36 x and "image_url" (a part's type): 53 characters; the image itself is not text.
     assert estimate(chat) == (14, 14, True)  # max_completion_tokens first, times n
+    # MAX_FIELDS in order; a field that is not a count (a string, a bool, below 0) is passed over.
+    for bounds, completion in [({"max_completion_tokens": "7", "max_tokens": 9, "max_output_tokens": 5}, 9),
+                               ({"max_completion_tokens": -1, "max_tokens": True, "max_output_tokens": 5}, 5),
+                               ({"max_output_tokens": 0}, 0), ({"max_tokens": 3, "max_output_tokens": 5}, 3)]:
+        assert estimate(request("responses", input="abcd", **bounds)) == (1, completion, True)
+    assert estimate(request("responses", input="abcd", max_tokens=False, max_output_tokens=-2)) == (1, 1024, False)
     assert estimate(request("completions", prompt=[[1, 2, 3], "abcd"])) == (4, 1024, False)
     assert estimate(request("completions", prompt="abcd"), LimitSettings(default_completion_tokens=5, chars_per_token=2)) == (2, 5, False)
     assert estimate(request("embeddings", input=["abcd", "efgh"])) == (2, 0, True)

@@ -305,7 +305,6 @@ def estimate(request: GatewayRequest, settings: LimitSettings = DEFAULTS) -> tup
         body = request.json
     chars = ids = 0
     stack: list[Any] = []
-    pop, push, extend = stack.pop, stack.append, stack.extend
     for name in _PROMPT_KEYS.intersection(body):
         value = body[name]
         kind = type(value)
@@ -318,9 +317,35 @@ def estimate(request: GatewayRequest, settings: LimitSettings = DEFAULTS) -> tup
             if all(map(isinstance, texts, _STR)) and BINARY_PARTS.isdisjoint(_chain(value)):
                 chars += sum(map(len, texts))
             else:
-                push(value)
+                stack.append(value)
         else:
-            push(value)
+            stack.append(value)
+    if stack:
+        more_chars, ids = _walk(stack)
+        chars += more_chars
+    prompt = math.ceil(chars / settings.chars_per_token) + ids
+    if request.endpoint in NO_COMPLETION:
+        return prompt, 0, True
+    get = body.get
+    n = get("n")
+    choices = n if type(n) is int and n > 0 else 1  # (type: a bool is no count)
+    # MAX_FIELDS in order, written out: the first that is a count bounds the completion.
+    bound = get("max_completion_tokens")
+    if type(bound) is not int or bound < 0:
+        bound = get("max_tokens")
+        if type(bound) is not int or bound < 0:
+            bound = get("max_output_tokens")
+            if type(bound) is not int or bound < 0:
+                return prompt, settings.default_completion_tokens * choices, False
+    return prompt, bound * choices, True
+
+
+def _walk(stack: list[Any]) -> tuple[int, int]:
+    """The characters of text and the token ids (ints) in what ``stack``
+    holds, less :data:`BINARY_PARTS`: the prompt's parts that are not plain
+    messages of text."""
+    chars = ids = 0
+    pop, push, extend = stack.pop, stack.append, stack.extend
     # Exact types (what JSON parsing gives): bool is not counted as an id.
     while stack:
         value = pop()
@@ -344,16 +369,7 @@ def estimate(request: GatewayRequest, settings: LimitSettings = DEFAULTS) -> tup
             ids += 1
         elif isinstance(value, str):
             chars += len(value)
-    prompt = math.ceil(chars / settings.chars_per_token) + ids
-    if request.endpoint in NO_COMPLETION:
-        return prompt, 0, True
-    n = body.get("n")
-    choices = n if type(n) is int and n > 0 else 1  # (type: a bool is no count)
-    for name in MAX_FIELDS:
-        bound = body.get(name)
-        if type(bound) is int and bound >= 0:
-            return prompt, bound * choices, True
-    return prompt, settings.default_completion_tokens * choices, False
+    return chars, ids
 
 
 def duration(seconds: float) -> str:
