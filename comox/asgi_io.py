@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .backends import BackendResponse
-from .disconnects import WatchedStream, watch_current
+from .disconnects import ServerWatch, WatchedStream, watch_current
 from .errors import BodyTooLarge, ComoxError, InvalidRequest, UpstreamError
 from .http1_connection import UpstreamStream
 
@@ -244,7 +244,7 @@ class Responder:
             watched.close()
             await response.aclose()
 
-    async def _last(self, chunk: bytes, watched: WatchedStream, first: float, last: float, events: int,
+    async def _last(self, chunk: bytes, watched: WatchedStream | ServerWatch, first: float, last: float, events: int,
                     end: bytes) -> SentStream:
         watched.finished = True
         await self.send({"type": "http.response.body", "body": chunk})

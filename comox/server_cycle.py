@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, RequestResponseCycle
 
 if TYPE_CHECKING:
+    from .disconnects import ServerWatch
     from .server_protocol import ComoxHttpProtocol
 
 __all__ = ["ComoxResponseCycle"]
@@ -56,7 +57,7 @@ class ComoxResponseCycle:
     task that runs the app for it. Its response state has uvicorn's names."""
 
     __slots__ = ("protocol", "scope", "transport", "flow", "on_response", "body", "more_body", "delivered",
-                 "waiter", "disconnected", "keep_alive", "waiting_for_100_continue", "response_started",
+                 "waiter", "watched", "disconnected", "keep_alive", "waiting_for_100_continue", "response_started",
                  "response_complete", "chunked_encoding", "expected_content_length")
 
     def __init__(self, protocol: ComoxHttpProtocol, scope: dict[str, Any], keep_alive: bool,
@@ -70,6 +71,7 @@ class ComoxResponseCycle:
         self.more_body = True  # until the request's last byte has arrived
         self.delivered = False  # the request's last message has been received
         self.waiter: asyncio.Future[None] | None = None  # a receive waiting for the request
+        self.watched: ServerWatch | None = None  # a task to cancel if the client leaves (comox.disconnects)
         self.disconnected = False
         self.keep_alive = keep_alive
         self.waiting_for_100_continue = expect_100_continue
@@ -83,6 +85,12 @@ class ComoxResponseCycle:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def client_left(self) -> None:
+        """The connection was lost before the answer ended."""
+        self.disconnected = True
+        if self.watched is not None:
+            self.watched.client_left()
 
     # uvicorn's own, for the attributes it reads here and :meth:`send`'s head
     run_asgi = RequestResponseCycle.run_asgi

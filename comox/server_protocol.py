@@ -32,6 +32,7 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavai
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from .disconnects import SERVER_CYCLE
 from .server_cycle import ComoxResponseCycle
 from .write_batch import batch_for
 
@@ -132,7 +133,7 @@ class ComoxHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None:
             if not cycle.response_complete:
-                cycle.disconnected = True
+                cycle.client_left()
             cycle.wake()
         if self.flow is not None:
             self.flow.resume_writing()
@@ -193,7 +194,7 @@ class ComoxHttpProtocol(HttpToolsProtocol):
         self.cycle = cycle = ComoxResponseCycle(self, scope, http_version != "1.0" and parser.should_keep_alive(),
                                                 self.expect_100_continue)
         if existing is None or existing.response_complete:
-            self._start_asgi_task(cycle, app)  # type: ignore[arg-type]
+            self._start_asgi_task(cycle, app)
         else:  # pipelined: started when the one before has answered
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, app))
@@ -201,6 +202,15 @@ class ComoxHttpProtocol(HttpToolsProtocol):
     def app_for(self) -> ASGI3Application:
         """The app for the request whose headers have just been parsed."""
         return self.app
+
+    def _start_asgi_task(self, cycle: ComoxResponseCycle, app: ASGI3Application) -> None:  # type: ignore[override]
+        # The task's context is a copy of this one: the cycle in it tells
+        # comox.disconnects when the client leaves (uvicorn's reset_contextvars: not).
+        token = SERVER_CYCLE.set(cycle)
+        try:
+            super()._start_asgi_task(cycle, app)  # type: ignore[arg-type]
+        finally:
+            SERVER_CYCLE.reset(token)
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
@@ -227,7 +237,7 @@ class ComoxHttpProtocol(HttpToolsProtocol):
         self.flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
-            self._start_asgi_task(cycle, app)  # type: ignore[arg-type]
+            self._start_asgi_task(cycle, app)
         else:
             self.idle_since = self.loop.time()
             if self.idle_timer is None:

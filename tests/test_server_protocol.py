@@ -18,6 +18,7 @@ import time
 import httpx
 import pytest
 
+from comox.disconnects import watch_current
 from comox.server_protocol import SERVER_OPTIONS, BatchedTransport
 from comox.testing import ServerThread
 
@@ -327,7 +328,7 @@ REQUESTS = [request(path) for path in SHAPES] + [
     request("/comox") + request("/stream") + request("/upper", extra="connection: close\r\n"),  # pipelined
     request("/scope?q=1&r=%20"), request("/sc%6Fpe"), request("http://example.com/scope?q=1"),
     request("/scope", "DELETE", "1.0"), request("/scope#part"),
-    request("/scope", extra="X-Padded: value \t\r\nExpect: 100-continue \r\n"),  # header values as uvicorn trims them
+    request("/scope", extra="X-Padded: value \t\r\n"),  # a header value as uvicorn trims it
     request("/echo", "POST", extra="content-length: 5\r\n") + b"hello",
     request("/echo", "POST", extra="content-length: 300000\r\n") + b"y" * 300_000,  # past the high-water mark
     request("/echo", "POST", extra="transfer-encoding: chunked\r\n") + b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
@@ -441,6 +442,43 @@ def test_a_client_that_leaves_is_a_disconnect_for_the_waiting_app(protocol):
             time.sleep(0.02)
     assert left == [{"first": {"type": "http.request", "body": b"hi", "more_body": False},
                      "second": {"type": "http.disconnect"}}]
+
+
+watches: list[tuple[str, bool, float]] = []
+
+
+async def watches_its_client(scope, receive, send):
+    """Waits on a long "upstream call" while comox.disconnects watches the client."""
+    if scope["type"] != "http":
+        return
+    await receive()
+    watched = watch_current(receive)
+    started = time.monotonic()
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        watches.append((type(watched).__name__, watched.disconnected, time.monotonic() - started))
+        raise
+    finally:
+        watched.close()
+
+
+@pytest.mark.parametrize("protocol", [SERVER_OPTIONS, {"http": "httptools"}], ids=["comox", "uvicorn"])
+def test_a_watched_task_is_cancelled_when_its_client_leaves(protocol):
+    """Under comox serve's protocol the server itself cancels the watched task
+    when the connection is lost (ServerWatch); under another, a watcher on
+    ``receive()`` started once the wait has lasted WATCH_AFTER_S does."""
+    watches.clear()
+    with ServerThread(watches_its_client, lifespan="off", access_log=False, **protocol) as running:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=5) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi")
+            time.sleep(0.1)
+        deadline = time.monotonic() + 5
+        while not watches and time.monotonic() < deadline:
+            time.sleep(0.02)
+    kind = "ServerWatch" if protocol is SERVER_OPTIONS else "WatchedStream"
+    assert len(watches) == 1 and watches[0][:2] == (kind, True)
+    assert watches[0][2] < 2  # at once, not after the 30 s the task would have waited
 
 
 def closed_after(port: int, pause: float, requests: int) -> float | None:
