@@ -96,7 +96,20 @@ class BatchedTransport:
 
 
 _FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto")  # the headers uvicorn's proxy-headers middleware reads
-_on_header = HttpToolsProtocol.on_header
+_READ = frozenset((b"expect", *_FORWARDED))  # the request headers the protocol itself reads
+
+
+def _uvicorn_trims_values() -> bool:
+    """Whether this uvicorn's on_header drops a value's trailing whitespace
+    (llhttp keeps it; uvicorn trims it since 0.5x, as RFC 9110 says)."""
+    probe = type("Probe", (), {"headers": None, "expect_100_continue": False})()
+    probe.headers = []
+    HttpToolsProtocol.on_header(probe, b"x", b"v \t")
+    return bool(probe.headers[0][1] == b"v")
+
+
+_TRIMS = _uvicorn_trims_values()
+_uvicorn_start_asgi_task = HttpToolsProtocol._start_asgi_task
 
 
 class ComoxHttpProtocol(HttpToolsProtocol):
@@ -156,9 +169,19 @@ class ComoxHttpProtocol(HttpToolsProtocol):
     # -- the parser's callbacks, for each request --
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        _on_header(self, name, value)
-        if self.headers[-1][0] in _FORWARDED:
-            self.forwarded = True
+        # uvicorn's on_header (the same pairs: tests/test_server_protocol.py holds
+        # them to it), written here: once per header, a call into it costs more
+        # than what it does.
+        name = name.lower()
+        if _TRIMS:
+            value = value.rstrip(b" \t")
+        if name in _READ:
+            if name == b"expect":
+                if value.lower() == b"100-continue":
+                    self.expect_100_continue = True
+            else:
+                self.forwarded = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -208,7 +231,7 @@ class ComoxHttpProtocol(HttpToolsProtocol):
         # comox.disconnects when the client leaves (uvicorn's reset_contextvars: not).
         token = SERVER_CYCLE.set(cycle)
         try:
-            super()._start_asgi_task(cycle, app)  # type: ignore[arg-type]
+            _uvicorn_start_asgi_task(self, cycle, app)  # type: ignore[arg-type]
         finally:
             SERVER_CYCLE.reset(token)
 
