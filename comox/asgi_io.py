@@ -15,6 +15,7 @@ from .backends import BackendResponse
 from .disconnects import ServerWatch, WatchedStream, watch_current
 from .errors import BodyTooLarge, ComoxError, InvalidRequest, UpstreamError
 from .http1_connection import UpstreamStream
+from .request import first_header
 
 if TYPE_CHECKING:
     from .request import GatewayRequest
@@ -43,15 +44,14 @@ def route_path(scope: MutableMapping[str, Any]) -> str:
 
 
 async def read_body(receive: Receive, headers: Headers, limit: int) -> bytes:
-    for name, value in headers:
-        if name == b"content-length":
-            try:
-                declared = int(value)
-            except ValueError:
-                raise InvalidRequest("content-length is not a number", code="invalid_header") from None
-            if declared > limit:
-                raise BodyTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-            break
+    value = first_header(headers, b"content-length")
+    if value is not None:
+        try:
+            declared = int(value)
+        except ValueError:
+            raise InvalidRequest("content-length is not a number", code="invalid_header") from None
+        if declared > limit:
+            raise BodyTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks = []
     size = 0
     while True:
