@@ -142,8 +142,9 @@ async def dispatch(gateway: Gateway, request: GatewayRequest, group: ModelGroup)
     counters = gateway.counters
     server = gateway.settings.server
     saturated = False
-    can_fail_over = bool(gateway.hooks.comox_failover) and not request.local_only
-    watched = observed(gateway)
+    hooks = gateway.hooks
+    can_fail_over = bool(hooks.comox_failover) and not request.local_only
+    watched = bool(hooks.comox_attempt_start or hooks.comox_attempt_done)  # observed(), written out
     if can_fail_over and (group.current() == () or group.panic):
         # No local backend in rotation: capacity is exhausted; the cloud
         # answers before any known-bad node is tried in panic mode.

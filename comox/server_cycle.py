@@ -168,7 +168,8 @@ class ComoxResponseCycle:
                 if self.expected_content_length != 0:
                     raise RuntimeError("Response content shorter than Content-Length")
                 self.response_complete = True
-                self.wake()
+                if self.waiter is not None:
+                    self.wake()
                 if not self.keep_alive:
                     self.transport.close()
                 self.on_response()

@@ -242,14 +242,16 @@ class ComoxHttpProtocol(HttpToolsProtocol):
         cycle.body = cycle.body + body if cycle.body else body
         if len(cycle.body) > HIGH_WATER_LIMIT:
             self.flow.pause_reading()
-        cycle.wake()
+        if cycle.waiter is not None:
+            cycle.wake()
 
     def on_message_complete(self) -> None:
         cycle = self.cycle
         if cycle is None or cycle.response_complete or (self.parser.should_upgrade() and self._should_upgrade()):
             return
         cycle.more_body = False
-        cycle.wake()
+        if cycle.waiter is not None:
+            cycle.wake()
 
     # -- after each answer --
 

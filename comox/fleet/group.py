@@ -178,7 +178,7 @@ class ModelGroup:
         policy = self.policy
         assert policy is not None, "the gateway sets the policy when it builds the group"
         # A policy returns one of the candidates it was given: BackendState, seen as BackendView.
-        pick = cast("BackendState | None", policy.choose(request, available))
+        pick: BackendState | None = policy.choose(request, available)  # type: ignore[assignment]
         if pick is not None and (exclude or self.saturated_count):
             if pick.saturated or pick in exclude:
                 rest = [b for b in available if not b.saturated and b not in exclude]

@@ -134,7 +134,9 @@ def comox_admit(request: GatewayRequest, principal: Principal) -> Awaitable[None
     gateway = request.gateway
     if not limits or key_id is None or gateway is None:
         return None
-    plan = plan_for(limits, key_id)
+    plan = _plans.get((id(limits), key_id))
+    if plan is None or plan.limits is not limits:
+        plan = plan_for(limits, key_id)
     if plan.idle:
         return None
     if plan.zero is not None:
@@ -394,6 +396,7 @@ def duration(seconds: float) -> str:
 REQUESTS = (b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
 TOKENS = (b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
 _RESETS: dict[int, bytes] = {}  # milliseconds → duration(): the same few values, answer after answer
+_ceil = math.ceil
 
 
 def _reset(seconds: float) -> bytes:
@@ -432,12 +435,13 @@ def _put_headers(request: GatewayRequest, plan: Plan, rpm_left: float, rpm_reset
                  tpm_left: float, tpm_reset_s: float) -> None:
     """The headers of the limits the key has: what is left in each bucket
     (whole units, never below 0) and the time until it is full."""
+    # (_reset's lookup written out: a call each costs more than the lookup)
     if plan.rpm is not None:
-        headers = [plan.rpm_header, (REQUESTS[0], b"%d" % (rpm_left if rpm_left > 0 else 0)),
-                   (REQUESTS[1], _reset(rpm_reset_s))]
+        reset = _RESETS.get(_ceil(round(rpm_reset_s * 1000, 6))) or _reset(rpm_reset_s)
+        headers = [plan.rpm_header, (REQUESTS[0], b"%d" % (rpm_left if rpm_left > 0 else 0)), (REQUESTS[1], reset)]
         if plan.tpm is not None:
-            headers += (plan.tpm_header, (TOKENS[0], b"%d" % (tpm_left if tpm_left > 0 else 0)),
-                        (TOKENS[1], _reset(tpm_reset_s)))
+            reset = _RESETS.get(_ceil(round(tpm_reset_s * 1000, 6))) or _reset(tpm_reset_s)
+            headers += (plan.tpm_header, (TOKENS[0], b"%d" % (tpm_left if tpm_left > 0 else 0)), (TOKENS[1], reset))
     elif plan.tpm is not None:
         headers = [plan.tpm_header, (TOKENS[0], b"%d" % (tpm_left if tpm_left > 0 else 0)),
                    (TOKENS[1], _reset(tpm_reset_s))]
