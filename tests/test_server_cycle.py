@@ -54,17 +54,25 @@ def cycle_over(cls, transport, method: str = "GET", keep_alive: bool = True,
                expect_100_continue=True, keep_alive=keep_alive, on_response=lambda: None)
 
 
+@pytest.fixture
+def slow(monkeypatch) -> list[str]:
+    """The messages whose head uvicorn's own send built (not the fast head)."""
+    built: list[str] = []
+    uvicorns_send = server_cycle._uvicorn_send
+
+    def counted(cycle, message):
+        built.append(message["type"])
+        return uvicorns_send(cycle, message)
+
+    monkeypatch.setattr(server_cycle, "_uvicorn_send", counted)
+    return built
+
+
 @pytest.mark.parametrize("status, headers, method, keep_alive", [
     (200, COMOX_HEADERS, "GET", True), (200, COMOX_HEADERS[:-1], "GET", False), (304, [], "GET", True),
     (200, [(b"transfer-encoding", b"chunked"), (b"content-length", b"3")], "POST", True), (200, [], "HEAD", True),
     (200, [(b"x-100%s%%", b"%s%d"), (b"content-length", b"0")], "GET", True)])  # % in a name and a value
-def test_the_fast_head_is_taken_and_writes_and_sets_what_uvicorn_does(monkeypatch, status, headers, method, keep_alive):
-    slow = []
-    uvicorns_send = server_cycle._uvicorn_send
-    def counted(cycle, message):
-        slow.append(message["type"])
-        return uvicorns_send(cycle, message)
-    monkeypatch.setattr(server_cycle, "_uvicorn_send", counted)
+def test_the_fast_head_is_taken_and_writes_and_sets_what_uvicorn_does(slow, status, headers, method, keep_alive):
     start = {"type": "http.response.start", "status": status, "headers": headers}
     async def run(cls) -> tuple[object, ...]:
         cycle = cycle_over(cls, recorder := Recorder(), method, keep_alive)
@@ -79,13 +87,7 @@ def test_the_fast_head_is_taken_and_writes_and_sets_what_uvicorn_does(monkeypatc
     assert slow == []  # the fast head built it (the second start is refused before any head)
 
 
-def test_with_an_access_log_uvicorn_builds_the_head_and_logs_the_request(monkeypatch, caplog):
-    slow = []
-    uvicorns_send = server_cycle._uvicorn_send
-    def counted(cycle, message):
-        slow.append(message["type"])
-        return uvicorns_send(cycle, message)
-    monkeypatch.setattr(server_cycle, "_uvicorn_send", counted)
+def test_with_an_access_log_uvicorn_builds_the_head_and_logs_the_request(slow, caplog):
     logger = logging.getLogger("comox.tests.access")
     start = {"type": "http.response.start", "status": 201, "headers": COMOX_HEADERS}
     async def run(cls) -> tuple[object, ...]:

@@ -422,6 +422,18 @@ def test_a_body_sent_in_pieces_is_received_whole_as_it_arrives(server):
 left: list[dict] = []
 
 
+def post_and_leave(app, protocol: dict, seen: list, pause: float) -> None:
+    """Serve ``app``, send it a POST and leave ``pause`` s later; wait (5 s
+    at most) for the app to note something in ``seen``."""
+    with ServerThread(app, lifespan="off", access_log=False, **protocol) as running:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=5) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi")
+            time.sleep(pause)
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
 async def waits_for_the_client(scope, receive, send):
     if scope["type"] != "http":
         return
@@ -433,13 +445,7 @@ async def waits_for_the_client(scope, receive, send):
 @pytest.mark.parametrize("protocol", [SERVER_OPTIONS, {"http": "httptools"}], ids=["comox", "uvicorn"])
 def test_a_client_that_leaves_is_a_disconnect_for_the_waiting_app(protocol):
     left.clear()
-    with ServerThread(waits_for_the_client, lifespan="off", access_log=False, **protocol) as running:
-        with socket.create_connection(("127.0.0.1", running.port), timeout=5) as sock:
-            sock.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi")
-            time.sleep(0.2)
-        deadline = time.monotonic() + 5
-        while not left and time.monotonic() < deadline:
-            time.sleep(0.02)
+    post_and_leave(waits_for_the_client, protocol, left, 0.2)
     assert left == [{"first": {"type": "http.request", "body": b"hi", "more_body": False},
                      "second": {"type": "http.disconnect"}}]
 
@@ -469,13 +475,7 @@ def test_a_watched_task_is_cancelled_when_its_client_leaves(protocol):
     when the connection is lost (ServerWatch); under another, a watcher on
     ``receive()`` started once the wait has lasted WATCH_AFTER_S does."""
     watches.clear()
-    with ServerThread(watches_its_client, lifespan="off", access_log=False, **protocol) as running:
-        with socket.create_connection(("127.0.0.1", running.port), timeout=5) as sock:
-            sock.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi")
-            time.sleep(0.1)
-        deadline = time.monotonic() + 5
-        while not watches and time.monotonic() < deadline:
-            time.sleep(0.02)
+    post_and_leave(watches_its_client, protocol, watches, 0.1)
     kind = "ServerWatch" if protocol is SERVER_OPTIONS else "WatchedStream"
     assert len(watches) == 1 and watches[0][:2] == (kind, True)
     assert watches[0][2] < 2  # at once, not after the 30 s the task would have waited
