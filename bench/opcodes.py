@@ -8,6 +8,7 @@ Deterministic, so it compares two trees on a busy machine where timings cannot
     python bench/opcodes.py                      # chat, JSON
     python bench/opcodes.py --api messages --sse --rows 60
     python bench/opcodes.py --lines-of estimate  # per line of the functions of that name
+    python bench/opcodes.py --through-protocol   # the request as bytes through comox serve's protocol too
     PYTHONPATH=/tmp/base:/tmp/base/plugins python bench/opcodes.py   # another checkout
 
 Also prints the µs per request untraced (best of 5 × 2,000): a noisy figure, for
@@ -36,7 +37,69 @@ from comox.settings import Settings  # noqa: E402
 ROOT = str(Path(__file__).resolve().parent.parent) + "/"
 
 
-async def count(api: str | None, stream: bool, n: int, lines_of: str | None) -> tuple[float, collections.Counter[Any]]:
+class _Socket:
+    """What the protocol writes to (``--through-protocol``): the bytes are kept, nothing is sent."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(name, default)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _through_protocol(app: Any, path: str, body: bytes) -> tuple[Any, Any]:
+    """``one()`` for ``--through-protocol``: wrk's request bytes fed to comox
+    serve's protocol on one kept-alive connection, the app behind it; and the
+    server state it counts answers in."""
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from comox.server_protocol import SERVER_OPTIONS, ComoxServeProtocol
+
+    raw = (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nContent-Type: application/json\r\n"
+           b"Authorization: Bearer %s\r\nanthropic-version: 2023-06-01\r\nContent-Length: %d\r\n\r\n%s"
+           % (path.encode(), BENCH_KEY.encode(), len(body), body))
+    config = Config(app, lifespan="off", access_log=False, **SERVER_OPTIONS)
+    config.load()
+    state = ServerState()
+    protocol = ComoxServeProtocol(config, state, {}, asyncio.get_running_loop())
+    socket = _Socket()
+    protocol.connection_made(socket)  # type: ignore[arg-type]
+
+    async def one() -> None:
+        answered = state.total_requests
+        protocol.data_received(raw)
+        while state.total_requests == answered:
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)  # what the app does after its answer
+        assert socket.written[0].startswith(b"HTTP/1.1 200 OK"), socket.written[:1]
+        socket.written.clear()
+
+    return one, state
+
+
+# Not the request's own steps: the event loop's (how many turns a request takes
+# in process is not how many it takes on sockets) and this script's.
+_NOT_THE_REQUESTS = ("asyncio/", "selectors.py", "bench/opcodes.py")
+
+
+async def count(api: str | None, stream: bool, n: int, lines_of: str | None,
+                through_protocol: bool = False) -> tuple[float, collections.Counter[Any]]:
     path, requests, answers = APIS[api]
     models = [{"name": name, "backends": [{"name": f"{name}-a", "url": "http://127.0.0.1:9",
                                           **({"native_apis": [api]} if api else {})}]}
@@ -66,6 +129,8 @@ async def count(api: str | None, stream: bool, n: int, lines_of: str | None) -> 
         assert sent[0]["status"] == 200, sent
         sent.clear()
 
+    if through_protocol:
+        one, _ = _through_protocol(app, path, body)  # type: ignore[assignment]
     for _ in range(500):
         await one()
     best = min([await _timed(one) for _ in range(5)])
@@ -77,6 +142,8 @@ async def count(api: str | None, stream: bool, n: int, lines_of: str | None) -> 
         if event == "opcode":
             code = frame.f_code
             filename = code.co_filename.removeprefix(ROOT).split("/site-packages/")[-1]
+            if through_protocol and any(part in filename for part in _NOT_THE_REQUESTS):
+                return tracer
             if lines_of is None:
                 counts[(filename, code.co_name)] += 1
             elif code.co_name == lines_of:
@@ -108,9 +175,12 @@ def main() -> int:
     parser.add_argument("-n", type=int, default=200, help="requests traced (after 500 of warm-up)")
     parser.add_argument("--rows", type=int, default=40, help="functions listed")
     parser.add_argument("--lines-of", help="count per line of the functions of this name")
+    parser.add_argument("--through-protocol", action="store_true",
+                        help="send the request as bytes through comox serve's HTTP protocol (its steps counted "
+                             "too; the event loop's and this script's not)")
     args = parser.parse_args()
     api = None if args.api == "chat" else args.api
-    us, counts = asyncio.run(count(api, args.sse, args.n, args.lines_of))
+    us, counts = asyncio.run(count(api, args.sse, args.n, args.lines_of, args.through_protocol))
     total = sum(counts.values()) / args.n
     print(f"{args.api} {'SSE' if args.sse else 'JSON'}: {us:.1f} µs per request untraced; "
           f"{total:.0f} opcodes per request" + (f" in {args.lines_of}" if args.lines_of else ""))
