@@ -100,8 +100,8 @@ _READ = frozenset((b"expect", *_FORWARDED))  # the request headers the protocol 
 
 
 def _uvicorn_trims_values() -> bool:
-    """Whether this uvicorn's on_header drops a value's trailing whitespace
-    (llhttp keeps it; uvicorn trims it since 0.5x, as RFC 9110 says)."""
+    """Whether this uvicorn's on_header drops a value's trailing whitespace, as
+    RFC 9110 says (0.55 does; older ones keep it, as llhttp gives it)."""
     probe = type("Probe", (), {"headers": None, "expect_100_continue": False})()
     probe.headers = []
     HttpToolsProtocol.on_header(probe, b"x", b"v \t")
