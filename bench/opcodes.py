@@ -62,10 +62,9 @@ class _Socket:
         pass
 
 
-def _through_protocol(app: Any, path: str, body: bytes) -> tuple[Any, Any]:
+def _through_protocol(app: Any, path: str, body: bytes) -> Any:
     """``one()`` for ``--through-protocol``: wrk's request bytes fed to comox
-    serve's protocol on one kept-alive connection, the app behind it; and the
-    server state it counts answers in."""
+    serve's protocol on one kept-alive connection, the app behind it."""
     from uvicorn.config import Config
     from uvicorn.server import ServerState
 
@@ -90,7 +89,7 @@ def _through_protocol(app: Any, path: str, body: bytes) -> tuple[Any, Any]:
         assert socket.written[0].startswith(b"HTTP/1.1 200 OK"), socket.written[:1]
         socket.written.clear()
 
-    return one, state
+    return one
 
 
 # Not the request's own steps: the event loop's (how many turns a request takes
@@ -130,7 +129,7 @@ async def count(api: str | None, stream: bool, n: int, lines_of: str | None,
         sent.clear()
 
     if through_protocol:
-        one, _ = _through_protocol(app, path, body)  # type: ignore[assignment]
+        one = _through_protocol(app, path, body)
     for _ in range(500):
         await one()
     best = min([await _timed(one) for _ in range(5)])

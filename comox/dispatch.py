@@ -142,9 +142,8 @@ async def dispatch(gateway: Gateway, request: GatewayRequest, group: ModelGroup)
     counters = gateway.counters
     server = gateway.settings.server
     saturated = False
-    hooks = gateway.hooks
-    can_fail_over = bool(hooks.comox_failover) and not request.local_only
-    watched = bool(hooks.comox_attempt_start or hooks.comox_attempt_done)  # observed(), written out
+    can_fail_over = bool(gateway.hooks.comox_failover) and not request.local_only
+    watched = observed(gateway)
     if can_fail_over and (group.current() == () or group.panic):
         # No local backend in rotation: capacity is exhausted; the cloud
         # answers before any known-bad node is tried in panic mode.

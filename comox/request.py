@@ -228,9 +228,7 @@ class GatewayRequest:
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (lower-case bytes), or None."""
-        headers = self.headers  # (first_header, written out: a call fewer per lookup)
-        names = list(map(_NAME, headers))
-        return headers[names.index(name)][1] if name in names else None
+        return first_header(self.headers, name)
 
     def set_json(self, body: dict[str, Any]) -> None:
         """Replace the body; it will be re-serialised for the upstream."""

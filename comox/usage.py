@@ -68,13 +68,9 @@ def parse_usage(obj: dict[str, Any]) -> Usage | None:
     prefill_tps: float | None = None
     decode_tps: float | None = None
     if isinstance(usage, dict):
-        # OpenAI's chat names, else its Responses API's (input/output tokens); _int written out.
-        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-        if type(prompt) is not int or prompt < 0:
-            prompt = None
-        completion = usage.get("completion_tokens", usage.get("output_tokens"))
-        if type(completion) is not int or completion < 0:
-            completion = None
+        # OpenAI's chat names, else its Responses API's (input/output tokens).
+        prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
+        completion = _int(usage.get("completion_tokens", usage.get("output_tokens")))
         details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
         if isinstance(details, dict):
             cached = _int(details.get("cached_tokens"))

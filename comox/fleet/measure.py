@@ -161,20 +161,19 @@ class Measured:
         if not prefill_tps and not decode_tps:
             return
         group = self.group
-        # Each rate an EWMA: the sample itself when it is the first.
         if prefill_tps:
-            old = self.prefill_tps
-            self.prefill_tps = prefill_tps if old is None else old + TPS_ALPHA * (prefill_tps - old)
+            self.prefill_tps = _blend(self.prefill_tps, prefill_tps, TPS_ALPHA)
             if group is not None:
-                old = group.typical_prefill_tps
-                group.typical_prefill_tps = prefill_tps if old is None else old + TYPICAL_ALPHA * (prefill_tps - old)
+                group.typical_prefill_tps = _blend(group.typical_prefill_tps, prefill_tps)
         if decode_tps:
-            old = self.decode_tps
-            self.decode_tps = decode_tps if old is None else old + TPS_ALPHA * (decode_tps - old)
+            self.decode_tps = _blend(self.decode_tps, decode_tps, TPS_ALPHA)
             if group is not None:
-                old = group.typical_decode_tps
-                group.typical_decode_tps = decode_tps if old is None else old + TYPICAL_ALPHA * (decode_tps - old)
+                group.typical_decode_tps = _blend(group.typical_decode_tps, decode_tps)
         self.measured_at = self.clock()
+
+
+def _blend(old: float | None, sample: float, alpha: float = TYPICAL_ALPHA) -> float:
+    return sample if old is None else old + alpha * (sample - old)
 
 
 def _aged(own: float | None, typical: float | None, w: float, edge: float) -> float | None:
