@@ -134,9 +134,7 @@ def comox_admit(request: GatewayRequest, principal: Principal) -> Awaitable[None
     gateway = request.gateway
     if not limits or key_id is None or gateway is None:
         return None
-    plan = _plans.get((id(limits), key_id))
-    if plan is None or plan.limits is not limits:
-        plan = plan_for(limits, key_id)
+    plan = plan_for(limits, key_id)
     if plan.idle:
         return None
     if plan.zero is not None:
@@ -155,8 +153,7 @@ def comox_admit(request: GatewayRequest, principal: Principal) -> Awaitable[None
     if type(shared) is not MemoryState:
         return _admit_shared(request, plan, settings, shared, amount, prompt, too_large)
     # This process's own state: the key's counters on one object (local.py).
-    held = plan.counters
-    counters = held[1] if held is not None and held[0] is shared else counters_for(plan, shared)
+    counters = counters_for(plan, shared)
     now = shared.clock()
     ttl = settings.concurrency_ttl_s
     if too_large or not counters.admit(plan, now, amount, ttl):
@@ -165,11 +162,8 @@ def comox_admit(request: GatewayRequest, principal: Principal) -> Awaitable[None
         raise _local_refusal(request, plan, counters, now, amount, too_large, rpm_left, tpm_left, inflight)
     release = None
     if plan.concurrency is not None:
-        ops = plan.slot_ops
-        release = ops[2] if ops is not None and ops[0] == ttl else plan.slot(ttl)[1]
-    rpm, rpm_left, tpm, tpm_left = plan.rpm, counters.rpm, plan.tpm, counters.tpm
-    _put_headers(request, plan, rpm_left, (rpm - rpm_left) / plan.rpm_per_s if rpm is not None else 0.0,
-                 tpm_left, (tpm - tpm_left) / plan.tpm_per_s if tpm is not None else 0.0)
+        release = plan.slot(ttl)[1]
+    _headers(request, plan, counters.rpm, counters.tpm)  # what admit left in the buckets
     request.state["limits"] = (plan, amount, prompt, release)
     return None
 
@@ -328,18 +322,13 @@ def estimate(request: GatewayRequest, settings: LimitSettings = DEFAULTS) -> tup
     prompt = math.ceil(chars / settings.chars_per_token) + ids
     if request.endpoint in NO_COMPLETION:
         return prompt, 0, True
-    get = body.get
-    n = get("n")
+    n = body.get("n")
     choices = n if type(n) is int and n > 0 else 1  # (type: a bool is no count)
-    # MAX_FIELDS in order, written out: the first that is a count bounds the completion.
-    bound = get("max_completion_tokens")
-    if type(bound) is not int or bound < 0:
-        bound = get("max_tokens")
-        if type(bound) is not int or bound < 0:
-            bound = get("max_output_tokens")
-            if type(bound) is not int or bound < 0:
-                return prompt, settings.default_completion_tokens * choices, False
-    return prompt, bound * choices, True
+    for name in MAX_FIELDS:
+        bound = body.get(name)
+        if type(bound) is int and bound >= 0:
+            return prompt, bound * choices, True
+    return prompt, settings.default_completion_tokens * choices, False
 
 
 def _walk(stack: list[Any]) -> tuple[int, int]:
@@ -396,7 +385,6 @@ def duration(seconds: float) -> str:
 REQUESTS = (b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
 TOKENS = (b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
 _RESETS: dict[int, bytes] = {}  # milliseconds → duration(): the same few values, answer after answer
-_ceil = math.ceil
 
 
 def _reset(seconds: float) -> bytes:
@@ -435,13 +423,12 @@ def _put_headers(request: GatewayRequest, plan: Plan, rpm_left: float, rpm_reset
                  tpm_left: float, tpm_reset_s: float) -> None:
     """The headers of the limits the key has: what is left in each bucket
     (whole units, never below 0) and the time until it is full."""
-    # (_reset's lookup written out: a call each costs more than the lookup)
     if plan.rpm is not None:
-        reset = _RESETS.get(_ceil(round(rpm_reset_s * 1000, 6))) or _reset(rpm_reset_s)
-        headers = [plan.rpm_header, (REQUESTS[0], b"%d" % (rpm_left if rpm_left > 0 else 0)), (REQUESTS[1], reset)]
+        headers = [plan.rpm_header, (REQUESTS[0], b"%d" % (rpm_left if rpm_left > 0 else 0)),
+                   (REQUESTS[1], _reset(rpm_reset_s))]
         if plan.tpm is not None:
-            reset = _RESETS.get(_ceil(round(tpm_reset_s * 1000, 6))) or _reset(tpm_reset_s)
-            headers += (plan.tpm_header, (TOKENS[0], b"%d" % (tpm_left if tpm_left > 0 else 0)), (TOKENS[1], reset))
+            headers += (plan.tpm_header, (TOKENS[0], b"%d" % (tpm_left if tpm_left > 0 else 0)),
+                        (TOKENS[1], _reset(tpm_reset_s)))
     elif plan.tpm is not None:
         headers = [plan.tpm_header, (TOKENS[0], b"%d" % (tpm_left if tpm_left > 0 else 0)),
                    (TOKENS[1], _reset(tpm_reset_s))]
