@@ -26,8 +26,8 @@ from .late import LateQueue, per_loop
 if TYPE_CHECKING:
     from .asgi_io import Receive
 
-__all__ = ["SERVER_CYCLE", "WATCH_AFTER_S", "DisconnectWatch", "ServerWatch", "WatchedStream", "watch_current",
-           "watch_for"]
+__all__ = ["SERVER_CYCLE", "WATCH_AFTER_S", "DisconnectWatch", "ServerWatch", "WatchedStream", "running_loop",
+           "watch_current", "watch_for"]
 
 WATCH_AFTER_S = 0.02  # a stream's watcher starts this long after the stream (give or take a loop turn)
 
@@ -35,7 +35,18 @@ SERVER_CYCLE: ContextVar[Any] = ContextVar("comox_server_cycle")
 """The request's cycle, in the context of the task comox serve's protocol runs
 it in: an object with ``disconnected``, ``response_complete`` and a
 ``watched`` attribute it calls ``client_left()`` on when the connection is
-lost before the answer ended."""
+lost before the answer ended, and ``protocol.loop``, the loop it runs on."""
+
+
+def running_loop() -> asyncio.AbstractEventLoop:
+    """The running event loop, as ``asyncio.get_running_loop()`` answers; in
+    a request under ``comox serve``, read off its cycle (:data:`SERVER_CYCLE`):
+    on Python 3.11 ``get_running_loop`` makes a ``getpid()`` system call."""
+    cycle = SERVER_CYCLE.get(None)
+    if cycle is not None:
+        loop: asyncio.AbstractEventLoop = cycle.protocol.loop
+        return loop
+    return asyncio.get_running_loop()
 
 
 class WatchedStream:
@@ -119,11 +130,13 @@ watch_for = per_loop(DisconnectWatch)
 
 def watch_current(receive: Receive) -> WatchedStream | ServerWatch:
     """Watch the running task's client, whose ASGI ``receive`` this is."""
-    # One get_running_loop for all three (each is a getpid() on Python 3.11).
+    # current_task given the loop: without it, it asks get_running_loop (a getpid()).
+    cycle = SERVER_CYCLE.get(None)
+    if cycle is not None and not cycle.response_complete:
+        task = asyncio.current_task(cycle.protocol.loop)
+        assert task is not None
+        return ServerWatch(task, cycle)
     loop = asyncio.get_running_loop()
     task = asyncio.current_task(loop)
     assert task is not None
-    cycle = SERVER_CYCLE.get(None)
-    if cycle is not None and not cycle.response_complete:
-        return ServerWatch(task, cycle)
     return watch_for(loop).add(task, receive, loop)

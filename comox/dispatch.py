@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from .backends import BackendResponse
 from .deadlines import deadlines_for
+from .disconnects import running_loop
 from .errors import BackendUnavailable, ComoxError, InvalidRequest, NoBackendAvailable
 from .events import emit
 from .plugins import HookChain
@@ -55,7 +56,7 @@ async def _attempt(state: BackendState, request: GatewayRequest, timeout_s: floa
     within ``timeout_s``; raises :class:`_Moved` when the attempt was
     called off (the task is cancelled by a timer or by the backend leaving
     rotation; a cancel of our own is told apart from the client's)."""
-    loop = asyncio.get_running_loop()  # once: each is a getpid() on Python 3.11
+    loop = running_loop()  # once, and not asyncio's: each of its calls is a getpid() on Python 3.11
     task = asyncio.current_task(loop)
     assert task is not None
     waiting = state.waiting

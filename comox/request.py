@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
-import os
+import random
 import re
 import time
 from collections.abc import Callable
@@ -62,6 +62,7 @@ ENDPOINTS = {
 # Fields that would let a client redirect the upstream call or inject credentials.
 FORBIDDEN_FIELDS = ("api_base", "base_url", "api_key", "extra_headers", "api_version", "organization")
 
+_random_bits = random.getrandbits
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -74,7 +75,10 @@ def request_id_from(header: bytes | None) -> str:
             value = ""
         if _REQUEST_ID.match(value):
             return value
-    return os.urandom(16).hex()  # 128 random bits like uuid4().hex, at a fifth of its cost
+    # 128 random bits, as uuid4().hex has, from the process's Mersenne Twister
+    # (reseeded in a forked worker): a correlation id, not a secret, so no
+    # getrandom() system call per request (os.urandom: 3x the time).
+    return _random_bits(128).to_bytes(16).hex()
 
 
 class DeferredBody(NamedTuple):

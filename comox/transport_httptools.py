@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 from . import client_spans
 from .backends import BackendResponse
+from .disconnects import running_loop
 from .http1_connection import GONE, Call, Connection, ReadTimeouts, UpstreamStream
 from .transport import (DROPPED_RESPONSE_HEADERS, AiohttpTransport, PoolTransport, UpstreamUnreachable,
                         _ssl_context)
@@ -128,7 +129,7 @@ class HttptoolsTransport(PoolTransport):
         for name, value in headers.items():
             head += f"{_checked(name)}: {_checked(value)}\r\n".encode()
         head += b"content-length: %d\r\n\r\n" % len(body)
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         for attempt in (0, 1):
             conn = self._idle(origin, loop) or await self._connect(origin, loop)
             reused = conn.idle_since > 0.0  # it answered before: fresh connections were never idle

@@ -1,8 +1,9 @@
 import asyncio
+import types
 
 import pytest
 
-from comox.disconnects import DisconnectWatch, watch_current, watch_for
+from comox.disconnects import SERVER_CYCLE, DisconnectWatch, running_loop, watch_current, watch_for
 
 
 def run(coro):
@@ -98,6 +99,20 @@ def test_watch_current_watches_the_running_task_on_its_loops_watch():
         finally:
             watched.close()
             never.cancel()
+
+    run(go())
+
+
+def test_running_loop_is_asyncios_or_the_one_the_servers_cycle_names():
+    async def go():
+        assert running_loop() is asyncio.get_running_loop()
+        named = object()  # read off the cycle, not asked of asyncio (a getpid() on 3.11)
+        token = SERVER_CYCLE.set(types.SimpleNamespace(protocol=types.SimpleNamespace(loop=named)))
+        try:
+            assert running_loop() is named
+        finally:
+            SERVER_CYCLE.reset(token)
+        assert running_loop() is asyncio.get_running_loop()
 
     run(go())
 

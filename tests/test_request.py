@@ -1,12 +1,13 @@
 """comox.request: what a plugin reads of a request."""
 
 import itertools
+import os
 
 import orjson
 import pytest
 
 import comox
-from comox.request import parse_body
+from comox.request import parse_body, request_id_from
 
 
 def test_header_is_the_first_value_of_that_name_or_none():
@@ -46,3 +47,28 @@ def test_parse_body_names_the_message_that_is_not_an_object_with_a_role():
             parse_body("chat/completions", orjson.dumps({"model": "m", "messages": messages}))
         assert exc.value.param == where, messages
     assert parse_body("chat/completions", orjson.dumps({"model": "m", "messages": [{"role": "user"}] * 3}))
+
+
+def test_request_id_from_keeps_a_sane_client_id_and_makes_a_fresh_one_otherwise():
+    assert request_id_from(b"trace-1.2:3_x") == "trace-1.2:3_x"
+    fresh = {request_id_from(header) for header in (None, b"", b"bad id", b"\xff", b"x" * 129) for _ in range(200)}
+    assert len(fresh) == 1000
+    assert all(len(value) == 32 and int(value, 16) >= 0 for value in fresh)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_workers_make_different_request_ids():
+    # Ids come from the process's random generator: a forked worker must not
+    # repeat its parent's sequence.
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, then out at once
+        os.write(write, request_id_from(None).encode())
+        os._exit(0)
+    os.close(write)
+    try:
+        child = os.read(read, 64).decode()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert len(child) == 32 and child != request_id_from(None)
