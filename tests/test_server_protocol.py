@@ -329,6 +329,9 @@ REQUESTS = [request(path) for path in SHAPES] + [
     request("/scope?q=1&r=%20"), request("/sc%6Fpe"), request("http://example.com/scope?q=1"),
     request("/scope", "DELETE", "1.0"), request("/scope#part"),
     request("/scope", extra="X-Padded: value \t\r\n"),  # a header value as uvicorn trims it
+    request("/scope", extra="UPPER-Case: V \r\nX-Forwarded-For: 10.1.2.3\r\nEXPECT: 100-Continue\r\nContent-Length: 0\r\n"),
+    request("/scope", "POST", extra="Transfer-Encoding: chunked\r\n")  # trailers join the headers, as uvicorn has them
+    + b"3\r\nabc\r\n0\r\nX-Trailer: t \r\nX-Also: U\r\nX-Last: v\r\n\r\n",
     request("/echo", "POST", extra="content-length: 5\r\n") + b"hello",
     request("/echo", "POST", extra="content-length: 300000\r\n") + b"y" * 300_000,  # past the high-water mark
     request("/echo", "POST", extra="transfer-encoding: chunked\r\n") + b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
