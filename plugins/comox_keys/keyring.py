@@ -15,7 +15,6 @@ import logging
 import os
 import tomllib
 from collections.abc import Sequence
-from operator import itemgetter
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator, model_validator
@@ -123,7 +122,6 @@ def digest_of(key: bytes) -> bytes:
 
 
 _VISIBLE = bytes(range(0x21, 0x7F))
-_NAME = itemgetter(0)
 
 
 class Malformed(Exception):
@@ -135,20 +133,24 @@ def credential(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
     ``x-api-key: <key>`` (both: they must agree); None when it presents none.
     Raises :class:`Malformed` for anything else: two of one header, another
     scheme, an empty or over-long key, whitespace or control bytes in it."""
-    # The names in C (a request has a dozen headers; each Python step counts here).
-    names = list(map(_NAME, headers))
+    # One plain loop: timed, faster than finding the names in C (map, count,
+    # index): 0.80 against 1.21 µs with 5 headers, 1.23 against 1.62 with 15.
     found: list[bytes] = []
-    if b"authorization" in names:
-        if names.count(b"authorization") > 1:
-            raise Malformed("two Authorization headers")
-        scheme, _, token = headers[names.index(b"authorization")][1].strip().partition(b" ")
-        if scheme.lower() != b"bearer":
-            raise Malformed("not a Bearer key")
-        found.append(token.strip())
-    if b"x-api-key" in names:
-        if names.count(b"x-api-key") > 1:
-            raise Malformed("two x-api-key headers")
-        found.append(headers[names.index(b"x-api-key")][1].strip())
+    seen_authorization = seen_api_key = False
+    for name, value in headers:
+        if name == b"authorization":
+            if seen_authorization:
+                raise Malformed("two Authorization headers")
+            seen_authorization = True
+            scheme, _, token = value.strip().partition(b" ")
+            if scheme.lower() != b"bearer":
+                raise Malformed("not a Bearer key")
+            found.append(token.strip())
+        elif name == b"x-api-key":
+            if seen_api_key:
+                raise Malformed("two x-api-key headers")
+            seen_api_key = True
+            found.append(value.strip())
     if not found:
         return None
     key = found[0]

@@ -19,7 +19,6 @@ Settings: ``[plugins.limits]`` (:class:`LimitSettings`). See docs/limits.md.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Awaitable
 from typing import Any, cast
@@ -36,9 +35,6 @@ __all__ = ["LimitSettings", "estimate", "duration"]
 # Body fields whose text is the prompt, on every endpoint Comox serves or will.
 PROMPT_FIELDS = ("messages", "prompt", "input", "tools", "functions", "system", "instructions", "query", "documents")
 _PROMPT_KEYS = frozenset(PROMPT_FIELDS)
-_STR = itertools.repeat(str)  # isinstance's second argument, for as long as map asks
-_ONLY_DICTS = frozenset([dict]).issuperset  # of an iterable: tested in C, no set built
-_chain = itertools.chain.from_iterable
 # Body fields that bound the completion, in order of precedence.
 MAX_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 # Parts whose strings are not text (base64 images, audio, files): not counted.
@@ -306,14 +302,8 @@ def estimate(request: GatewayRequest, settings: LimitSettings = DEFAULTS) -> tup
         kind = type(value)
         if kind is str:
             chars += len(value)
-        elif kind is list and _ONLY_DICTS(map(type, value)):
-            # A chat's messages of plain text (role, content, name): counted in C,
-            # however many there are; any other shape is walked below.
-            texts = list(_chain(map(dict.values, value)))
-            if all(map(isinstance, texts, _STR)) and BINARY_PARTS.isdisjoint(_chain(value)):
-                chars += sum(map(len, texts))
-            else:
-                stack.append(value)
+        elif kind is list and (plain := _plain_text(value)) is not None:
+            chars += plain
         else:
             stack.append(value)
     if stack:
@@ -331,6 +321,22 @@ def estimate(request: GatewayRequest, settings: LimitSettings = DEFAULTS) -> tup
     return prompt, settings.default_completion_tokens * choices, False
 
 
+def _plain_text(messages: list[Any]) -> int | None:
+    """The characters of a chat's messages of plain text (each an object of
+    strings: role, content, name), or None for any other shape (walked)."""
+    # A plain loop: timed, 3x faster for one message than the same in C (map,
+    # chain, issuperset, isdisjoint), and still faster for twenty.
+    chars = 0
+    for message in messages:
+        if type(message) is not dict:
+            return None
+        for key, text in message.items():
+            if type(text) is not str or key in BINARY_PARTS:
+                return None
+            chars += len(text)
+    return chars
+
+
 def _walk(stack: list[Any]) -> tuple[int, int]:
     """The characters of text and the token ids (ints) in what ``stack``
     holds, less :data:`BINARY_PARTS`: the prompt's parts that are not plain
@@ -344,10 +350,8 @@ def _walk(stack: list[Any]) -> tuple[int, int]:
         if kind is str:
             chars += len(value)
         elif kind is dict:
-            texts = value.values()
-            if BINARY_PARTS.isdisjoint(value) and all(map(isinstance, texts, _STR)):
-                chars += sum(map(len, texts))  # most of a chat (role and content): counted in C
-                continue
+            # (No shortcut in C for a dict of strings: timed, map, all and sum
+            # cost more than this loop, for parts, tools and tool calls alike.)
             for key, item in value.items():
                 if type(item) is str:
                     if key not in BINARY_PARTS:
