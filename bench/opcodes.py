@@ -9,6 +9,7 @@ Deterministic, so it compares two trees on a busy machine where timings cannot
     python bench/opcodes.py --api messages --sse --rows 60
     python bench/opcodes.py --lines-of estimate  # per line of the functions of that name
     python bench/opcodes.py --through-protocol   # the request as bytes through comox serve's protocol too
+    python bench/opcodes.py --through-protocol --instructions   # machine instructions (valgrind) instead
     PYTHONPATH=/tmp/base:/tmp/base/plugins python bench/opcodes.py   # another checkout
 
 Also prints the µs per request untraced (best of 5 × 2,000): a noisy figure, for
@@ -20,6 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -97,8 +100,8 @@ def _through_protocol(app: Any, path: str, body: bytes) -> Any:
 _NOT_THE_REQUESTS = ("asyncio/", "selectors.py", "bench/opcodes.py")
 
 
-async def count(api: str | None, stream: bool, n: int, lines_of: str | None,
-                through_protocol: bool = False) -> tuple[float, collections.Counter[Any]]:
+async def _requests(api: str | None, stream: bool, through_protocol: bool) -> tuple[Any, Any]:
+    """The app, started, and ``one()``, which sends it one request."""
     path, requests, answers = APIS[api]
     models = [{"name": name, "backends": [{"name": f"{name}-a", "url": "http://127.0.0.1:9",
                                           **({"native_apis": [api]} if api else {})}]}
@@ -130,6 +133,36 @@ async def count(api: str | None, stream: bool, n: int, lines_of: str | None,
 
     if through_protocol:
         one = _through_protocol(app, path, body)
+    return app, one
+
+
+async def drive(api: str | None, stream: bool, n: int, through_protocol: bool) -> None:
+    """``n`` requests after the warm-up, untimed (what ``--instructions`` counts)."""
+    app, one = await _requests(api, stream, through_protocol)
+    for _ in range(500 + n):
+        await one()
+    await app.gateway.aclose()
+
+
+def instructions(argv: list[str]) -> float:
+    """Machine instructions per request, counted by valgrind (cachegrind,
+    no cache simulation): the difference between two ``--drive`` runs, so
+    startup and warm-up cancel out. Deterministic to ~0.5%, and it counts
+    the C work that steps do not (a map or a dict lookup is one step)."""
+    counts = []
+    for n in (200, 1200):
+        out = subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+                              sys.executable, __file__, *argv, "--drive", str(n)], capture_output=True, text=True,
+                             check=True, timeout=1800)
+        refs = re.search(r"I\s+refs:\s+([\d,]+)", out.stderr)
+        assert refs is not None, out.stderr[-2000:]
+        counts.append(int(refs.group(1).replace(",", "")))
+    return (counts[1] - counts[0]) / 1000
+
+
+async def count(api: str | None, stream: bool, n: int, lines_of: str | None,
+                through_protocol: bool = False) -> tuple[float, collections.Counter[Any]]:
+    app, one = await _requests(api, stream, through_protocol)
     for _ in range(500):
         await one()
     best = min([await _timed(one) for _ in range(5)])
@@ -177,8 +210,20 @@ def main() -> int:
     parser.add_argument("--through-protocol", action="store_true",
                         help="send the request as bytes through comox serve's HTTP protocol (its steps counted "
                              "too; the event loop's and this script's not)")
+    parser.add_argument("--instructions", action="store_true",
+                        help="machine instructions per request instead, counted by valgrind (apt-get install valgrind; "
+                             "a few minutes)")
+    parser.add_argument("--drive", type=int, help=argparse.SUPPRESS)  # (--instructions' own runs)
     args = parser.parse_args()
     api = None if args.api == "chat" else args.api
+    if args.drive is not None:
+        asyncio.run(drive(api, args.sse, args.drive, args.through_protocol))
+        return 0
+    if args.instructions:
+        argv = [f"--api={args.api}", *(["--sse"] if args.sse else []),
+                *(["--through-protocol"] if args.through_protocol else [])]
+        print(f"{args.api} {'SSE' if args.sse else 'JSON'}: {instructions(argv):,.0f} instructions per request")
+        return 0
     us, counts = asyncio.run(count(api, args.sse, args.n, args.lines_of, args.through_protocol))
     total = sum(counts.values()) / args.n
     print(f"{args.api} {'SSE' if args.sse else 'JSON'}: {us:.1f} µs per request untraced; "
