@@ -232,6 +232,11 @@ class GatewayRequest:
         """The first value of header ``name`` (lower-case bytes), or None."""
         return first_header(self.headers, name)
 
+    def response_header(self, name: bytes) -> bytes | None:
+        """The first value of ``name`` (lower-case bytes) among the
+        :attr:`response_headers` stages added, or None."""
+        return first_header(self.response_headers, name)
+
     def set_json(self, body: dict[str, Any]) -> None:
         """Replace the body; it will be re-serialised for the upstream."""
         self.json = body

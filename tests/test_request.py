@@ -72,3 +72,12 @@ def test_forked_workers_make_different_request_ids():
         os.close(read)
         os.waitpid(pid, 0)
     assert len(child) == 32 and child != request_id_from(None)
+
+
+def test_response_header_is_the_first_value_a_stage_added_or_none():
+    request = comox.GatewayRequest(id="r", endpoint="chat/completions", path="/v1/chat/completions", headers=[])
+    assert request.response_header(b"x-comox-cache") is None
+    request.response_headers += [(b"x-ratelimit-limit-requests", b"5"), (b"x-comox-cache", b"skip"),
+                                 (b"x-comox-cache", b"hit")]
+    assert request.response_header(b"x-comox-cache") == b"skip"
+    assert request.response_header(b"x-ratelimit-limit-tokens") is None

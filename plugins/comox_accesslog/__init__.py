@@ -47,11 +47,7 @@ def fields(request: GatewayRequest, status: int, backend: str | None, error: Exc
     first = request.first_byte_at
     waited = request.answered_at - request.sent_at
     usage = request.usage
-    cache = None
-    for name, value in request.response_headers:
-        if name == b"x-comox-cache":
-            cache = value.decode() if value in _CACHE_STATUSES else None
-            break
+    cache = request.response_header(b"x-comox-cache")  # (only values the cache plugin sends are logged)
     return {
         "event": "request",
         "request_id": request.id,
@@ -63,7 +59,7 @@ def fields(request: GatewayRequest, status: int, backend: str | None, error: Exc
         "status": status,
         "route": request.route or None,
         "backend": backend,
-        "cache": cache,
+        "cache": cache.decode() if cache in _CACHE_STATUSES else None,
         "retries": request.retries,
         "latency_ms": round((time.perf_counter() - start) * 1000, 3),
         "ttft_ms": round((first - start) * 1000, 3) if first else None,

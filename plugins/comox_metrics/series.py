@@ -281,9 +281,9 @@ class Metrics:
         """One finished API request (from ``comox_request_done``): a call per
         counter or histogram it adds to, each C in one process."""
         route = request.route
-        # The first x-comox-cache header as it came (reversed: dict keeps the last), the label made of it once.
+        # The x-comox-cache header as it came: the label is made of it once.
         key = (request.model_group, backend, request.api_endpoint or request.endpoint, status, route,
-               dict(reversed(request.response_headers)).get(b"x-comox-cache"))
+               request.response_header(b"x-comox-cache"))
         try:
             series = self._series[key]
         except KeyError:

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -315,9 +315,9 @@ class Tracing:
         key_id = request.principal.key_id
         if key_id is not None:
             attributes["comox.key_id"] = key_id
-        cache = _header(request.response_headers, b"x-comox-cache")
+        cache = request.response_header(b"x-comox-cache")
         if cache is not None:
-            attributes["comox.cache"] = cache
+            attributes["comox.cache"] = cache.decode("latin-1")
         operation = OPERATIONS.get(request.endpoint)
         if operation is None or not request.model_group:
             return attributes
@@ -336,7 +336,7 @@ class Tracing:
         elif record.failover:
             attributes["comox.route"] = "failover"
             provider = group.failover_provider if group is not None else None
-        elif cache == "hit":
+        elif cache == b"hit":
             attributes["comox.route"] = "cache"
         if provider:
             attributes["gen_ai.provider.name"] = provider
@@ -383,13 +383,6 @@ def _end_attempt(span: Span, outcome: str, status: int | None = None) -> None:
         span.set_attribute("error.type", str(status) if status is not None else outcome)
         span.set_status(Status(StatusCode.ERROR))
     span.end()
-
-
-def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
-    for found, value in headers:
-        if found == name:
-            return value.decode("latin-1")
-    return None
 
 
 def _content(attributes: dict[str, Any], request: GatewayRequest, record: _Record) -> None:
