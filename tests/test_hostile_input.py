@@ -25,6 +25,7 @@ import pytest
 
 import comox
 from comox.request import FORBIDDEN_FIELDS
+from comox.server_protocol import SERVER_OPTIONS
 from comox.testing import ServerThread, StandInUpstream
 from tests.secrets_check import secret
 
@@ -75,7 +76,7 @@ def _serve(http: str = "auto") -> Iterator[Live]:
     upstream = StandInUpstream("hostile").start()
     try:
         app = comox.create_app(hostile_settings(upstream.url))
-        server = ServerThread(app, http=http).start()
+        server = ServerThread(app, **(SERVER_OPTIONS if http == "comox" else {"http": http})).start()
         try:
             yield Live(upstream, server, app)
         finally:
@@ -95,6 +96,12 @@ def live() -> Iterator[Live]:
 def live_h11() -> Iterator[Live]:
     """The same under uvicorn's pure-Python parser (h11, ``--http h11``)."""
     yield from _serve("h11")
+
+
+@pytest.fixture(scope="module")
+def live_comox() -> Iterator[Live]:
+    """The same under ``comox serve``'s own protocol (its parser is httptools too)."""
+    yield from _serve("comox")
 
 
 def assert_openai_error(response: httpx.Response, status: int | tuple[int, ...], param: str | None = None) -> dict:
@@ -389,10 +396,13 @@ SMUGGLING = {
 }
 
 
-@pytest.mark.parametrize("http", ["httptools", "h11"])
+LIVE = {"httptools": "live", "h11": "live_h11", "comox": "live_comox"}
+
+
+@pytest.mark.parametrize("http", list(LIVE))
 @pytest.mark.parametrize("shape", list(SMUGGLING))
 def test_request_smuggling_shapes_are_refused_and_the_connection_closed(request, http, shape):
-    live = request.getfixturevalue("live" if http == "httptools" else "live_h11")
+    live = request.getfixturevalue(LIVE[http])
     before = len(live.upstream.requests)
     answer, closed = raw_request(live.port, SMUGGLING[shape](smuggle(KEY)))
     assert status_of(answer) == 400, answer[:300]
@@ -402,16 +412,17 @@ def test_request_smuggling_shapes_are_refused_and_the_connection_closed(request,
     assert live.healthy()
 
 
-@pytest.mark.parametrize("http", ["httptools", "h11"])
+@pytest.mark.parametrize("http", list(LIVE))
 def test_two_equal_content_lengths(request, http):
-    """Refused by httptools; h11 folds equal values into one before the app sees
-    them (RFC 9110 allows it: the length is not ambiguous), so it is served."""
-    live = request.getfixturevalue("live" if http == "httptools" else "live_h11")
+    """Refused by httptools (comox serve's parser too); h11 folds equal values
+    into one before the app sees them (RFC 9110 allows it: the length is not
+    ambiguous), so it is served."""
+    live = request.getfixturevalue(LIVE[http])
     body = orjson.dumps(VALID["/v1/chat/completions"])
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\nconnection: close\r\n"
             f"content-length: {len(body)}\r\ncontent-length: {len(body)}\r\n\r\n").encode()
     answer, _ = raw_request(live.port, head + body)
-    assert status_of(answer) == (400 if http == "httptools" else 200), answer[:300]
+    assert status_of(answer) == (200 if http == "h11" else 400), answer[:300]
 
 
 def test_the_middleware_and_the_app_refuse_ambiguous_lengths_themselves(comox_upstream):
