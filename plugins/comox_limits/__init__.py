@@ -428,17 +428,23 @@ def _put_headers(request: GatewayRequest, plan: Plan, rpm_left: float, rpm_reset
     """The headers of the limits the key has: what is left in each bucket
     (whole units, never below 0) and the time until it is full."""
     if plan.rpm is not None:
-        headers = [plan.rpm_header, (REQUESTS[0], b"%d" % (rpm_left if rpm_left > 0 else 0)),
+        headers = [plan.rpm_header, (REQUESTS[0], _whole(rpm_left)),
                    (REQUESTS[1], _reset(rpm_reset_s))]
         if plan.tpm is not None:
-            headers += (plan.tpm_header, (TOKENS[0], b"%d" % (tpm_left if tpm_left > 0 else 0)),
+            headers += (plan.tpm_header, (TOKENS[0], _whole(tpm_left)),
                         (TOKENS[1], _reset(tpm_reset_s)))
     elif plan.tpm is not None:
-        headers = [plan.tpm_header, (TOKENS[0], b"%d" % (tpm_left if tpm_left > 0 else 0)),
+        headers = [plan.tpm_header, (TOKENS[0], _whole(tpm_left)),
                    (TOKENS[1], _reset(tpm_reset_s))]
     else:
         return
     request.response_headers += headers
+
+
+def _whole(left: float) -> bytes:
+    """What is left in a bucket as a header value: whole units, never below 0.
+    (int() first: ``%d`` of a float raises and clears a TypeError inside.)"""
+    return b"%d" % int(left) if left > 0 else b"0"
 
 
 def _seconds(retry_after_s: float) -> float | None:
