@@ -46,7 +46,8 @@ _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))  
 _LENGTH_ONLY = frozenset((b"content-length",))
 # Names lists seen valid: names -> (their header lines with a %s for each
 # value, the index of the first content-length when it is the only framing
-# name, whether there is any). Only tuples of lower-case bytes get here; at
+# name, whether there is any). Only tuples of lower-case bytes get here (so a
+# names list found here needs no other check, and a str is never found); at
 # most 256 (then each is checked). A %-format of the values builds the lines
 # in one call, a third of the time of a join per header.
 _KNOWN_NAMES: dict[tuple[bytes, ...], tuple[bytes, int | None, bool]] = {}
@@ -200,10 +201,11 @@ class ComoxResponseCycle:
             has_connection_close = False
             if headers:
                 names, values = zip(*headers, strict=True)  # ValueError unless every header has two items
-                if not all(map(_IS_LOWER, names)):
-                    return None  # uvicorn lowers an upper-case name (and raises for a str or memoryview)
-                known = _KNOWN_NAMES.get(names)  # an answer's names are most often the same list as before
+                # An answer's names are most often the same list as before, checked then.
+                known = _KNOWN_NAMES.get(names)  # (TypeError for a memoryview: uvicorn's turn)
                 if known is None:
+                    if not all(map(_IS_LOWER, names)):
+                        return None  # uvicorn lowers an upper-case name (and raises for a str)
                     joined_names = b"".join(names)
                     if len(joined_names.translate(None, _NAME_REJECT)) != len(joined_names):
                         return None  # uvicorn raises "Invalid HTTP header name."
