@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import re
 import subprocess
 import sys
@@ -147,13 +148,14 @@ async def drive(api: str | None, stream: bool, n: int, through_protocol: bool) -
 def instructions(argv: list[str]) -> float:
     """Machine instructions per request, counted by valgrind (cachegrind,
     no cache simulation): the difference between two ``--drive`` runs, so
-    startup and warm-up cancel out. Deterministic to ~0.5%, and it counts
-    the C work that steps do not (a map or a dict lookup is one step)."""
+    startup and warm-up cancel out; with a fixed hash seed, so that sets and
+    dicts are laid out alike run after run. It counts the C work that steps
+    do not (a map or a dict lookup is one step)."""
     counts = []
     for n in (200, 1200):
         out = subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
                               sys.executable, __file__, *argv, "--drive", str(n)], capture_output=True, text=True,
-                             check=True, timeout=1800)
+                             check=True, timeout=1800, env={**os.environ, "PYTHONHASHSEED": "0"})
         refs = re.search(r"I\s+refs:\s+([\d,]+)", out.stderr)
         assert refs is not None, out.stderr[-2000:]
         counts.append(int(refs.group(1).replace(",", "")))
