@@ -2,6 +2,7 @@
 
 import itertools
 import os
+import random
 
 import orjson
 import pytest
@@ -54,6 +55,14 @@ def test_request_id_from_keeps_a_sane_client_id_and_makes_a_fresh_one_otherwise(
     fresh = {request_id_from(header) for header in (None, b"", b"bad id", b"\xff", b"x" * 129) for _ in range(200)}
     assert len(fresh) == 1000
     assert all(len(value) == 32 and int(value, 16) >= 0 for value in fresh)
+
+
+def test_request_ids_do_not_follow_the_shared_random_generators_seed():
+    # A library seeding Python's shared generator must not make ids repeat.
+    random.seed(1234)
+    first = request_id_from(None)
+    random.seed(1234)
+    assert request_id_from(None) != first
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
