@@ -287,6 +287,11 @@ def complete(data: bytes, head_request: bool, requests: int) -> bool:
         if end < 0:
             return False
         head, data = data[:end].lower(), data[end + 4:]
+        while head.startswith(b"http/1.1 1"):  # an interim answer (100 Continue): the real one follows
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                return False
+            head, data = data[:end].lower(), data[end + 4:]
         if head_request or head.startswith((b"http/1.1 204", b"http/1.1 304")):
             continue
         if length := re.search(rb"\r\ncontent-length: *(\d+)", head):
