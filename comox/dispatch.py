@@ -110,7 +110,7 @@ async def _observed(gateway: Gateway, state: BackendState, request: GatewayReque
     ``comox_attempt_done``; only when :func:`observed`."""
     hooks = gateway.hooks
     await HookChain.each_logged(hooks.comox_attempt_start, request=request, backend=state.name, kind=kind)
-    timeout_s = state.settings.first_byte_timeout_s
+    timeout_s = state.first_byte_timeout_s
     response = None
     error: str | None = "failed"
     try:
@@ -141,7 +141,6 @@ async def dispatch(gateway: Gateway, request: GatewayRequest, group: ModelGroup)
     last_state: BackendState | None = None
     suspects: list[tuple[BackendState, int]] = []  # 5xx answers not yet counted against their node
     counters = gateway.counters
-    server = gateway.settings.server
     saturated = False
     can_fail_over = bool(gateway.hooks.comox_failover) and not request.local_only
     watched = observed(gateway)
@@ -184,7 +183,7 @@ async def dispatch(gateway: Gateway, request: GatewayRequest, group: ModelGroup)
             if watched:
                 response = await _observed(gateway, state, request, "retry" if attempt else "first")
             else:
-                response = await _attempt(state, request, state.settings.first_byte_timeout_s)
+                response = await _attempt(state, request, state.first_byte_timeout_s)
         except (BackendUnavailable, _Moved) as exc:
             state.release()
             failure = exc.message if isinstance(exc, BackendUnavailable) else str(exc)
@@ -237,7 +236,7 @@ async def dispatch(gateway: Gateway, request: GatewayRequest, group: ModelGroup)
         # 5xx answers no other node contradicted are counted against none.
         last_state.acquire()
         if not any(name == b"retry-after" for name, _ in response.headers):
-            response.headers.append((b"retry-after", str(server.retry_after_s).encode()))
+            response.headers.append((b"retry-after", str(gateway.settings.server.retry_after_s).encode()))
         return response, last_state
     raise error
 

@@ -56,7 +56,10 @@ class Gateway:
         self.names: dict[str, ModelGroup] = {
             name: group for group in self.groups.values() for name in [group.name, *group.settings.aliases]
         }
+        # Server settings read on every request, as plain attributes (see ModelGroup).
         self.retries = settings.server.retries
+        self.max_body_bytes = settings.server.max_body_bytes
+        self.expose_backend_header = settings.server.expose_backend_header
         self.retry_budget_ratio = settings.server.retry_budget_ratio
         self.retry_budget_min = settings.server.retry_budget_min
         self.health_checker: HealthChecker | None = None

@@ -142,7 +142,7 @@ async def _serve(gateway: Gateway, request: GatewayRequest, receive: Receive, re
     if models:
         await responder.json(200, models_body(gateway, path, principal), JSON + [(b"x-request-id", rid)])
         return None, None
-    raw = await read_body(receive, request.headers, gateway.settings.server.max_body_bytes)
+    raw = await read_body(receive, request.headers, gateway.max_body_bytes)
     request.set_body(raw, parse_body(endpoint, raw))
     return await _route_and_answer(gateway, request, receive, responder, rid)
 
@@ -168,7 +168,7 @@ async def _serve_inbound(gateway: Gateway, request: GatewayRequest, receive: Rec
     assert api is not None
     await _authenticate(gateway, request)
     # Read before serve(): an answer without a backend may need it (count_tokens).
-    raw = request.inbound_raw = await read_body(receive, request.headers, gateway.settings.server.max_body_bytes)
+    raw = request.inbound_raw = await read_body(receive, request.headers, gateway.max_body_bytes)
     answer = await api.serve(endpoint, request)
     if answer is not None:
         assert answer.body is not None
@@ -214,7 +214,7 @@ async def _route_and_answer(gateway: Gateway, request: GatewayRequest, receive: 
     request.model_group = group.name
     # Data that must stay home: the key's rule, the group's, or the request's
     # own (a request can add the restriction, never lift it).
-    request.local_only = principal.local_only or group.settings.sovereign or request.header(b"x-comox-local-only") == b"true"
+    request.local_only = principal.local_only or group.sovereign or request.header(b"x-comox-local-only") == b"true"
     if hooks.comox_admit and (pending := hooks.admit(request=request, principal=principal)) is not None:
         await pending
     response: BackendResponse | None = None
@@ -228,7 +228,7 @@ async def _route_and_answer(gateway: Gateway, request: GatewayRequest, receive: 
         response, state = await _dispatch_watched(gateway, request, group, receive)
     request.route = "cache" if cached else "local" if state is not None else "failover"
     # A stream another node may continue if its node dies (resume_streams).
-    splice = resumable(gateway, request, group, state, response) if group.settings.resume_streams else None
+    splice = resumable(gateway, request, group, state, response) if group.resume_streams else None
     if splice is not None:
         response = splice.response
     internal = response
@@ -242,7 +242,7 @@ async def _route_and_answer(gateway: Gateway, request: GatewayRequest, receive: 
     out_headers = response.headers + [(b"x-request-id", rid), ROUTE_FAILOVER if state is None and not cached else ROUTE_LOCAL]
     if request.response_headers:
         out_headers += request.response_headers
-    if state is not None and gateway.settings.server.expose_backend_header:
+    if state is not None and gateway.expose_backend_header:
         out_headers.append((b"x-comox-backend", state.name.encode()))
     status = response.status
     if response.stream is not None:

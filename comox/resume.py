@@ -361,7 +361,7 @@ class Splice:
             if observed(self.gateway):
                 response = await _observed(self.gateway, state, request, "resume")
             else:
-                response = await _attempt(state, request, state.settings.first_byte_timeout_s)
+                response = await _attempt(state, request, state.first_byte_timeout_s)
         except (BackendUnavailable, _Moved) as failure:
             state.release()
             state.record_failure(failure.message if isinstance(failure, BackendUnavailable) else str(failure))

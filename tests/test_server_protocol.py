@@ -139,6 +139,52 @@ def test_an_abort_drops_what_is_held_and_a_closed_transport_is_not_written():
     assert held(scenario) == []
 
 
+
+def test_writelines_and_write_eof_keep_the_order_of_what_is_held():
+    class EofRecorder(Recorder):
+        def write_eof(self) -> None:
+            self.writes.append(b"<eof>")
+
+    async def main() -> list[bytes]:
+        recorder = EofRecorder()
+        t = BatchedTransport(recorder, asyncio.get_running_loop())
+        t.write(b"head ")
+        t.writelines([b"a", b"b"])
+        assert recorder.writes == []  # held with the rest, not written ahead of it
+        t.write_eof()
+        return recorder.writes
+    assert asyncio.run(main()) == [b"head ab", b"<eof>"]
+
+
+def test_the_rest_of_the_transport_interface_reaches_the_socket_transport():
+    # Written out, not through __getattr__ (which slows every attribute read):
+    # each public method of asyncio.Transport must still be there.
+    calls: list[tuple[str, tuple[object, ...]]] = []
+
+    class Everything(Recorder):
+        pass
+
+    for name in ("can_write_eof", "get_protocol", "set_protocol", "is_reading", "pause_reading", "resume_reading",
+                 "get_write_buffer_limits", "set_write_buffer_limits"):
+        setattr(Everything, name, lambda self, *args, _name=name: calls.append((_name, args)) or _name)
+    loop = asyncio.new_event_loop()
+    try:
+        t = BatchedTransport(Everything(), loop)
+        missing = [name for name in dir(asyncio.Transport) if not name.startswith("_") and name not in vars(BatchedTransport)]
+        assert missing == [] and not hasattr(BatchedTransport, "__getattr__")
+        assert t.get_extra_info("peername") == ("127.0.0.1", 1)
+        assert [t.can_write_eof(), t.get_protocol(), t.is_reading(), t.get_write_buffer_limits()] == \
+            ["can_write_eof", "get_protocol", "is_reading", "get_write_buffer_limits"]
+        t.set_protocol("p")  # type: ignore[arg-type]
+        t.pause_reading()
+        t.resume_reading()
+        t.set_write_buffer_limits(10, 5)
+    finally:
+        loop.close()
+    assert calls[-4:] == [("set_protocol", ("p",)), ("pause_reading", ()), ("resume_reading", ()),
+                          ("set_write_buffer_limits", (10, 5))]
+
+
 # -- over real sockets --
 
 async def app(scope, receive, send):

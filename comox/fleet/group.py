@@ -47,7 +47,7 @@ class ModelGroup:
         "name", "backends", "policy", "settings", "policy_options", "available", "saturated_count",
         "load_listeners", "waiters", "counters", "clock", "_expiry", "_dirty", "rng",
         "queue_timeout_s", "queue_size", "panic", "observer", "decay_s", "typical_ms", "typical_prefill_tps",
-        "typical_decode_tps", "typical_at", "_unsupported",
+        "typical_decode_tps", "typical_at", "_unsupported", "sovereign", "resume_streams",
     )
 
     def __init__(self, name: str, backends: list[BackendState], *, settings: Any = None,
@@ -59,6 +59,10 @@ class ModelGroup:
         self.policy: RoutingPolicy | None = None
         self.observer: Callable[..., None] | None = None  # the policy's observe, if it has one
         self.settings = settings
+        # Read on every request: plain attributes (a pydantic model's attribute
+        # read takes the slow path of a class with __getattr__, 5x a slot's).
+        self.sovereign = bool(getattr(settings, "sovereign", False))
+        self.resume_streams = bool(getattr(settings, "resume_streams", False))
         # A copy, so a policy that pops what it understands leaves the settings alone.
         self.policy_options: dict[str, Any] = dict(getattr(settings, "policy_options", None) or {})
         self.counters = counters if counters is not None else FleetCounters()
@@ -106,7 +110,9 @@ class ModelGroup:
         if typical is None:
             self.typical_ms = ms
         else:
-            alpha = max(0.1, 1.0 - math.exp(-(now - self.typical_at) / self.decay_s))
+            alpha = 1.0 - math.exp(-(now - self.typical_at) / self.decay_s)
+            if alpha < 0.1:  # (not max(): a builtin call parses its arguments, 4x the comparison)
+                alpha = 0.1
             self.typical_ms = typical + alpha * (ms - typical)
         self.typical_at = now
 

@@ -41,7 +41,7 @@ class BackendState(Measured):
     """
 
     __slots__ = (
-        "name", "backend", "settings", "type", "weight", "max_concurrency", "inflight", "pins_slots",
+        "name", "backend", "settings", "type", "weight", "max_concurrency", "first_byte_timeout_s", "inflight", "pins_slots",
         "draining", "consecutive_failures", "times_ejected", "ejected_until", "ejections",
         "last_error", "requests", "failures", "clock", "group", "routable", "slow_start_s", "recovered_at",
         "health_ok", "ready", "health_passes", "health_fails", "last_health",
@@ -58,6 +58,7 @@ class BackendState(Measured):
         self.type = settings.type
         self.weight = settings.weight
         self.max_concurrency = settings.max_concurrency
+        self.first_byte_timeout_s = settings.first_byte_timeout_s
         self.pins_slots = isinstance(backend, SupportsSlotPinning) and bool(backend.pins_slots)
         self.inflight = 0
         self.draining = False

@@ -92,7 +92,8 @@ class KeyCounters:
             self.inflight, self.until = (held if held > 0 else 0.0), now + release_ttl_s
         capacity = plan.tpm
         if tokens and capacity is not None:
-            self.tpm, self.tpm_at = min(self.tpm + (now - self.tpm_at) * plan.tpm_per_s, capacity) - tokens, now
+            refilled = self.tpm + (now - self.tpm_at) * plan.tpm_per_s
+            self.tpm, self.tpm_at = (refilled if refilled < capacity else capacity) - tokens, now  # (not min(): a builtin call parses its arguments, 4x the comparison)
 
 
 # Every MemoryState's keys: a key reloaded with other limits keeps its counts, as in the state.
