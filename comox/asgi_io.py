@@ -16,6 +16,7 @@ from .disconnects import ServerWatch, WatchedStream, watch_current
 from .errors import BodyTooLarge, ComoxError, InvalidRequest, UpstreamError
 from .http1_connection import UpstreamStream
 from .request import first_header
+from .server_cycle import ComoxResponseCycle
 
 if TYPE_CHECKING:
     from .request import GatewayRequest
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["Responder", "SentStream", "read_body", "route_path", "SSE_HEADERS"]
 
 log = logging.getLogger("comox")
+_sleep = asyncio.sleep
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -98,10 +100,14 @@ class Responder:
     far it got. For an API request (``request`` given) it times the first and
     last byte on the request and adds ``x-comox-overhead-ms`` to the headers."""
 
-    __slots__ = ("send", "status", "started", "finished", "streaming", "request")
+    __slots__ = ("send", "status", "started", "finished", "streaming", "request", "cycle")
 
     def __init__(self, send: Send, request: GatewayRequest | None = None):
         self.send = send
+        # The send of comox serve's own cycle, not wrapped by a middleware: a whole
+        # answer goes to its answer() in one call, without the two ASGI messages.
+        cycle = getattr(send, "__self__", None)
+        self.cycle: ComoxResponseCycle | None = cycle if type(cycle) is ComoxResponseCycle else None
         self.status = 0
         self.started = False
         self.finished = False
@@ -115,7 +121,12 @@ class Responder:
 
     def _start(self, status: int, headers: Headers) -> dict[str, Any]:
         """:meth:`start`'s message, the response marked started. (A plain
-        function, so that :meth:`json` sends it without a coroutine more.)"""
+        function, so that :meth:`stream` sends it without a coroutine more.)"""
+        self._begin(status, headers)
+        return {"type": "http.response.start", "status": status, "headers": headers}
+
+    def _begin(self, status: int, headers: Headers) -> None:
+        """The response marked started, and timed."""
         if self.started:
             raise RuntimeError("the response has already started")
         self.started = True
@@ -129,13 +140,18 @@ class Responder:
             waited = request.answered_at - request.sent_at
             overhead = now - request.received_at - waited if waited > 0 else now - request.received_at
             headers.append((OVERHEAD, b"%.3f" % (overhead * 1000)))
-        return {"type": "http.response.start", "status": status, "headers": headers}
 
     async def json(self, status: int, body: bytes, headers: Headers) -> None:
         """Send a whole answer (``headers``: a list of the caller's own, appended to)."""
         headers.append((b"content-length", b"%d" % len(body)))
-        await self.send(self._start(status, headers))
-        await self.send({"type": "http.response.body", "body": body})
+        self._begin(status, headers)
+        cycle = self.cycle
+        turn = cycle.answer(status, headers, body) if cycle is not None else None
+        if turn is None:
+            await self.send({"type": "http.response.start", "status": status, "headers": headers})
+            await self.send({"type": "http.response.body", "body": body})
+        elif turn:
+            await _sleep(0)
         self.finished = True
         if self.request is not None:
             self.request.last_byte_at = time.perf_counter()

@@ -150,45 +150,71 @@ class ComoxResponseCycle:
         elif not self.response_complete:
             if message["type"] != "http.response.body":
                 raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{message['type']}'.")
-            body = message.get("body", b"")
-            more_body = message.get("more_body", False)
-            if self.scope["method"] == "HEAD":
-                self.expected_content_length = 0
-            elif self.chunked_encoding:
-                if body:
-                    self.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if not more_body
-                                         else b"%x\r\n%b\r\n" % (len(body), body))
-                elif not more_body:
-                    self.transport.write(b"0\r\n\r\n")
-            else:
-                if len(body) > self.expected_content_length:
-                    raise RuntimeError("Response content longer than Content-Length")
-                self.expected_content_length -= len(body)
-                self.transport.write(body)
-            if not more_body:
-                if self.expected_content_length != 0:
-                    raise RuntimeError("Response content shorter than Content-Length")
-                self.response_complete = True
-                if self.waiter is not None:
-                    self.wake()
-                if not self.keep_alive:
-                    self.transport.close()
-                self.on_response()
-                # One turn for the app, if the transport holds bytes to the turn's end,
-                # so that the answer goes out before what the app does after answering
-                # (logs, metrics, accounting), not after it.
-                if getattr(self.transport, "held", None) is not None:
-                    await _sleep(0)
+            if self._body(message.get("body", b""), message.get("more_body", False)):
+                await _sleep(0)
         else:
             raise RuntimeError(f"Unexpected ASGI message '{message['type']}' sent, after response already completed.")
+
+    def _body(self, body: bytes, more_body: bool) -> bool:
+        """``send`` of an http.response.body message; True when the app should
+        give the loop a turn (its answer has ended, and the transport holds bytes
+        to the turn's end: they go out before what the app does after answering
+        — logs, metrics, accounting — not after it)."""
+        if self.scope["method"] == "HEAD":
+            self.expected_content_length = 0
+        elif self.chunked_encoding:
+            if body:
+                self.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if not more_body
+                                     else b"%x\r\n%b\r\n" % (len(body), body))
+            elif not more_body:
+                self.transport.write(b"0\r\n\r\n")
+        else:
+            if len(body) > self.expected_content_length:
+                raise RuntimeError("Response content longer than Content-Length")
+            self.expected_content_length -= len(body)
+            self.transport.write(body)
+        if more_body:
+            return False
+        if self.expected_content_length != 0:
+            raise RuntimeError("Response content shorter than Content-Length")
+        self.response_complete = True
+        if self.waiter is not None:
+            self.wake()
+        if not self.keep_alive:
+            self.transport.close()
+        self.on_response()
+        return getattr(self.transport, "held", None) is not None
+
+    def answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool | None:
+        """A whole answer, as ``send`` sends an http.response.start and then an
+        http.response.body of it, in one plain call and without the messages
+        (the app's own answers, :class:`comox.asgi_io.Responder`). None, and
+        nothing sent, when ``send`` must send it (a response begun, a write
+        paused, a client gone, uvicorn's access log, a head uvicorn builds);
+        else whether the app should give the loop a turn, as ``send`` does."""
+        if self.response_started or self.disconnected or self.flow.write_paused or not _FAST_HEAD \
+                or self.protocol.access_log:
+            return None
+        head = self._head(status, headers)
+        if head is None:
+            return None
+        self.transport.write(head)
+        return self._body(body, False)
 
     def _fast_head(self, message: Any) -> bytes | None:
         """The head uvicorn's ``send`` would build, its state set as it sets it;
         None, and nothing changed, for uvicorn to build."""
         try:
             status = message["status"]
+            headers = message.get("headers", ())
+        except Exception:  # a malformed message: uvicorn raises its error for it
+            return None
+        return self._head(status, headers)
+
+    def _head(self, status: Any, headers: Any) -> bytes | None:
+        """:meth:`_fast_head` of a message's status and headers."""
+        try:
             status_line = STATUS_LINE[status]
-            headers: Any = message.get("headers", ())
             if type(headers) is not list and type(headers) is not tuple:
                 return None  # an iterator: uvicorn's list() must be the one to consume it
             default_headers = self.protocol.server_state.default_headers

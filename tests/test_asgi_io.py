@@ -99,3 +99,24 @@ def test_a_stream_read_whole_but_cut_in_an_event_ends_with_an_error_event():
     assert sent_bodies[-1][1] is False and b'"stream_interrupted"' in sent_bodies[-1][0]
     assert sent_bodies[-1][0].startswith(b"\n\n")  # the partial event is closed first
     assert not result.complete and result.error is not None
+
+
+def test_a_whole_answer_goes_to_comox_serves_cycle_in_one_call_and_through_any_other_send_as_messages():
+    from tests.test_server_cycle import ComoxResponseCycle, Recorder, cycle_over
+
+    async def run(wrapped: bool) -> tuple[list[bytes], list[str], bool]:
+        cycle = cycle_over(ComoxResponseCycle, recorder := Recorder())
+        messages: list[str] = []
+
+        async def middleware_send(message: dict) -> None:  # a middleware's own send, around the cycle's
+            messages.append(message["type"])
+            await cycle.send(message)
+
+        responder = Responder(middleware_send if wrapped else cycle.send)
+        assert (responder.cycle is None) is wrapped
+        await responder.json(200, b'{"ok":true}', [(b"content-type", b"application/json")])
+        return recorder.writes, messages, responder.finished
+    direct, through = asyncio.run(run(False)), asyncio.run(run(True))
+    assert direct[0] == through[0] and direct[0][0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert direct[1] == [] and through[1] == ["http.response.start", "http.response.body"]
+    assert direct[2] and through[2]

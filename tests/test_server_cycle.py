@@ -145,3 +145,55 @@ def test_the_apps_last_send_returns_once_its_answer_is_written(chunks):
     assert len(written) == 1 and answer.startswith(b"HTTP/1.1 200 OK\r\n")
     assert answer.endswith(b"\r\n0\r\n\r\n")  # the chunked body's end: the whole answer
     assert all(chunk in answer for chunk in chunks)
+
+
+@pytest.mark.parametrize("status, headers, method, keep_alive", [
+    (200, COMOX_HEADERS, "GET", True), (200, COMOX_HEADERS[:-1], "POST", False), (404, [(b"content-length", b"2")], "HEAD", True),
+    (200, [(b"transfer-encoding", b"chunked")], "POST", True)])
+def test_answer_writes_and_sets_what_a_start_and_a_body_do(status, headers, method, keep_alive):
+    body = b"{}"
+    if not any(name == b"transfer-encoding" for name, _ in headers):
+        headers = [(name, value) for name, value in headers if name != b"content-length"] + [(b"content-length", b"2")]
+
+    async def run(whole: bool) -> tuple[object, ...]:
+        cycle = cycle_over(ComoxResponseCycle, recorder := Recorder(), method, keep_alive)
+        if whole:
+            turn = cycle.answer(status, list(headers), body)
+        else:
+            await cycle.send({"type": "http.response.start", "status": status, "headers": list(headers)})
+            await cycle.send({"type": "http.response.body", "body": body})
+            turn = False  # (a Recorder holds nothing: send takes no turn)
+        return (recorder.writes, turn, cycle.response_started, cycle.response_complete, cycle.keep_alive,
+                cycle.chunked_encoding, cycle.expected_content_length, cycle.protocol.completed, recorder.closed)
+    assert asyncio.run(run(True)) == asyncio.run(run(False))
+
+
+def test_answer_says_when_the_app_should_give_the_loop_a_turn():
+    async def run() -> tuple[bool | None, list[bytes], list[bytes]]:
+        recorder = Recorder()
+        cycle = cycle_over(ComoxResponseCycle, BatchedTransport(recorder, asyncio.get_running_loop()))  # type: ignore[arg-type]
+        turn = cycle.answer(200, [(b"content-length", b"2")], b"{}")
+        held = list(recorder.writes)
+        await asyncio.sleep(0)
+        return turn, held, recorder.writes
+    turn, held, written = asyncio.run(run())
+    assert turn is True and held == [] and len(written) == 1 and written[0].endswith(b"\r\n\r\n{}")
+
+
+@pytest.mark.parametrize("case", ["started", "disconnected", "write paused", "access log", "a head uvicorn builds"])
+def test_answer_leaves_to_send_what_send_must_do_and_changes_nothing(case):
+    async def run() -> tuple[object, ...]:
+        logger = logging.getLogger("comox.tests.access") if case == "access log" else None
+        cycle = cycle_over(ComoxResponseCycle, recorder := Recorder(), access_logger=logger)
+        headers = [(b"Content-Length", b"2")] if case == "a head uvicorn builds" else [(b"content-length", b"2")]
+        if case == "started":
+            await cycle.send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        elif case == "disconnected":
+            cycle.client_left()
+        elif case == "write paused":
+            cycle.flow = type("Paused", (Flow,), {"write_paused": True})()
+        before = (list(recorder.writes), cycle.response_started, cycle.response_complete, cycle.expected_content_length)
+        answered = cycle.answer(200, headers, b"{}")
+        return answered, before == (recorder.writes, cycle.response_started, cycle.response_complete,
+                                    cycle.expected_content_length)
+    assert asyncio.run(run()) == (None, True)
