@@ -198,7 +198,10 @@ class Responder:
         assert response.stream is not None
         watched = watch_current(receive)
         self.streaming = True
-        await self.send(self._start(response.status, headers))
+        self._begin(response.status, headers)
+        cycle = self.cycle
+        if cycle is None or not cycle.send_start(response.status, headers):
+            await self.send({"type": "http.response.start", "status": response.status, "headers": headers})
         send = self.send
         first = last = 0.0
         events = 0
@@ -222,7 +225,8 @@ class Responder:
                     # (the end of an event is in the last 4 bytes: the last chunk alone, unless shorter)
                     if drained is not None and drained() and _ends_whole(tail if len(tail) >= 4 else prev + tail):
                         return await self._last(chunk, watched, first, last, events, prev + tail)
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if cycle is None or cycle.send_body(chunk, True) is None:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 try:
                     chunk = await next_chunk()
                 except StopAsyncIteration:
@@ -231,8 +235,7 @@ class Responder:
             if not _ends_whole(end):  # a clean close in the middle of an event
                 raise EOFError("the stream ended in the middle of an event")
             watched.finished = True
-            await send({"type": "http.response.body", "body": b""})
-            self.finished = True
+            await self._end(b"")
             return SentStream(True, None, first, last, events, end)
         except asyncio.CancelledError:
             if watched.disconnected:
@@ -263,9 +266,18 @@ class Responder:
     async def _last(self, chunk: bytes, watched: WatchedStream | ServerWatch, first: float, last: float, events: int,
                     end: bytes) -> SentStream:
         watched.finished = True
-        await self.send({"type": "http.response.body", "body": chunk})
-        self.finished = True
+        await self._end(chunk)
         return SentStream(True, None, first, last, events, end)
+
+    async def _end(self, chunk: bytes) -> None:
+        """A stream's last chunk, its end."""
+        cycle = self.cycle
+        turn = cycle.send_body(chunk, False) if cycle is not None else None
+        if turn is None:
+            await self.send({"type": "http.response.body", "body": chunk})
+        elif turn:
+            await _sleep(0)
+        self.finished = True
 
 
 def _ends_whole(end: bytes) -> bool:

@@ -185,20 +185,37 @@ class ComoxResponseCycle:
         self.on_response()
         return getattr(self.transport, "held", None) is not None
 
-    def answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool | None:
-        """A whole answer, as ``send`` sends an http.response.start and then an
-        http.response.body of it, in one plain call and without the messages
-        (the app's own answers, :class:`comox.asgi_io.Responder`). None, and
-        nothing sent, when ``send`` must send it (a response begun, a write
-        paused, a client gone, uvicorn's access log, a head uvicorn builds);
-        else whether the app should give the loop a turn, as ``send`` does."""
+    # The app's own answers (comox.asgi_io.Responder) are sent with these plain
+    # calls, without the ASGI messages and a send coroutine for each.
+
+    def send_start(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+        """``send`` of an http.response.start: False, and nothing sent, when
+        ``send`` must send it (a response begun, a write paused, a client gone,
+        uvicorn's access log, a head uvicorn builds)."""
         if self.response_started or self.disconnected or self.flow.write_paused or not _FAST_HEAD \
                 or self.protocol.access_log:
-            return None
+            return False
         head = self._head(status, headers)
         if head is None:
-            return None
+            return False
         self.transport.write(head)
+        return True
+
+    def send_body(self, body: bytes, more_body: bool) -> bool | None:
+        """``send`` of an http.response.body: None, and nothing sent, when
+        ``send`` must send it (no response begun, or ended; a write paused, a
+        client gone); else whether the app should give the loop a turn, as
+        ``send`` takes one."""
+        if not self.response_started or self.response_complete or self.disconnected or self.flow.write_paused:
+            return None
+        return self._body(body, more_body)
+
+    def answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool | None:
+        """:meth:`send_start` and :meth:`send_body` of a whole answer: None, and nothing
+        sent, when ``send`` must send it. (Its body follows its head at once,
+        as it is in memory already, also if the head's write paused writing.)"""
+        if not self.send_start(status, headers):
+            return None
         return self._body(body, False)
 
     def _fast_head(self, message: Any) -> bytes | None:

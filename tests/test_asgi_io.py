@@ -120,3 +120,33 @@ def test_a_whole_answer_goes_to_comox_serves_cycle_in_one_call_and_through_any_o
     assert direct[0] == through[0] and direct[0][0].startswith(b"HTTP/1.1 200 OK\r\n")
     assert direct[1] == [] and through[1] == ["http.response.start", "http.response.body"]
     assert direct[2] and through[2]
+
+
+def test_a_stream_goes_to_comox_serves_cycle_in_plain_calls_and_writes_what_the_messages_write():
+    from comox.backends import BackendResponse
+    from tests.test_server_cycle import ComoxResponseCycle, Recorder, cycle_over
+
+    async def run(wrapped: bool) -> tuple[list[bytes], list[str], object]:
+        cycle = cycle_over(ComoxResponseCycle, recorder := Recorder())
+        messages: list[str] = []
+
+        async def middleware_send(message: dict) -> None:
+            messages.append(message["type"])
+            await cycle.send(message)
+
+        async def events():
+            for event in EVENTS[1:]:
+                yield event
+
+        async def receive() -> dict:
+            await asyncio.Event().wait()
+            return {}
+
+        response = BackendResponse(200, [(b"content-type", b"text/event-stream")], stream=events())
+        response.head = EVENTS[0]
+        sent = await Responder(middleware_send if wrapped else cycle.send).stream(receive, response, [])
+        return recorder.writes, messages, (sent.complete, sent.events, cycle.response_complete)
+    direct, through = asyncio.run(run(False)), asyncio.run(run(True))
+    assert direct[0] == through[0] and b"".join(direct[0]).endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert direct[1] == [] and through[1] == ["http.response.start"] + ["http.response.body"] * 5
+    assert direct[2] == through[2] == (True, 4, True)

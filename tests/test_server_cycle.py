@@ -197,3 +197,17 @@ def test_answer_leaves_to_send_what_send_must_do_and_changes_nothing(case):
         return answered, before == (recorder.writes, cycle.response_started, cycle.response_complete,
                                     cycle.expected_content_length)
     assert asyncio.run(run()) == (None, True)
+
+
+def test_send_body_leaves_to_send_a_body_before_the_start_after_the_end_or_while_writes_wait():
+    async def run() -> list[object]:
+        cycle = cycle_over(ComoxResponseCycle, recorder := Recorder())
+        seen: list[object] = [cycle.send_body(b"x", True)]  # no start yet: send raises uvicorn's error for it
+        assert cycle.send_start(200, [(b"transfer-encoding", b"chunked")])
+        seen.append(cycle.send_body(b"abc", True))
+        cycle.flow = type("Paused", (Flow,), {"write_paused": True})()
+        seen.append(cycle.send_body(b"d", True))  # send drains first
+        cycle.flow = Flow()
+        seen += [cycle.send_body(b"", False), cycle.send_body(b"late", False), recorder.writes[1:]]
+        return seen
+    assert asyncio.run(run()) == [None, False, None, False, None, [b"3\r\nabc\r\n", b"0\r\n\r\n"]]
