@@ -117,13 +117,8 @@ class Responder:
     async def start(self, status: int, headers: Headers) -> None:
         """Send the status and ``headers`` (a list of the caller's own: the
         overhead header is appended to it)."""
-        await self.send(self._start(status, headers))
-
-    def _start(self, status: int, headers: Headers) -> dict[str, Any]:
-        """:meth:`start`'s message, the response marked started. (A plain
-        function, so that :meth:`stream` sends it without a coroutine more.)"""
         self._begin(status, headers)
-        return {"type": "http.response.start", "status": status, "headers": headers}
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     def _begin(self, status: int, headers: Headers) -> None:
         """The response marked started, and timed."""
