@@ -405,7 +405,7 @@ class Splice:
     def report(self) -> dict[str, Any]:
         """How many tokens each node produced, in order (with the backends'
         names when ``server.expose_backend_header`` is on)."""
-        named = self.gateway.settings.server.expose_backend_header
+        named = self.gateway.expose_backend_header
         return {"nodes": [{"backend": name, "tokens": tokens} if named else {"tokens": tokens}
                           for name, tokens in zip(self.names, self.tokens)]}
 
