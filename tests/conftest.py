@@ -111,6 +111,14 @@ def redis_server():
 UPSTREAM_TRANSPORTS = ("httptools", "aiohttp", "pyreqwest")
 
 
+def pytest_sessionstart(session):
+    from tests.compiled import stale
+
+    if changed := stale():  # the tests would run the compiled old code, not the source
+        pytest.exit(f"compiled with mypyc before their last change: {', '.join(changed)}; "
+                    "run `pip install -e .` again (or install with COMOX_COMPILE=0)", returncode=4)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "transports: run once per upstream transport (httptools, aiohttp, pyreqwest) "
                                        "unless COMOX_TEST_TRANSPORT picks one")

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import comox
 from comox import GatewayRequest, Principal, RateLimited, Usage
-from comox_limits import DEFAULTS, comox_admit, comox_request_done, plan_for
+from comox_limits import DEFAULTS, comox_admit, comox_request_done
+from comox_limits.admission import plan_for
 from comox_limits.local import KeyCounters, counters_for
 from tests.test_limits import BatchedState
 

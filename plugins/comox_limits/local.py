@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from comox import MemoryState
 
 if TYPE_CHECKING:
-    from . import Plan
+    from .admission import Plan
 
 __all__ = ["KeyCounters", "counters_for"]
 
@@ -59,13 +59,13 @@ class KeyCounters:
         if rpm_limit is not None:
             rpm = self.rpm + (now - self.rpm_at) * plan.rpm_per_s
             if rpm > rpm_limit:
-                rpm = rpm_limit
+                rpm = float(rpm_limit)  # (float: a compiled float cannot hold an int)
             if rpm < 1:
                 return False
         if tpm_limit is not None:
             tpm = self.tpm + (now - self.tpm_at) * plan.tpm_per_s
             if tpm > tpm_limit:
-                tpm = tpm_limit
+                tpm = float(tpm_limit)
             if amount > tpm:
                 return False
         if concurrency is not None:
