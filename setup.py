@@ -16,7 +16,9 @@ from setuptools import setup
 # (mypyc cannot compile one) and no pluggy hook marker (a compiled function
 # cannot carry one): those stay in each package's other, Python modules.
 COMPILED = [
+    "comox/parse.py",
     "comox/usage.py",
+    "plugins/comox_keys/credential.py",
     "plugins/comox_limits/admission.py",
     "plugins/comox_limits/local.py",
     "plugins/comox_metrics/series.py",

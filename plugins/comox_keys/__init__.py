@@ -37,7 +37,8 @@ from typing import Any
 from pydantic import BaseModel
 
 import comox
-from comox_keys.keyring import KeyEntry, KeyRing, KeysSection, Malformed, credential
+from comox_keys.credential import Malformed, credential
+from comox_keys.keyring import KeyEntry, KeyRing, KeysSection
 
 __all__ = ["KeyEntry", "KeysSection", "KeyRing", "POLL_S"]
 

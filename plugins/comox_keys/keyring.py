@@ -9,8 +9,6 @@ logged or put in an error.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
 import tomllib
@@ -21,12 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, f
 
 import comox
 
+from .credential import MAX_KEY_BYTES, credential, digest_of
+
 __all__ = ["KeyEntry", "KeysSection", "KeyRing", "credential", "describe", "MAX_KEY_BYTES"]
 
 log = logging.getLogger("comox.keys")
 
-MAX_KEY_BYTES = 512
-"""A presented key longer than this is malformed (``comox keys new`` makes 47 bytes)."""
 
 
 class KeyEntry(BaseModel):
@@ -115,50 +113,6 @@ def describe(exc: ValidationError) -> str:
             key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
         lines.append(f"{key}: {err['msg']}" if key else str(err.get("ctx", {}).get("error", err["msg"])))
     return "; ".join(lines)
-
-
-def digest_of(key: bytes) -> bytes:
-    return hashlib.sha256(key).digest()
-
-
-_VISIBLE = bytes(range(0x21, 0x7F))
-
-
-class Malformed(Exception):
-    """The credentials of a request cannot be a key."""
-
-
-def credential(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
-    """The key a request presents, as ``Authorization: Bearer <key>`` or
-    ``x-api-key: <key>`` (both: they must agree); None when it presents none.
-    Raises :class:`Malformed` for anything else: two of one header, another
-    scheme, an empty or over-long key, whitespace or control bytes in it."""
-    # One plain loop: timed, faster than finding the names in C (map, count,
-    # index): 0.80 against 1.21 µs with 5 headers, 1.23 against 1.62 with 15.
-    found: list[bytes] = []
-    seen_authorization = seen_api_key = False
-    for name, value in headers:
-        if name == b"authorization":
-            if seen_authorization:
-                raise Malformed("two Authorization headers")
-            seen_authorization = True
-            scheme, _, token = value.strip().partition(b" ")
-            if scheme.lower() != b"bearer":
-                raise Malformed("not a Bearer key")
-            found.append(token.strip())
-        elif name == b"x-api-key":
-            if seen_api_key:
-                raise Malformed("two x-api-key headers")
-            seen_api_key = True
-            found.append(value.strip())
-    if not found:
-        return None
-    key = found[0]
-    if len(found) == 2 and not hmac.compare_digest(found[1], key):
-        raise Malformed("Authorization and x-api-key disagree")
-    if not key or len(key) > MAX_KEY_BYTES or key.translate(None, _VISIBLE):  # anything left is not visible ASCII
-        raise Malformed("not a key")
-    return key
 
 
 class KeyRing:
