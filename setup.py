@@ -25,9 +25,14 @@ COMPILED = [
 ]
 
 
+# The setup.py commands that build; the others (egg_info, dist_info: the metadata
+# pip asks for first) need no extension, and mypyc's type check takes half a minute.
+BUILDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "install", "develop"}
+
+
 def ext_modules() -> list:
     mode = os.environ.get("COMOX_COMPILE", "auto")
-    if mode == "0":
+    if mode == "0" or not BUILDS.intersection(sys.argv[1:]):
         return []
     try:
         from mypyc.build import mypycify

@@ -58,7 +58,6 @@ ENDPOINTS = {
     "/v1/rerank": "rerank",
 }
 
-
 # Request ids' own generator, seeded from os.urandom (and again in a forked
 # worker): a library that seeds the shared one (random.seed(0)) must not make
 # ids repeat from one run to the next.

@@ -14,6 +14,7 @@ KEY = b"cmx-0123456789abcdef"
     [(b"authorization", b"bearer  " + KEY + b" ")],  # the scheme in any case; spaces around the key
     [(b"x-api-key", KEY)],
     [(b"content-type", b"application/json"), (b"x-api-key", KEY), (b"authorization", b"Bearer " + KEY)],
+    ([b"x-api-key", KEY],),  # ASGI's pairs may be lists, in any iterable
 ])
 def test_the_key_is_read_from_either_header(headers):
     assert credential(headers) == KEY

@@ -70,3 +70,20 @@ def test_no_settings_reads_comox_config(tmp_path, monkeypatch, comox_upstream, c
     with ServerThread(app) as server:
         assert [m.id for m in client_for(server, prefix="/a").models.list()] == ["from-file"]
         assert [m.id for m in client_for(server).models.list()] == ["from-file"]
+
+
+def test_a_host_that_gives_headers_as_lists(settings, client_for):
+    """ASGI lets a server send headers as any iterable of pairs: a host whose
+    pairs are lists (and the list a tuple) is served as one with tuples, the
+    compiled header readers included (comox.parse, comox_keys.credential)."""
+    inner = comox.create_app(settings)
+
+    async def lists(scope, receive, send):
+        if scope["type"] == "http":
+            scope = {**scope, "headers": tuple([name, value] for name, value in scope["headers"])}
+        await inner(scope, receive, send)
+
+    with ServerThread(lists) as server:
+        client = client_for(server)
+        assert client.chat.completions.create(model="m", messages=CHAT).choices[0].message.content == "hello from upstream"
+        assert httpx.get(f"{server.url}/v1/models", headers={"authorization": "Bearer sk-other"}).status_code == 401

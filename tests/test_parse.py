@@ -16,6 +16,8 @@ def test_first_header_is_the_first_value_of_that_name_or_none():
     assert first_header(headers, b"x-empty") == b""
     assert first_header(headers, b"x-missing") is None
     assert first_header([], b"x-tenant") is None
+    # ASGI's pairs may be lists, in any iterable
+    assert first_header(tuple([name, value] for name, value in headers), b"x-tenant") == b"first"
 
 
 @pytest.mark.parametrize("raw, code", [(b"{", "invalid_json"), (b"[1]", "invalid_json"), (b'{"messages": []}', "missing_model"),

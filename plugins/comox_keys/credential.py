@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Iterable
+from typing import Any
 
 __all__ = ["MAX_KEY_BYTES", "Malformed", "credential", "digest_of"]
 
@@ -26,7 +27,7 @@ class Malformed(Exception):
     """The credentials of a request cannot be a key."""
 
 
-def credential(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
+def credential(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
     """The key a request presents, as ``Authorization: Bearer <key>`` or
     ``x-api-key: <key>`` (both: they must agree); None when it presents none.
     Raises :class:`Malformed` for anything else: two of one header, another
@@ -35,7 +36,8 @@ def credential(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
     # index): 0.80 against 1.21 µs with 5 headers, 1.23 against 1.62 with 15.
     found: list[bytes] = []
     seen_authorization = seen_api_key = False
-    for name, value in headers:
+    pairs: Iterable[Any] = headers  # (ASGI's pairs may be lists: comox.parse.first_header says why)
+    for name, value in pairs:
         if name == b"authorization":
             if seen_authorization:
                 raise Malformed("two Authorization headers")
