@@ -247,7 +247,8 @@ def harvest_prompts(body: bytes) -> str | None:
 
 def harvest_credential(headers: list[tuple[bytes, bytes]], asked: str) -> None:
     """Register the credential a request presented, unless it is also what the
-    request asked for (its path or model: a fuzzer's string everywhere)."""
+    request asked for (its path, model or body: a fuzzer's string everywhere,
+    which an error names back as the body's, not as the key)."""
     for name, value in headers:
         if name in CREDENTIAL_HEADERS:
             text = value.decode("latin-1").strip()
@@ -317,7 +318,8 @@ class Watch:
         try:
             await self.app(scope, watched_receive, watched_send)
         finally:
-            harvest_credential(scope.get("headers") or [], f"{path} {scope.get('query_string', b'')!r} {model or ''}")
+            sent = b"".join(body).decode("utf-8", "replace")
+            harvest_credential(scope.get("headers") or [], f"{path} {scope.get('query_string', b'')!r} {model or ''} {sent}")
 
 
 def _watch_server_thread() -> None:

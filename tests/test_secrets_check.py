@@ -96,6 +96,23 @@ def test_logs_a_key_registered_later():
 
 def test_registers_it():
     secret("sk-registered-only-later-0002")
+
+
+class EchoBody:
+    """A plugin that quotes a field of the body in its error."""
+
+    @comox.hookimpl
+    def comox_admit(self, request):
+        raise comox.InvalidRequest(f"unknown user {request.json['user']}")
+
+
+def test_a_header_string_the_body_sent_too(comox_serve, comox_upstream):
+    # a fuzzer's string in a credential header and in the body: the error names the body's
+    server = comox_serve({"models": [{"name": "m", "backends": [{"url": comox_upstream.url}]}]}, plugins=[EchoBody()])
+    sent = "fuzzed-string-sent-twice"
+    reply = httpx.post(f"{server.url}/v1/chat/completions", headers={"x-api-key": sent},
+                       json={"model": "m", "user": sent, "messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code == 400 and sent in reply.text
 '''
 
 
@@ -105,7 +122,7 @@ def test_the_check_fails_on_every_kind_of_leak(pytester, monkeypatch):
     result = pytester.runpytest_subprocess("-p", "tests.secrets_check", "-p", "no:cacheprovider", "-q", "-rA")
     out = result.stdout.str()
     outcomes = result.parseoutcomes()
-    assert outcomes.get("passed") == 9 and outcomes.get("errors") == 5, out  # 9 calls, 5 teardowns failed
+    assert outcomes.get("passed") == 10 and outcomes.get("errors") == 5, out  # 10 calls, 5 teardowns failed
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     for test, line in [
         ("test_a_key_in_a_log_line", "client key 'sk-can…' (from a test's constant) in log comox.keys WARNING"),
@@ -116,13 +133,14 @@ def test_the_check_fails_on_every_kind_of_leak(pytester, monkeypatch):
     ]:
         assert f"ERROR at teardown of {test}" in out, out
         assert line in out and f"during test_inner.py::{test}:" in out, (line, out)
-    for test in ("test_allowed_explicitly", "test_clean", "test_logs_a_key_registered_later", "test_registers_it"):
+    for test in ("test_allowed_explicitly", "test_clean", "test_logs_a_key_registered_later", "test_registers_it",
+                 "test_a_header_string_the_body_sent_too"):
         assert f"ERROR at teardown of {test}" not in out
     # the late key: found by the session's final scan
     assert "secrets leaked (found at the end of the session)" in out
     assert ("client key 'sk-reg…' (from a test's constant) in log comox WARNING during "
             "test_inner.py::test_logs_a_key_registered_later") in out
-    assert "secrets check: 9 tests," in out
+    assert "secrets check: 10 tests," in out
 
 
 def test_the_scan_itself():

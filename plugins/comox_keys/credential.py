@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["MAX_KEY_BYTES", "Malformed", "credential", "digest_of"]
 
@@ -32,12 +32,19 @@ def credential(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
     ``x-api-key: <key>`` (both: they must agree); None when it presents none.
     Raises :class:`Malformed` for anything else: two of one header, another
     scheme, an empty or over-long key, whitespace or control bytes in it."""
+    try:
+        return _credential(cast("list[tuple[bytes, bytes]]", headers))
+    except TypeError:  # compiled, the cast and the loop check for tuples in a list; ASGI allows any pairs
+        pairs: Iterable[Any] = headers  # (Any: not checked to be tuples)
+        return _credential([(name, value) for name, value in pairs])
+
+
+def _credential(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     # One plain loop: timed, faster than finding the names in C (map, count,
     # index): 0.80 against 1.21 µs with 5 headers, 1.23 against 1.62 with 15.
     found: list[bytes] = []
     seen_authorization = seen_api_key = False
-    pairs: Iterable[Any] = headers  # (ASGI's pairs may be lists: comox.parse.first_header says why)
-    for name, value in pairs:
+    for name, value in headers:
         if name == b"authorization":
             if seen_authorization:
                 raise Malformed("two Authorization headers")
