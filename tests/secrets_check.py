@@ -245,6 +245,18 @@ def harvest_prompts(body: bytes) -> str | None:
     return model
 
 
+FUZZED: set[str] = set()  # credential headers' strings a fuzzer made up: junk, not keys
+
+
+def fuzzed(*values: str) -> None:
+    """Say that these credential header values are a fuzzer's made-up strings,
+    not keys: not registered when a request presents them (a fuzzer reuses its
+    strings, and an error may name one sent elsewhere as a field's value)."""
+    for value in values:
+        FUZZED.add(value.strip())
+        FUZZED.add(value.encode("utf-8", "replace").decode("latin-1").strip())  # as a server reads it
+
+
 def harvest_credential(headers: list[tuple[bytes, bytes]], asked: str) -> None:
     """Register the credential a request presented, unless it is also what the
     request asked for (its path, model or body: a fuzzer's string everywhere,
@@ -252,6 +264,8 @@ def harvest_credential(headers: list[tuple[bytes, bytes]], asked: str) -> None:
     for name, value in headers:
         if name in CREDENTIAL_HEADERS:
             text = value.decode("latin-1").strip()
+            if text in FUZZED:
+                continue
             if name == b"authorization":
                 scheme, _, text = text.partition(" ")
                 if scheme.lower() != "bearer":

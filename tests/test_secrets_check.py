@@ -163,3 +163,14 @@ def test_the_scan_itself():
     capture = Capture("span 'chat m'", "x", "t", allowed=(("span ", frozenset(["prompt"])),))
     assert capture.allows("prompt") and not capture.allows("client key")
     assert secrets_check.KINDS == ("client key", "key hash", "upstream key", "admin key", "prompt")
+
+
+def test_a_fuzzers_made_up_credential_is_not_taken_for_a_key(monkeypatch):
+    registry = Registry()
+    monkeypatch.setattr(secrets_check, "REGISTRY", registry)
+    monkeypatch.setattr(secrets_check, "FUZZED", set())
+    made_up, presented = "fuzzer-made-up-credential-\u00e9", "sk-presented-not-fuzzed-0004"
+    secrets_check.fuzzed(made_up)
+    secrets_check.harvest_credential([(b"x-api-key", made_up.encode()), (b"authorization", f"Bearer {presented}".encode())], "")
+    assert registry.find(f"echoed {made_up}") == []
+    assert [found.kind for found in registry.find(f"echoed {presented}")] == ["client key"]
